@@ -1,0 +1,257 @@
+"""The run folder: one experiment's files, the manifest, and atomic writes.
+
+Every stage reads what earlier stages wrote and adds its own subfolder; it never rewrites another
+stage's files. Each stage records its parameters and provenance in ``manifest.json`` through
+:meth:`RunFolder.record_stage`. See docs/architecture.md for the file contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from persona_tune import __version__
+from persona_tune.errors import StageMissingError
+
+FORMAT_VERSION = 1
+
+# Which stage writes which file, so a missing input names the command that makes it.
+PRODUCERS = {
+    "ratings_train.parquet": "prepare",
+    "ratings_test.parquet": "prepare",
+    "items.parquet": "prepare",
+    "users.parquet": "prepare",
+    "distill/profiles.parquet": "distill",
+    "distill/memories.parquet": "distill",
+    "memory/profile_vectors.npy": "embed",
+    "memory/memory_vectors.npy": "embed",
+    "memory/retrieved.parquet": "embed",
+    "personas/assignments.parquet": "personas",
+}
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    For writers that want a filename (``df.to_parquet``, ``np.save``, ``fig.savefig``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_parquet(df, path: str | os.PathLike) -> Path:
+    """Write a DataFrame as Parquet atomically, without the pandas index."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return f"{__version__}+g{sha}" if sha else __version__
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunFolder:
+    """Paths and manifest of one run folder. Cheap to construct; touches no file until asked."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+
+    # Files written by `prepare`.
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def ratings_train(self) -> Path:
+        return self.root / "ratings_train.parquet"
+
+    @property
+    def ratings_test(self) -> Path:
+        return self.root / "ratings_test.parquet"
+
+    @property
+    def items(self) -> Path:
+        return self.root / "items.parquet"
+
+    @property
+    def users(self) -> Path:
+        return self.root / "users.parquet"
+
+    # One subfolder per later stage.
+    def stage_dir(self, stage: str, create: bool = False) -> Path:
+        d = self.root / stage
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def distill_dir(self) -> Path:
+        return self.root / "distill"
+
+    @property
+    def memory_dir(self) -> Path:
+        return self.root / "memory"
+
+    @property
+    def personas_dir(self) -> Path:
+        return self.root / "personas"
+
+    @property
+    def configs_dir(self) -> Path:
+        return self.root / "configs"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def require(self, *relpaths: str) -> None:
+        """Raise StageMissingError naming the command to run when an input file is missing."""
+        if not self.root.is_dir():
+            raise StageMissingError(
+                f"run folder {self.root} does not exist: create it with `persona-tune prepare --out {self.root}`"
+            )
+        for rel in relpaths:
+            if not (self.root / rel).exists():
+                stage = PRODUCERS.get(rel, "the stage that writes it")
+                raise StageMissingError(
+                    f"{self.root / rel} is missing: run `persona-tune {stage} --run {self.root}` first"
+                )
+
+    def read_table(self, relpath: str, columns: list[str] | None = None):
+        import pandas as pd
+
+        self.require(relpath)
+        return pd.read_parquet(self.root / relpath, columns=columns)
+
+    # Manifest.
+    def read_manifest(self) -> dict:
+        if not self.manifest_path.is_file():
+            return {"format_version": FORMAT_VERSION, "stages": {}}
+        with open(self.manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StageMissingError(
+                f"{self.manifest_path}: format_version {version!r}, this persona-tune reads {FORMAT_VERSION}; "
+                "re-run `persona-tune prepare`"
+            )
+        return manifest
+
+    @contextlib.contextmanager
+    def _manifest_lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".manifest.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def update_manifest(self, **top_level: Any) -> dict:
+        """Set top-level manifest keys (``protocol``, ``inputs``, ``counts``...) atomically."""
+        with self._manifest_lock():
+            manifest = self.read_manifest()
+            manifest.update(top_level)
+            manifest["format_version"] = FORMAT_VERSION
+            atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+    def record_stage(self, stage: str, params: dict, **extra: Any) -> dict:
+        """Record one stage's parameters and provenance (code version, time, plus ``extra``)."""
+        entry = {"params": params, "code_version": code_version(), "finished_at": _now(), **extra}
+        with self._manifest_lock():
+            manifest = self.read_manifest()
+            manifest.setdefault("stages", {})[stage] = entry
+            manifest["format_version"] = FORMAT_VERSION
+            atomic_write_json(self.manifest_path, manifest)
+        return entry
+
+    def stage_record(self, stage: str) -> dict | None:
+        return self.read_manifest().get("stages", {}).get(stage)
