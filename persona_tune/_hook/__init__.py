@@ -1,0 +1,160 @@
+"""Start-up hook that plugs persona-tune's configs and recipes into torchtune's CLI.
+
+torchtune has no plugin mechanism: `tune ls`, `tune cp` and `tune run` only know the names in the
+hard-coded list ``torchtune._recipe_registry._ALL_RECIPES``. The one-line ``persona_tune_tune_hook.pth``
+(installed at the top of site-packages) imports this module at interpreter start-up. It imports
+nothing heavy: it only puts a meta-path finder in front of ``sys.meta_path`` that waits for two
+modules and runs a callback right after each has executed:
+
+* ``torchtune._recipe_registry``: append a ``Config(name, absolute_path)`` for every
+  ``configs/<family>/<name>.yaml`` to the LoRA fine-tuning recipes (``eval*.yaml`` go to our
+  ``persona_eval`` recipe instead), and a ``Recipe`` for every ``recipes/*.py``. torchtune joins
+  ``file_path`` under its own folder; pathlib keeps an absolute path as it is.
+* ``torch.distributed``: in a torchtune recipe process on a machine without NCCL, apply the CPU
+  patches of :mod:`persona_tune.cpu_distributed`.
+
+Set ``PERSONA_TUNE_NO_TUNE_HOOK=1`` to switch all of it off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+DISABLE_ENV = "PERSONA_TUNE_NO_TUNE_HOOK"
+
+# Our configs go to these torchtune recipes (one file serves both).
+LORA_RECIPES = ("lora_finetune_single_device", "lora_finetune_distributed")
+# A config whose file name starts with this prefix belongs to the recipe named here.
+PREFIX_RECIPES = {"eval": "persona_eval"}
+
+
+def disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def resource_dirs() -> tuple[Path | None, Path | None]:
+    """Where the configs and recipes folders are: inside an installed wheel, or in a source checkout."""
+    package = Path(__file__).resolve().parent.parent
+    found = []
+    for wheel_name, source_name in (("_configs", "configs"), ("_recipes", "recipes")):
+        for candidate in (package / wheel_name, package.parent / source_name):
+            if candidate.is_dir():
+                found.append(candidate)
+                break
+        else:
+            found.append(None)
+    return found[0], found[1]
+
+
+def persona_configs(configs_dir: Path | None) -> dict[str, list[tuple[str, Path]]]:
+    """recipe name -> [(config name, absolute path)] for every configs/<family>/<name>.yaml."""
+    by_recipe: dict[str, list[tuple[str, Path]]] = {}
+    if configs_dir is None:
+        return by_recipe
+    for path in sorted(configs_dir.glob("*/*.yaml")):
+        name = f"{path.parent.name}/{path.stem}"
+        recipes = [r for prefix, r in PREFIX_RECIPES.items() if path.stem.startswith(prefix)] or LORA_RECIPES
+        for recipe in recipes:
+            by_recipe.setdefault(recipe, []).append((name, path.resolve()))
+    return by_recipe
+
+
+def register(registry) -> None:
+    """Add our configs and recipes to ``torchtune._recipe_registry`` (idempotent)."""
+    configs_dir, recipes_dir = resource_dirs()
+    by_recipe = persona_configs(configs_dir)
+    recipes = {recipe.name: recipe for recipe in registry._ALL_RECIPES}
+    if recipes_dir is not None:
+        for path in sorted(recipes_dir.glob("*.py")):
+            if path.stem.startswith("_") or path.stem in recipes:
+                continue
+            recipe = registry.Recipe(
+                name=path.stem, file_path=str(path.resolve()), configs=[], supports_distributed=False
+            )
+            registry._ALL_RECIPES.append(recipe)
+            recipes[recipe.name] = recipe
+    for recipe_name, configs in by_recipe.items():
+        recipe = recipes.get(recipe_name)
+        if recipe is None:  # e.g. eval configs present but recipes/persona_eval.py not (yet)
+            continue
+        known = {config.name for config in recipe.configs}
+        for name, path in configs:
+            if name not in known:
+                recipe.configs.append(registry.Config(name=name, file_path=str(path)))
+
+
+def _on_torch_distributed(module) -> None:
+    from persona_tune import cpu_distributed
+
+    if cpu_distributed.is_recipe_process() and cpu_distributed.needs_cpu_patches(module):
+        cpu_distributed.patch_init_process_group(module)
+
+
+class _PostExecLoader:
+    """Runs the wrapped loader, then a callback on the fresh module; delegates everything else."""
+
+    def __init__(self, loader, callback):
+        self._loader = loader
+        self._callback = callback
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        module.__loader__ = self._loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        try:
+            self._callback(module)
+        except Exception as e:  # never break the import of torch or torchtune
+            print(f"persona-tune hook: {module.__name__}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+class PostImportFinder:
+    """Meta-path finder that calls ``hooks[name](module)`` once, right after module ``name`` executes."""
+
+    def __init__(self, hooks):
+        self.hooks = dict(hooks)
+
+    def find_spec(self, fullname, path=None, target=None):
+        callback = self.hooks.get(fullname)
+        if callback is None:
+            return None
+        del self.hooks[fullname]
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            if finder is self or find_spec is None:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _PostExecLoader(spec.loader, callback)
+        return spec
+
+
+def install() -> PostImportFinder | None:
+    """Put the finder on ``sys.meta_path`` (once), unless switched off; return it."""
+    if disabled():
+        return None
+    for finder in sys.meta_path:
+        if isinstance(finder, PostImportFinder):
+            return finder
+    hooks = {"torchtune._recipe_registry": register, "torch.distributed": _on_torch_distributed}
+    # A module imported before the hook (e.g. via PYTHONSTARTUP) is handled right away.
+    for name in [n for n in hooks if n in sys.modules]:
+        hooks.pop(name)(sys.modules[name])
+    finder = PostImportFinder(hooks)
+    sys.meta_path.insert(0, finder)
+    return finder
+
+
+install()

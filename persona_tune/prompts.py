@@ -1,0 +1,222 @@
+"""Render rating rows into chat messages: the paper's prompt (its Appendix C).
+
+system    = role-play preamble + trait descriptions + M_s (the profile)
+user      = memory preamble + retrieved M_l memories + the task + the item text
+assistant = the rating, one digit
+
+Training datasets, the eval recipe and ``UserAgent`` all build prompts here, so training and test
+prompts are the same text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from torchtune.data import Message
+
+from persona_tune.errors import ConfigError
+from persona_tune.runfolder import RunFolder
+
+MEMORY_MODES = ("ms", "ms+ml", "ml")
+RATINGS = ("1", "2", "3", "4", "5")
+
+ROLE_PLAY = (
+    "PERSONA: You excel at role-playing. Picture yourself as a user exploring a movie "
+    "recommendation system."
+)
+TRAITS_INTRO = "You have the following social traits: "
+PROFILE_INTRO = "Your profile, in your own words: "
+MEMORY_INTRO = (
+    "Given your persona and memory of some of movies you watched in the past, think carefully and "
+    "rate the movie given in the end. Always use your memory at your own discretion as not "
+    "everything is helpful. Also, historical average ratings of the movie mean an average rating of "
+    "how other people have rated it, not you."
+)
+TASK = (
+    "TASK: Rate the movie given below on a likert scale from 1 to 5, where 1 means you hated it, "
+    "2 means you disliked it, 3 means you are neutral about it, 4 means you liked it and 5 means you "
+    "absolutely loved it. Always respond with either one of 1, 2, 3, 4 or 5. Do not output anything else."
+)
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """The variable pieces of one prompt. Empty strings / tuples mean "not used"."""
+
+    item: str
+    profile: str = ""
+    traits: str = ""
+    memories: tuple[tuple[str, str], ...] = ()  # (memory item text, M_l explanation)
+
+
+def check_memory_mode(memory: str) -> str:
+    if memory not in MEMORY_MODES:
+        raise ConfigError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+    return memory
+
+
+def system_text(parts: PromptParts) -> str:
+    text = ROLE_PLAY
+    if parts.traits:
+        text += " " + TRAITS_INTRO + parts.traits
+    if parts.profile:
+        text += " " + PROFILE_INTRO + parts.profile
+    return text
+
+
+def user_text(parts: PromptParts) -> str:
+    lines = []
+    if parts.memories:
+        lines += [MEMORY_INTRO, "", "YOUR MEMORIES"]
+        for item_text, explanation in parts.memories:
+            lines += [f"- MOVIE: {item_text}", f"  MY MEMORY: {explanation}"]
+        lines.append("")
+    lines += [TASK, f"MOVIE: {parts.item}", "RATING:"]
+    return "\n".join(lines)
+
+
+def render_messages(parts: PromptParts, rating: int | None = None) -> list[Message]:
+    """System + user messages, plus the assistant's rating when ``rating`` is given.
+
+    The user and system turns are masked for training (train_on_input=False masks them in torchtune).
+    """
+    messages = [
+        Message(role="system", content=system_text(parts), masked=True),
+        Message(role="user", content=user_text(parts), masked=True),
+    ]
+    if rating is not None:
+        messages.append(Message(role="assistant", content=str(int(rating)), masked=False))
+    return messages
+
+
+def fit_to_length(
+    parts: PromptParts, count_tokens: Callable[[PromptParts], int], max_tokens: int | None
+) -> PromptParts:
+    """Shrink a prompt to ``max_tokens``: drop memories (last first), then shorten the profile.
+
+    The task, the item text and the answer are never cut. Raises ConfigError if even the bare
+    task and item exceed ``max_tokens``.
+    """
+    if max_tokens is None or count_tokens(parts) <= max_tokens:
+        return parts
+    memories = list(parts.memories)
+    while memories:
+        memories.pop()
+        parts = replace(parts, memories=tuple(memories))
+        if count_tokens(parts) <= max_tokens:
+            return parts
+    words = parts.profile.split()
+    lo, hi = 0, len(words)  # binary search on how many profile words survive
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_tokens(replace(parts, profile=" ".join(words[:mid]))) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    parts = replace(parts, profile=" ".join(words[:lo]))
+    if count_tokens(parts) > max_tokens:
+        parts = replace(parts, traits="")
+    if count_tokens(parts) > max_tokens:
+        raise ConfigError(
+            f"the task and item text alone need {count_tokens(parts)} tokens, more than max_seq_len={max_tokens}"
+        )
+    return parts
+
+
+def subsample_per_user(rows: pd.DataFrame, target: int, seed: int = 0) -> pd.DataFrame:
+    """Keep about ``target`` rows, the same fraction of every user's rows (largest remainder), seeded."""
+    if target >= len(rows):
+        return rows
+    counts = rows.groupby("user_id").size()
+    quota = counts * (target / len(rows))
+    keep = np.floor(quota).astype(int)
+    remainder = (quota - keep).sort_values(ascending=False, kind="stable")
+    keep[remainder.index[: target - int(keep.sum())]] += 1
+    rng = np.random.default_rng(seed)
+    parts = []
+    for user_id, group in rows.groupby("user_id", sort=True):
+        n = int(keep[user_id])
+        if n:
+            parts.append(group.iloc[np.sort(rng.choice(len(group), size=n, replace=False))])
+    return pd.concat(parts, ignore_index=True)
+
+
+def load_prompt_rows(
+    run_dir: str | Path,
+    split: str = "train",
+    memory: str = "ms+ml",
+    persona: int | None = None,
+    subsample: int | None = None,
+    seed: int = 0,
+    users: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Join a run folder's tables into one row per rating with its prompt parts.
+
+    Returns columns user_id, item_id, rating, timestamp, persona (-1 if personas were not computed),
+    and ``parts`` (a PromptParts). Rows keep the order of the ratings file (user, then time).
+    """
+    check_memory_mode(memory)
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    run = RunFolder(run_dir)
+    ratings_file = "ratings_train.parquet" if split == "train" else "ratings_test.parquet"
+    rows = run.read_table(ratings_file)
+    if users is not None:
+        rows = rows[rows["user_id"].isin(list(users))]
+
+    assignments_file = "personas/assignments.parquet"
+    if (run.root / assignments_file).exists():
+        assignments = run.read_table(assignments_file)
+        rows = rows.merge(assignments, on="user_id", how="left")
+        rows["persona"] = rows["persona"].fillna(-1).astype("int64")
+    else:
+        if persona is not None:
+            run.require(assignments_file)
+        rows["persona"] = -1
+    if persona is not None:
+        rows = rows[rows["persona"] == int(persona)]
+        if rows.empty:
+            raise ConfigError(f"persona {persona} has no users with {split} rows in {run.root}")
+    rows = rows.reset_index(drop=True)
+    if subsample is not None:
+        rows = subsample_per_user(rows, int(subsample), seed)
+
+    items = run.read_table("items.parquet", columns=["item_id", "text"]).set_index("item_id")["text"]
+    item_text = rows["item_id"].map(items)
+
+    profile = traits = pd.Series("", index=rows.index)
+    if memory in ("ms", "ms+ml"):
+        profiles = run.read_table("distill/profiles.parquet").set_index("user_id")
+        profile = rows["user_id"].map(profiles["profile"]).fillna("")
+        traits = rows["user_id"].map(profiles["traits_text"]).fillna("")
+
+    memories = pd.Series([()] * len(rows), index=rows.index, dtype=object)
+    if memory in ("ms+ml", "ml"):
+        memories = _retrieved_memories(run, split, rows, items)
+
+    rows["parts"] = [
+        PromptParts(item=i, profile=p, traits=t, memories=m)
+        for i, p, t, m in zip(item_text, profile, traits, memories)
+    ]
+    return rows
+
+
+def _retrieved_memories(run: RunFolder, split: str, rows: pd.DataFrame, items: pd.Series) -> pd.Series:
+    retrieved = run.read_table("memory/retrieved.parquet")
+    retrieved = retrieved[retrieved["split"] == split]
+    explanations = run.read_table("distill/memories.parquet", columns=["user_id", "item_id", "explanation"])
+    explanations = explanations.rename(columns={"item_id": "memory_item_id"})
+    retrieved = retrieved.merge(explanations, on=["user_id", "memory_item_id"], how="inner")
+    retrieved["memory_text"] = retrieved["memory_item_id"].map(items)
+    retrieved = retrieved.sort_values(["user_id", "item_id", "rank"])
+    by_row = {
+        key: tuple(zip(group["memory_text"], group["explanation"]))
+        for key, group in retrieved.groupby(["user_id", "item_id"], sort=False)
+    }
+    return pd.Series(
+        [by_row.get((u, i), ()) for u, i in zip(rows["user_id"], rows["item_id"])], index=rows.index, dtype=object
+    )
