@@ -96,7 +96,8 @@ def render_messages(parts: PromptParts, rating: int | None = None) -> list[Messa
 def fit_to_length(
     parts: PromptParts, count_tokens: Callable[[PromptParts], int], max_tokens: int | None
 ) -> PromptParts:
-    """Shrink a prompt to ``max_tokens``: drop memories (last first), then shorten the profile.
+    """Shrink a prompt to ``max_tokens``: drop memories (last first), then shorten the profile,
+    then drop the traits (and keep as much of the profile as then fits).
 
     The task, the item text and the answer are never cut. Raises ConfigError if even the bare
     task and item exceed ``max_tokens``.
@@ -110,16 +111,20 @@ def fit_to_length(
         if count_tokens(parts) <= max_tokens:
             return parts
     words = parts.profile.split()
-    lo, hi = 0, len(words)  # binary search on how many profile words survive
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count_tokens(replace(parts, profile=" ".join(words[:mid]))) <= max_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    parts = replace(parts, profile=" ".join(words[:lo]))
-    if count_tokens(parts) > max_tokens:
-        parts = replace(parts, traits="")
+
+    def longest_profile(parts: PromptParts) -> PromptParts:
+        lo, hi = 0, len(words)  # binary search on how many profile words survive
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count_tokens(replace(parts, profile=" ".join(words[:mid]))) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        return replace(parts, profile=" ".join(words[:lo]))
+
+    parts = longest_profile(parts)
+    if count_tokens(parts) > max_tokens and parts.traits:
+        parts = longest_profile(replace(parts, traits=""))  # without the traits, more profile fits
     if count_tokens(parts) > max_tokens:
         raise ConfigError(
             f"the task and item text alone need {count_tokens(parts)} tokens, more than max_seq_len={max_tokens}"

@@ -1,0 +1,187 @@
+"""Write drop-in torchtune configs for each persona and the two single-LoRA baselines of a run.
+
+For every persona k in RUN/personas/assignments.parquet this writes RUN/configs/persona_k.yaml (one
+LoRA on that persona's users), plus single_min.yaml and single_max.yaml: one LoRA on all users with
+the training data subsampled to the size of the smallest / largest persona's training set, as the
+paper does. Each is the chosen family's template (configs/<family>_persona/) with run_dir, persona,
+subsample, memory and output_dir (RUN/adapters/<variant>) filled in; `--set key=value` changes any
+other key. The files run as they are:
+`tune run lora_finetune_single_device --config RUN/configs/persona_0.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+
+from persona_tune.errors import ConfigError, DataError
+from persona_tune.runfolder import RunFolder, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("phi3", "smollm2", "tiny")
+MEMORY_MODES = ("ms+ml", "ms", "ml")
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+ASSIGNMENTS = "personas/assignments.parquet"
+
+
+def check_variant_name(name: str) -> str:
+    """A variant name becomes a file and folder name: letters, digits, '_' and '-' only."""
+    if not isinstance(name, str) or not VARIANT_NAME.match(name):
+        raise ConfigError(f"invalid variant name {name!r}: use only letters, digits, '_' and '-'")
+    return name
+
+
+def template_dir(family: str) -> Path:
+    """configs/<family>_persona/ from the installed wheel or the source checkout."""
+    from persona_tune._hook import resource_dirs
+
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    configs_dir = resource_dirs()[0]
+    if configs_dir is None or not (configs_dir / f"{family}_persona").is_dir():
+        raise ConfigError(f"the {family}_persona config templates are not installed with persona-tune")
+    return configs_dir / f"{family}_persona"
+
+
+def persona_sizes(run: RunFolder):
+    """One row per persona: persona, n_users, n_train_rows (the user's rows in ratings_train)."""
+    assignments = run.read_table(ASSIGNMENTS)
+    path = run.path(ASSIGNMENTS)
+    missing = {"user_id", "persona"} - set(assignments.columns)
+    if missing:
+        raise DataError(f"missing columns {sorted(missing)}", path)
+    if assignments.empty:
+        raise DataError("no users assigned to personas", path)
+    persona = assignments["persona"]
+    if persona.dtype.kind not in "iu":
+        values = persona.tolist()
+        row = next((i for i, v in enumerate(values) if type(v) is not int), 0)
+        raise DataError(f"persona must be an integer id, got {values[row]!r}", path, line=row + 1)
+    if (persona < 0).any():
+        row = int((persona < 0).to_numpy().argmax())
+        raise DataError(f"persona ids must be >= 0, got {persona.iloc[row]}", path, line=row + 1)
+
+    train = run.read_table("ratings_train.parquet", columns=["user_id"])
+    rows_per_user = train.groupby("user_id").size()
+    assignments = assignments.assign(n_train_rows=assignments["user_id"].map(rows_per_user).fillna(0).astype("int64"))
+    sizes = (
+        assignments.groupby("persona")
+        .agg(n_users=("user_id", "size"), n_train_rows=("n_train_rows", "sum"))
+        .reset_index()
+        .sort_values("persona")
+    )
+    empty = sizes[sizes["n_train_rows"] == 0]
+    if not empty.empty:
+        raise DataError(f"persona {int(empty['persona'].iloc[0])} has no training rows in ratings_train.parquet", path)
+    return sizes
+
+
+def plan_variants(sizes) -> dict[str, dict]:
+    """variant name -> dataset settings (persona, subsample) and the training rows it stands for."""
+    variants = {
+        f"persona_{int(row.persona)}": {"persona": int(row.persona), "subsample": None, "n_train_rows": int(row.n_train_rows)}
+        for row in sizes.itertuples()
+    }
+    smallest, largest = int(sizes["n_train_rows"].min()), int(sizes["n_train_rows"].max())
+    variants["single_min"] = {"persona": None, "subsample": smallest, "n_train_rows": smallest}
+    variants["single_max"] = {"persona": None, "subsample": largest, "n_train_rows": largest}
+    for name in variants:
+        check_variant_name(name)
+    return variants
+
+
+def parse_overrides(overrides: list[str]):
+    """`key=value` strings (YAML values, dotted keys) as an OmegaConf dotlist config."""
+    from omegaconf import OmegaConf
+
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", key):
+            raise ConfigError(f"invalid override {item!r}: expected key=value, e.g. optimizer.lr=1e-4")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def render_config(template: Path, settings: dict, overrides) -> str:
+    """The template with ``settings`` (top-level keys) and then ``overrides`` applied, as YAML text."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = OmegaConf.load(template)
+    for key, value in settings.items():
+        cfg[key] = value
+    cfg = OmegaConf.merge(cfg, overrides)
+    try:  # every interpolation must resolve, or the recipe would fail later
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config from {template} does not resolve after overrides: {e}") from e
+    return OmegaConf.to_yaml(cfg)
+
+
+def generate_configs(
+    run_dir: str | Path,
+    family: str = "phi3",
+    memory: str = "ms+ml",
+    overrides: list[str] | tuple[str, ...] = (),
+    force: bool = False,
+) -> dict[str, Path]:
+    """Write RUN/configs/<variant>.yaml for every persona and single_min/single_max; return name -> path."""
+    run = RunFolder(run_dir)
+    run.require("ratings_train.parquet", ASSIGNMENTS)
+    if memory not in MEMORY_MODES:
+        raise ConfigError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+    templates = template_dir(family)
+    parsed = parse_overrides(list(overrides))
+    variants = plan_variants(persona_sizes(run))
+
+    targets = {name: run.configs_dir / f"{name}.yaml" for name in variants}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{len(existing)} config(s) exist, e.g. {existing[0]}; pass --force to overwrite")
+
+    for name, spec in variants.items():
+        template = templates / f"{name}.yaml"
+        if not template.is_file():  # more personas than shipped templates: persona_0 is the pattern
+            template = templates / ("persona_0.yaml" if name.startswith("persona_") else f"{name}.yaml")
+        settings = {
+            "run_dir": str(run.root),
+            "persona": spec["persona"],
+            "subsample": spec["subsample"],
+            "memory": memory,
+            "output_dir": str(run.adapters_dir / name),
+        }
+        header = (
+            f"# {name}: generated by `persona-tune configs` from {family}_persona/{template.stem} "
+            f"({spec['n_train_rows']} training rows).\n"
+            f"# Run: tune run lora_finetune_single_device --config {targets[name]}\n"
+            f"#  or: tune run --nproc_per_node 2 lora_finetune_distributed --config {targets[name]}\n"
+        )
+        atomic_write_text(targets[name], header + render_config(template, settings, parsed))
+        log.info("wrote %s", targets[name])
+
+    run.record_stage(
+        "configs",
+        {"family": family, "memory": memory, "overrides": list(overrides), "force": force},
+        variants={name: {**spec, "config": f"configs/{name}.yaml"} for name, spec in variants.items()},
+    )
+    return targets
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="run folder (after `persona-tune personas`)")
+    parser.add_argument("--family", choices=FAMILIES, default="phi3",
+                        help="model family: phi3 (the paper's Phi-3-mini), smollm2 (CPU-sized), tiny (tests)")
+    parser.add_argument("--memory", choices=MEMORY_MODES, default="ms+ml",
+                        help="prompt memory: profile (ms), profile + retrieved explanation (ms+ml), explanation (ml)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing configs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key in every generated file (repeatable), e.g. --set optimizer.lr=1e-4")
+
+
+def main(args: argparse.Namespace) -> int:
+    targets = generate_configs(args.run, args.family, args.memory, args.overrides, args.force)
+    for name, path in targets.items():
+        print(f"{name:<12} {path}")
+    return 0

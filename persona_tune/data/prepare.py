@@ -1,0 +1,233 @@
+"""Apply the paper's protocol to a rating log and write a run folder's data files.
+
+Keeps the users whose number of ratings lies in [--min-ratings, --max-ratings], samples --n-users
+of them (seeded; all of them, with a warning, when fewer are eligible), splits each user's ratings
+in time order (ties broken by item id) into the first floor(train_frac * n) for training and the
+rest for test, computes each item's historical average from every rating of the source log that is
+not a test row of a sampled user, and renders each item's text as in the paper's prompts. Writes
+ratings_train / ratings_test / items / users (.parquet) and manifest.json (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from persona_tune.data.loaders import DUPLICATE_POLICIES, RatingLog, load_ratings
+from persona_tune.data.metadata import DEFAULT_SUMMARY_WORDS, attach_metadata, load_metadata
+from persona_tune.errors import ConfigError
+from persona_tune.runfolder import RunFolder, atomic_write_parquet, file_sha256
+
+log = logging.getLogger(__name__)
+
+TIE_RULE = "sort each user's ratings by (timestamp, item_id); n_train = floor(train_frac * n)"
+ITEMS_RULE = "every item of the source item table"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The paper's protocol: 200 users with 100-200 ratings each, chronological 60:40 split."""
+
+    min_ratings: int = 100
+    max_ratings: int = 200
+    n_users: int = 200
+    seed: int = 0
+    train_frac: float = 0.6
+
+    def check(self) -> None:
+        if not 0 < self.train_frac < 1:
+            raise ConfigError(f"--train-frac must be in (0, 1), got {self.train_frac}")
+        if self.min_ratings < 2 or self.max_ratings < self.min_ratings:
+            raise ConfigError(f"need 2 <= --min-ratings <= --max-ratings, got {self.min_ratings}, {self.max_ratings}")
+        if self.n_users < 1:
+            raise ConfigError(f"--n-users must be >= 1, got {self.n_users}")
+        if math.floor(self.train_frac * self.min_ratings + 1e-9) < 1:
+            raise ConfigError("--train-frac * --min-ratings must leave every user at least one train row")
+
+
+def n_train_rows(n: int, train_frac: float) -> int:
+    """How many of a user's n ratings go to training: floor(train_frac * n), at least 1 and at most n - 1."""
+    return min(max(math.floor(train_frac * n + 1e-9), 1), n - 1)
+
+
+def sample_users(ratings: pd.DataFrame, protocol: Protocol) -> tuple[np.ndarray, int]:
+    """Return the sampled user ids (sorted) and the number of eligible users."""
+    counts = ratings.groupby("user_id").size()
+    eligible = np.sort(counts[(counts >= protocol.min_ratings) & (counts <= protocol.max_ratings)].index.to_numpy())
+    if len(eligible) == 0:
+        raise ConfigError(
+            f"no user has {protocol.min_ratings}-{protocol.max_ratings} ratings "
+            f"(counts range {int(counts.min())}-{int(counts.max())}); change --min-ratings/--max-ratings"
+        )
+    if len(eligible) <= protocol.n_users:
+        if len(eligible) < protocol.n_users:
+            log.warning("only %d users have %d-%d ratings (asked for %d): taking all of them",
+                        len(eligible), protocol.min_ratings, protocol.max_ratings, protocol.n_users)
+        return eligible, len(eligible)
+    rng = np.random.default_rng(protocol.seed)
+    return np.sort(rng.choice(eligible, size=protocol.n_users, replace=False)), len(eligible)
+
+
+def split_chronological(ratings: pd.DataFrame, users: np.ndarray, train_frac: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split each user's ratings in time order: the first floor(train_frac * n) train, the rest test."""
+    cols = ["user_id", "item_id", "rating", "timestamp"]
+    df = ratings.loc[ratings["user_id"].isin(users), cols]
+    df = df.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
+    position = df.groupby("user_id").cumcount().to_numpy()
+    n = df.groupby("user_id")["item_id"].transform("size").to_numpy()
+    n_train = np.array([n_train_rows(int(k), train_frac) for k in n]) if len(n) else n
+    is_train = position < n_train
+    return df[is_train].reset_index(drop=True), df[~is_train].reset_index(drop=True)
+
+
+def historical_stats(ratings: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    """Per item: mean and count of every source rating that is not one of the test rows."""
+    key = ["user_id", "item_id"]
+    merged = ratings[key + ["rating"]].merge(test[key].assign(_test=True), on=key, how="left")
+    hist = merged[merged["_test"].isna()]
+    stats = hist.groupby("item_id")["rating"].agg(hist_avg="mean", hist_count="size").reset_index()
+    return stats
+
+
+def render_item_text(title: str, year, genres: str, hist_avg: float, summary: str = "", cast: str = "",
+                     noun: str = "movie") -> str:
+    """The item description of the paper's prompts, e.g. "The movie Big Lebowski, The was released
+    in the year 1998 is of Comedy, Crime genre with historical average rating of 3.74."."""
+    text = f"The {noun} {title}"
+    if year is not None and not pd.isna(year):
+        text += f" was released in the year {int(year)}"
+    parts = [g for g in genres.split("|") if g]
+    if parts:
+        text += f" is of {', '.join(parts)} genre"
+    if hist_avg is not None and not pd.isna(hist_avg):
+        text += f" with historical average rating of {hist_avg:.2f}."
+    else:
+        text += " with no historical ratings yet."
+    if summary:
+        text += f" Summary: {summary}"
+    if cast:
+        text += f" Cast: {cast}."
+    return text
+
+
+def build_items(log_: RatingLog, test: pd.DataFrame, noun: str = "movie") -> pd.DataFrame:
+    stats = historical_stats(log_.ratings, test)
+    items = log_.items.merge(stats, on="item_id", how="left").sort_values("item_id").reset_index(drop=True)
+    items["hist_avg"] = items["hist_avg"].astype("float64")
+    items["hist_count"] = items["hist_count"].fillna(0).astype("int64")
+    items["text"] = [
+        render_item_text(t, y, g, a, s, c, noun)
+        for t, y, g, a, s, c in zip(items["title"], items["year"], items["genres"], items["hist_avg"],
+                                    items["summary"], items["cast"])
+    ]
+    cols = ["item_id", "title", "year", "genres", "hist_avg", "hist_count", "summary", "cast", "text"]
+    items = items[cols]
+    items["year"] = items["year"].astype("Int64")
+    for col in ("title", "genres", "summary", "cast", "text"):
+        items[col] = items[col].astype(str)
+    return items
+
+
+def _check_not_overwriting_other_stages(run: RunFolder, proto: dict, inputs: dict, force: bool) -> None:
+    """Refuse to change the data under later stages' outputs (re-running with the same inputs is fine)."""
+    if force or not run.exists():
+        return
+    manifest = run.read_manifest()
+    later = sorted(s for s in manifest.get("stages", {}) if s != "prepare")
+    if later and (manifest.get("protocol") != proto or manifest.get("inputs") != inputs):
+        raise ConfigError(
+            f"{run.root} already holds stages {', '.join(later)} built on another protocol or input; "
+            "use a new --out, or --force to overwrite the data under them"
+        )
+
+
+def prepare(log_: RatingLog, out: str | Path, protocol: Protocol = Protocol(), *, duplicates: str = "error",
+            extra_inputs: dict[str, str] | None = None, item_noun: str = "movie",
+            meta_params: dict | None = None, force: bool = False) -> RunFolder:
+    """Apply ``protocol`` to ``log_`` and write the `prepare` files of the run folder ``out``."""
+    protocol.check()
+    run = RunFolder(out)
+    proto = {"dataset": log_.dataset, **asdict(protocol), "tie_rule": TIE_RULE, "duplicates": duplicates,
+             "items": ITEMS_RULE, "hist_avg": "all source ratings except the sampled users' test rows"}
+    inputs = {**log_.inputs, **(extra_inputs or {})}
+    _check_not_overwriting_other_stages(run, proto, inputs, force)
+    users, n_eligible = sample_users(log_.ratings, protocol)
+    train, test = split_chronological(log_.ratings, users, protocol.train_frac)
+    items = build_items(log_, test, item_noun)
+    per_user = pd.DataFrame({"user_id": users.astype("int64")})
+    per_user["n_train"] = per_user["user_id"].map(train.groupby("user_id").size()).fillna(0).astype("int64")
+    per_user["n_test"] = per_user["user_id"].map(test.groupby("user_id").size()).fillna(0).astype("int64")
+    per_user["n_ratings"] = per_user["n_train"] + per_user["n_test"]
+    per_user = per_user[["user_id", "n_ratings", "n_train", "n_test"]]
+
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_parquet(train, run.ratings_train)
+    atomic_write_parquet(test, run.ratings_test)
+    atomic_write_parquet(items, run.items)
+    atomic_write_parquet(per_user, run.users)
+
+    counts = {
+        "source_ratings": len(log_.ratings), "source_users": int(log_.ratings["user_id"].nunique()),
+        "source_items": len(log_.items), "eligible_users": n_eligible, "users": len(users),
+        "train_rows": len(train), "test_rows": len(test), "items": len(items),
+        "items_in_split": int(pd.concat([train["item_id"], test["item_id"]]).nunique()),
+    }
+    run.update_manifest(protocol=proto, inputs=inputs, counts=counts)
+    run.record_stage("prepare", {**proto, "meta": meta_params or None}, counts=counts)
+    log.info("prepared %s: %d users (%d eligible), %d train / %d test rows, %d items",
+             run.root, len(users), n_eligible, len(train), len(test), len(items))
+    return run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Protocol()
+    parser.add_argument("--dataset", required=True, choices=["ml-1m", "ml-100k", "synthetic", "generic"],
+                        help="input format (synthetic = the ML-1M-format output of `persona-tune synth`)")
+    parser.add_argument("--data-dir", type=Path, help="folder of the dataset's files")
+    parser.add_argument("--ratings-file", help="ratings file name in --data-dir or a path "
+                        "(e.g. ratings.partial-users0001-2999.dat; required for generic)")
+    parser.add_argument("--items-file", help="generic only: item table (CSV/TSV/Parquet) with item, title, "
+                        "year, genres, summary, cast columns (mapped by --columns)")
+    parser.add_argument("--columns", help="generic only: column mapping, e.g. user=uid,item=iid,rating=stars,timestamp=ts")
+    parser.add_argument("--meta-file", type=Path, help="item metadata (summary, cast): JSON {item_id: abstract or "
+                        "{summary, cast}} such as ml1m_dbpedia_abstracts.json, or CSV/Parquet with item_id, summary, cast")
+    parser.add_argument("--summary-words", type=int, default=DEFAULT_SUMMARY_WORDS,
+                        help="truncate summaries to this many words (0: no limit)")
+    parser.add_argument("--out", required=True, type=Path, help="run folder to write")
+    parser.add_argument("--min-ratings", type=int, default=d.min_ratings, help="keep users with at least this many ratings")
+    parser.add_argument("--max-ratings", type=int, default=d.max_ratings, help="... and at most this many")
+    parser.add_argument("--n-users", type=int, default=d.n_users, help="users to sample among the eligible ones")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the user sample")
+    parser.add_argument("--train-frac", type=float, default=d.train_frac, help="share of each user's ratings (oldest first) for training")
+    parser.add_argument("--duplicates", choices=DUPLICATE_POLICIES, default="error",
+                        help="duplicate (user, item) ratings: fail, or keep the one with the latest timestamp")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite the data of a run folder whose later stages used another protocol or input")
+    parser.add_argument("--item-noun", default="movie", help="the noun of item texts ('The movie X was released ...')")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.dataset != "generic" and (args.items_file or args.columns):
+        raise ConfigError("--items-file and --columns apply to --dataset generic only")
+    log_ = load_ratings(args.dataset, args.data_dir, ratings_file=args.ratings_file, items_file=args.items_file,
+                        columns=args.columns, duplicates=args.duplicates)
+    extra, meta_params = {}, None
+    if args.meta_file is not None:
+        meta = load_metadata(args.meta_file, summary_words=args.summary_words)
+        log_.items = attach_metadata(log_.items, meta, args.meta_file)
+        extra[str(args.meta_file.resolve())] = file_sha256(args.meta_file)
+        meta_params = {"file": str(args.meta_file), "summary_words": args.summary_words}
+    protocol = Protocol(min_ratings=args.min_ratings, max_ratings=args.max_ratings, n_users=args.n_users,
+                        seed=args.seed, train_frac=args.train_frac)
+    run = prepare(log_, args.out, protocol, duplicates=args.duplicates, extra_inputs=extra,
+                  item_noun=args.item_noun, meta_params=meta_params, force=args.force)
+    c = run.read_manifest()["counts"]
+    print(f"{run.root}: {c['users']} users ({c['eligible_users']} eligible), "
+          f"{c['train_rows']} train / {c['test_rows']} test rows, {c['items']} items")
+    return 0

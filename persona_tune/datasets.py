@@ -1,0 +1,136 @@
+"""torchtune dataset builders over a run folder, for ``dataset._component_`` in configs.
+
+    dataset:
+      _component_: persona_tune.datasets.persona_dataset
+      run_dir: runs/ml1m
+      memory: ms+ml        # ms | ms+ml | ml
+      persona: 0           # null: every user
+      subsample: null      # about N rows, the same fraction of each user's rows
+
+Each row becomes system = role play + traits + M_s, user = task + retrieved M_l + item text,
+assistant = the rating (persona_tune.prompts), so training and evaluation prompts are identical.
+Only the assistant turn is trained on unless ``train_on_input``.
+
+Length policy: a prompt longer than ``max_seq_len`` (default: the tokenizer's) is shrunk before it
+is tokenized for good: memories are dropped (last first), then the profile is shortened, then the
+traits go; the task, the item and the answer are never cut. Lengths are the tokenizer's own token
+counts. Works with any torchtune ModelTokenizer (Phi-3, Llama 3.2 / SmolLM2, the tiny test model).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+from torchtune.data import Message
+from torchtune.datasets import PackedDataset, SFTDataset
+from torchtune.datasets._sft import SFTTransform
+from torchtune.modules.transforms import Transform
+from torchtune.modules.transforms.tokenizers import ModelTokenizer
+
+from persona_tune.errors import ConfigError
+from persona_tune.prompts import PromptParts, fit_to_length, load_prompt_rows, render_messages
+
+
+def persona_messages(parts: PromptParts, rating: int, train_on_input: bool = False) -> list[Message]:
+    """The row's messages; with ``train_on_input`` the system and user turns are trained on too."""
+    messages = render_messages(parts, rating)
+    if train_on_input:
+        messages = [Message(role=m.role, content=m.content, masked=False) for m in messages]
+    return messages
+
+
+class PersonaMessages(Transform):
+    """Message transform: ``{"parts": PromptParts, "rating": int}`` -> messages (parts kept for fitting)."""
+
+    def __init__(self, train_on_input: bool = False):
+        self.train_on_input = train_on_input
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        parts, rating = sample["parts"], int(sample["rating"])
+        return {"messages": persona_messages(parts, rating, self.train_on_input), "parts": parts, "rating": rating}
+
+
+class FitToLength(Transform):
+    """Model transform: tokenize with ``tokenizer``; a prompt over ``max_seq_len`` is shrunk first.
+
+    Tokenizes once with a non-truncating copy of the tokenizer; only prompts that do not fit are
+    re-rendered (prompts.fit_to_length) and tokenized again.
+    """
+
+    def __init__(self, tokenizer: ModelTokenizer, max_seq_len: int | None, train_on_input: bool = False):
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.train_on_input = train_on_input
+        self._untruncated = copy.copy(tokenizer)
+        self._untruncated.max_seq_len = None
+
+    def _tokenize(self, parts: PromptParts, rating: int) -> dict[str, Any]:
+        return self._untruncated({"messages": persona_messages(parts, rating, self.train_on_input)})
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        parts, rating = sample["parts"], sample["rating"]
+        out = self._untruncated({"messages": sample["messages"]})
+        if self.max_seq_len is not None and len(out["tokens"]) > self.max_seq_len:
+            parts = fit_to_length(parts, lambda p: len(self._tokenize(p, rating)["tokens"]), self.max_seq_len)
+            out = self._tokenize(parts, rating)
+        return {"tokens": out["tokens"], "mask": out["mask"]}
+
+
+class PersonaSFTDataset(SFTDataset):
+    """torchtune's SFTDataset over rows already in memory.
+
+    SFTDataset's constructor only loads a Hugging Face dataset into ``_data``; here the rows come
+    from the run folder's Parquet files (prompts.load_prompt_rows), so they are held as a list and
+    the per-sample pipeline (SFTTransform: message transform, model transform, labels) is torchtune's.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], message_transform: Transform, model_transform: Transform):
+        self._message_transform = message_transform
+        self._model_transform = model_transform
+        self._data = rows
+        self._prepare_sample = SFTTransform(message_transform=message_transform, model_transform=model_transform)
+
+
+def persona_dataset(
+    tokenizer: ModelTokenizer,
+    *,
+    run_dir: str,
+    split: str = "train",
+    memory: str = "ms+ml",
+    persona: int | None = None,
+    subsample: int | None = None,
+    seed: int = 0,
+    train_on_input: bool = False,
+    max_seq_len: int | None = None,
+    packed: bool = False,
+) -> SFTDataset | PackedDataset:
+    """Rating rows of a run folder as a torchtune SFT dataset.
+
+    Args:
+        tokenizer: any torchtune ModelTokenizer (the recipe passes the config's tokenizer).
+        run_dir: the run folder.
+        split: "train" or "test".
+        memory: "ms" (profile only), "ms+ml" (profile + retrieved memories) or "ml" (memories only).
+        persona: keep only this persona's users (needs `persona-tune personas`); None keeps all.
+        subsample: keep about this many rows, the same fraction of each user's rows (seeded).
+        seed: the subsample's seed.
+        train_on_input: also compute the loss on the system and user turns.
+        max_seq_len: token budget per sample; None means the tokenizer's ``max_seq_len``.
+        packed: pack samples into ``max_seq_len`` blocks (torchtune PackedDataset).
+    """
+    max_seq_len = max_seq_len if max_seq_len is not None else getattr(tokenizer, "max_seq_len", None)
+    if max_seq_len is not None and max_seq_len < 1:
+        raise ConfigError(f"max_seq_len must be positive, got {max_seq_len}")
+    if packed and max_seq_len is None:
+        raise ConfigError("packed=True needs max_seq_len (on the dataset or the tokenizer)")
+    table = load_prompt_rows(run_dir, split=split, memory=memory, persona=persona, subsample=subsample, seed=seed)
+    rows = [{"parts": p, "rating": int(r)} for p, r in zip(table["parts"], table["rating"])]
+    ds = PersonaSFTDataset(
+        rows,
+        message_transform=PersonaMessages(train_on_input),
+        model_transform=FitToLength(tokenizer, max_seq_len, train_on_input),
+    )
+    if packed:
+        return PackedDataset(ds, max_seq_len=max_seq_len)
+    return ds

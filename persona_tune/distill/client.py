@@ -1,0 +1,114 @@
+"""Chat completions through the ``openai`` client, with our own explicit retry loop.
+
+Works with anything that speaks the OpenAI chat API: OpenAI, vLLM, llama.cpp's server, Ollama.
+The client's own retries are switched off (``max_retries=0``) so the policy is in one place here:
+HTTP 408, 409, 429, 5xx, timeouts and dropped connections are retried up to ``max_retries`` times
+after ``min(backoff_base * 2**n, backoff_max) * U(0.5, 1)`` seconds (exponential backoff with
+jitter), or after the server's Retry-After when it sends one (capped at ``backoff_max``). Other
+HTTP errors fail at once. Each request has a ``timeout`` in seconds. At most ``concurrency``
+requests are in flight. Error text is scrubbed of the API key before it goes anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from persona_tune.distill.store import Answer
+from persona_tune.errors import LLMError
+
+log = logging.getLogger(__name__)
+RETRY_STATUS = {408, 409, 429}
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    base_url: str | None
+    model: str
+    api_key: str
+    timeout: float = 120.0
+    max_retries: int = 6
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    concurrency: int = 8
+
+
+class UnsupportedParameter(LLMError):
+    """The server refused a request parameter (HTTP 400/422), e.g. an unsupported response_format."""
+
+
+class ChatClient:
+    def __init__(self, settings: ClientSettings, rng: random.Random | None = None):
+        self.settings = settings
+        import openai  # here, not at module level: the offline backend never pays for the import
+
+        self._openai = openai
+        self._client = openai.AsyncOpenAI(
+            api_key=settings.api_key, base_url=settings.base_url, timeout=settings.timeout, max_retries=0
+        )
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._rng = rng or random.Random()
+        self.transport_errors = 0
+
+    def _scrub(self, text: str) -> str:
+        key = self.settings.api_key
+        return text.replace(key, "***") if key else text
+
+    def _delay(self, error: Exception, retry: int) -> float:
+        response = getattr(error, "response", None)
+        if response is not None:
+            header = response.headers.get("retry-after")
+            try:
+                if header is not None:
+                    return min(max(float(header), 0.0), self.settings.backoff_max)
+            except ValueError:
+                pass
+        backoff = min(self.settings.backoff_base * 2**retry, self.settings.backoff_max)
+        return backoff * self._rng.uniform(0.5, 1.0)
+
+    async def chat(self, messages: list[dict], params: dict) -> Answer:
+        """One chat completion; ``params`` are passed to ``chat.completions.create`` as keywords."""
+        retries = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                async with self._slots:
+                    response = await self._client.chat.completions.create(
+                        model=self.settings.model, messages=messages, **params
+                    )
+            except (self._openai.APITimeoutError, self._openai.APIConnectionError, self._openai.APIStatusError) as e:
+                status = getattr(e, "status_code", None)
+                retryable = status is None or status in RETRY_STATUS or status >= 500
+                what = f"HTTP {status}" if status is not None else type(e).__name__
+                if not retryable:
+                    message = self._scrub(str(e))
+                    if status in (400, 422):
+                        raise UnsupportedParameter(f"{what} from {self.settings.base_url}: {message}") from None
+                    raise LLMError(f"{what} from {self.settings.base_url}: {message}") from None
+                self.transport_errors += 1
+                if retries >= self.settings.max_retries:
+                    raise LLMError(
+                        f"{what} from {self.settings.base_url}, still failing after {retries} retries: {self._scrub(str(e))}"
+                    ) from None
+                delay = self._delay(e, retries)
+                log.debug("%s; retry %d in %.2fs", what, retries + 1, delay)
+                retries += 1
+                await asyncio.sleep(delay)
+                continue
+            latency = time.perf_counter() - started
+            choice = response.choices[0] if response.choices else None
+            usage = response.usage
+            return Answer(
+                content=choice.message.content if choice is not None else None,
+                finish_reason=choice.finish_reason if choice is not None else None,
+                prompt_tokens=int(usage.prompt_tokens or 0) if usage else 0,
+                completion_tokens=int(usage.completion_tokens or 0) if usage else 0,
+                latency_s=latency,
+                transport_retries=retries,
+            )
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,442 @@
+"""Distil each user's train ratings into a profile (M_s) and per-rating explanations (M_l).
+
+``--backend offline`` writes deterministic rule-based text from each user's statistics (no LLM).
+``--backend openai`` runs the paper's hierarchical self-reflection through any OpenAI-compatible
+server (OpenAI, vLLM, llama.cpp, Ollama); every answer is kept in distill/requests.sqlite, so a
+re-run after a crash, Ctrl-C or kill -9 resumes without repeating an answered call. Traits
+(activity, conformity, diversity) come from the statistics in both cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from persona_tune.distill import offline
+from persona_tune.distill.client import ChatClient, ClientSettings, UnsupportedParameter
+from persona_tune.distill.offline import display_title
+from persona_tune.distill.reflect import BatchItem, Prompts, load_prompts, step_messages, step_schema, validate_step
+from persona_tune.distill.store import RequestStore, request_key
+from persona_tune.distill.traits import compute_traits, render_traits_text
+from persona_tune.errors import ConfigError, DataError, LLMError
+from persona_tune.runfolder import RunFolder, atomic_write_parquet, atomic_write_text
+
+log = logging.getLogger(__name__)
+BACKENDS = ("offline", "openai")
+RESPONSE_FORMATS = ("json_schema", "json_object", "text")
+PROFILE_COLUMNS = ["user_id", "profile", "activity", "conformity", "diversity", "traits_text", "backend", "model", "prompt_version"]
+MEMORY_COLUMNS = ["user_id", "item_id", "rating", "timestamp", "explanation", "backend", "model", "prompt_version"]
+TRAIN_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
+ITEM_COLUMNS = ["item_id", "title", "year", "genres", "hist_avg", "text"]
+RETRY_TEMPERATURE = 0.7  # a retried generation samples at least this hot, with a new seed
+
+
+@dataclass
+class DistillConfig:
+    backend: str = "offline"
+    users: int | None = None  # first N users (by user_id) only
+    trait_cuts: dict[str, tuple[float, float]] | None = None
+    # LLM backend
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    batch_size: int = 10
+    max_words: int = 2000
+    max_attempts: int = 3  # generations per step before the step (and its user) is rejected
+    max_retries: int = 6  # transport retries per request (429 / 5xx / timeouts)
+    timeout: float = 120.0
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    temperature: float = 0.3
+    max_tokens: int | None = None
+    max_profile_words: int = 400
+    response_format: str = "json_schema"
+    seed: int = 0
+    prompt_dir: str | None = None
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.response_format not in RESPONSE_FORMATS:
+            raise ConfigError(f"--response-format must be one of {', '.join(RESPONSE_FORMATS)}")
+        for name in ("concurrency", "batch_size", "max_words", "max_attempts", "max_profile_words"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.users is not None and self.users < 1:
+            raise ConfigError(f"--users must be >= 1, got {self.users}")
+        if self.max_retries < 0 or self.timeout <= 0:
+            raise ConfigError("--max-retries must be >= 0 and --timeout > 0")
+
+    def params(self) -> dict[str, Any]:
+        """What the manifest records (never the API key itself)."""
+        return {k: v for k, v in asdict(self).items() if k != "progress"}
+
+
+# ---------------------------------------------------------------- inputs
+
+def _require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f"missing column(s) {', '.join(missing)} (see docs/architecture.md, prepare)", path)
+
+
+def load_inputs(run: RunFolder, users: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train rows (time order per user; first ``users`` user ids if given) and the items table."""
+    run.require("ratings_train.parquet", "items.parquet")
+    train = run.read_table("ratings_train.parquet")
+    items = run.read_table("items.parquet")
+    _require_columns(train, TRAIN_COLUMNS, run.ratings_train)
+    _require_columns(items, ITEM_COLUMNS, run.items)
+    bad = ~train["rating"].isin([1, 2, 3, 4, 5])
+    if bad.any():
+        row = int(bad.to_numpy().nonzero()[0][0])
+        raise DataError(f"rating {train['rating'].iloc[row]!r} is not an integer 1-5", run.ratings_train, row + 1)
+    unknown = ~train["item_id"].isin(items["item_id"])
+    if unknown.any():
+        row = int(unknown.to_numpy().nonzero()[0][0])
+        raise DataError(f"item_id {int(train['item_id'].iloc[row])} is not in {run.items}", run.ratings_train, row + 1)
+    if items["item_id"].duplicated().any():
+        raise DataError(f"duplicate item_id {int(items.loc[items['item_id'].duplicated(), 'item_id'].iloc[0])}", run.items)
+    if len(train) == 0:
+        raise DataError("no train rows", run.ratings_train)
+    if users is not None:
+        keep = sorted(train["user_id"].unique())[:users]
+        train = train[train["user_id"].isin(keep)]
+    train = train[TRAIN_COLUMNS].sort_values(["user_id", "timestamp", "item_id"], kind="mergesort").reset_index(drop=True)
+    return train, items
+
+
+def plan_batches(train: pd.DataFrame, items: pd.DataFrame, batch_size: int) -> dict[int, list[list[BatchItem]]]:
+    """user_id -> chronological batches of at most ``batch_size`` rated items."""
+    info = items.set_index("item_id")
+    titles = {i: display_title(t, y) for i, t, y in zip(info.index, info["title"], info["year"])}
+    texts = info["text"].fillna("").astype(str).to_dict()
+    plan: dict[int, list[list[BatchItem]]] = {}
+    for user_id, rows in train.groupby("user_id", sort=True):
+        entries = [BatchItem(int(i), int(r), titles[i], texts[i]) for i, r in zip(rows["item_id"], rows["rating"])]
+        plan[int(user_id)] = [entries[k:k + batch_size] for k in range(0, len(entries), batch_size)]
+    return plan
+
+
+# ---------------------------------------------------------------- LLM backend
+
+@dataclass
+class Tally:
+    calls: int = 0  # requests answered by the server in this run
+    cached: int = 0  # answers replayed from the store
+    rejected: int = 0  # generations that failed validation
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    users_done: int = 0
+    users_failed: int = 0
+
+
+class StepRejected(Exception):
+    pass
+
+
+@dataclass
+class LLMDistiller:
+    """Runs the self-reflection chains of many users concurrently against one endpoint."""
+
+    config: DistillConfig
+    prompts: Prompts
+    store: RequestStore
+    client: ChatClient
+    tally: Tally = field(default_factory=Tally)
+    response_format: str = "json_schema"
+
+    def _params(self, batch: list[BatchItem], attempt: int) -> dict:
+        cfg = self.config
+        params: dict[str, Any] = {
+            "temperature": cfg.temperature if attempt == 0 else max(cfg.temperature, RETRY_TEMPERATURE),
+            "seed": cfg.seed + attempt,
+        }
+        if cfg.max_tokens is not None:
+            params["max_tokens"] = cfg.max_tokens
+        schema = step_schema(batch, max_profile_chars=cfg.max_profile_words * 8)
+        if self.response_format == "json_schema":
+            params["response_format"] = {"type": "json_schema", "json_schema": {"name": "distill_step", "schema": schema}}
+        elif self.response_format == "json_object":
+            params["response_format"] = {"type": "json_object", "schema": schema}
+        return params
+
+    async def _answer(self, messages: list[dict], batch: list[BatchItem], attempt: int, user_id: int, step: int):
+        while True:
+            params = self._params(batch, attempt)
+            key_params = {**params, "attempt": attempt}
+            key = request_key(self.config.model, messages, key_params)
+            cached = self.store.get(key)
+            if cached is not None:
+                self.tally.cached += 1
+                return cached
+            try:
+                answer = await self.client.chat(messages, params)
+            except UnsupportedParameter as e:
+                used = params.get("response_format", {}).get("type", "text")
+                if used != self.response_format:
+                    continue  # another user's request already fell back: try again in the new format
+                if used == "text":
+                    raise
+                # The server refused the structured-output request: fall back one level, for all users.
+                fallback = RESPONSE_FORMATS[RESPONSE_FORMATS.index(used) + 1]
+                log.warning("server refused response_format %s (%s); falling back to %s", used, e, fallback)
+                self.response_format = fallback
+                continue
+            self.store.put(key, model=self.config.model, request={"messages": messages, "params": key_params},
+                           answer=answer, user_id=user_id, step=step, attempt=attempt)
+            self.tally.calls += 1
+            self.tally.prompt_tokens += answer.prompt_tokens
+            self.tally.completion_tokens += answer.completion_tokens
+            return answer
+
+    async def distill_user(self, user_id: int, batches: list[list[BatchItem]], bar: tqdm | None) -> tuple[str, dict[int, str]]:
+        profile: str | None = None
+        explanations: dict[int, str] = {}
+        for step, batch in enumerate(batches):
+            messages = step_messages(self.prompts, profile, batch, self.config.max_profile_words)
+            reasons = []
+            for attempt in range(self.config.max_attempts):
+                answer = await self._answer(messages, batch, attempt, user_id, step)
+                result, reason = validate_step(answer.content, batch, self.config.max_words)
+                if result is not None:
+                    break
+                self.tally.rejected += 1
+                reasons.append(f"attempt {attempt + 1}: {reason}")
+            else:
+                raise StepRejected(f"step {step + 1}/{len(batches)} rejected after {self.config.max_attempts} "
+                                   f"generations: " + "; ".join(reasons))
+            profile = result.profile
+            explanations.update(result.explanations)
+            if bar is not None:
+                bar.update(1)
+        return profile or "", explanations
+
+    async def run(self, plan: dict[int, list[list[BatchItem]]]) -> tuple[dict[int, tuple[str, dict[int, str]]], list[dict]]:
+        results: dict[int, tuple[str, dict[int, str]]] = {}
+        failures: list[dict] = []
+        total = sum(len(b) for b in plan.values())
+        with tqdm(total=total, desc="distill steps", unit="step", disable=not self.config.progress,
+                  file=sys.stderr) as bar:
+            async def one(user_id: int, batches):
+                try:
+                    results[user_id] = await self.distill_user(user_id, batches, bar)
+                    self.tally.users_done += 1
+                except (StepRejected, LLMError) as e:
+                    failures.append({"user_id": user_id, "reason": str(e)})
+                    self.tally.users_failed += 1
+                bar.set_postfix(done=self.tally.users_done, failed=self.tally.users_failed, cached=self.tally.cached)
+
+            await asyncio.gather(*(one(u, b) for u, b in plan.items()))
+        failures.sort(key=lambda f: f["user_id"])
+        return results, failures
+
+
+def resolve_api_key(env_name: str) -> str:
+    key = os.environ.get(env_name)
+    if key:
+        return key
+    # Local servers (llama.cpp, vLLM, Ollama) ignore the key, but the client insists on one.
+    log.info("$%s is not set: sending a placeholder key (fine for local servers)", env_name)
+    return "not-needed"
+
+
+def estimate_plan(plan: dict[int, list[list[BatchItem]]], prompts: Prompts, cfg: DistillConfig) -> dict:
+    """Calls and a rough token count (4 characters per token) before anything is spent."""
+    chars_per_token = 4.0
+    profile_chars = cfg.max_profile_words * 6
+    prompt_tokens = completion_tokens = 0.0
+    calls = 0
+    for batches in plan.values():
+        for step, batch in enumerate(batches):
+            messages = step_messages(prompts, "x" * profile_chars if step else None, batch, cfg.max_profile_words)
+            prompt_tokens += sum(len(m["content"]) for m in messages) / chars_per_token
+            completion_tokens += (len(batch) * 200 + profile_chars) / chars_per_token
+            calls += 1
+    return {"users": len(plan), "calls": calls, "prompt_tokens": int(prompt_tokens),
+            "completion_tokens": int(completion_tokens)}
+
+
+# ---------------------------------------------------------------- outputs
+
+def write_outputs(run: RunFolder, profiles: pd.DataFrame, memories: pd.DataFrame, traits: pd.DataFrame,
+                  failures: list[dict], provenance: dict[str, str]) -> None:
+    for df in (profiles, memories):
+        for column, value in provenance.items():
+            df[column] = value
+    profiles = profiles[PROFILE_COLUMNS].sort_values("user_id", kind="mergesort").reset_index(drop=True)
+    memories = memories[MEMORY_COLUMNS].sort_values(["user_id", "timestamp", "item_id"], kind="mergesort").reset_index(drop=True)
+    for column in ("user_id", "item_id", "rating", "timestamp"):
+        memories[column] = memories[column].astype("int64")
+    profiles["user_id"] = profiles["user_id"].astype("int64")
+    out = run.stage_dir("distill", create=True)
+    atomic_write_parquet(traits, out / "traits.parquet")
+    atomic_write_parquet(profiles, out / "profiles.parquet")
+    atomic_write_parquet(memories, out / "memories.parquet")
+    atomic_write_text(out / "failures.jsonl", "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
+
+
+def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per_1k: tuple[float, float] | None = None) -> dict:
+    """The stage's core. Returns the summary (also recorded in the manifest)."""
+    cfg.check()
+    started = time.perf_counter()
+    train, items = load_inputs(run, cfg.users)
+    traits, cuts = compute_traits(train, items, cfg.trait_cuts)
+
+    if cfg.backend == "offline":
+        if dry_run:
+            return {"users": int(train["user_id"].nunique()), "calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        profiles, memories = offline.distill_offline(train, items, traits)
+        provenance = {"backend": offline.BACKEND, "model": offline.MODEL, "prompt_version": offline.PROMPT_VERSION}
+        failures: list[dict] = []
+        summary: dict[str, Any] = {"users_done": len(profiles), "users_failed": 0, "calls": 0, "cached": 0}
+    else:
+        if not cfg.model:
+            raise ConfigError("--backend openai needs --model (the model name the server serves)")
+        prompts = load_prompts(cfg.prompt_dir)
+        plan = plan_batches(train, items, cfg.batch_size)
+        if dry_run:
+            estimate = estimate_plan(plan, prompts, cfg)
+            if price_per_1k is not None:
+                estimate["cost"] = round(estimate["prompt_tokens"] / 1000 * price_per_1k[0]
+                                         + estimate["completion_tokens"] / 1000 * price_per_1k[1], 4)
+            return estimate
+        settings = ClientSettings(
+            base_url=cfg.base_url or os.environ.get("OPENAI_BASE_URL"), model=cfg.model,
+            api_key=resolve_api_key(cfg.api_key_env), timeout=cfg.timeout, max_retries=cfg.max_retries,
+            backoff_base=cfg.backoff_base, backoff_max=cfg.backoff_max, concurrency=cfg.concurrency,
+        )
+        with RequestStore(run.stage_dir("distill", create=True) / "requests.sqlite") as store:
+            async def go():
+                client = ChatClient(settings, rng=random.Random(cfg.seed))
+                try:
+                    distiller = LLMDistiller(cfg, prompts, store, client, response_format=cfg.response_format)
+                    return distiller, *(await distiller.run(plan))
+                finally:
+                    await client.close()
+
+            distiller, results, failures = asyncio.run(go())
+            stored = store.totals()
+        tally = distiller.tally
+        trait_levels = traits.set_index("user_id")
+        profile_rows, memory_rows = [], []
+        for user_id, (profile, explanations) in sorted(results.items()):
+            t = trait_levels.loc[user_id]
+            profile_rows.append({"user_id": user_id, "profile": profile, "activity": t["activity"],
+                                 "conformity": t["conformity"], "diversity": t["diversity"],
+                                 "traits_text": render_traits_text(t["activity"], t["conformity"], t["diversity"])})
+        done = train[train["user_id"].isin(list(results))]
+        for r in done.itertuples(index=False):
+            memory_rows.append({"user_id": r.user_id, "item_id": r.item_id, "rating": r.rating,
+                                "timestamp": r.timestamp, "explanation": results[r.user_id][1][r.item_id]})
+        profiles = pd.DataFrame(profile_rows, columns=PROFILE_COLUMNS[:6])
+        memories = pd.DataFrame(memory_rows, columns=MEMORY_COLUMNS[:5])
+        provenance = {"backend": "openai", "model": cfg.model, "prompt_version": prompts.version}
+        summary = {"users_done": tally.users_done, "users_failed": tally.users_failed, "calls": tally.calls,
+                   "cached": tally.cached, "rejected_generations": tally.rejected,
+                   "transport_errors": distiller.client.transport_errors,
+                   "prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
+                   "store_requests": stored["requests"], "store_prompt_tokens": stored["prompt_tokens"],
+                   "store_completion_tokens": stored["completion_tokens"],
+                   "response_format": distiller.response_format}
+
+    write_outputs(run, profiles, memories, traits, failures, provenance)
+    summary["memories"] = len(memories)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    run.record_stage("distill", cfg.params(), **provenance, trait_cuts=cuts, summary=summary)
+    return summary
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DistillConfig()
+    parser.add_argument("--run", required=True, help="run folder written by `persona-tune prepare`")
+    parser.add_argument("--backend", choices=BACKENDS, default=d.backend)
+    parser.add_argument("--users", type=int, default=None, help="distil the first N users (by user_id) only")
+    parser.add_argument("--trait-cuts", default=None,
+                        help='fixed trait cut points as JSON, e.g. \'{"activity": [60, 120], "conformity": [0.6, 1.2], '
+                             '"diversity": [5, 7]}\' (default: percentiles over this run\'s users)')
+    g = parser.add_argument_group("openai backend")
+    g.add_argument("--base-url", default=None, help="server URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL)")
+    g.add_argument("--model", default=None, help="model name the server serves")
+    g.add_argument("--api-key-env", default=d.api_key_env, help="environment variable that holds the API key")
+    g.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight at most")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="ratings per reflection step")
+    g.add_argument("--max-words", type=int, default=d.max_words, help="reject generations longer than this")
+    g.add_argument("--max-attempts", type=int, default=d.max_attempts,
+                   help="generations per step before the step (and its user) is rejected")
+    g.add_argument("--max-retries", type=int, default=d.max_retries, help="retries per request on 429/5xx/timeouts")
+    g.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request")
+    g.add_argument("--backoff-base", type=float, default=d.backoff_base, help="first retry delay, seconds (doubles)")
+    g.add_argument("--backoff-max", type=float, default=d.backoff_max, help="longest retry delay, seconds")
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--max-tokens", type=int, default=None, help="completion token limit per request")
+    g.add_argument("--max-profile-words", type=int, default=d.max_profile_words, help="profile length asked for")
+    g.add_argument("--response-format", choices=RESPONSE_FORMATS, default=d.response_format,
+                   help="structured output to ask for; falls back to the next one if the server refuses it")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--prompt-dir", default=None, help="folder with replacement prompt templates (same file names)")
+    g.add_argument("--dry-run", action="store_true", help="print the number of calls and a token estimate, then exit")
+    g.add_argument("--price-per-1k", type=float, nargs="+", default=None, metavar="PRICE",
+                   help="with --dry-run: price per 1k prompt tokens [and per 1k completion tokens]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    cuts = None
+    if args.trait_cuts:
+        try:
+            cuts = {k: tuple(v) for k, v in json.loads(args.trait_cuts).items()}
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"--trait-cuts is not a JSON object of [low, high] pairs: {e}") from None
+    return DistillConfig(
+        backend=args.backend, users=args.users, trait_cuts=cuts, base_url=args.base_url, model=args.model,
+        api_key_env=args.api_key_env, concurrency=args.concurrency, batch_size=args.batch_size,
+        max_words=args.max_words, max_attempts=args.max_attempts, max_retries=args.max_retries,
+        timeout=args.timeout, backoff_base=args.backoff_base, backoff_max=args.backoff_max,
+        temperature=args.temperature, max_tokens=args.max_tokens, max_profile_words=args.max_profile_words,
+        response_format=args.response_format, seed=args.seed, prompt_dir=args.prompt_dir,
+        progress=not args.no_progress,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    price = None
+    if args.price_per_1k:
+        if len(args.price_per_1k) > 2:
+            raise ConfigError("--price-per-1k takes one price, or a prompt and a completion price")
+        price = (args.price_per_1k[0], args.price_per_1k[-1])
+    if not args.verbose:
+        for noisy in ("httpx", "httpx2", "openai"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    summary = distill(RunFolder(args.run), cfg, dry_run=args.dry_run, price_per_1k=price)
+    if args.dry_run:
+        line = (f"dry run: {summary['users']} users, {summary['calls']} calls, ~{summary['prompt_tokens']:,} prompt + "
+                f"~{summary['completion_tokens']:,} completion tokens (estimate: 4 characters per token)")
+        if "cost" in summary:
+            line += f", ~{summary['cost']:.2f} at the given price"
+        print(line)
+        return 0
+    print("distill: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    if summary["users_failed"]:
+        print(f"distill: {summary['users_failed']} user(s) failed, see {Path(args.run) / 'distill' / 'failures.jsonl'}; "
+              "re-run to retry them (answered calls are not repeated)", file=sys.stderr)
+        return 1
+    return 0

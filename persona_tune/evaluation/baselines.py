@@ -1,0 +1,162 @@
+"""Classical rating predictors on exactly the agents' test rows (RUN/eval/baselines/).
+
+What each predictor is fit on (mu = the global mean):
+- global_mean: the mean of every non-test rating of the source log, i.e. sum(hist_avg * hist_count) /
+  sum(hist_count) over items.parquet (hist_* exclude the sampled users' test rows).
+- user_mean: the mean of the user's own train rows.
+- item_mean: items.hist_avg (all non-test ratings of the item); mu for an item without any.
+- bias: mu + b_u + b_i (Koren's regularised baseline). b_i = n_i (hist_avg_i - mu) / (lambda_i + n_i)
+  from the item's non-test ratings (hist_avg, hist_count); b_u = sum over the user's train rows of
+  (r - mu - b_i) / (lambda_u + n_u). Defaults lambda_i = 25, lambda_u = 10.
+- mf: the bias baseline plus p_u . q_i, a rank-``mf_rank`` factorisation of the bias residuals fit on
+  the run's train rows only (full-batch Adam, L2 ``mf_reg``, seeded). An item with no train row keeps
+  q_i = 0, so it falls back to the bias baseline.
+Predictions are clipped to [1, 5].
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from persona_tune.errors import DataError
+from persona_tune.evaluation.metrics import grouped_metrics
+from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet
+
+log = logging.getLogger(__name__)
+
+PREDICTORS = ("global_mean", "user_mean", "item_mean", "bias", "mf")
+
+
+@dataclass
+class BaselineConfig:
+    lambda_item: float = 25.0
+    lambda_user: float = 10.0
+    mf_rank: int = 8
+    mf_reg: float = 0.05
+    mf_epochs: int = 300
+    mf_lr: float = 0.02
+    seed: int = 0
+
+
+def global_mean(items: pd.DataFrame) -> float:
+    counts = items["hist_count"].to_numpy(dtype=float)
+    avg = items["hist_avg"].to_numpy(dtype=float)
+    known = counts > 0
+    if not known.any():
+        raise DataError("no item has a non-test rating (hist_count is 0 everywhere)", path="items.parquet")
+    return float((avg[known] * counts[known]).sum() / counts[known].sum())
+
+
+def item_bias(items: pd.DataFrame, mu: float, lambda_item: float) -> pd.Series:
+    n = items["hist_count"].to_numpy(dtype=float)
+    avg = np.nan_to_num(items["hist_avg"].to_numpy(dtype=float), nan=mu)
+    return pd.Series(n * (avg - mu) / (lambda_item + n), index=items["item_id"].to_numpy())
+
+
+def fit_mf(train: pd.DataFrame, residual: np.ndarray, cfg: BaselineConfig) -> tuple[dict, dict]:
+    """Factorise ``residual`` (one value per train row) as p_u . q_i; returns user and item factor maps."""
+    users, u_idx = np.unique(train["user_id"].to_numpy(), return_inverse=True)
+    items, i_idx = np.unique(train["item_id"].to_numpy(), return_inverse=True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    p = (0.1 * torch.randn(len(users), cfg.mf_rank, generator=gen)).requires_grad_()
+    q = (0.1 * torch.randn(len(items), cfg.mf_rank, generator=gen)).requires_grad_()
+    u_t, i_t = torch.as_tensor(u_idx), torch.as_tensor(i_idx)
+    target = torch.as_tensor(residual, dtype=torch.float32)
+    opt = torch.optim.Adam([p, q], lr=cfg.mf_lr)
+    for _ in range(cfg.mf_epochs):
+        opt.zero_grad()
+        pred = (p[u_t] * q[i_t]).sum(-1)
+        loss = ((pred - target) ** 2).mean() + cfg.mf_reg * ((p[u_t] ** 2).sum(-1) + (q[i_t] ** 2).sum(-1)).mean()
+        loss.backward()
+        opt.step()
+    p_np, q_np = p.detach().numpy(), q.detach().numpy()
+    return dict(zip(users.tolist(), p_np)), dict(zip(items.tolist(), q_np))
+
+
+def predict_baselines(
+    train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig | None = None
+) -> pd.DataFrame:
+    """``test`` with one column per predictor in PREDICTORS (see the module docstring)."""
+    cfg = cfg or BaselineConfig()
+    mu = global_mean(items)
+    out = test.copy()
+    out["global_mean"] = mu
+
+    user_mean = train.groupby("user_id")["rating"].mean()
+    out["user_mean"] = out["user_id"].map(user_mean).fillna(mu)
+
+    hist = items.set_index("item_id")["hist_avg"]
+    out["item_mean"] = out["item_id"].map(hist).fillna(mu)
+
+    b_i = item_bias(items, mu, cfg.lambda_item)
+    train_bi = train["item_id"].map(b_i).fillna(0.0).to_numpy()
+    resid = train["rating"].to_numpy(dtype=float) - mu - train_bi
+    grouped = pd.DataFrame({"user_id": train["user_id"].to_numpy(), "resid": resid}).groupby("user_id")["resid"]
+    b_u = grouped.sum() / (cfg.lambda_user + grouped.count())
+    test_bi = out["item_id"].map(b_i).fillna(0.0).to_numpy()
+    test_bu = out["user_id"].map(b_u).fillna(0.0).to_numpy()
+    out["bias"] = mu + test_bu + test_bi
+
+    train_bias = mu + train["user_id"].map(b_u).fillna(0.0).to_numpy() + train_bi
+    p, q = fit_mf(train, train["rating"].to_numpy(dtype=float) - train_bias, cfg)
+    zero = np.zeros(cfg.mf_rank, dtype=np.float32)
+    dot = np.array([float(p.get(u, zero) @ q.get(i, zero)) for u, i in zip(out["user_id"], out["item_id"])])
+    out["mf"] = out["bias"] + dot
+
+    for name in PREDICTORS:
+        out[name] = out[name].clip(1.0, 5.0)
+    return out
+
+
+def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Predict every baseline for RUN's test rows; write eval/baselines/predictions.parquet + metrics.json."""
+    cfg = cfg or BaselineConfig()
+    run = RunFolder(run_dir)
+    train = run.read_table("ratings_train.parquet")
+    test = run.read_table("ratings_test.parquet")
+    items = run.read_table("items.parquet", columns=["item_id", "hist_avg", "hist_count"])
+    preds = predict_baselines(train, test, items, cfg)
+    persona_file = run.path("personas/assignments.parquet")
+    persona = pd.read_parquet(persona_file).set_index("user_id")["persona"] if persona_file.exists() else None
+    preds.insert(0, "persona", preds["user_id"].map(persona).fillna(-1).astype("int64") if persona is not None else -1)
+    profiles_file = run.path("distill/profiles.parquet")
+    profiles = pd.read_parquet(profiles_file) if profiles_file.exists() else None
+
+    out_dir = run.eval_dir / "baselines"
+    columns = ["persona", "user_id", "item_id", "rating", *PREDICTORS]
+    atomic_write_parquet(preds[columns], out_dir / "predictions.parquet")
+    metrics = {
+        "kind": "baselines",
+        "global_mean_rating": global_mean(items),
+        "fit": {k: v for k, v in asdict(cfg).items()},
+        "predictors": {
+            name: grouped_metrics(preds, name, profiles=profiles, n_boot=n_boot, seed=seed) for name in PREDICTORS
+        },
+    }
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    run.record_stage("baselines", {**asdict(cfg), "n_boot": n_boot, "seed": seed})
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder")
+    defaults = BaselineConfig()
+    for field, value in asdict(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (users) for the CIs")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = BaselineConfig(**{f: getattr(args, f) for f in asdict(BaselineConfig())})
+    metrics = run_baselines(args.run, cfg, n_boot=args.n_boot, seed=cfg.seed)
+    for name in PREDICTORS:
+        m = metrics["predictors"][name]["overall"]
+        print(f"{name:<12} RMSE {m['rmse']:.3f} [{m['ci']['rmse'][0]:.3f}, {m['ci']['rmse'][1]:.3f}]  "
+              f"MAE {m['mae']:.3f} [{m['ci']['mae'][0]:.3f}, {m['ci']['mae'][1]:.3f}]  n={m['n']}")
+    return 0

@@ -1,0 +1,142 @@
+"""RMSE, MAE and URR with bootstrap confidence intervals that resample users.
+
+URR (unrelated response rate) is the share of rows whose answer held no rating. Unparsable rows
+enter RMSE/MAE by the ``unparsable`` rule: "exclude" (the paper's choice, the default) drops them;
+"fill" scores them as ``fill_value`` (a constant, e.g. the global mean rating).
+
+Confidence intervals: percentile bootstrap over users (a user's rows stay together, since rows of
+one user are not independent), seeded, ``n_boot`` resamples. A group's CI resamples that group's users.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from persona_tune.errors import ConfigError
+
+UNPARSABLE_RULES = ("exclude", "fill")
+TRAITS = ("activity", "conformity", "diversity")
+
+
+def _prepared(y_true, y_pred, unparsable: str, fill_value: float | None):
+    y_true = np.asarray(y_true, dtype=float)
+    y_pred = np.asarray(y_pred, dtype=float)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has shape {y_true.shape}, y_pred {y_pred.shape}")
+    missing = np.isnan(y_pred)
+    if unparsable == "exclude":
+        keep = ~missing
+        return y_true[keep], y_pred[keep], missing
+    if unparsable == "fill":
+        if fill_value is None or math.isnan(fill_value):
+            raise ConfigError("unparsable='fill' needs a fill_value")
+        return y_true, np.where(missing, fill_value, y_pred), missing
+    raise ConfigError(f"unparsable must be one of {', '.join(UNPARSABLE_RULES)}, got {unparsable!r}")
+
+
+def point_metrics(y_true, y_pred, unparsable: str = "exclude", fill_value: float | None = None) -> dict:
+    """rmse, mae, urr (a fraction), n (rows), n_scored (rows in RMSE/MAE)."""
+    t, p, missing = _prepared(y_true, y_pred, unparsable, fill_value)
+    n = int(missing.size)
+    err = p - t
+    return {
+        "rmse": float(np.sqrt(np.mean(err**2))) if err.size else math.nan,
+        "mae": float(np.mean(np.abs(err))) if err.size else math.nan,
+        "urr": float(missing.mean()) if n else math.nan,
+        "n": n,
+        "n_scored": int(err.size),
+    }
+
+
+def _per_user_sums(df: pd.DataFrame, pred_col: str, unparsable: str, fill_value: float | None) -> pd.DataFrame:
+    pred = df[pred_col].to_numpy(dtype=float)
+    missing = np.isnan(pred)
+    if unparsable == "fill":
+        pred = np.where(missing, fill_value, pred)
+        scored = np.ones_like(missing)
+    else:
+        scored = ~missing
+    err = np.where(scored, pred - df["rating"].to_numpy(dtype=float), 0.0)
+    sums = pd.DataFrame(
+        {"user_id": df["user_id"].to_numpy(), "sse": err**2, "sae": np.abs(err),
+         "n_scored": scored.astype(float), "n_missing": missing.astype(float), "n": 1.0}
+    )
+    return sums.groupby("user_id", sort=True).sum()
+
+
+def bootstrap_ci(
+    df: pd.DataFrame,
+    pred_col: str,
+    *,
+    unparsable: str = "exclude",
+    fill_value: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """Percentile CIs of rmse, mae, urr, resampling users with replacement. Needs user_id, rating."""
+    _prepared([], [], unparsable, fill_value)  # validates the rule
+    sums = _per_user_sums(df, pred_col, unparsable, fill_value)
+    if sums.empty or n_boot <= 0:
+        return {k: [math.nan, math.nan] for k in ("rmse", "mae", "urr")}
+    rng = np.random.default_rng(seed)
+    n_users = len(sums)
+    # How often each user is drawn in each resample: [n_boot, n_users].
+    weights = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=n_boot).astype(float)
+    totals = weights @ sums[["sse", "sae", "n_scored", "n_missing", "n"]].to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats = {
+            "rmse": np.sqrt(totals[:, 0] / totals[:, 2]),
+            "mae": totals[:, 1] / totals[:, 2],
+            "urr": totals[:, 3] / totals[:, 4],
+        }
+    alpha = (1.0 - level) / 2.0
+    return {
+        k: [float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1.0 - alpha))] if np.isfinite(v).any()
+        else [math.nan, math.nan]
+        for k, v in stats.items()
+    }
+
+
+def metrics_with_ci(df: pd.DataFrame, pred_col: str, **kwargs) -> dict:
+    """Point metrics plus ``ci`` (see bootstrap_ci) for one prediction column."""
+    point_kwargs = {k: kwargs[k] for k in ("unparsable", "fill_value") if k in kwargs}
+    out = point_metrics(df["rating"], df[pred_col], **point_kwargs)
+    out["n_users"] = int(df["user_id"].nunique())
+    out["ci"] = bootstrap_ci(df, pred_col, **kwargs)
+    return out
+
+
+def grouped_metrics(
+    df: pd.DataFrame,
+    pred_col: str,
+    *,
+    profiles: pd.DataFrame | None = None,
+    group_cols: Iterable[str] = ("persona",),
+    **kwargs,
+) -> dict:
+    """Metrics overall, per persona (and other ``group_cols``) and per trait level.
+
+    ``profiles`` (distill/profiles.parquet) adds per-level metrics of activity, conformity, diversity.
+    Returns {"overall": {...}, "by": {column: {level: {...}}}}.
+    """
+    result = {"overall": metrics_with_ci(df, pred_col, **kwargs), "by": {}}
+    frame = df
+    if profiles is not None:
+        traits = [t for t in TRAITS if t in profiles.columns]
+        frame = df.drop(columns=[t for t in traits if t in df.columns]).merge(
+            profiles[["user_id", *traits]], on="user_id", how="left"
+        )
+        group_cols = [*group_cols, *traits]
+    for col in group_cols:
+        if col not in frame.columns:
+            continue
+        result["by"][col] = {
+            str(level): metrics_with_ci(group, pred_col, **kwargs)
+            for level, group in frame.groupby(col, sort=True)
+        }
+    return result

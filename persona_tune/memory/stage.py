@@ -1,0 +1,287 @@
+"""Embed profiles (M_s) and enriched interactions (M_l), then retrieve the top-k memories of every row.
+
+Reads ratings_train/test, items and distill/{profiles,memories}.parquet; writes memory/: vectors with
+their ids, embeddings.json and retrieved.parquet (see docs/architecture.md and
+docs/memory-and-personas.md). Vectors are reused when the backend, model and inputs are unchanged
+(--force recomputes them); the openai and local backends also cache every vector in
+memory/embeddings.sqlite, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from persona_tune.errors import ConfigError, DataError
+from persona_tune.memory.embeddings import (
+    BACKENDS,
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_MODELS,
+    EmbeddingCache,
+    build_embedder,
+    embed_texts,
+    l2_normalise,
+)
+from persona_tune.memory.retrieval import QUERY_FORMS, retrieve
+from persona_tune.runfolder import (
+    RunFolder,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_parquet,
+    file_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DELTA = 0.3
+INPUTS = ("items.parquet", "distill/profiles.parquet", "distill/memories.parquet")
+
+
+@dataclass
+class MemoryVectors:
+    """Everything retrieval and clustering need, as stored under memory/."""
+
+    backend: str
+    model: str
+    dim: int
+    item_ids: np.ndarray
+    item_vectors: np.ndarray
+    profile_ids: np.ndarray
+    profile_vectors: np.ndarray
+    memory_ids: pd.DataFrame  # user_id, item_id
+    memory_vectors: np.ndarray
+
+
+def memory_text_note() -> str:
+    return "memory vector = normalise(e(item text) + e(M_l explanation)); profile vector = e(M_s profile)"
+
+
+def load_memories(run: RunFolder) -> pd.DataFrame:
+    """distill/memories.parquet, checked: one memory per (user, item), and only for train rows."""
+    path = run.path("distill/memories.parquet")
+    memories = run.read_table("distill/memories.parquet", columns=["user_id", "item_id", "explanation"])
+    dup = memories.duplicated(["user_id", "item_id"])
+    if dup.any():
+        first = int(np.flatnonzero(dup.to_numpy())[0])
+        raise DataError("duplicate memory for one (user_id, item_id)", path, line=first + 1)
+    train = run.read_table("ratings_train.parquet", columns=["user_id", "item_id"])
+    inside = pd.MultiIndex.from_frame(memories[["user_id", "item_id"]]).isin(
+        pd.MultiIndex.from_frame(train[["user_id", "item_id"]])
+    )
+    if not inside.all():
+        first = int(np.flatnonzero(~inside)[0])
+        raise DataError(
+            "memory for a (user_id, item_id) that is not a train row (it would leak the test period)",
+            path,
+            line=first + 1,
+        )
+    return memories.reset_index(drop=True)
+
+
+def compute_vectors(
+    run: RunFolder, embedder, batch_size: int, cache: EmbeddingCache | None = None
+) -> MemoryVectors:
+    """Embed items, profiles and memories of a run (pure: writes nothing but the cache)."""
+    items = run.read_table("items.parquet", columns=["item_id", "text"])
+    profiles = run.read_table("distill/profiles.parquet", columns=["user_id", "profile"])
+    memories = load_memories(run)
+
+    item_vectors = embed_texts(embedder, items["text"].fillna(""), batch_size, cache, desc="embed items")
+    profile_vectors = embed_texts(embedder, profiles["profile"].fillna(""), batch_size, cache, desc="embed profiles")
+    explanation_vectors = embed_texts(
+        embedder, memories["explanation"].fillna(""), batch_size, cache, desc="embed memories"
+    )
+    item_pos = pd.Index(items["item_id"]).get_indexer(memories["item_id"])
+    if (item_pos < 0).any():
+        first = int(np.flatnonzero(item_pos < 0)[0])
+        raise DataError(
+            f"memory item_id {int(memories['item_id'].iloc[first])} is not in items.parquet",
+            run.path("distill/memories.parquet"),
+            line=first + 1,
+        )
+    memory_vectors = l2_normalise(item_vectors[item_pos] + explanation_vectors)
+    return MemoryVectors(
+        backend="",
+        model=embedder.name,
+        dim=int(item_vectors.shape[1]),
+        item_ids=items["item_id"].to_numpy(np.int64),
+        item_vectors=item_vectors,
+        profile_ids=profiles["user_id"].to_numpy(np.int64),
+        profile_vectors=profile_vectors,
+        memory_ids=memories[["user_id", "item_id"]].astype("int64"),
+        memory_vectors=memory_vectors,
+    )
+
+
+def _save_npy(path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        np.save(tmp, np.ascontiguousarray(array, dtype=np.float32))
+
+
+def save_vectors(run: RunFolder, vectors: MemoryVectors) -> None:
+    d = run.stage_dir("memory", create=True)
+    _save_npy(d / "item_vectors.npy", vectors.item_vectors)
+    atomic_write_parquet(pd.DataFrame({"item_id": vectors.item_ids}), d / "item_ids.parquet")
+    _save_npy(d / "profile_vectors.npy", vectors.profile_vectors)
+    atomic_write_parquet(pd.DataFrame({"user_id": vectors.profile_ids}), d / "profile_ids.parquet")
+    _save_npy(d / "memory_vectors.npy", vectors.memory_vectors)
+    atomic_write_parquet(vectors.memory_ids, d / "memory_ids.parquet")
+
+
+def load_vectors(run: RunFolder) -> MemoryVectors:
+    d = run.memory_dir
+    meta = json.loads((d / "embeddings.json").read_text())
+    return MemoryVectors(
+        backend=meta["backend"],
+        model=meta["model"],
+        dim=int(meta["dim"]),
+        item_ids=pd.read_parquet(d / "item_ids.parquet")["item_id"].to_numpy(np.int64),
+        item_vectors=np.load(d / "item_vectors.npy"),
+        profile_ids=pd.read_parquet(d / "profile_ids.parquet")["user_id"].to_numpy(np.int64),
+        profile_vectors=np.load(d / "profile_vectors.npy"),
+        memory_ids=pd.read_parquet(d / "memory_ids.parquet"),
+        memory_vectors=np.load(d / "memory_vectors.npy"),
+    )
+
+
+def load_profile_vectors(run_dir) -> tuple[np.ndarray, np.ndarray]:
+    """(user_ids, float32 [n_users, d]) from memory/; what `personas` clusters."""
+    run = RunFolder(run_dir)
+    run.require("memory/profile_vectors.npy")
+    ids = pd.read_parquet(run.path("memory/profile_ids.parquet"))["user_id"].to_numpy(np.int64)
+    return ids, np.load(run.path("memory/profile_vectors.npy"))
+
+
+def _input_hashes(run: RunFolder) -> dict[str, str]:
+    return {name: file_sha256(run.path(name)) for name in INPUTS}
+
+
+def vectors_are_current(run: RunFolder, backend: str, model: str) -> bool:
+    meta_path = run.path("memory/embeddings.json")
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    files = ("item_vectors.npy", "profile_vectors.npy", "memory_vectors.npy")
+    return (
+        meta.get("backend") == backend
+        and meta.get("model") == model
+        and meta.get("inputs") == _input_hashes(run)
+        and all((run.memory_dir / f).is_file() for f in files)
+    )
+
+
+def query_rows(run: RunFolder) -> pd.DataFrame:
+    """Every train and test row: split, user_id, item_id."""
+    train = run.read_table("ratings_train.parquet", columns=["user_id", "item_id"]).assign(split="train")
+    test = run.read_table("ratings_test.parquet", columns=["user_id", "item_id"]).assign(split="test")
+    return pd.concat([train, test], ignore_index=True)[["split", "user_id", "item_id"]]
+
+
+def run_embed(
+    run_dir,
+    backend: str = "local",
+    model: str | None = None,
+    k: int = 1,
+    delta: float = DEFAULT_DELTA,
+    query: str = "user+item",
+    batch_size: int | None = None,
+    force: bool = False,
+    embedder_kwargs: dict | None = None,
+) -> dict:
+    """The `embed` stage. Returns the summary recorded in the manifest."""
+    run = RunFolder(run_dir)
+    run.require(
+        "ratings_train.parquet", "ratings_test.parquet", "items.parquet",
+        "distill/profiles.parquet", "distill/memories.parquet",
+    )
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not -1.0 <= delta <= 1.0:
+        raise ConfigError(f"delta is a cosine similarity threshold in [-1, 1], got {delta}")
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    model = model or DEFAULT_MODELS[backend]
+    batch_size = batch_size or DEFAULT_BATCH_SIZES[backend]
+    if not force and vectors_are_current(run, backend, model):
+        log.info("vectors for %s/%s are up to date in %s; re-running retrieval only", backend, model, run.memory_dir)
+        vectors = load_vectors(run)
+    else:
+        # embeddings.json marks a complete set of vectors: drop it before any vector changes.
+        run.path("memory/embeddings.json").unlink(missing_ok=True)
+        embedder = build_embedder(backend, model, **(embedder_kwargs or {}))
+        cache = EmbeddingCache(run.path("memory/embeddings.sqlite")) if backend != "hash" else None
+        try:
+            vectors = compute_vectors(run, embedder, batch_size, cache)
+        finally:
+            if cache is not None:
+                cache.close()
+        save_vectors(run, vectors)
+    vectors.backend = backend
+
+    rows = query_rows(run)
+    retrieved = retrieve(
+        rows, vectors.memory_ids, vectors.memory_vectors, vectors.item_ids, vectors.item_vectors,
+        k=k, delta=delta, query=query, profile_ids=vectors.profile_ids, profile_vectors=vectors.profile_vectors,
+    )
+    atomic_write_parquet(retrieved, run.path("memory/retrieved.parquet"))
+
+    with_memory = retrieved[retrieved["rank"] == 0].groupby("split").size()
+    per_split = rows.groupby("split").size()
+    coverage = {s: round(float(with_memory.get(s, 0)) / int(n), 4) for s, n in per_split.items()}
+    meta = {
+        "backend": backend,
+        "model": model,
+        "dim": vectors.dim,
+        "query": query,
+        "k": k,
+        "delta": delta,
+        "vectors": memory_text_note(),
+        "inputs": _input_hashes(run),
+    }
+    atomic_write_json(run.path("memory/embeddings.json"), meta)
+    summary = {
+        "n_items": len(vectors.item_ids),
+        "n_profiles": len(vectors.profile_ids),
+        "n_memories": len(vectors.memory_ids),
+        "n_rows": len(rows),
+        "n_retrieved": len(retrieved),
+        "fraction_of_rows_with_a_memory": coverage,
+        "mean_top1_score": round(float(retrieved.loc[retrieved["rank"] == 0, "score"].mean()), 4)
+        if len(retrieved) else None,
+    }
+    params = {k_: v for k_, v in meta.items() if k_ not in ("inputs", "vectors")} | {"batch_size": batch_size}
+    run.record_stage("embed", params, counts=summary)
+    log.info("retrieved %d memories for %d rows; rows with a memory: %s", len(retrieved), len(rows), coverage)
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder")
+    parser.add_argument("--backend", choices=BACKENDS, default="local", help="embedding backend")
+    parser.add_argument("--model", default=None, help=f"embedding model (defaults: {DEFAULT_MODELS})")
+    parser.add_argument("--k", type=int, default=1, help="memories retrieved per row (top-k)")
+    parser.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="minimum cosine similarity")
+    parser.add_argument("--query", choices=QUERY_FORMS, default="user+item", help="what the query embeds")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"texts per request (defaults: {DEFAULT_BATCH_SIZES})")
+    parser.add_argument("--base-url", default=None, help="openai backend: endpoint (default $OPENAI_BASE_URL); key from $OPENAI_API_KEY")
+    parser.add_argument("--device", default="cpu", help="local backend: torch device")
+    parser.add_argument("--force", action="store_true", help="recompute vectors even if current ones exist")
+
+
+def main(args: argparse.Namespace) -> int:
+    kwargs = {}
+    if args.backend == "openai" and args.base_url:
+        kwargs["base_url"] = args.base_url
+    if args.backend == "local":
+        kwargs["device"] = args.device
+    summary = run_embed(
+        args.run, backend=args.backend, model=args.model, k=args.k, delta=args.delta, query=args.query,
+        batch_size=args.batch_size, force=args.force, embedder_kwargs=kwargs,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0

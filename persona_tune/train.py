@@ -1,0 +1,351 @@
+"""Train the LoRA adapters of a run: one `tune run` per variant, then a PEFT export of each.
+
+Each variant (persona_k, single_min, single_max: the configs `persona-tune configs` wrote to
+RUN/configs/) runs `tune run lora_finetune_single_device --config RUN/configs/<variant>.yaml`, or with
+`--nproc N` `tune run --nproc_per_node N lora_finetune_distributed ...`, one after another, or with
+`--parallel` several at once over the available GPUs (on a CPU-only machine: over the cores).
+torchtune writes to RUN/adapters/<variant>/; its output goes to train.log there. A variant whose
+train_summary.json exists is skipped, so re-running resumes. Arguments after `--` are passed to
+every `tune run` as config overrides, e.g. `-- optimizer.lr=1e-4 max_steps_per_epoch=10`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from persona_tune.configgen import check_variant_name
+from persona_tune.errors import ConfigError, StageMissingError
+from persona_tune.runfolder import RunFolder, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+SINGLE_DEVICE_RECIPE = "lora_finetune_single_device"
+DISTRIBUTED_RECIPE = "lora_finetune_distributed"
+SUMMARY = "train_summary.json"
+TRAIN_LOG = "train.log"
+_STEP_LINE = re.compile(r"^Step (\d+) \| (.*)$")
+_CONTRACT_KEYS = ("output_dir",)  # set by `train` itself: the run folder's file contract
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    status: str  # trained | skipped | failed
+    seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+    error: str = ""
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def select_variants(run: RunFolder, spec: str) -> list[str]:
+    """'all' -> every RUN/configs/*.yaml (personas first); '0,1,single_min' -> persona_0, persona_1, single_min."""
+    if not run.configs_dir.is_dir():
+        raise StageMissingError(f"{run.configs_dir} is missing: run `persona-tune configs --run {run.root}` first")
+    available = sorted(p.stem for p in run.configs_dir.glob("*.yaml"))
+    if spec.strip() == "all":
+        names = sorted(available, key=lambda n: (not n.startswith("persona_"), _natural_key(n)))
+    else:
+        names = []
+        for item in (s.strip() for s in spec.split(",")):
+            if not item:
+                continue
+            name = f"persona_{item}" if item.isdigit() else check_variant_name(item)
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ConfigError(f"no variants selected by {spec!r}; configs in {run.configs_dir}: {', '.join(available) or 'none'}")
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise StageMissingError(
+            f"no config for {', '.join(missing)} in {run.configs_dir} (have: {', '.join(available) or 'none'}); "
+            f"run `persona-tune configs --run {run.root}`"
+        )
+    return names
+
+
+def _natural_key(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def check_overrides(overrides: list[str]) -> list[str]:
+    """torchtune `key=value` / `~key` overrides; the keys the file contract fixes are refused."""
+    for item in overrides:
+        key = item[1:] if item.startswith("~") else item.partition("=")[0]
+        if not key or (not item.startswith("~") and "=" not in item):
+            raise ConfigError(f"invalid override {item!r}: expected key=value or ~key")
+        if key in _CONTRACT_KEYS:
+            raise ConfigError(f"{key} is fixed by the run folder (RUN/adapters/<variant>); it cannot be overridden")
+    return overrides
+
+
+def tune_executable() -> str:
+    """The `tune` next to this Python (same venv), else the one on PATH."""
+    beside = Path(sys.executable).with_name("tune")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("tune")
+    if found is None:
+        raise ConfigError("the `tune` command (torchtune) is not installed in this environment")
+    return found
+
+
+def tune_command(config: Path, output_dir: Path, recipe: str, nproc: int, overrides: list[str]) -> list[str]:
+    cmd = [tune_executable(), "run"]
+    if nproc > 1:
+        cmd += ["--nproc_per_node", str(nproc)]
+    return cmd + [recipe, "--config", str(config), *overrides, f"output_dir={output_dir}"]
+
+
+def read_metrics(log_file: Path) -> list[dict]:
+    """Parse torchtune's DiskLogger file ("Step N | key:value key:value") into one dict per step."""
+    rows = []
+    for line in Path(log_file).read_text(encoding="utf-8").splitlines():
+        match = _STEP_LINE.match(line.strip())
+        if not match:
+            continue
+        row: dict = {"step": int(match.group(1))}
+        for pair in match.group(2).split():
+            key, _, value = pair.partition(":")
+            try:
+                row[key] = float(value)
+            except ValueError:
+                row[key] = value
+        rows.append(row)
+    return rows
+
+
+def metrics_log(output_dir: Path, since: float = 0.0) -> Path | None:
+    """The newest DiskLogger file of the run that wrote ``output_dir`` (modified after ``since``)."""
+    from omegaconf import OmegaConf
+
+    log_dir = output_dir / "logs"
+    resolved = output_dir / "torchtune_config.yaml"
+    if resolved.is_file():
+        cfg = OmegaConf.load(resolved)
+        log_dir = Path(OmegaConf.select(cfg, "metric_logger.log_dir", default=str(log_dir)))
+    logs = [p for p in log_dir.glob("log_*.txt") if p.stat().st_mtime >= since]
+    return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
+
+
+def final_adapter(output_dir: Path) -> Path | None:
+    """epoch_<last>/adapter_model.pt, the adapter after the last epoch."""
+    epochs = [p for p in output_dir.glob("epoch_*/adapter_model.pt") if p.parent.name[6:].isdigit()]
+    return max(epochs, key=lambda p: int(p.parent.name[6:])) if epochs else None
+
+
+def export_variant_peft(output_dir: Path, adapter: Path) -> Path:
+    """Convert the final adapter to PEFT format in output_dir/peft/, from the run's resolved config."""
+    from omegaconf import OmegaConf
+
+    from persona_tune.peft_export import export_peft
+
+    cfg = OmegaConf.load(output_dir / "torchtune_config.yaml")
+    model = cfg.model
+    targets = list(model.lora_attn_modules)
+    if model.get("apply_lora_to_mlp", False):
+        targets += ["w1", "w2", "w3"]
+    if model.get("apply_lora_to_output", False):
+        targets += ["output"]
+    peft_dir = output_dir / "peft"
+    export_peft(
+        adapter_path=adapter,
+        base_model_dir=Path(cfg.checkpointer.checkpoint_dir),
+        out_dir=peft_dir,
+        model_family=model_family(cfg.checkpointer.model_type),
+        lora_rank=int(model.lora_rank),
+        lora_alpha=float(model.lora_alpha),
+        target_modules=targets,
+    )
+    return peft_dir
+
+
+def model_family(model_type: str) -> str:
+    families = {"PHI3_MINI": "phi3", "LLAMA3_2": "llama", "LLAMA3": "llama", "LLAMA2": "llama"}
+    if model_type not in families:
+        raise ConfigError(f"PEFT export does not support checkpointer.model_type {model_type!r}")
+    return families[model_type]
+
+
+def summarize(variant: str, output_dir: Path, metrics: list[dict], seconds: float, command: list[str],
+              adapter: Path, peft_dir: Path) -> dict:
+    losses = [m["loss"] for m in metrics if isinstance(m.get("loss"), float)]
+    tps = [m["tokens_per_second_per_gpu"] for m in metrics if isinstance(m.get("tokens_per_second_per_gpu"), float)]
+    return {
+        "variant": variant,
+        "steps": len(metrics),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "mean_trained_tokens_per_second_per_device": sum(tps) / len(tps) if tps else None,
+        "seconds": round(seconds, 2),
+        "command": command,
+        "adapter": str(adapter.relative_to(output_dir.parent.parent)),
+        "peft_dir": str(peft_dir.relative_to(output_dir.parent.parent)),
+        "log": str((output_dir / TRAIN_LOG).relative_to(output_dir.parent.parent)),
+    }
+
+
+# ---------------------------------------------------------------- running
+
+
+def _stream(proc: subprocess.Popen, log_file: Path, echo: bool) -> None:
+    with open(log_file, "ab") as out:
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            out.write(chunk)
+            out.flush()
+            if echo:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+
+
+def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrides: list[str],
+                  env: dict | None = None, echo: bool = False) -> VariantResult:
+    """Run one variant's `tune run`, parse its metrics, export PEFT, write train_summary.json."""
+    output_dir = run.adapters_dir / variant
+    if (output_dir / SUMMARY).is_file():
+        return VariantResult(variant, "skipped")
+    if output_dir.exists():  # an earlier attempt that did not finish: start the variant afresh
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True)
+    command = tune_command(run.configs_dir / f"{variant}.yaml", output_dir, recipe, nproc, overrides)
+    log_file = output_dir / TRAIN_LOG
+    log_file.write_text("$ " + " ".join(command) + "\n", encoding="utf-8")
+    start = time.time()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=run.root)
+    _stream(proc, log_file, echo)
+    code = proc.wait()
+    seconds = time.time() - start
+    if code != 0:
+        tail = log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        return VariantResult(variant, "failed", seconds, error=f"`tune run` exited with {code}; last lines of {log_file}:\n"
+                             + "\n".join(tail))
+    adapter = final_adapter(output_dir)
+    metrics_file = metrics_log(output_dir, since=start - 1)
+    if adapter is None or metrics_file is None:
+        return VariantResult(variant, "failed", seconds, error=f"`tune run` wrote no adapter or metrics under {output_dir}")
+    peft_dir = export_variant_peft(output_dir, adapter)
+    summary = summarize(variant, output_dir, read_metrics(metrics_file), seconds, command, adapter, peft_dir)
+    atomic_write_json(output_dir / SUMMARY, summary)
+    return VariantResult(variant, "trained", seconds, summary)
+
+
+def device_slots(nproc: int, parallel: bool, n_jobs: int) -> list[dict]:
+    """One environment per concurrent job: a disjoint set of GPUs, or of CPU threads on a CPU machine."""
+    if not parallel or n_jobs <= 1:
+        return [dict(os.environ)]
+    import torch
+
+    slots = []
+    gpus = torch.cuda.device_count()
+    if gpus:
+        for i in range(min(n_jobs, max(1, gpus // nproc))):
+            devices = ",".join(str(d) for d in range(i * nproc, (i + 1) * nproc))
+            slots.append({**os.environ, "CUDA_VISIBLE_DEVICES": devices})
+    else:
+        cores = os.cpu_count() or 1
+        n = min(n_jobs, max(1, cores // nproc))
+        threads = max(1, cores // (n * nproc))
+        slots = [{**os.environ, "OMP_NUM_THREADS": str(threads)} for _ in range(n)]
+    return slots
+
+
+def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: bool = False,
+          recipe: str | None = None, overrides: list[str] | tuple[str, ...] = (), echo: bool = False) -> list[VariantResult]:
+    """Train every selected variant (skipping finished ones); return one result per variant."""
+    run = RunFolder(run_dir)
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    recipe = recipe or (DISTRIBUTED_RECIPE if nproc > 1 else SINGLE_DEVICE_RECIPE)
+    overrides = check_overrides(list(overrides))
+    variants = select_variants(run, personas)
+    todo = [v for v in variants if not (run.adapters_dir / v / SUMMARY).is_file()]
+    results = {v: VariantResult(v, "skipped") for v in variants if v not in todo}
+    slots = device_slots(nproc, parallel, len(todo))
+    free = list(range(len(slots)))
+    lock = threading.Condition()
+
+    def job(variant: str) -> VariantResult:
+        with lock:
+            lock.wait_for(lambda: free)
+            slot = free.pop()
+        try:
+            return train_variant(run, variant, recipe, nproc, overrides, slots[slot], echo and len(slots) == 1)
+        finally:
+            with lock:
+                free.append(slot)
+                lock.notify()
+
+    from tqdm import tqdm
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(slots)) as pool, \
+            tqdm(total=len(todo), desc="variants", unit="adapter", disable=not todo) as bar:
+        futures = {pool.submit(job, v): v for v in todo}
+        for future in concurrent.futures.as_completed(futures):
+            result = future.result()
+            results[result.variant] = result
+            bar.update(1)
+            if result.status == "failed":
+                log.error("%s failed: %s", result.variant, result.error)
+
+    ordered = [results[v] for v in variants]
+    previous = (run.stage_record("train") or {}).get("variants", {})
+    done = {r.variant: r.summary for r in ordered if r.status == "trained"}
+    run.record_stage(
+        "train",
+        {"personas": personas, "nproc": nproc, "parallel": parallel, "recipe": recipe, "overrides": overrides},
+        variants={**previous, **done},
+    )
+    return ordered
+
+
+def summary_table(run: RunFolder, results: list[VariantResult]) -> str:
+    rows = [("variant", "status", "steps", "first loss", "last loss", "seconds", "adapter")]
+    for r in results:
+        s = r.summary
+        if r.status == "skipped" and (run.adapters_dir / r.variant / SUMMARY).is_file():
+            import json
+
+            s = json.loads((run.adapters_dir / r.variant / SUMMARY).read_text(encoding="utf-8"))
+        fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+        rows.append((
+            r.variant, r.status, str(s.get("steps", "-")), fmt(s.get("first_loss")), fmt(s.get("last_loss")),
+            f"{s.get('seconds', r.seconds):.1f}", s.get("adapter", "-"),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="run folder (after `persona-tune configs`)")
+    parser.add_argument("--personas", default="all",
+                        help="variants to train: all, or a comma list of persona ids and names (0,1,single_min)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per variant (>1: lora_finetune_distributed)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train several variants at once over the available GPUs (or CPU cores)")
+    parser.add_argument("--recipe", default=None,
+                        help=f"torchtune recipe (default: {SINGLE_DEVICE_RECIPE}, or {DISTRIBUTED_RECIPE} with --nproc > 1)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides for every `tune run`, after `--`: -- optimizer.lr=1e-4")
+
+
+def main(args: argparse.Namespace) -> int:
+    results = train(args.run, args.personas, args.nproc, args.parallel, args.recipe, args.overrides,
+                    echo=args.verbose)
+    print(summary_table(RunFolder(args.run), results))
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        print(f"\n{r.variant}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
