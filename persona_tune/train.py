@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_tune.configgen import check_variant_name
-from persona_tune.errors import ConfigError, StageMissingError
+from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.runfolder import RunFolder, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -283,6 +283,8 @@ def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: 
             slot = free.pop()
         try:
             return train_variant(run, variant, recipe, nproc, overrides, slots[slot], echo and len(slots) == 1)
+        except PersonaTuneError as e:  # e.g. the PEFT export refused the adapter: the others still run
+            return VariantResult(variant, "failed", error=str(e))
         finally:
             with lock:
                 free.append(slot)

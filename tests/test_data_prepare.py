@@ -182,3 +182,47 @@ def test_reprepare_keeps_later_stages_safe(tmp_path, synth_dir):
         prepare(log, run.root, Protocol(n_users=21))
     prepare(log, run.root, Protocol(n_users=21), force=True)
     assert len(pd.read_parquet(run.users)) == 21
+
+
+def test_cli_prepare_generic_csv(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [(f"u{u}", 100 + i, int(rng.integers(1, 6)), f"2001-01-{i + 1:02d}") for u in range(3) for i in range(10)]
+    ratings = tmp_path / "log.csv"
+    pd.DataFrame(rows, columns=["who", "what", "stars", "when"]).assign(who=lambda d: d.who.str[1:]).to_csv(ratings, index=False)
+    items = tmp_path / "books.csv"
+    pd.DataFrame({"what": range(100, 110), "name": [f"Book {i}" for i in range(10)], "genres": "Fiction"}).to_csv(items, index=False)
+    out = tmp_path / "run"
+    rc = cli.main(["prepare", "--dataset", "generic", "--ratings-file", str(ratings), "--items-file", str(items),
+                   "--columns", "user=who,item=what,rating=stars,timestamp=when,title=name", "--item-noun", "book",
+                   "--min-ratings", "5", "--max-ratings", "20", "--out", str(out)])
+    assert rc == 0
+    test = pd.read_parquet(out / "ratings_test.parquet")
+    assert len(test) == 12 and set(test["item_id"]) == {106, 107, 108, 109}  # the last 4 of 10 per user
+    text = pd.read_parquet(out / "items.parquet").set_index("item_id").loc[100, "text"]
+    assert text.startswith("The book Book 0 is of Fiction genre with historical average rating of")
+
+
+def test_split_invariants_hold_for_any_log():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from persona_tune.data.prepare import split_chronological
+
+    rows = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 30), st.integers(1, 5), st.integers(0, 20)),
+                    min_size=1, max_size=80, unique_by=lambda r: (r[0], r[1]))
+
+    @settings(max_examples=25, deadline=None)
+    @given(rows, st.sampled_from([0.5, 0.6, 0.8]))
+    def check(data, frac):
+        ratings = pd.DataFrame(data, columns=["user_id", "item_id", "rating", "timestamp"])
+        users = np.array(sorted(u for u, n in ratings.groupby("user_id").size().items() if n >= 2))
+        train, test = split_chronological(ratings, users, frac)
+        kept = ratings[ratings.user_id.isin(users)]
+        assert len(train) + len(test) == len(kept)
+        assert not set(zip(train.user_id, train.item_id)) & set(zip(test.user_id, test.item_id))
+        for u in users:
+            tr, te = train[train.user_id == u], test[test.user_id == u]
+            assert len(tr) == n_train_rows(len(tr) + len(te), frac) and len(te) >= 1
+            assert max(zip(tr.timestamp, tr.item_id)) < min(zip(te.timestamp, te.item_id))
+
+    check()

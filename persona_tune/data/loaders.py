@@ -151,7 +151,7 @@ def _split_lines(path: Path, text: str, sep: str, n_fields: int, what: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def _where(lines: np.ndarray, mask: np.ndarray) -> int:
+def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
@@ -169,7 +169,7 @@ def validate_ratings(
         raise DataError("no ratings", path)
 
     def fail(message: str, mask) -> None:
-        i = _where(lines, np.asarray(mask))
+        i = _first(np.asarray(mask))
         if row_word == "line":
             raise DataError(message.format(**df.iloc[i].to_dict()), path, int(lines[i]))
         raise DataError(f"row {int(lines[i])}: " + message.format(**df.iloc[i].to_dict()), path)
@@ -186,7 +186,7 @@ def validate_ratings(
     dup = df.duplicated(["user_id", "item_id"], keep="first").to_numpy()
     if dup.any():
         if duplicates == "error":
-            i = _where(lines, dup)
+            i = _first(dup)
             u, it = int(df["user_id"].iat[i]), int(df["item_id"].iat[i])
             first = int(lines[np.flatnonzero((df["user_id"].to_numpy() == u) & (df["item_id"].to_numpy() == it))[0]])
             msg = (f"duplicate rating of item {it} by user {u} (first at {row_word} {first}); "
@@ -209,7 +209,7 @@ def check_known_items(ratings: pd.DataFrame, lines: np.ndarray, items: pd.DataFr
                       row_word: str = "line") -> None:
     unknown = ~ratings["item_id"].isin(items["item_id"]).to_numpy()
     if unknown.any():
-        i = _where(lines, unknown)
+        i = _first(unknown)
         msg = (f"rating for item {int(ratings['item_id'].iat[i])}, which is not in the item table {items_path} "
                f"({int(unknown.sum())} such ratings)")
         if row_word == "line":
@@ -437,7 +437,7 @@ def _int_column(df: pd.DataFrame, col: str, name: str, path: Path, lines: np.nda
     values = pd.to_numeric(raw, errors="coerce")
     bad = (values.isna() | (values % 1 != 0)).to_numpy()
     if bad.any():
-        i = _where(lines, bad)
+        i = _first(bad)
         msg = f"{name} {raw.iat[i]!r} (column {col!r}) is not an integer"
         if row_word == "line":
             raise DataError(msg, path, int(lines[i]))
@@ -455,7 +455,7 @@ def _timestamp_column(df: pd.DataFrame, col: str, path: Path, lines: np.ndarray,
         parsed = pd.to_datetime(df[col], errors="coerce", utc=True, format="ISO8601")
     bad = parsed.isna().to_numpy()
     if bad.any():
-        i = _where(lines, bad)
+        i = _first(bad)
         msg = f"timestamp {df[col].iat[i]!r} (column {col!r}) is neither unix seconds nor an ISO-8601 date"
         if row_word == "line":
             raise DataError(msg, path, int(lines[i]))

@@ -114,7 +114,9 @@ def step_schema(batch: Sequence[BatchItem], max_profile_chars: int) -> dict:
         entry = json.loads(json.dumps(explanation))
         entry["properties"]["item_id"] = {"type": "integer", "enum": [b.item_id]}
         entry["properties"]["rating"] = {"type": "integer", "enum": [b.rating]}
-        entry["properties"]["explanation"]["pattern"] = f"^I rated .+ as {b.rating} because .+$"
+        entry["properties"]["explanation"]["pattern"] = (
+            f"^I rated {_pattern_literal(b.title)} as {b.rating} because {_TEXT_CHARS}{{10,{EXPLANATION_MAX_CHARS}}}$"
+        )
         fixed.append(entry)
     return {
         "type": "object",
@@ -127,6 +129,20 @@ def step_schema(batch: Sequence[BatchItem], max_profile_chars: int) -> dict:
         },
         "required": ["explanations", "profile"],
     }
+
+
+# Characters allowed in free text fixed by a pattern: anything but a quote, backslash or line break,
+# so a grammar built from the pattern (llama.cpp) can only write valid JSON strings.
+_TEXT_CHARS = r'[^"\\\n\r\t]'
+_SAFE_TITLE = re.compile(r"[A-Za-z0-9 ,;:!?'&%#@/=<>~`_+*|().{}-]*")
+
+
+def _pattern_literal(text: str) -> str:
+    """``text`` as a regex that matches only itself (each special character as a one-character
+    class, which llama.cpp's pattern converter handles), or any text for unusual titles."""
+    if not _SAFE_TITLE.fullmatch(text):
+        return _TEXT_CHARS + "{1,200}"
+    return "".join(f"[{c}]" if c in ".()|{}*+?" else c for c in text)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ rating token (so a SentencePiece "▁" before the digit stays in the prompt).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -34,9 +35,10 @@ from torchtune.generation import sample as tt_sample
 from torchtune.modules.peft import LoRALinear
 from tqdm.auto import tqdm
 
+from persona_tune.datasets import FitToLength
 from persona_tune.errors import ConfigError
 from persona_tune.evaluation.parsing import get_parser
-from persona_tune.prompts import PromptParts, fit_to_length, render_messages
+from persona_tune.prompts import PromptParts, render_messages
 
 RATING_VALUES = np.arange(1, 6, dtype=float)
 PROB_COLUMNS = [f"p{r}" for r in range(1, 6)]
@@ -55,8 +57,10 @@ class AnswerTokens:
 
 
 def _tokenize(tokenizer, parts: PromptParts, rating: int) -> list[int]:
-    tokens, _ = tokenizer.tokenize_messages(render_messages(parts, rating=rating))
-    return list(tokens)
+    """The row's tokens exactly as training's dataset makes them (the tokenizer's own transform)."""
+    untruncated = copy.copy(tokenizer)
+    untruncated.max_seq_len = None
+    return list(untruncated({"messages": render_messages(parts, rating=rating)})["tokens"])
 
 
 def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
@@ -89,15 +93,21 @@ def answer_tokens(tokenizer) -> AnswerTokens:
     return AnswerTokens(rating_ids=ids, suffix_len=len(seqs[0]) - at, stop_ids=tuple(sorted(stops)))
 
 
-def encode_prompt(tokenizer, parts: PromptParts, answer: AnswerTokens, max_seq_len: int | None) -> list[int]:
-    """The row's prompt tokens (up to the answer), shrunk like training's rows to ``max_seq_len``."""
-    parts = fit_to_length(parts, lambda p: len(_tokenize(tokenizer, p, 5)), max_seq_len)
-    tokens = _tokenize(tokenizer, parts, 1)
+def encode_prompt(fit: FitToLength, parts: PromptParts, answer: AnswerTokens) -> list[int]:
+    """The row's prompt tokens (up to the answer), shrunk to the length limit as training's rows are.
+
+    ``fit`` is the training dataset's model transform (persona_tune.datasets.FitToLength).
+    """
+    def tokens_for(rating: int) -> list[int]:
+        sample = {"messages": render_messages(parts, rating=rating), "parts": parts, "rating": rating}
+        return list(fit(sample)["tokens"])
+
+    tokens = tokens_for(1)
     cut = len(tokens) - answer.suffix_len
     if cut > 0 and tokens[cut] == answer.rating_ids[0]:
         return tokens[:cut]
     # Unusual tokenisation around the answer: fall back to comparing two answers.
-    return tokens[: _common_prefix_len([tokens, _tokenize(tokenizer, parts, 2)])]
+    return tokens[: _common_prefix_len([tokens, tokens_for(2)])]
 
 
 # ---------------------------------------------------------------- packing
@@ -150,8 +160,8 @@ def pack_segments(segments: Sequence[Segment], token_budget: int) -> list[list[S
     return packs
 
 
-def packed_inputs(pack: Sequence[Segment]):
-    """tokens [1, S], input_pos [1, S], mask [1, S, S] (True = may attend), and each suffix's last index."""
+def _pack_layout(pack: Sequence[Segment]):
+    """Flattened tokens, positions, segment ids, branch ids (0 = prefix, b = b-th suffix) and last indices."""
     tokens, pos, seg_id, branch, last = [], [], [], [], []
     for s, seg in enumerate(pack):
         tokens += seg.prefix
@@ -164,26 +174,81 @@ def packed_inputs(pack: Sequence[Segment]):
             seg_id += [s] * len(suffix)
             branch += [b] * len(suffix)
             last.append(len(tokens) - 1)
-    seg_t, br_t = torch.tensor(seg_id), torch.tensor(branch)
-    idx = torch.arange(len(tokens))
-    mask = (
-        (seg_t[:, None] == seg_t[None, :])
-        & (idx[None, :] <= idx[:, None])
-        & ((br_t[None, :] == 0) | (br_t[None, :] == br_t[:, None]))
+    return tokens, pos, torch.tensor(seg_id), torch.tensor(branch), last
+
+
+def visibility(q_seg, q_branch, q_index, k_seg, k_branch) -> torch.Tensor:
+    """[q, k] True where a query may attend a key: same segment, key not later, key in the prefix or
+    in the query's own branch."""
+    k_index = torch.arange(len(k_seg))
+    return (
+        (q_seg[:, None] == k_seg[None, :])
+        & (k_index[None, :] <= q_index[:, None])
+        & ((k_branch[None, :] == 0) | (k_branch[None, :] == q_branch[:, None]))
     )
+
+
+def packed_inputs(pack: Sequence[Segment]):
+    """tokens [1, S], input_pos [1, S], mask [1, S, S] (True = may attend), and each suffix's last index."""
+    tokens, pos, seg_t, br_t, last = _pack_layout(pack)
+    mask = visibility(seg_t, br_t, torch.arange(len(tokens)), seg_t, br_t)
     return torch.tensor([tokens]), torch.tensor([pos]), mask[None], last
+
+
+def _run_layers(model, tokens, mask, input_pos, last) -> torch.Tensor:
+    h = model.tok_embeddings(tokens)
+    for layer in model.layers:
+        h = layer(h, mask=mask, input_pos=input_pos)
+    # Unembed only the answer positions (the vocabulary projection dominates memory for big vocabularies).
+    return model.unembed(h[:, last]).float()[0]
 
 
 @torch.inference_mode()
 def last_token_logits(model, pack: Sequence[Segment], device="cpu") -> torch.Tensor:
     """Run the pack through ``model`` and return the float32 logits at each suffix's last token [n, V]."""
     tokens, input_pos, mask, last = packed_inputs(pack)
-    tokens, input_pos, mask = tokens.to(device), input_pos.to(device), mask.to(device)
-    h = model.tok_embeddings(tokens)
-    for layer in model.layers:
-        h = layer(h, mask=mask, input_pos=input_pos)
-    # Unembed only the answer positions (the vocabulary projection dominates memory for big vocabularies).
-    return model.unembed(h[:, last]).float()[0]
+    return _run_layers(model, tokens.to(device), mask.to(device), input_pos.to(device), last)
+
+
+@torch.inference_mode()
+def generate_pack(model, pack: Sequence[Segment], step: Callable, max_new_tokens: int, device="cpu") -> int:
+    """Decode up to ``max_new_tokens`` per suffix of ``pack`` with one KV cache for the whole pack.
+
+    The packed prompt is prefilled once; each decoding step appends one token per row to the cache,
+    and a row's new token sees its segment's prefix, its own suffix and its own earlier tokens.
+    ``step(logits [n, V]) -> (next ids [n], all_done)`` samples and records. Returns tokens processed.
+    """
+    tokens, pos, seg_t, br_t, last = _pack_layout(pack)
+    n_rows, length = len(last), len(tokens)
+    cache_len = length + n_rows * max(max_new_tokens - 1, 0)
+    dtype = next(model.parameters()).dtype
+    row_seg, row_branch = seg_t[last], br_t[last]
+    mask = torch.zeros(1, length, cache_len, dtype=torch.bool)
+    mask[0, :, :length] = visibility(seg_t, br_t, torch.arange(length), seg_t, br_t)
+    with torch.device(device):
+        model.setup_caches(batch_size=1, dtype=dtype, decoder_max_seq_len=cache_len)
+    try:
+        logits = _run_layers(model, torch.tensor([tokens], device=device), mask.to(device),
+                             torch.tensor([pos], device=device), last)
+        processed = length
+        next_pos = torch.tensor(pos)[last] + 1
+        k_seg, k_branch = seg_t, br_t
+        for _ in range(max_new_tokens - 1):
+            ids, all_done = step(logits)
+            if all_done:
+                return processed
+            k_seg, k_branch = torch.cat([k_seg, row_seg]), torch.cat([k_branch, row_branch])
+            q_index = torch.arange(len(k_seg) - n_rows, len(k_seg))
+            step_mask = torch.zeros(1, n_rows, cache_len, dtype=torch.bool)
+            step_mask[0, :, : len(k_seg)] = visibility(row_seg, row_branch, q_index, k_seg, k_branch)
+            logits = model(torch.tensor([ids], device=device), mask=step_mask.to(device),
+                           input_pos=next_pos[None].to(device))[0].float()
+            processed += n_rows
+            next_pos = next_pos + 1
+        step(logits)
+        return processed
+    finally:
+        _delete_caches(model)
 
 
 # ---------------------------------------------------------------- sampling
@@ -263,10 +328,11 @@ class RatingPredictor:
         if self.max_seq_len is None:
             self.max_seq_len = getattr(self.tokenizer, "max_seq_len", None)
         self._vocab = self.model.tok_embeddings.num_embeddings
+        self._fit = FitToLength(self.tokenizer, self.max_seq_len)
 
     # -- inputs
     def encode(self, parts_list: Iterable[PromptParts]) -> list[list[int]]:
-        return [encode_prompt(self.tokenizer, p, self.answer, self.max_seq_len) for p in parts_list]
+        return [encode_prompt(self._fit, p, self.answer) for p in parts_list]
 
     def _segments(self, prompts, groups) -> list[Segment]:
         segments = build_segments(prompts, groups, self.max_rows_per_segment, self.share_prefix)
@@ -311,31 +377,24 @@ class RatingPredictor:
         rngs = [row_generator(gen.seed, k) for k in keys]
         done = np.zeros(n, dtype=bool)
         stops = set(self.answer.stop_ids)
-        base_segments = self._segments(prompts, groups)
+        packs = pack_segments(self._segments(prompts, groups), self.token_budget)
         bar = tqdm(total=n, desc="generating", unit="row", disable=not self.progress, leave=False)
-        for _ in range(gen.max_new_tokens):
-            # Re-pack the rows still running, each suffix extended by what it has generated so far.
-            segments = []
-            for seg in base_segments:
-                live = [(r, s) for r, s in zip(seg.rows, seg.suffixes) if not done[r]]
-                if live:
-                    segments.append(
-                        Segment(seg.prefix, [s + generated[r] for r, s in live], [r for r, _ in live])
-                    )
-            if not segments:
-                break
-            for pack in pack_segments(segments, self.token_budget):
-                logits = self._forward(pack)
-                rows = [r for seg in pack for r in seg.rows]
+        for pack in packs:
+            rows = [r for seg in pack for r in seg.rows]
+
+            def step(logits, rows=rows):
                 logits = top_p_filter(logits, gen.top_p, gen.temperature)
                 q = torch.cat([draw_q(self._vocab, rngs[r]) for r in rows])
-                next_ids = tt_sample(logits, temperature=gen.temperature, top_k=gen.top_k, q=q)[:, 0].tolist()
-                for r, t in zip(rows, next_ids):
-                    generated[r].append(int(t))
-                    if t in stops:
-                        done[r] = True
-                        bar.update(1)
-        bar.update(int((~done).sum()))
+                ids = tt_sample(logits, temperature=gen.temperature, top_k=gen.top_k, q=q)[:, 0].tolist()
+                for r, t in zip(rows, ids):
+                    if not done[r]:
+                        generated[r].append(int(t))
+                        done[r] = t in stops
+                return ids, bool(done[rows].all())
+
+            self.stats.forward_passes += 1
+            self.stats.tokens_processed += generate_pack(self.model, pack, step, gen.max_new_tokens, self.device)
+            bar.update(len(rows))
         bar.close()
         texts = [self.decode(g) for g in generated]
         return pd.DataFrame(
@@ -440,3 +499,52 @@ def merge_lora_in_place(model: torch.nn.Module) -> int:
 
 def nan_to_none(x: float):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+# ---------------------------------------------------------------- rows in, predictions out
+
+MODES = ("scoring", "paper")
+PREDICTION_COLUMNS = [
+    "mode", "raw_text", "parsed_rating", "expected_rating", "argmax_rating", *PROB_COLUMNS,
+    "rating_mass", "prediction",
+]
+
+
+def check_modes(mode: str) -> list[str]:
+    modes = list(MODES) if mode == "both" else [mode]
+    if any(m not in MODES for m in modes):
+        raise ConfigError(f"mode must be scoring, paper or both, got {mode!r}")
+    return modes
+
+
+def predict_rows(predictor: RatingPredictor, rows: pd.DataFrame, modes: Sequence[str], gen: GenerationConfig) -> pd.DataFrame:
+    """Predictions for ``rows`` (user_id, item_id, parts, ...), one block of rows per mode.
+
+    Scoring rows fill p1..p5, rating_mass, expected_rating, argmax_rating; paper rows fill raw_text and
+    parsed_rating. ``prediction`` is the mode's rating: expected_rating, or parsed_rating (NaN if none).
+    """
+    prompts = predictor.encode(rows["parts"])
+    groups = rows["user_id"].tolist()
+    base = rows.drop(columns=["parts"]).reset_index(drop=True)
+    base["n_prompt_tokens"] = [len(p) for p in prompts]
+    blocks = []
+    for mode in modes:
+        block = base.copy()
+        if mode == "scoring":
+            scored = predictor.score(prompts, groups)
+            for col in scored.columns:
+                block[col] = scored[col].to_numpy()
+            block["raw_text"] = ""
+            block["parsed_rating"] = np.nan
+            block["prediction"] = block["expected_rating"]
+        else:
+            keys = [f"{u}:{i}" for u, i in zip(rows["user_id"], rows["item_id"])]
+            generated = predictor.generate(prompts, groups, keys, gen)
+            for col in generated.columns:
+                block[col] = generated[col].to_numpy()
+            for col in ("expected_rating", "argmax_rating", "rating_mass", *PROB_COLUMNS):
+                block[col] = np.nan
+            block["prediction"] = block["parsed_rating"]
+        block["mode"] = mode
+        blocks.append(block)
+    return pd.concat(blocks, ignore_index=True)

@@ -96,7 +96,8 @@ class LocalEmbedder:
             if not Path(model).exists():
                 raise ConfigError(f"local embedding model {model!r} is not a folder (no model hub access offline)")
             self._model = SentenceTransformer(model, device=device)
-        self._dim = int(self._model.get_sentence_embedding_dimension())
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        self._dim = int(get_dim())
 
     @property
     def dim(self) -> int:

@@ -194,19 +194,23 @@ def run_embed(
     embedder_kwargs: dict | None = None,
 ) -> dict:
     """The `embed` stage. Returns the summary recorded in the manifest."""
-    run = RunFolder(run_dir)
-    run.require(
-        "ratings_train.parquet", "ratings_test.parquet", "items.parquet",
-        "distill/profiles.parquet", "distill/memories.parquet",
-    )
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    if query not in QUERY_FORMS:
+        raise ConfigError(f"query must be one of {', '.join(QUERY_FORMS)}, got {query!r}")
     if not -1.0 <= delta <= 1.0:
         raise ConfigError(f"delta is a cosine similarity threshold in [-1, 1], got {delta}")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     model = model or DEFAULT_MODELS[backend]
     batch_size = batch_size or DEFAULT_BATCH_SIZES[backend]
+    run = RunFolder(run_dir)
+    run.require(
+        "ratings_train.parquet", "ratings_test.parquet", "items.parquet",
+        "distill/profiles.parquet", "distill/memories.parquet",
+    )
     if not force and vectors_are_current(run, backend, model):
         log.info("vectors for %s/%s are up to date in %s; re-running retrieval only", backend, model, run.memory_dir)
         vectors = load_vectors(run)

@@ -1,0 +1,85 @@
+"""Load an eval config's base model once, then swap persona adapters in and out of it.
+
+The config holds the same ``model`` (a LoRA builder with the training rank/alpha), ``tokenizer`` and
+``checkpointer`` sections as the training configs. Adapters are torchtune's own
+``adapter_model.pt`` from ``<adapter_dir>/epoch_N/``; ``adapter_dir`` may hold ``{persona}``, which
+becomes each persona's id (theta_persona: one adapter per persona), and null means no adapter
+(the prompted base model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torchtune import config, training
+from torchtune.modules.peft import LoRALinear, get_adapter_params
+from torchtune.training.checkpointing._utils import get_largest_iter_folder
+
+from persona_tune.errors import ConfigError, StageMissingError
+from persona_tune.evaluation.predict import merge_lora_in_place
+
+ADAPTER_FILE = "adapter_model.pt"
+
+
+class ModelLoader:
+    """The base model built from ``cfg.model``, its base weights kept to restore between adapters."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        checkpointer = config.instantiate(cfg.checkpointer)
+        self.base_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
+        with training.set_default_dtype(dtype), device:
+            self.model = config.instantiate(cfg.model)
+        self.adapter_keys = set(get_adapter_params(self.model))
+        self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.current: str | None = "unset"
+
+    def load(self, adapter_path: Path | None, merge: bool = True) -> torch.nn.Module:
+        """Put the base weights back, then ``adapter_path`` (or none) on top; return the model in eval mode."""
+        key = f"{adapter_path}|{merge}"
+        if key == self.current:
+            return self.model
+        missing, unexpected = self.model.load_state_dict(self.base_state, strict=False)
+        if unexpected or set(missing) - self.adapter_keys:
+            raise ConfigError(
+                f"the checkpoint does not fit cfg.model: missing {sorted(set(missing) - self.adapter_keys)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        lora_modules = [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+        if adapter_path is None:
+            for m in lora_modules:
+                m.disabled = True
+        else:
+            if not lora_modules:
+                raise ConfigError("cfg.model has no LoRA modules; use the LoRA builder the adapter was trained with")
+            state = torch.load(adapter_path, map_location="cpu", weights_only=True)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            absent = self.adapter_keys - set(state)
+            if unexpected or absent:
+                raise ConfigError(
+                    f"{adapter_path} does not fit cfg.model's LoRA (rank, alpha, modules must match training): "
+                    f"unexpected {sorted(unexpected)[:5]}, absent {sorted(absent)[:5]}"
+                )
+            for m in lora_modules:
+                m.disabled = False
+            if merge:
+                merge_lora_in_place(self.model)
+        self.model.to(self.device).eval()
+        self.current = key
+        return self.model
+
+
+def adapter_path(adapter_dir: str | None, persona: int, epoch: int | None = None) -> Path | None:
+    """``<adapter_dir with {persona} filled>/epoch_N/adapter_model.pt``; N = the last epoch unless given."""
+    if adapter_dir in (None, "", "null", "none"):
+        return None
+    root = Path(str(adapter_dir).replace("{persona}", str(persona))).expanduser()
+    if not root.is_dir():
+        raise StageMissingError(f"{root} is missing: train it first (`persona-tune train --run RUN`)")
+    folder = f"epoch_{epoch}" if epoch is not None else get_largest_iter_folder(root)
+    path = root / str(folder) / ADAPTER_FILE if folder else None
+    if path is None or not path.is_file():
+        raise StageMissingError(f"no {ADAPTER_FILE} under {root}/{folder or 'epoch_N'}: has `persona-tune train` finished?")
+    return path

@@ -1,0 +1,169 @@
+# persona-tune: the evaluation recipe, in the shape of torchtune's recipes.
+"""
+Evaluate persona user agents on a run folder's test rows.
+
+    tune run persona_eval --config tiny_persona/eval run_dir=RUN
+    tune run recipes/persona_eval.py --config configs/tiny_persona/eval.yaml run_dir=RUN
+
+For each persona (one adapter each when ``adapter_dir`` holds ``{persona}``, else one adapter or none
+for every persona's users): load the base model through the config's checkpointer and model builder,
+put the persona's adapter on it (merged or not), build the test rows' prompts exactly as training
+builds them, and predict in
+
+- ``scoring`` mode: one forward pass; the probabilities of the rating tokens "1".."5" at the answer
+  position; prediction = their expectation (argmax kept too). URR is 0 by construction.
+- ``paper`` mode: generate up to ``generation.max_new_tokens`` tokens (temperature, top-k/top-p) and
+  parse the first rating with the regex parser; a row without one counts toward URR.
+
+Rows are packed per user so the shared prompt prefix runs once per pass (persona_tune.evaluation.predict).
+Each persona's predictions are written atomically to ``output_dir/parts/``; a persona whose part
+matches the config's fingerprint is skipped, so a stopped run resumes. At the end
+``output_dir/predictions.parquet`` and ``output_dir/metrics.json`` hold every persona.
+"""
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+
+from persona_tune.errors import PersonaTuneError
+from persona_tune.evaluation.loading import ModelLoader, adapter_path
+from persona_tune.evaluation.metrics import grouped_metrics
+from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, check_modes, predict_rows
+from persona_tune.prompts import load_prompt_rows
+from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, file_sha256
+
+log = utils.get_logger("INFO")
+
+OUTPUT_COLUMNS = [
+    "persona", "user_id", "item_id", "rating", "mode", "raw_text", "parsed_rating", "expected_rating",
+    "argmax_rating", "p1", "p2", "p3", "p4", "p5", "rating_mass", "prediction", "n_prompt_tokens",
+]
+
+
+class PersonaEvalRecipe:
+    """Predict, per persona, the test ratings of a run folder; write predictions and metrics."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        if cfg.get("num_threads"):
+            torch.set_num_threads(int(cfg.num_threads))
+        training.set_seed(seed=cfg.seed)
+        self.run = RunFolder(cfg.run_dir)
+        self.output_dir = Path(cfg.output_dir)
+        self.modes = check_modes(cfg.mode)
+        self.generation = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
+        self.cfg = cfg
+
+    def setup(self, cfg: DictConfig) -> None:
+        self.run.require("ratings_test.parquet", "items.parquet")
+        self.loader = ModelLoader(cfg, self._device, self._dtype)
+        self.predictor = RatingPredictor(
+            self.loader.model, self.loader.tokenizer, device=self._device,
+            max_seq_len=cfg.get("max_seq_len"), **OmegaConf.to_container(cfg.batching, resolve=True),
+        )
+
+    def personas(self) -> list[int]:
+        """The personas to evaluate: cfg.personas, else all of personas/assignments.parquet (-1 = no personas)."""
+        if self.cfg.get("personas") is not None:
+            return [int(p) for p in self.cfg.personas]
+        assignments = self.run.path("personas/assignments.parquet")
+        if not assignments.exists():
+            if "{persona}" in str(self.cfg.adapter_dir or ""):
+                self.run.require("personas/assignments.parquet")
+            return [-1]
+        return sorted(pd.read_parquet(assignments)["persona"].unique().tolist())
+
+    def fingerprint(self, persona: int, adapter: Path | None) -> str:
+        """What a persona's predictions depend on; a part with another fingerprint is recomputed."""
+        keys = ("memory", "split", "mode", "max_rows", "merge_adapter", "max_seq_len", "seed", "generation",
+                "model", "dtype")
+        spec = {k: OmegaConf.to_container(self.cfg, resolve=True).get(k) for k in keys}
+        spec["adapter"] = None if adapter is None else [str(adapter), file_sha256(adapter)]
+        spec["inputs"] = {f: file_sha256(self.run.path(f)) for f in ("ratings_test.parquet", "items.parquet")}
+        spec["persona"] = persona
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+    def evaluate_persona(self, persona: int) -> pd.DataFrame:
+        adapter = adapter_path(self.cfg.adapter_dir, persona, self.cfg.get("adapter_epoch"))
+        part = self.output_dir / "parts" / f"persona_{persona}.parquet"
+        stamp = part.with_suffix(".json")
+        fingerprint = self.fingerprint(persona, adapter)
+        if part.exists() and stamp.exists() and json.loads(stamp.read_text())["fingerprint"] == fingerprint:
+            log.info(f"persona {persona}: predictions exist, skipped")
+            return pd.read_parquet(part)
+
+        rows = load_prompt_rows(
+            self.cfg.run_dir, split=self.cfg.split, memory=self.cfg.memory,
+            persona=None if persona < 0 else persona, subsample=self.cfg.get("max_rows"), seed=self.cfg.seed,
+        )
+        self.loader.load(adapter, merge=self.cfg.merge_adapter)
+        start, stats_before = time.perf_counter(), dict(self.predictor.stats.as_dict())
+        predictions = predict_rows(self.predictor, rows, self.modes, self.generation)
+        seconds = time.perf_counter() - start
+        stats = {k: v - stats_before.get(k, 0) for k, v in self.predictor.stats.as_dict().items()
+                 if k in ("rows", "forward_passes", "tokens_processed", "prompt_tokens", "floor_tokens")}
+        predictions = predictions[OUTPUT_COLUMNS]
+        atomic_write_parquet(predictions, part)
+        atomic_write_json(stamp, {"fingerprint": fingerprint, "adapter": adapter, "seconds": seconds,
+                                  "rows": len(rows), "rows_per_s": len(rows) / seconds, **stats})
+        log.info(f"persona {persona}: {len(rows)} rows x {len(self.modes)} mode(s) in {seconds:.1f}s "
+                 f"(adapter: {adapter or 'none'})")
+        return predictions
+
+    def evaluate(self) -> None:
+        personas = self.personas()
+        parts = [self.evaluate_persona(p) for p in personas]
+        predictions = pd.concat(parts, ignore_index=True)
+        atomic_write_parquet(predictions, self.output_dir / "predictions.parquet")
+        atomic_write_json(self.output_dir / "metrics.json", self.metrics(predictions, personas))
+        self.run.record_stage(f"eval/{self.cfg.variant}", OmegaConf.to_container(self.cfg, resolve=True))
+        for mode, block in predictions.groupby("mode"):
+            m = grouped_metrics(block, "prediction", n_boot=0)["overall"]
+            log.info(f"{self.cfg.variant} [{mode}] RMSE {m['rmse']:.3f}  MAE {m['mae']:.3f}  URR {m['urr']:.2%}  n={m['n']}")
+
+    def metrics(self, predictions: pd.DataFrame, personas: list[int]) -> dict:
+        m = self.cfg.metrics
+        kwargs = dict(unparsable=m.unparsable, fill_value=m.get("fill_value"), n_boot=m.n_boot, seed=self.cfg.seed)
+        profiles_file = self.run.path("distill/profiles.parquet")
+        profiles = pd.read_parquet(profiles_file) if profiles_file.exists() else None
+        out = {"variant": self.cfg.variant, "memory": self.cfg.memory, "adapter_dir": self.cfg.adapter_dir,
+               "per_persona_adapter": "{persona}" in str(self.cfg.adapter_dir or ""),
+               "unparsable_rule": m.unparsable, "modes": {}, "timing": {}, "train_rows": {}}
+        for mode, block in predictions.groupby("mode", sort=True):
+            out["modes"][mode] = {"prediction": grouped_metrics(block, "prediction", profiles=profiles, **kwargs)}
+            if mode == "scoring":
+                out["modes"][mode]["argmax"] = grouped_metrics(block, "argmax_rating", profiles=profiles, **kwargs)
+        train = self.run.read_table("ratings_train.parquet", columns=["user_id"])
+        assignments = self.run.path("personas/assignments.parquet")
+        if assignments.exists():
+            persona_of = pd.read_parquet(assignments).set_index("user_id")["persona"]
+            counts = train["user_id"].map(persona_of).value_counts()
+            out["train_rows"] = {str(p): int(counts.get(p, 0)) for p in personas}
+        for p in personas:
+            stamp = self.output_dir / "parts" / f"persona_{p}.json"
+            out["timing"][str(p)] = json.loads(stamp.read_text())
+        return out
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    config.log_config(recipe_name="PersonaEvalRecipe", cfg=cfg)
+    recipe = PersonaEvalRecipe(cfg=cfg)
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.evaluate()
+    except PersonaTuneError as e:
+        log.error(f"persona_eval: {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
