@@ -77,3 +77,16 @@ def test_rendered_traits_text_uses_each_level_description():
     assert text.startswith("Your activity trait is described as: An Occasional Viewer")
     assert TRAIT_DESCRIPTIONS["conformity"]["high"] in text and TRAIT_DESCRIPTIONS["diversity"]["medium"] in text
     assert len({d for levels in TRAIT_DESCRIPTIONS.values() for d in levels.values()}) == 9
+
+
+def test_vectorised_diversity_matches_the_per_user_definition():
+    rng = np.random.default_rng(0)
+    names = list("ABCDEFG")
+    rows = pd.DataFrame({
+        "user_id": rng.integers(0, 40, 2000), "item_id": np.arange(2000), "rating": 3, "timestamp": 0,
+    })
+    items = pd.DataFrame({"item_id": np.arange(2000), "hist_avg": 3.0,
+                          "genres": ["|".join(rng.choice(names, rng.integers(1, 4), replace=False)) for _ in range(2000)]})
+    values = trait_values(rows, items).set_index("user_id")["diversity_value"]
+    expected = rows.merge(items, on="item_id").groupby("user_id")["genres"].agg(genre_coverage)
+    assert values.to_dict() == {u: float(v) for u, v in expected.items()}

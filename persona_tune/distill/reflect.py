@@ -98,26 +98,24 @@ def step_messages(prompts: Prompts, profile: str | None, batch: Sequence[BatchIt
 
 
 def step_schema(batch: Sequence[BatchItem], max_profile_chars: int) -> dict:
-    """JSON schema of one step's answer; item ids and ratings are fixed, so servers that decode
-    with the schema (llama.cpp, vLLM) can only write the text parts."""
-    explanation = {
-        "type": "object",
-        "properties": {
-            "item_id": {"type": "integer"},
-            "rating": {"type": "integer"},
-            "explanation": {"type": "string", "minLength": 20, "maxLength": EXPLANATION_MAX_CHARS},
-        },
-        "required": ["item_id", "rating", "explanation"],
-    }
-    fixed = []
-    for b in batch:
-        entry = json.loads(json.dumps(explanation))
-        entry["properties"]["item_id"] = {"type": "integer", "enum": [b.item_id]}
-        entry["properties"]["rating"] = {"type": "integer", "enum": [b.rating]}
-        entry["properties"]["explanation"]["pattern"] = (
-            f"^I rated {_pattern_literal(b.title)} as {b.rating} because {_TEXT_CHARS}{{10,{EXPLANATION_MAX_CHARS}}}$"
-        )
-        fixed.append(entry)
+    """JSON schema of one step's answer. Item ids, ratings and each explanation's opening are fixed,
+    so servers that decode with the schema (llama.cpp, vLLM) can only write the free-text parts."""
+    fixed = [
+        {
+            "type": "object",
+            "properties": {
+                "item_id": {"type": "integer", "enum": [b.item_id]},
+                "rating": {"type": "integer", "enum": [b.rating]},
+                "explanation": {
+                    "type": "string",
+                    "pattern": f"^I rated {_pattern_literal(b.title)} as {b.rating} because "
+                               f"{_TEXT_CHARS}{{10,{EXPLANATION_MAX_CHARS}}}$",
+                },
+            },
+            "required": ["item_id", "rating", "explanation"],
+        }
+        for b in batch
+    ]
     return {
         "type": "object",
         "properties": {
@@ -134,6 +132,7 @@ def step_schema(batch: Sequence[BatchItem], max_profile_chars: int) -> dict:
 # Characters allowed in free text fixed by a pattern: anything but a quote, backslash or line break,
 # so a grammar built from the pattern (llama.cpp) can only write valid JSON strings.
 _TEXT_CHARS = r'[^"\\\n\r\t]'
+_AS_CLASS = str.maketrans({c: f"[{c}]" for c in ".()|{}*+?"})
 _SAFE_TITLE = re.compile(r"[A-Za-z0-9 ,;:!?'&%#@/=<>~`_+*|().{}-]*")
 
 
@@ -142,7 +141,7 @@ def _pattern_literal(text: str) -> str:
     class, which llama.cpp's pattern converter handles), or any text for unusual titles."""
     if not _SAFE_TITLE.fullmatch(text):
         return _TEXT_CHARS + "{1,200}"
-    return "".join(f"[{c}]" if c in ".()|{}*+?" else c for c in text)
+    return text.translate(_AS_CLASS)
 
 
 @dataclass(frozen=True)

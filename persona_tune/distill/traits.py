@@ -98,6 +98,21 @@ def genre_coverage(genres: pd.Series, share: float = GENRE_MASS_SHARE) -> int:
     return int(np.searchsorted(cumulative, share - 1e-12) + 1)
 
 
+def genre_coverage_per_user(rows: pd.DataFrame, share: float = GENRE_MASS_SHARE) -> pd.Series:
+    """genre_coverage for every user at once; ``rows`` has user_id and genres."""
+    genres = rows["genres"].fillna("").astype(str).str.split("|")
+    mass = pd.DataFrame({"user_id": rows["user_id"].to_numpy(), "genre": genres,
+                         "w": 1.0 / genres.map(lambda g: max(len([x for x in g if x]), 1))})
+    mass = mass.explode("genre")
+    mass = mass[mass["genre"].astype(bool)]
+    totals = mass.groupby(["user_id", "genre"], sort=True)["w"].sum().reset_index()
+    totals = totals.sort_values(["user_id", "w"], ascending=[True, False], kind="mergesort")
+    grouped = totals.groupby("user_id", sort=True)["w"]
+    before = (grouped.cumsum() - totals["w"]) / grouped.transform("sum")
+    # A genre is needed while the genres before it cover less than ``share``.
+    return (before < share - 1e-12).groupby(totals["user_id"]).sum()
+
+
 def trait_values(train: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
     """Per user: activity_value, conformity_value (mean squared deviation), diversity_value."""
     rows = train[["user_id", "item_id", "rating"]].merge(
@@ -109,9 +124,9 @@ def trait_values(train: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
         {
             "activity_value": grouped.size().astype(np.float64),
             "conformity_value": grouped["sq_dev"].mean(),
-            "diversity_value": grouped["genres"].agg(genre_coverage).astype(np.float64),
         }
     )
+    out["diversity_value"] = genre_coverage_per_user(rows).reindex(out.index).fillna(0).astype(np.float64)
     return out.reset_index()
 
 

