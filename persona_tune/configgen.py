@@ -58,7 +58,8 @@ def persona_sizes(run: RunFolder):
     persona = assignments["persona"]
     if persona.dtype.kind not in "iu":
         values = persona.tolist()
-        row = next((i for i, v in enumerate(values) if type(v) is not int), 0)
+        # point at the first value that is not even an integer written as text (else at row 1)
+        row = next((i for i, v in enumerate(values) if not (type(v) is int or str(v).isdigit())), 0)
         raise DataError(f"persona must be an integer id, got {values[row]!r}", path, line=row + 1)
     if (persona < 0).any():
         row = int((persona < 0).to_numpy().argmax())

@@ -20,7 +20,7 @@ import pandas as pd
 from sklearn.cluster import KMeans
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from persona_tune.errors import ConfigError
+from persona_tune.errors import ConfigError, DataError
 from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_parquet, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -120,15 +120,23 @@ def _summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_profile_vectors(run: RunFolder) -> tuple[np.ndarray, np.ndarray]:
+    """(user_ids, float32 [n_users, d]): the profile vectors written by `embed`."""
+    run.require("memory/profile_vectors.npy")
+    ids = run.read_table("memory/profile_ids.parquet")["user_id"].to_numpy(np.int64)
+    vectors = np.load(run.path("memory/profile_vectors.npy"))
+    if len(ids) != len(vectors):
+        raise DataError(f"{len(vectors)} vectors but {len(ids)} ids in profile_ids.parquet", run.path("memory/profile_vectors.npy"))
+    return ids, vectors
+
+
 def run_personas(
     run_dir, k: int | str = "auto", k_max: int = 10, seed: int = 0, n_init: int = 10, top_words: int = 10
 ) -> dict:
     """The `personas` stage. Returns summary.json's content."""
-    from persona_tune.memory.stage import load_profile_vectors
-
     run = RunFolder(run_dir)
     run.require("ratings_train.parquet", "ratings_test.parquet", "distill/profiles.parquet")
-    user_ids, vectors = load_profile_vectors(run.root)
+    user_ids, vectors = load_profile_vectors(run)
     n = len(user_ids)
     if n == 0:
         raise ConfigError(f"{run.path('memory/profile_vectors.npy')} holds no profiles: nothing to cluster")

@@ -218,10 +218,14 @@ def _retrieved_memories(run: RunFolder, split: str, rows: pd.DataFrame, items: p
     retrieved = retrieved.merge(explanations, on=["user_id", "memory_item_id"], how="inner")
     retrieved["memory_text"] = retrieved["memory_item_id"].map(items)
     retrieved = retrieved.sort_values(["user_id", "item_id", "rank"])
-    by_row = {
-        key: tuple(zip(group["memory_text"], group["explanation"]))
-        for key, group in retrieved.groupby(["user_id", "item_id"], sort=False)
-    }
+    by_row: dict[tuple[int, int], tuple[tuple[str, str], ...]] = {}
+    # Plain lists: a pandas groupby costs ~0.4 ms per row here (hours at 490k rows).
+    for u, i, text, explanation in zip(
+        retrieved["user_id"].tolist(), retrieved["item_id"].tolist(),
+        retrieved["memory_text"].tolist(), retrieved["explanation"].tolist(),
+    ):
+        by_row[(u, i)] = by_row.get((u, i), ()) + ((text, explanation),)
     return pd.Series(
-        [by_row.get((u, i), ()) for u, i in zip(rows["user_id"], rows["item_id"])], index=rows.index, dtype=object
+        [by_row.get((u, i), ()) for u, i in zip(rows["user_id"].tolist(), rows["item_id"].tolist())],
+        index=rows.index, dtype=object,
     )

@@ -10,11 +10,13 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import PackedDataset, SFTDataset
 from torchtune.models.llama2 import llama2_tokenizer
 
+from persona_tune.cli import main as cli_main
 from persona_tune.datasets import persona_dataset
 from persona_tune.errors import ConfigError
 from persona_tune.models.tiny import tiny_phi3_tokenizer, write_tiny_phi3
 from persona_tune.personas import run_personas
 from persona_tune.prompts import MEMORY_INTRO, PROFILE_INTRO, TASK, load_prompt_rows, render_messages
+from tests.conftest import require_shared
 from tests.test_memory_retrieval import make_embedded_run
 
 
@@ -107,11 +109,18 @@ def test_long_prompts_drop_memories_then_shorten_the_profile(run, phi3):
     full = n_tokens(parts)
     no_memory = n_tokens(parts.__class__(item=parts.item, profile=parts.profile, traits=parts.traits))
     assert no_memory < full
-    # Room for everything but the memories: the memories go, the profile stays whole.
+    squash = lambda t: " ".join(t.split())  # noqa: E731
+    assert len(parts.memories) == 2
+    # One token short: the last memory goes first.
     sample = persona_dataset(phi3, run_dir=str(run), max_seq_len=full - 1)[0]
-    text = phi3.decode(sample["tokens"])
+    text = squash(phi3.decode(sample["tokens"]))
+    assert len(sample["tokens"]) < full
+    assert squash(parts.memories[0][1]) in text and squash(parts.memories[1][1]) not in text
+    # Room for everything but the memories: both go, the profile stays whole.
+    sample = persona_dataset(phi3, run_dir=str(run), max_seq_len=no_memory)[0]
+    text = squash(phi3.decode(sample["tokens"]))
     assert len(sample["tokens"]) == no_memory and MEMORY_INTRO[:40] not in text
-    assert " ".join(parts.profile.split()) in " ".join(text.split())
+    assert squash(parts.profile) in text
     # Less room: the profile is cut, the task, the item and the answer never are.
     budget = no_memory - 40
     sample = persona_dataset(phi3, run_dir=str(run), max_seq_len=budget)[0]
@@ -148,3 +157,41 @@ def test_packed_and_built_from_a_config(run, phi3, tokenizer_path):
     ds = config.instantiate(cfg.dataset, tok)  # how torchtune's recipes build it
     assert len(ds) == (load_prompt_rows(run).persona == 1).sum()
     assert max(len(ds[i]["tokens"]) for i in range(0, len(ds), 7)) <= 1024
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_paper_prompts_fit_in_phi3_context(tmp_path, tokenizer_path):
+    """The paper's setting (ML-1M, 200 users, M_s + top-1 M_l): every train and test prompt fits in
+    4,096 tokens. Offline-distilled profiles; hash embeddings; Phi-3's chat format with the tiny
+    Phi-3 tokenizer (1,024 pieces: it splits text into more tokens than Phi-3's 32k vocabulary)."""
+    data = require_shared("data")
+    run = tmp_path / "ml1m"
+    assert cli_main([
+        "prepare", "--dataset", "ml-1m", "--data-dir", str(data / "ml-1m"),
+        "--ratings-file", "ratings.partial-users0001-2999.dat",
+        "--meta-file", str(data / "movie-meta" / "ml1m_dbpedia_abstracts.json"), "--out", str(run),
+    ]) == 0
+    assert cli_main(["distill", "--run", str(run), "--backend", "offline", "--no-progress"]) == 0
+    assert cli_main(["embed", "--run", str(run), "--backend", "hash", "--k", "1"]) == 0
+    tok = tiny_phi3_tokenizer(tokenizer_path)  # no max_seq_len: true lengths, nothing truncated
+
+    def n_tokens(messages):
+        return len(tok.tokenize_messages(messages)[0])
+
+    for split in ("train", "test"):
+        rows = load_prompt_rows(run, split=split, memory="ms+ml")
+        assert len(rows) > 10_000 and sum(bool(p.memories) for p in rows.parts) > 0.9 * len(rows)
+        # Phi-3 tokenizes message by message, so a prompt's length is the sum of its turns' lengths
+        # (each alone carries one BOS): the system turn is counted once per user.
+        system_len, answer_len, lengths = {}, {}, []
+        for parts, rating in zip(rows.parts, rows.rating):
+            system, user, answer = render_messages(parts, int(rating))
+            if system.text_content not in system_len:
+                system_len[system.text_content] = n_tokens([system])
+            if answer.text_content not in answer_len:
+                answer_len[answer.text_content] = n_tokens([answer])
+            lengths.append(system_len[system.text_content] + n_tokens([user]) + answer_len[answer.text_content] - 2)
+        for i in range(0, len(rows), len(rows) // 20):  # the sum is exact
+            assert lengths[i] == n_tokens(render_messages(rows.parts[i], int(rows.rating[i])))
+        assert max(lengths) <= 4096, f"{split}: longest prompt {max(lengths)} tokens"

@@ -41,6 +41,32 @@ REGISTRY_PROBE = """
                       "recipes": {r.name: {c.name: c.file_path for c in r.configs} for r in get_all_recipes()}}))
 """
 
+# One process for two checks (each torchtune import costs seconds): registry entries, and the
+# CPU patches in a process that counts as a recipe process.
+RECIPE_PROCESS_PROBE = """
+    import json, sys, torch
+    import torch.distributed as dist
+    from torchtune._recipe_registry import get_all_recipes
+    result = {"finders": [type(f).__name__ for f in sys.meta_path],
+              "recipes": {r.name: {c.name: c.file_path for c in r.configs} for r in get_all_recipes()},
+              "patched": hasattr(dist.init_process_group, "_persona_tune_cpu_patch"),
+              "nccl": dist.is_nccl_available()}
+    if result["patched"]:
+        from torchtune import training
+        dist.init_process_group("cuda:nccl,cpu:gloo", init_method="file://%s/pg", rank=0, world_size=1)
+        result["backend"] = dist.get_backend()
+        result["stats"] = training.get_memory_stats(device=torch.device("cpu"))
+        training.cleanup_before_training()
+        dist.destroy_process_group()
+    print(json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe_process(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recipe_process")
+    return last_json(run_python(RECIPE_PROCESS_PROBE % tmp, cwd=tmp, PERSONA_TUNE_CPU_DISTRIBUTED="1"))
+
 
 def test_installed_pth_is_the_source_pth():
     """The .pth that site-packages runs is this checkout's (re-install after editing it)."""
@@ -49,8 +75,8 @@ def test_installed_pth_is_the_source_pth():
     assert installed.read_text() == source.read_text()
 
 
-def test_registry_has_every_config_from_any_cwd(tmp_path):
-    out = last_json(run_python(REGISTRY_PROBE, cwd=tmp_path))
+def test_registry_has_every_config_from_any_cwd(recipe_process):
+    out = recipe_process
     assert out["finders"][0] == "PostImportFinder"
     expected = persona_configs(resource_dirs()[0])
     files = sorted((REPO / "configs").glob("*_persona/*.yaml"))
@@ -96,26 +122,9 @@ def test_unrelated_process_is_untouched(tmp_path):
     assert set(out["loaded"]) <= {"persona_tune._hook", "persona_tune.cpu_distributed"}  # both stdlib-only
 
 
-def test_recipe_process_gets_gloo_and_cpu_memory_stats(tmp_path):
+def test_recipe_process_gets_gloo_and_cpu_memory_stats(recipe_process):
     """In a recipe process without NCCL, torchtune's backend string and memory helpers work on CPU."""
-    out = last_json(run_python(
-        f"""
-        import json, torch
-        import torch.distributed as dist
-        patched = hasattr(dist.init_process_group, "_persona_tune_cpu_patch")
-        result = {{"patched": patched, "nccl": dist.is_nccl_available()}}
-        if patched:
-            from torchtune import training
-            dist.init_process_group("cuda:nccl,cpu:gloo", init_method="file://{tmp_path}/pg", rank=0, world_size=1)
-            result["backend"] = dist.get_backend()
-            result["stats"] = training.get_memory_stats(device=torch.device("cpu"))
-            training.cleanup_before_training()
-            dist.destroy_process_group()
-        print(json.dumps(result))
-        """,
-        cwd=tmp_path,
-        PERSONA_TUNE_CPU_DISTRIBUTED="1",
-    ))
+    out = recipe_process
     if out["nccl"]:
         assert out["patched"] is False  # inert where NCCL exists
         return

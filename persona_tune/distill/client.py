@@ -71,27 +71,35 @@ class ChatClient:
 
     async def chat(self, messages: list[dict], params: dict) -> Answer:
         """One chat completion; ``params`` are passed to ``chat.completions.create`` as keywords."""
+        params = dict(params)
+        if "response_format" in params:
+            # Sent as-is: the client's type-driven transform of a large JSON schema costs more than the
+            # whole HTTP round trip to a local server.
+            params["extra_body"] = {**params.get("extra_body", {}), "response_format": params.pop("response_format")}
         retries = 0
         while True:
             started = time.perf_counter()
             try:
                 async with self._slots:
+                    started = time.perf_counter()
                     response = await self._client.chat.completions.create(
                         model=self.settings.model, messages=messages, **params
                     )
             except (self._openai.APITimeoutError, self._openai.APIConnectionError, self._openai.APIStatusError) as e:
                 status = getattr(e, "status_code", None)
-                retryable = status is None or status in RETRY_STATUS or status >= 500
                 what = f"HTTP {status}" if status is not None else type(e).__name__
+                message = self._scrub(str(e))
+                # A refused response_format: 400/422 from most servers, 500 from llama_cpp.server.
+                if status in (400, 422) or (status is not None and "response_format" in params.get("extra_body", {})
+                                            and "response_format" in message):
+                    raise UnsupportedParameter(f"{what} from {self.settings.base_url}: {message}") from None
+                retryable = status is None or status in RETRY_STATUS or status >= 500
                 if not retryable:
-                    message = self._scrub(str(e))
-                    if status in (400, 422):
-                        raise UnsupportedParameter(f"{what} from {self.settings.base_url}: {message}") from None
                     raise LLMError(f"{what} from {self.settings.base_url}: {message}") from None
                 self.transport_errors += 1
                 if retries >= self.settings.max_retries:
                     raise LLMError(
-                        f"{what} from {self.settings.base_url}, still failing after {retries} retries: {self._scrub(str(e))}"
+                        f"{what} from {self.settings.base_url}, still failing after {retries} retries: {message}"
                     ) from None
                 delay = self._delay(e, retries)
                 log.debug("%s; retry %d in %.2fs", what, retries + 1, delay)

@@ -110,142 +110,131 @@ def encode_prompt(fit: FitToLength, parts: PromptParts, answer: AnswerTokens) ->
     return tokens[: _common_prefix_len([tokens, tokens_for(2)])]
 
 
-# ---------------------------------------------------------------- packing
+# ---------------------------------------------------------------- batching with a cached prefix
+
+
+def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """The tokens all ``prompts`` share, leaving each at least one token (its answer position)."""
+    return min(_common_prefix_len(prompts), min(map(len, prompts)) - 1)
 
 
 @dataclass
-class Segment:
-    """One user's shared prefix and the remaining tokens of several of their rows."""
+class Batch:
+    """Rows decoded together: positions in the caller's list, their groups and prompt suffixes."""
 
-    prefix: list[int]
+    rows: list[int]
+    groups: list
     suffixes: list[list[int]]
-    rows: list[int]  # positions in the caller's row list
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.prefix) + sum(map(len, self.suffixes))
 
 
-def build_segments(
-    prompts: Sequence[Sequence[int]], groups: Sequence, max_rows: int = 16, share_prefix: bool = True
-) -> list[Segment]:
-    """Segments of at most ``max_rows`` rows of one group (user), each with the group's shared prefix."""
-    by_group: dict = {}
+def plan_batches(
+    prompts: Sequence[Sequence[int]], groups: Sequence, batch_size: int = 16, token_budget: int = 8192,
+    share_prefix: bool = True,
+) -> tuple[dict, list[Batch]]:
+    """Each group's shared prefix (empty without ``share_prefix``) and batches of row suffixes.
+
+    Rows stay grouped (a group's prefix K/V is computed once and dropped after its last batch) and are
+    sorted by suffix length inside a group, so right-padding is small. A batch holds at most
+    ``batch_size`` rows and ``token_budget`` suffix tokens including padding.
+    """
+    order: dict = {}
     for i, g in enumerate(groups):
-        by_group.setdefault(g, []).append(i)
-    segments = []
-    for rows in by_group.values():
-        seqs = [list(prompts[i]) for i in rows]
-        # Keep at least one token per row in its suffix: the answer is read at the suffix's last token.
-        shared = min(_common_prefix_len(seqs), min(map(len, seqs)) - 1) if share_prefix else 0
-        for start in range(0, len(rows), max_rows if share_prefix else 1):
-            chunk = rows[start : start + (max_rows if share_prefix else 1)]
-            segments.append(
-                Segment(prefix=seqs[0][:shared], suffixes=[list(prompts[i])[shared:] for i in chunk], rows=chunk)
-            )
-    return segments
-
-
-def pack_segments(segments: Sequence[Segment], token_budget: int) -> list[list[Segment]]:
-    """Greedy packs of whole segments with at most ``token_budget`` tokens (a bigger segment goes alone)."""
-    packs, current, size = [], [], 0
-    for seg in segments:
-        if current and size + seg.n_tokens > token_budget:
-            packs.append(current)
-            current, size = [], 0
-        current.append(seg)
-        size += seg.n_tokens
+        order.setdefault(g, []).append(i)
+    prefixes, flat = {}, []
+    for g, rows in order.items():
+        cut = shared_prefix_len([prompts[i] for i in rows]) if share_prefix else 0
+        prefixes[g] = list(prompts[rows[0]][:cut])
+        flat += sorted(((i, g, list(prompts[i][cut:])) for i in rows), key=lambda r: len(r[2]))
+    batches, current = [], []
+    for row in flat:
+        longest = max([len(r[2]) for r in current] + [len(row[2])])
+        if current and (len(current) >= batch_size or longest * (len(current) + 1) > token_budget):
+            batches.append(current)
+            current = []
+        current.append(row)
     if current:
-        packs.append(current)
-    return packs
+        batches.append(current)
+    return prefixes, [Batch([r[0] for r in b], [r[1] for r in b], [r[2] for r in b]) for b in batches]
 
 
-def _pack_layout(pack: Sequence[Segment]):
-    """Flattened tokens, positions, segment ids, branch ids (0 = prefix, b = b-th suffix) and last indices."""
-    tokens, pos, seg_id, branch, last = [], [], [], [], []
-    for s, seg in enumerate(pack):
-        tokens += seg.prefix
-        pos += range(len(seg.prefix))
-        seg_id += [s] * len(seg.prefix)
-        branch += [0] * len(seg.prefix)
-        for b, suffix in enumerate(seg.suffixes, start=1):
-            tokens += suffix
-            pos += range(len(seg.prefix), len(seg.prefix) + len(suffix))
-            seg_id += [s] * len(suffix)
-            branch += [b] * len(suffix)
-            last.append(len(tokens) - 1)
-    return tokens, pos, torch.tensor(seg_id), torch.tensor(branch), last
-
-
-def visibility(q_seg, q_branch, q_index, k_seg, k_branch) -> torch.Tensor:
-    """[q, k] True where a query may attend a key: same segment, key not later, key in the prefix or
-    in the query's own branch."""
-    k_index = torch.arange(len(k_seg))
-    return (
-        (q_seg[:, None] == k_seg[None, :])
-        & (k_index[None, :] <= q_index[:, None])
-        & ((k_branch[None, :] == 0) | (k_branch[None, :] == q_branch[:, None]))
-    )
-
-
-def packed_inputs(pack: Sequence[Segment]):
-    """tokens [1, S], input_pos [1, S], mask [1, S, S] (True = may attend), and each suffix's last index."""
-    tokens, pos, seg_t, br_t, last = _pack_layout(pack)
-    mask = visibility(seg_t, br_t, torch.arange(len(tokens)), seg_t, br_t)
-    return torch.tensor([tokens]), torch.tensor([pos]), mask[None], last
-
-
-def _run_layers(model, tokens, mask, input_pos, last) -> torch.Tensor:
+def _hidden(model, tokens, mask, input_pos):
     h = model.tok_embeddings(tokens)
     for layer in model.layers:
         h = layer(h, mask=mask, input_pos=input_pos)
-    # Unembed only the answer positions (the vocabulary projection dominates memory for big vocabularies).
-    return model.unembed(h[:, last]).float()[0]
+    return h
+
+
+def _caches(model):
+    return [layer.attn.kv_cache for layer in model.layers]
 
 
 @torch.inference_mode()
-def last_token_logits(model, pack: Sequence[Segment], device="cpu") -> torch.Tensor:
-    """Run the pack through ``model`` and return the float32 logits at each suffix's last token [n, V]."""
-    tokens, input_pos, mask, last = packed_inputs(pack)
-    return _run_layers(model, tokens.to(device), mask.to(device), input_pos.to(device), last)
-
-
-@torch.inference_mode()
-def generate_pack(model, pack: Sequence[Segment], step: Callable, max_new_tokens: int, device="cpu") -> int:
-    """Decode up to ``max_new_tokens`` per suffix of ``pack`` with one KV cache for the whole pack.
-
-    The packed prompt is prefilled once; each decoding step appends one token per row to the cache,
-    and a row's new token sees its segment's prefix, its own suffix and its own earlier tokens.
-    ``step(logits [n, V]) -> (next ids [n], all_done)`` samples and records. Returns tokens processed.
-    """
-    tokens, pos, seg_t, br_t, last = _pack_layout(pack)
-    n_rows, length = len(last), len(tokens)
-    cache_len = length + n_rows * max(max_new_tokens - 1, 0)
+def prefill_prefix(model, prefix: Sequence[int], device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run a prefix once through ``model`` with a KV cache; return each layer's (K, V) [H, P, D]."""
+    n = len(prefix)
     dtype = next(model.parameters()).dtype
-    row_seg, row_branch = seg_t[last], br_t[last]
-    mask = torch.zeros(1, length, cache_len, dtype=torch.bool)
-    mask[0, :, :length] = visibility(seg_t, br_t, torch.arange(length), seg_t, br_t)
     with torch.device(device):
-        model.setup_caches(batch_size=1, dtype=dtype, decoder_max_seq_len=cache_len)
+        model.setup_caches(batch_size=1, dtype=dtype, decoder_max_seq_len=n)
     try:
-        logits = _run_layers(model, torch.tensor([tokens], device=device), mask.to(device),
-                             torch.tensor([pos], device=device), last)
-        processed = length
-        next_pos = torch.tensor(pos)[last] + 1
-        k_seg, k_branch = seg_t, br_t
-        for _ in range(max_new_tokens - 1):
+        mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None]
+        _hidden(model, torch.tensor([list(prefix)], device=device), mask, torch.arange(n, device=device)[None])
+        return [(c.k_cache[0, :, :n].clone(), c.v_cache[0, :, :n].clone()) for c in _caches(model)]
+    finally:
+        _delete_caches(model)
+
+
+@torch.inference_mode()
+def decode_batch(
+    model, prefix_kv: Sequence[list | None], suffixes: Sequence[Sequence[int]], step: Callable,
+    max_new_tokens: int = 1, device="cpu",
+) -> int:
+    """Predict the next token after each row's prefix + suffix, in one batch, and keep decoding.
+
+    ``prefix_kv[b]`` is row b's prefix K/V from :func:`prefill_prefix` (None: no prefix). The cache
+    of row b holds its prefix at [0, P_b), its suffix at [P, P + L_b) (P, L: the longest prefix and
+    suffix) and its new tokens from P + L on; the attention mask hides the gaps. ``step(logits
+    [B, V]) -> (next ids, all_done)`` is called after the prompt and after each new token, at most
+    ``max_new_tokens`` times. Returns the number of tokens run through the model (padding included).
+    """
+    n_rows = len(suffixes)
+    p_lens = torch.tensor([0 if kv is None else kv[0][0].shape[1] for kv in prefix_kv])
+    s_lens = torch.tensor([len(s) for s in suffixes])
+    P, L = int(p_lens.max()), int(s_lens.max())
+    cache_len = P + L + max(max_new_tokens - 1, 0)
+    dtype = next(model.parameters()).dtype
+    with torch.device(device):
+        model.setup_caches(batch_size=n_rows, dtype=dtype, decoder_max_seq_len=cache_len)
+    try:
+        for layer, cache in enumerate(_caches(model)):
+            for b, kv in enumerate(prefix_kv):
+                if kv is not None:
+                    k, v = kv[layer]
+                    cache.k_cache[b, :, : k.shape[1]] = k
+                    cache.v_cache[b, :, : v.shape[1]] = v
+            cache.cache_pos.add_(P)
+        keys = torch.arange(cache_len)
+        in_prefix = keys[None, :] < p_lens[:, None]  # [B, cache]
+        tokens = torch.zeros(n_rows, L, dtype=torch.long)
+        for b, s in enumerate(suffixes):
+            tokens[b, : len(s)] = torch.tensor(list(s))
+        query = torch.arange(L)
+        own = (keys[None, :] >= P) & (keys[None, :] <= P + query[:, None])  # [L, cache]: own suffix, causal
+        mask = in_prefix[:, None, :] | own[None]
+        input_pos = p_lens[:, None] + query[None, :]
+        h = _hidden(model, tokens.to(device), mask.to(device), input_pos.to(device))
+        logits = model.unembed(h[torch.arange(n_rows), s_lens - 1][:, None])[:, 0].float()
+        processed = n_rows * L
+        suffix_visible = in_prefix | ((keys[None, :] >= P) & (keys[None, :] < P + s_lens[:, None]))
+        for t in range(max_new_tokens):
             ids, all_done = step(logits)
-            if all_done:
-                return processed
-            k_seg, k_branch = torch.cat([k_seg, row_seg]), torch.cat([k_branch, row_branch])
-            q_index = torch.arange(len(k_seg) - n_rows, len(k_seg))
-            step_mask = torch.zeros(1, n_rows, cache_len, dtype=torch.bool)
-            step_mask[0, :, : len(k_seg)] = visibility(row_seg, row_branch, q_index, k_seg, k_branch)
-            logits = model(torch.tensor([ids], device=device), mask=step_mask.to(device),
-                           input_pos=next_pos[None].to(device))[0].float()
+            if all_done or t == max_new_tokens - 1:
+                break
+            new_visible = (keys >= P + L) & (keys <= P + L + t)
+            mask_t = (suffix_visible | new_visible[None, :])[:, None, :]
+            pos_t = (p_lens + s_lens + t)[:, None]
+            out = model(torch.tensor(ids, device=device)[:, None], mask=mask_t.to(device), input_pos=pos_t.to(device))
+            logits = out[:, -1].float()
             processed += n_rows
-            next_pos = next_pos + 1
-        step(logits)
         return processed
     finally:
         _delete_caches(model)
@@ -317,9 +306,9 @@ class RatingPredictor:
     tokenizer: object
     device: str | torch.device = "cpu"
     max_seq_len: int | None = None  # default: the tokenizer's max_seq_len
-    token_budget: int = 2048  # tokens per packed forward pass
-    max_rows_per_segment: int = 16  # rows sharing one copy of a user's prefix in a pass
-    share_prefix: bool = True
+    batch_size: int = 16  # rows per forward pass
+    token_budget: int = 8192  # suffix tokens (with padding) per forward pass
+    share_prefix: bool = True  # run each user's shared prompt prefix once
     progress: bool = True
     stats: PredictStats = field(default_factory=PredictStats)
 
@@ -330,22 +319,40 @@ class RatingPredictor:
         self._vocab = self.model.tok_embeddings.num_embeddings
         self._fit = FitToLength(self.tokenizer, self.max_seq_len)
 
-    # -- inputs
     def encode(self, parts_list: Iterable[PromptParts]) -> list[list[int]]:
         return [encode_prompt(self._fit, p, self.answer) for p in parts_list]
 
-    def _segments(self, prompts, groups) -> list[Segment]:
-        segments = build_segments(prompts, groups, self.max_rows_per_segment, self.share_prefix)
+    def _run(self, prompts, groups, step_for: Callable, max_new_tokens: int, desc: str) -> None:
+        """Plan batches, prefill each group's prefix once, and decode every batch with ``step_for(batch)``."""
+        prefixes, batches = plan_batches(prompts, groups, self.batch_size, self.token_budget, self.share_prefix)
         self.stats.rows += len(prompts)
         self.stats.prompt_tokens += sum(map(len, prompts))
-        shared = build_segments(prompts, groups, max_rows=len(prompts) or 1, share_prefix=True)
-        self.stats.floor_tokens += sum(s.n_tokens for s in shared)
-        return segments
-
-    def _forward(self, pack) -> torch.Tensor:
-        self.stats.forward_passes += 1
-        self.stats.tokens_processed += sum(s.n_tokens for s in pack)
-        return last_token_logits(self.model, pack, self.device)
+        floor_prefixes = plan_batches(prompts, groups, share_prefix=True)[0]
+        self.stats.floor_tokens += sum(map(len, prompts)) - sum(
+            len(floor_prefixes[g]) for g in groups) + sum(map(len, floor_prefixes.values()))
+        remaining = {g: 0 for g in prefixes}
+        for batch in batches:
+            for g in batch.groups:
+                remaining[g] += 1
+        cached: dict = {}
+        bar = tqdm(total=len(prompts), desc=desc, unit="row", disable=not self.progress, leave=False)
+        for batch in batches:
+            for g in dict.fromkeys(batch.groups):
+                if g not in cached:
+                    cached[g] = prefill_prefix(self.model, prefixes[g], self.device) if prefixes[g] else None
+                    self.stats.tokens_processed += len(prefixes[g])
+                    self.stats.forward_passes += bool(prefixes[g])
+            kv = [cached[g] for g in batch.groups]
+            self.stats.tokens_processed += decode_batch(
+                self.model, kv, batch.suffixes, step_for(batch), max_new_tokens, self.device
+            )
+            self.stats.forward_passes += 1
+            for g in batch.groups:
+                remaining[g] -= 1
+                if remaining[g] == 0:
+                    cached.pop(g, None)
+            bar.update(len(batch.rows))
+        bar.close()
 
     # -- scoring mode
     def score(self, prompts: Sequence[Sequence[int]], groups: Sequence) -> pd.DataFrame:
@@ -354,12 +361,16 @@ class RatingPredictor:
         probs = np.zeros((len(prompts), 5))
         mass = np.zeros(len(prompts))
         ids = torch.tensor(self.answer.rating_ids)
-        packs = pack_segments(self._segments(prompts, groups), self.token_budget)
-        for pack in tqdm(packs, desc="scoring", unit="pass", disable=not self.progress, leave=False):
-            logprobs = torch.log_softmax(self._forward(pack), dim=-1)[:, ids]
-            rows = [r for seg in pack for r in seg.rows]
-            mass[rows] = logprobs.exp().sum(-1).numpy()
-            probs[rows] = torch.softmax(logprobs, dim=-1).numpy()
+
+        def step_for(batch):
+            def step(logits):
+                logprobs = torch.log_softmax(logits, dim=-1)[:, ids]
+                mass[batch.rows] = logprobs.exp().sum(-1).cpu().numpy()
+                probs[batch.rows] = torch.softmax(logprobs, dim=-1).cpu().numpy()
+                return None, True
+            return step
+
+        self._run(prompts, groups, step_for, 1, "scoring")
         out = pd.DataFrame(probs, columns=PROB_COLUMNS)
         out["rating_mass"] = mass
         out["expected_rating"] = probs @ RATING_VALUES
@@ -372,30 +383,24 @@ class RatingPredictor:
     ) -> pd.DataFrame:
         """raw_text, parsed_rating (NaN if none) and n_new_tokens per prompt. ``keys`` seed each row's sampling."""
         parse = get_parser(gen.parser)
-        n = len(prompts)
-        generated: list[list[int]] = [[] for _ in range(n)]
+        generated: list[list[int]] = [[] for _ in prompts]
         rngs = [row_generator(gen.seed, k) for k in keys]
-        done = np.zeros(n, dtype=bool)
+        done = np.zeros(len(prompts), dtype=bool)
         stops = set(self.answer.stop_ids)
-        packs = pack_segments(self._segments(prompts, groups), self.token_budget)
-        bar = tqdm(total=n, desc="generating", unit="row", disable=not self.progress, leave=False)
-        for pack in packs:
-            rows = [r for seg in pack for r in seg.rows]
 
-            def step(logits, rows=rows):
+        def step_for(batch):
+            def step(logits):
                 logits = top_p_filter(logits, gen.top_p, gen.temperature)
-                q = torch.cat([draw_q(self._vocab, rngs[r]) for r in rows])
+                q = torch.cat([draw_q(self._vocab, rngs[r]) for r in batch.rows]).to(logits.device)
                 ids = tt_sample(logits, temperature=gen.temperature, top_k=gen.top_k, q=q)[:, 0].tolist()
-                for r, t in zip(rows, ids):
+                for r, t in zip(batch.rows, ids):
                     if not done[r]:
                         generated[r].append(int(t))
                         done[r] = t in stops
-                return ids, bool(done[rows].all())
+                return ids, bool(done[batch.rows].all())
+            return step
 
-            self.stats.forward_passes += 1
-            self.stats.tokens_processed += generate_pack(self.model, pack, step, gen.max_new_tokens, self.device)
-            bar.update(len(rows))
-        bar.close()
+        self._run(prompts, groups, step_for, gen.max_new_tokens, "generating")
         texts = [self.decode(g) for g in generated]
         return pd.DataFrame(
             {"raw_text": texts, "parsed_rating": [parse(t) for t in texts],

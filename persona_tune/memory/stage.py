@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,6 @@ INPUTS = ("items.parquet", "distill/profiles.parquet", "distill/memories.parquet
 class MemoryVectors:
     """Everything retrieval and clustering need, as stored under memory/."""
 
-    backend: str
     model: str
     dim: int
     item_ids: np.ndarray
@@ -87,9 +87,11 @@ def compute_vectors(
     run: RunFolder, embedder, batch_size: int, cache: EmbeddingCache | None = None
 ) -> MemoryVectors:
     """Embed items, profiles and memories of a run (pure: writes nothing but the cache)."""
-    items = run.read_table("items.parquet", columns=["item_id", "text"])
     profiles = run.read_table("distill/profiles.parquet", columns=["user_id", "profile"])
     memories = load_memories(run)
+    items = run.read_table("items.parquet", columns=["item_id", "text"])
+    rated = pd.concat([query_rows(run)["item_id"], memories["item_id"]]).unique()
+    items = items[items["item_id"].isin(rated)].reset_index(drop=True)  # only items a row or memory needs
 
     item_vectors = embed_texts(embedder, items["text"].fillna(""), batch_size, cache, desc="embed items")
     profile_vectors = embed_texts(embedder, profiles["profile"].fillna(""), batch_size, cache, desc="embed profiles")
@@ -106,7 +108,6 @@ def compute_vectors(
         )
     memory_vectors = l2_normalise(item_vectors[item_pos] + explanation_vectors)
     return MemoryVectors(
-        backend="",
         model=embedder.name,
         dim=int(item_vectors.shape[1]),
         item_ids=items["item_id"].to_numpy(np.int64),
@@ -137,7 +138,6 @@ def load_vectors(run: RunFolder) -> MemoryVectors:
     d = run.memory_dir
     meta = json.loads((d / "embeddings.json").read_text())
     return MemoryVectors(
-        backend=meta["backend"],
         model=meta["model"],
         dim=int(meta["dim"]),
         item_ids=pd.read_parquet(d / "item_ids.parquet")["item_id"].to_numpy(np.int64),
@@ -147,14 +147,6 @@ def load_vectors(run: RunFolder) -> MemoryVectors:
         memory_ids=pd.read_parquet(d / "memory_ids.parquet"),
         memory_vectors=np.load(d / "memory_vectors.npy"),
     )
-
-
-def load_profile_vectors(run_dir) -> tuple[np.ndarray, np.ndarray]:
-    """(user_ids, float32 [n_users, d]) from memory/; what `personas` clusters."""
-    run = RunFolder(run_dir)
-    run.require("memory/profile_vectors.npy")
-    ids = pd.read_parquet(run.path("memory/profile_ids.parquet"))["user_id"].to_numpy(np.int64)
-    return ids, np.load(run.path("memory/profile_vectors.npy"))
 
 
 def _input_hashes(run: RunFolder) -> dict[str, str]:
@@ -225,7 +217,6 @@ def run_embed(
             if cache is not None:
                 cache.close()
         save_vectors(run, vectors)
-    vectors.backend = backend
 
     rows = query_rows(run)
     retrieved = retrieve(
@@ -272,15 +263,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="minimum cosine similarity")
     parser.add_argument("--query", choices=QUERY_FORMS, default="user+item", help="what the query embeds")
     parser.add_argument("--batch-size", type=int, default=None, help=f"texts per request (defaults: {DEFAULT_BATCH_SIZES})")
-    parser.add_argument("--base-url", default=None, help="openai backend: endpoint (default $OPENAI_BASE_URL); key from $OPENAI_API_KEY")
+    parser.add_argument("--base-url", default=None, help="openai backend: endpoint (default $OPENAI_BASE_URL)")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai backend: environment variable holding the key")
     parser.add_argument("--device", default="cpu", help="local backend: torch device")
     parser.add_argument("--force", action="store_true", help="recompute vectors even if current ones exist")
 
 
 def main(args: argparse.Namespace) -> int:
     kwargs = {}
-    if args.backend == "openai" and args.base_url:
+    if args.backend == "openai":
         kwargs["base_url"] = args.base_url
+        kwargs["api_key"] = os.environ.get(args.api_key_env)
     if args.backend == "local":
         kwargs["device"] = args.device
     summary = run_embed(

@@ -37,6 +37,11 @@ import numpy as np
 ITEM_LINE = re.compile(r"item_id (\d+) \| rating (\d) \| ([^|\n]*?) \|")
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default listen backlog (5) drops connections when 32 clients connect at once
+
+
 @dataclass
 class Faults:
     rate_429: float = 0.0
@@ -118,8 +123,7 @@ class FakeOpenAIServer:
         self.auth_seen: set[str] = set()
         self._lock = threading.Lock()
         self._release = threading.Event()
-        self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
-        self._httpd.daemon_threads = True
+        self._httpd = _Server((host, port), self._handler_class())
         self._thread: threading.Thread | None = None
 
     @property
@@ -181,6 +185,7 @@ class FakeOpenAIServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
 
             def log_message(self, *args) -> None:  # quiet
                 pass

@@ -1,0 +1,79 @@
+"""The persona_eval recipe through `tune run` (subprocess), in both modes, resuming per persona."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.test_eval_predict import eval_run
+
+REPO = Path(__file__).resolve().parent.parent
+TUNE = str(Path(sys.executable).with_name("tune"))
+
+
+def tune_eval(run: Path, tiny: Path, *overrides: str, recipe="persona_eval", config="tiny_persona/eval", cwd=None):
+    cmd = [TUNE, "run", recipe, "--config", config, f"run_dir={run}", f"model_dir={tiny / 'model'}",
+           "metrics.n_boot=50", "batching.progress=False", "num_threads=1", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.recipe
+def test_recipe_both_modes_and_resume(tmp_path_factory):
+    run, tiny = eval_run(tmp_path_factory)
+    tune_eval(run, tiny, "mode=both", "max_rows=12", cwd=tmp_path_factory.mktemp("cwd"))
+    out = run / "eval" / "persona"
+    preds = pd.read_parquet(out / "predictions.parquet")
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    test = pd.read_parquet(run / "ratings_test.parquet")
+    personas = pd.read_parquet(run / "personas/assignments.parquet").set_index("user_id")["persona"]
+    assert set(preds["mode"]) == {"scoring", "paper"} and set(preds["persona"]) == {0, 1}
+    for mode, block in preds.groupby("mode"):
+        assert not block.duplicated(["user_id", "item_id"]).any()
+        merged = block.merge(test, on=["user_id", "item_id"], suffixes=("", "_true"))
+        assert len(merged) == len(block) and (merged["rating"] == merged["rating_true"]).all()
+        assert (block["persona"] == block["user_id"].map(personas)).all()
+    scoring = preds[preds["mode"] == "scoring"]
+    np.testing.assert_allclose(scoring[["p1", "p2", "p3", "p4", "p5"]].sum(1), 1.0, atol=1e-6)
+    assert scoring["expected_rating"].between(1, 5).all() and scoring["argmax_rating"].isin([1, 2, 3, 4, 5]).all()
+    paper = preds[preds["mode"] == "paper"]
+    assert paper["raw_text"].map(type).eq(str).all()
+
+    m = metrics["modes"]["scoring"]["prediction"]["overall"]
+    assert m["urr"] == 0.0 and m["n"] == len(scoring)
+    assert m["rmse"] == pytest.approx(float(np.sqrt(((scoring.expected_rating - scoring.rating) ** 2).mean())))
+    urr = metrics["modes"]["paper"]["prediction"]["overall"]["urr"]
+    assert urr == pytest.approx(paper["parsed_rating"].isna().mean())
+    assert set(metrics["modes"]["scoring"]["prediction"]["by"]) >= {"persona", "activity", "conformity", "diversity"}
+    assert set(metrics["train_rows"]) == {"0", "1"}
+
+    # Personas with predictions are skipped; a different config recomputes.
+    proc = tune_eval(run, tiny, "mode=both", "max_rows=12", recipe=str(REPO / "recipes/persona_eval.py").replace(str(REPO) + "/", ""),
+                     config="configs/tiny_persona/eval.yaml")
+    assert proc.stderr.count("predictions exist, skipped") + proc.stdout.count("predictions exist, skipped") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.recipe
+def test_recipe_prompted_and_single_adapter(tmp_path_factory):
+    run, tiny = eval_run(tmp_path_factory)
+    from tests.test_eval_predict import write_adapter
+
+    write_adapter(run / "adapters" / "single_max" / "epoch_0", seed=5)
+    tune_eval(run, tiny, "variant=prompted", "adapter_dir=null", "max_rows=8")
+    tune_eval(run, tiny, "variant=single_max", f"adapter_dir={run}/adapters/single_max", "max_rows=8")
+    prompted = pd.read_parquet(run / "eval/prompted/predictions.parquet")
+    single = pd.read_parquet(run / "eval/single_max/predictions.parquet")
+    assert prompted[["user_id", "item_id"]].equals(single[["user_id", "item_id"]])
+    assert not np.allclose(prompted["p1"], single["p1"])  # the adapter changes the model

@@ -1,0 +1,113 @@
+"""Smoke tests of the real `tune run` commands on the tiny model and a prepared+distilled run.
+
+Each `tune run` costs ~10-20 s of imports, so the run folder and the tiny model are built once per
+session (``ready_run``) and every run is kept to a few steps on short prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from persona_tune import cli
+from persona_tune._hook import resource_dirs
+from persona_tune.configgen import generate_configs
+from persona_tune.train import final_adapter, metrics_log, read_metrics
+from tests.fixtures_runs import make_prepared_run
+
+pytestmark = [pytest.mark.recipe, pytest.mark.slow]
+
+TUNE = str(Path(sys.executable).with_name("tune"))
+# Short prompts (the dataset drops memories and trims the profile to fit) keep each step cheap.
+FAST = ["tokenizer.max_seq_len=384", "epochs=1"]
+
+
+def build_ready_run(base: Path) -> tuple[Path, Path]:
+    """(run folder after prepare, distill, embed, personas and tiny configs; tiny model folder).
+
+    Built once under ``base``; later callers (other test modules too) reuse it.
+    """
+    run, tiny, done = base / "ready" / "run", base / "tiny", base / "ready.done"
+    if done.exists():
+        return run, tiny
+    from persona_tune.models.tiny import write_tiny_phi3
+
+    make_prepared_run(base / "ready", n_users=12, seed=0)
+    for argv in (["distill", "--backend", "offline"], ["embed", "--backend", "hash"], ["personas", "--k", "2"]):
+        assert cli.main([argv[0], "--run", str(run), *argv[1:]]) == 0, argv
+    write_tiny_phi3(tiny, seed=0)
+    generate_configs(run, family="tiny", overrides=[f"model_dir={tiny / 'model'}"])
+    done.touch()
+    return run, tiny
+
+
+@pytest.fixture(scope="session")
+def ready_run(tmp_path_factory) -> tuple[Path, Path]:
+    return build_ready_run(tmp_path_factory.getbasetemp())
+
+
+def tune_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_TUNE_")}
+    proc = subprocess.run([TUNE, "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"tune run {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def check_trained(out: Path, steps: int) -> list[dict]:
+    """The DiskLogger log has ``steps`` steps with a falling loss, and a LoRA adapter was saved."""
+    metrics = read_metrics(metrics_log(out))
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    losses = [m["loss"] for m in metrics]
+    assert losses[-1] < losses[0], losses
+    adapter = final_adapter(out)
+    assert adapter is not None and adapter.parent.name == "epoch_0"
+    state = torch.load(adapter, map_location="cpu", weights_only=True)
+    assert state and all("lora" in k for k in state), sorted(state)[:5]
+    assert any(k.endswith("attn.q_proj.lora_a.weight") for k in state)
+    return metrics
+
+
+def test_single_device_new_config_by_name_with_overrides(ready_run, tmp_path):
+    """A persona config dropped into configs/tiny_persona/ runs by name, from another directory,
+    and key=value overrides (persona, steps, lr) reach the recipe."""
+    run, tiny = ready_run
+    name = f"persona_9test{os.getpid()}"
+    new_config = resource_dirs()[0] / "tiny_persona" / f"{name}.yaml"
+    shutil.copy(resource_dirs()[0] / "tiny_persona" / "persona_0.yaml", new_config)
+    out = tmp_path / "out"
+    try:
+        tune_run(
+            ["lora_finetune_single_device", "--config", f"tiny_persona/{name}", f"run_dir={run}",
+             f"model_dir={tiny / 'model'}", f"output_dir={out}", "persona=1", "max_steps_per_epoch=4",
+             "optimizer.lr=0.02", *FAST],
+            cwd=tmp_path,
+        )
+    finally:
+        new_config.unlink()
+    metrics = check_trained(out, steps=4)
+    lrs = [m["lr"] for m in metrics]
+    assert all(0 <= lr <= 0.02 for lr in lrs) and lrs[0] > 0.015  # cosine decay from the overridden 0.02
+    used = OmegaConf.load(out / "torchtune_config.yaml")
+    assert (used.dataset.persona, used.dataset.run_dir, used.tokenizer.max_seq_len) == (1, str(run), 384)
+
+
+def test_distributed_two_processes_on_generated_config(ready_run, tmp_path):
+    """`tune run --nproc_per_node 2 lora_finetune_distributed` on RUN/configs/persona_0.yaml (by path);
+    on a CPU-only torch this needs the hook's gloo patches."""
+    run, _ = ready_run
+    out = tmp_path / "out"
+    proc = tune_run(
+        ["--nproc_per_node", "2", "lora_finetune_distributed", "--config", str(run / "configs" / "persona_0.yaml"),
+         f"output_dir={out}", "max_steps_per_epoch=3", *FAST],
+        cwd=tmp_path,
+    )
+    check_trained(out, steps=3)
+    if not torch.distributed.is_nccl_available():
+        assert "CPU peak memory allocation" in proc.stdout + proc.stderr  # the patched memory stats
