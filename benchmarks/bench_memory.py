@@ -1,6 +1,7 @@
 """Benchmarks: memory retrieval, the torchtune dataset build, and persona clustering.
 
     python benchmarks/bench_memory.py [--small RUN] [--large RUN] [--sample 20000] [--json OUT]
+    python benchmarks/bench_memory.py --only none --scores RUN [RUN ...]
 
 --small: the paper's 200-user ML-1M run; --large: every user of the partial ML-1M file. A missing
 run is built from ../shared/data (prepare, offline distill, hash embed) in a temporary folder.
@@ -13,6 +14,7 @@ run is built from ../shared/data (prepare, offline distill, hash embed) in a tem
 2. retrieval: retrieve() for every train + test row of the large run with random 384-d vectors
    (MiniLM's width) in place of real embeddings: seconds and peak memory.
 3. KMeans++ (K=4, n_init=10, the personas stage's call) on 100,000 x 384 synthetic vectors.
+4. --scores: the top-1 cosine of every row of embedded runs, without a threshold (to choose delta).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def bench_build(run: Path, tok, tmp: Path, sample: int | None, seed: int = 0) ->
             messages = render_messages(r.parts[i], int(r.rating[i]))
             f.write(json.dumps({"messages": [{"role": m.role, "content": m.text_content} for m in messages]}) + "\n")
     t2 = time.perf_counter()
-    theirs = chat_dataset(tok, source="json", data_files=str(path), conversation_style="openai", split="train")
+    theirs = chat_dataset(tok, source="json", data_files=str(path), conversation_style="openai", conversation_column="messages", split="train")
     t_theirs_construct = time.perf_counter() - t2
     theirs_tokens = [theirs[j]["tokens"] for j in range(len(theirs))]
     t_theirs = time.perf_counter() - t2
@@ -144,6 +146,25 @@ def bench_retrieval(run: Path, dim: int = 384, seed: int = 0) -> dict:
     return out
 
 
+def score_distribution(run: Path) -> dict:
+    """Top-1 cosine of every row with no threshold, per query form, from the run's stored vectors."""
+    from persona_tune.memory.retrieval import retrieve
+    from persona_tune.memory.stage import load_vectors, query_rows
+    from persona_tune.runfolder import RunFolder
+
+    r = RunFolder(run)
+    v, rows = load_vectors(r), query_rows(r)
+    out = {"model": v.model, "rows": len(rows)}
+    for query in ("item", "user+item"):
+        got = retrieve(rows, v.memory_ids, v.memory_vectors, v.item_ids, v.item_vectors, k=1, delta=-1.0,
+                       query=query, profile_ids=v.profile_ids, profile_vectors=v.profile_vectors, progress=False)
+        s = got["score"].to_numpy()
+        out[query] = {"quantiles_1_5_25_50": np.round(np.quantile(s, [0.01, 0.05, 0.25, 0.5]), 3).tolist()} | {
+            f"share_at_least_{d}": round(float((s >= d).mean()), 3) for d in (0.3, 0.5, 0.7)
+        }
+    return out
+
+
 def bench_kmeans(n: int = 100_000, dim: int = 384, k: int = 4, seed: int = 0) -> dict:
     from persona_tune.memory.embeddings import l2_normalise
     from persona_tune.personas import kmeans
@@ -162,7 +183,10 @@ def main() -> None:
     p.add_argument("--small", type=Path, help="200-user ML-1M run (built if absent)")
     p.add_argument("--large", type=Path, help="all-users run of the partial ML-1M file (built if absent)")
     p.add_argument("--sample", type=int, default=20_000, help="rows tokenized on the large run")
-    p.add_argument("--only", nargs="+", default=["build", "retrieval", "kmeans"], choices=["build", "retrieval", "kmeans"])
+    p.add_argument("--only", nargs="+", default=["build", "retrieval", "kmeans"],
+                   choices=["build", "retrieval", "kmeans", "none"], help="sections to run ('none': only --scores)")
+    p.add_argument("--scores", type=Path, nargs="*", default=[],
+                   help="embedded runs whose top-1 score distribution to report (for choosing delta)")
     p.add_argument("--json", type=Path, help="write the results here too")
     args = p.parse_args()
 
@@ -179,6 +203,8 @@ def main() -> None:
             results["build_all_users"] = bench_build(large, tok, tmp, sample=args.sample)
         if "retrieval" in args.only:
             results["retrieval_all_users"] = bench_retrieval(large)
+        for run in args.scores:
+            results[f"scores {run}"] = score_distribution(run)
         if "kmeans" in args.only:
             results["kmeans"] = bench_kmeans()
         results["load_average_at_end"] = os.getloadavg()

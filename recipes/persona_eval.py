@@ -3,7 +3,10 @@
 Evaluate persona user agents on a run folder's test rows.
 
     tune run persona_eval --config tiny_persona/eval run_dir=RUN
-    tune run recipes/persona_eval.py --config configs/tiny_persona/eval.yaml run_dir=RUN
+    python recipes/persona_eval.py --config configs/tiny_persona/eval.yaml run_dir=RUN   # from the repo root
+
+(``tune run recipes/persona_eval.py`` does not work: torchtune's wheel installs a top-level ``recipes``
+package that shadows this folder; the start-up hook registers the name ``persona_eval`` instead.)
 
 For each persona (one adapter each when ``adapter_dir`` holds ``{persona}``, else one adapter or none
 for every persona's users): load the base model through the config's checkpointer and model builder,
@@ -135,6 +138,7 @@ class PersonaEvalRecipe:
         profiles_file = self.run.path("distill/profiles.parquet")
         profiles = pd.read_parquet(profiles_file) if profiles_file.exists() else None
         out = {"variant": self.cfg.variant, "memory": self.cfg.memory, "adapter_dir": self.cfg.adapter_dir,
+               "model_component": self.cfg.model._component_, "model_dir": str(self.cfg.model_dir),
                "per_persona_adapter": "{persona}" in str(self.cfg.adapter_dir or ""),
                "unparsable_rule": m.unparsable, "modes": {}, "timing": {}, "train_rows": {}}
         for mode, block in predictions.groupby("mode", sort=True):

@@ -40,7 +40,11 @@ def write_adapter(path: Path, seed: int, scale: float = 0.3) -> Path:
 
 
 def eval_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(run folder, tiny model folder), built once per test session."""
+    """(run folder, tiny model folder), built once per test session.
+
+    RUN/configs/ holds the tiny family's training configs (`persona-tune configs --family tiny`);
+    RUN/adapters/persona_{0,1}/epoch_1/adapter_model.pt stand in for trained adapters.
+    """
     if "run" not in _RUNS:
         root = tmp_path_factory.mktemp("eval_run")
         run = make_prepared_run(root, n_users=8, seed=0)
@@ -49,6 +53,7 @@ def eval_run(tmp_path_factory) -> tuple[Path, Path]:
                      ["personas", "--run", str(run), "--k", "2"]):
             assert cli_main(argv) == 0, argv
         tiny = write_tiny_phi3(root / "tiny", seed=0)
+        assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--set", f"model_dir={tiny / 'model'}"]) == 0
         for k in (0, 1):
             write_adapter(run / "adapters" / f"persona_{k}" / "epoch_1", seed=k)
         _RUNS["run"] = (run, tiny)

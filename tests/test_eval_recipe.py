@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 TUNE = str(Path(sys.executable).with_name("tune"))
 
 
-def tune_eval(run: Path, tiny: Path, *overrides: str, recipe="persona_eval", config="tiny_persona/eval", cwd=None):
-    cmd = [TUNE, "run", recipe, "--config", config, f"run_dir={run}", f"model_dir={tiny / 'model'}",
+def tune_eval(run: Path, tiny: Path, *overrides: str, launcher=(TUNE, "run", "persona_eval"), config="tiny_persona/eval",
+              cwd=None):
+    cmd = [*launcher, "--config", config, f"run_dir={run}", f"model_dir={tiny / 'model'}",
            "metrics.n_boot=50", "batching.progress=False", "num_threads=1", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=600)
@@ -45,7 +46,7 @@ def test_recipe_both_modes_and_resume(tmp_path_factory):
         assert len(merged) == len(block) and (merged["rating"] == merged["rating_true"]).all()
         assert (block["persona"] == block["user_id"].map(personas)).all()
     scoring = preds[preds["mode"] == "scoring"]
-    np.testing.assert_allclose(scoring[["p1", "p2", "p3", "p4", "p5"]].sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(scoring[["p1", "p2", "p3", "p4", "p5"]].sum(axis=1), 1.0, atol=1e-6)
     assert scoring["expected_rating"].between(1, 5).all() and scoring["argmax_rating"].isin([1, 2, 3, 4, 5]).all()
     paper = preds[preds["mode"] == "paper"]
     assert paper["raw_text"].map(type).eq(str).all()
@@ -58,10 +59,11 @@ def test_recipe_both_modes_and_resume(tmp_path_factory):
     assert set(metrics["modes"]["scoring"]["prediction"]["by"]) >= {"persona", "activity", "conformity", "diversity"}
     assert set(metrics["train_rows"]) == {"0", "1"}
 
-    # Personas with predictions are skipped; a different config recomputes.
-    proc = tune_eval(run, tiny, "mode=both", "max_rows=12", recipe=str(REPO / "recipes/persona_eval.py").replace(str(REPO) + "/", ""),
+    # Run again (the recipe file run directly by python): personas with predictions are skipped.
+    proc = tune_eval(run, tiny, "mode=both", "max_rows=12", launcher=(sys.executable, "recipes/persona_eval.py"),
                      config="configs/tiny_persona/eval.yaml")
-    assert proc.stderr.count("predictions exist, skipped") + proc.stdout.count("predictions exist, skipped") == 2
+    assert (proc.stderr + proc.stdout).count("predictions exist, skipped") == 2
+    assert pd.read_parquet(out / "predictions.parquet").equals(preds)
 
 
 @pytest.mark.slow

@@ -92,12 +92,6 @@ def compute_vectors(
     items = run.read_table("items.parquet", columns=["item_id", "text"])
     rated = pd.concat([query_rows(run)["item_id"], memories["item_id"]]).unique()
     items = items[items["item_id"].isin(rated)].reset_index(drop=True)  # only items a row or memory needs
-
-    item_vectors = embed_texts(embedder, items["text"].fillna(""), batch_size, cache, desc="embed items")
-    profile_vectors = embed_texts(embedder, profiles["profile"].fillna(""), batch_size, cache, desc="embed profiles")
-    explanation_vectors = embed_texts(
-        embedder, memories["explanation"].fillna(""), batch_size, cache, desc="embed memories"
-    )
     item_pos = pd.Index(items["item_id"]).get_indexer(memories["item_id"])
     if (item_pos < 0).any():
         first = int(np.flatnonzero(item_pos < 0)[0])
@@ -106,6 +100,12 @@ def compute_vectors(
             run.path("distill/memories.parquet"),
             line=first + 1,
         )
+
+    item_vectors = embed_texts(embedder, items["text"].fillna(""), batch_size, cache, desc="embed items")
+    profile_vectors = embed_texts(embedder, profiles["profile"].fillna(""), batch_size, cache, desc="embed profiles")
+    explanation_vectors = embed_texts(
+        embedder, memories["explanation"].fillna(""), batch_size, cache, desc="embed memories"
+    )
     memory_vectors = l2_normalise(item_vectors[item_pos] + explanation_vectors)
     return MemoryVectors(
         model=embedder.name,

@@ -158,9 +158,9 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
         )
         try:
             os.rename(tmp, root)
-        except OSError:
+        except OSError as e:
             if not (root / "source.json").is_file():  # not a concurrent conversion that won the race
-                raise
+                raise ConfigError(f"{root} exists but is not a finished conversion: remove it and retry ({e})")
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)

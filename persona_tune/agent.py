@@ -1,0 +1,178 @@
+"""UserAgent: query a trained run's user agents, as a recommender simulation does.
+
+    from persona_tune.agent import UserAgent
+
+    agent = UserAgent.from_run("runs/demo", variant="persona")        # or "single_max", "prompted", ...
+    agent.rate(42, [1193, 661, "A heist film set in 1970s Lyon, starring ..."])
+    agent.rate_many(pd.DataFrame({"user_id": [42, 7], "item": [1193, 2355]}))
+
+An agent holds the base model once and each persona's adapter (swapped in per persona), the
+users' profiles (M_s, traits) and the memory index (M_l vectors). ``rate`` builds the same prompt
+training used (persona_tune.prompts): profile and traits, the user's top-k train memories
+retrieved for the item (cosine >= delta, the run's embed settings), the item's text, and predicts
+with the shared core (persona_tune.evaluation.predict): in scoring mode the probability-weighted
+rating plus p1..p5, in paper mode a generated answer parsed to a rating (NaN when there is none).
+An item is an item_id of items.parquet or, for an item the run has never seen, its text; a new
+item's text is embedded with the run's embedding backend to retrieve memories.
+``rate_many`` batches users of the same persona together (one adapter load per persona).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import training, utils
+
+from persona_tune.errors import ConfigError, DataError
+from persona_tune.evaluation.loading import ModelLoader, adapter_path
+from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, check_modes, predict_rows
+from persona_tune.prompts import PromptParts, check_memory_mode
+from persona_tune.runfolder import RunFolder
+
+
+class UserAgent:
+    """Rating agents of one run folder and one trained variant (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig, mode: str = "scoring"):
+        self.cfg = cfg
+        self.mode = check_modes(mode)[0] if mode != "both" else "both"
+        self.run = RunFolder(cfg.run_dir)
+        self.memory = check_memory_mode(cfg.memory)
+        self.run.require("items.parquet", "ratings_train.parquet")
+        device = utils.get_device(device=cfg.device)
+        self.loader = ModelLoader(cfg, device, training.get_dtype(cfg.dtype, device=device))
+        batching = OmegaConf.to_container(cfg.batching, resolve=True) | {"progress": False}
+        self.predictor = RatingPredictor(self.loader.model, self.loader.tokenizer, device=device,
+                                         max_seq_len=cfg.get("max_seq_len"), **batching)
+        self.generation = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
+        self._load_tables()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, variant: str = "persona", *, family: str | None = None,
+                 memory: str = "ms+ml", mode: str = "scoring", overrides: Sequence[str] = ()) -> "UserAgent":
+        """The agent of a trained variant, configured as `persona-tune eval` would evaluate it."""
+        from persona_tune.evaluation.run import build_eval_config, run_family
+
+        run = RunFolder(run_dir)
+        cfg = build_eval_config(run, variant, run_family(run, family), memory, "scoring", list(overrides))
+        return cls(cfg, mode=mode)
+
+    # ---------------------------------------------------------------- tables
+    def _load_tables(self) -> None:
+        run = self.run
+        items = run.read_table("items.parquet", columns=["item_id", "text"])
+        self.item_text = items.set_index("item_id")["text"]
+        assignments = run.path("personas/assignments.parquet")
+        self.persona_of = (pd.read_parquet(assignments).set_index("user_id")["persona"] if assignments.exists()
+                           else pd.Series(dtype="int64"))
+        self.profiles = None
+        if self.memory in ("ms", "ms+ml"):
+            self.profiles = run.read_table("distill/profiles.parquet").set_index("user_id")
+        self.vectors = None
+        if self.memory in ("ms+ml", "ml"):
+            from persona_tune.memory.stage import load_vectors
+
+            run.require("memory/memory_vectors.npy", "distill/memories.parquet")
+            self.embed_meta = json.loads((run.memory_dir / "embeddings.json").read_text())
+            self.vectors = load_vectors(run)
+            explanations = run.read_table("distill/memories.parquet", columns=["user_id", "item_id", "explanation"])
+            self.explanation = explanations.set_index(["user_id", "item_id"])["explanation"]
+            self._embedder = None
+
+    def persona(self, user_id: int) -> int:
+        if user_id in self.persona_of.index:
+            return int(self.persona_of[user_id])
+        if "{persona}" in str(self.cfg.adapter_dir or ""):
+            raise DataError(f"user {user_id} has no persona in this run", path=self.run.path("personas/assignments.parquet"))
+        return -1
+
+    # ---------------------------------------------------------------- prompts
+    def _resolve_items(self, items: Sequence) -> tuple[list[int], list[str]]:
+        """Item ids (new texts get ids -1, -2, ...) and their texts."""
+        ids, texts = [], []
+        for n, item in enumerate(items):
+            if isinstance(item, str):
+                ids.append(-(n + 1))
+                texts.append(item)
+            else:
+                item_id = int(item)
+                if item_id not in self.item_text.index:
+                    raise DataError(f"item {item_id} is not in items.parquet; pass the item's text instead",
+                                    path=self.run.items)
+                ids.append(item_id)
+                texts.append(self.item_text[item_id])
+        return ids, texts
+
+    def _memories(self, user_ids: list[int], item_ids: list[int], texts: list[str]) -> list[tuple]:
+        """Top-k train memories of each (user, item), with the run's embed settings."""
+        from persona_tune.memory.embeddings import build_embedder, embed_texts
+        from persona_tune.memory.retrieval import retrieve
+
+        v = self.vectors
+        item_ids_all, item_vectors = v.item_ids, v.item_vectors
+        new = sorted({(i, t) for i, t in zip(item_ids, texts) if i < 0})
+        if new:
+            if self._embedder is None:
+                self._embedder = build_embedder(self.embed_meta["backend"], self.embed_meta["model"])
+            vectors = embed_texts(self._embedder, [t for _, t in new])
+            item_ids_all = np.concatenate([item_ids_all, np.array([i for i, _ in new], dtype=np.int64)])
+            item_vectors = np.concatenate([item_vectors, vectors.astype(item_vectors.dtype)])
+        rows = pd.DataFrame({"split": "agent", "user_id": user_ids, "item_id": item_ids})
+        found = retrieve(rows, v.memory_ids, v.memory_vectors, item_ids_all, item_vectors,
+                         k=int(self.embed_meta["k"]), delta=float(self.embed_meta["delta"]),
+                         query=self.embed_meta.get("query", "item"), profile_ids=v.profile_ids,
+                         profile_vectors=v.profile_vectors, progress=False).sort_values(["user_id", "item_id", "rank"])
+        by_row: dict = {}
+        for r in found.itertuples():
+            text = self.explanation.get((r.user_id, r.memory_item_id))
+            if text is not None:
+                by_row.setdefault((r.user_id, r.item_id), []).append((self.item_text[r.memory_item_id], text))
+        return [tuple(by_row.get((u, i), ())) for u, i in zip(user_ids, item_ids)]
+
+    def prompt_rows(self, user_ids: Sequence[int], items: Sequence) -> pd.DataFrame:
+        """user_id, item_id, persona and the PromptParts of each (user, item) request."""
+        item_ids, texts = self._resolve_items(items)
+        user_ids = [int(u) for u in user_ids]
+        memories = (self._memories(user_ids, item_ids, texts) if self.vectors is not None
+                    else [()] * len(user_ids))
+        parts = []
+        for u, text, mem in zip(user_ids, texts, memories):
+            profile = traits = ""
+            if self.profiles is not None:
+                if u not in self.profiles.index:
+                    raise DataError(f"user {u} has no profile (M_s)", path=self.run.path("distill/profiles.parquet"))
+                profile, traits = self.profiles.at[u, "profile"], self.profiles.at[u, "traits_text"]
+            parts.append(PromptParts(item=text, profile=profile, traits=traits, memories=mem))
+        return pd.DataFrame({"user_id": user_ids, "item_id": item_ids,
+                             "persona": [self.persona(u) for u in user_ids], "parts": parts})
+
+    # ---------------------------------------------------------------- rating
+    def rate_many(self, requests: pd.DataFrame) -> pd.DataFrame:
+        """Rate every (user_id, item) of ``requests``; rows come back in request order.
+
+        Columns: user_id, item_id (negative for a new item given as text), persona, rating (the
+        mode's prediction), and the prediction columns (p1..p5, expected_rating, raw_text, ...).
+        """
+        if not {"user_id", "item"} <= set(requests.columns):
+            raise ConfigError("requests need the columns user_id and item (an item_id or an item text)")
+        rows = self.prompt_rows(requests["user_id"].tolist(), requests["item"].tolist())
+        rows["request"] = np.arange(len(rows))
+        modes = ["scoring", "paper"] if self.mode == "both" else [self.mode]
+        outputs = []
+        for persona, group in rows.groupby("persona", sort=True):  # one adapter load per persona
+            adapter = adapter_path(self.cfg.adapter_dir, int(persona), self.cfg.get("adapter_epoch"))
+            self.loader.load(adapter, merge=self.cfg.merge_adapter)
+            outputs.append(predict_rows(self.predictor, group.reset_index(drop=True), modes, self.generation))
+        out = pd.concat(outputs, ignore_index=True).sort_values(["request", "mode"], kind="stable")
+        out = out.rename(columns={"prediction": "rating"}).drop(columns=["request"])
+        return out.reset_index(drop=True)
+
+    def rate(self, user_id: int, items: Sequence) -> pd.DataFrame:
+        """One user's ratings of ``items`` (item ids or texts of new items), in order."""
+        return self.rate_many(pd.DataFrame({"user_id": [user_id] * len(items), "item": list(items)}))

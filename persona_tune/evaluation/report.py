@@ -1,0 +1,259 @@
+"""Collect a run's evaluation results into the paper's Table 1 layout, with CIs and plots.
+
+Writes RUN/eval/report.md and RUN/eval/results.json: one row per evaluated variant and mode (base
+model, adapter, memories; RMSE, MAE, URR with bootstrap 95% CIs over users), the classical
+baselines on the same test rows underneath, and the paper's own Table 1 for reference. Plots in
+RUN/eval/plots/: RMSE and MAE against each persona's training-set size (the paper's Figure 3),
+the elbow curve of the persona clustering (personas/elbow.png), and calibration (mean predicted
+rating per true rating). Prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from persona_tune.errors import StageMissingError
+from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text
+
+# Thakur et al. 2024, Table 1 (their split of ML-1M, 200 users): base, adapter, memories, RMSE, MAE, URR %.
+PAPER_TABLE_1 = [
+    ("LLaMA-3", "none", "M_s", 1.158, 0.847, 0.0),
+    ("LLaMA-3", "none", "M_s+M_l", 1.221, 0.883, 0.0),
+    ("LLaMA-3", "none", "M_l", 1.229, 0.888, 0.0),
+    ("Phi-3-Mini", "none", "M_s", 1.203, 0.863, 4.23),
+    ("Phi-3-Mini", "none", "M_s+M_l", 1.315, 0.952, 2.93),
+    ("Phi-3-Mini", "θ_single(max)", "M_s", 1.312, 0.940, 1.30),
+    ("Phi-3-Mini", "θ_single(min)", "M_s", 1.180, 0.848, 1.93),
+    ("Phi-3-Mini", "θ_single(max)", "M_s+M_l", 1.150, 0.834, 1.15),
+    ("Phi-3-Mini", "θ_single(min)", "M_s+M_l", 1.337, 1.042, 3.01),
+    ("Phi-3-Mini", "θ_persona", "M_s", 1.292, 0.937, 2.29),
+    ("Phi-3-Mini", "θ_persona", "M_s+M_l", 1.171, 0.881, 1.77),
+]
+MEMORY_NAMES = {"ms": "M_s", "ms+ml": "M_s+M_l", "ml": "M_l"}
+BASELINE_NAMES = {"global_mean": "global mean", "user_mean": "user mean (own train rows)",
+                  "item_mean": "item mean (all non-test ratings)", "bias": "user+item bias baseline",
+                  "mf": "matrix factorisation (bias + rank-8)"}
+
+
+def base_model_name(component: str) -> str:
+    c = component.lower()
+    if "tiny" in c:
+        return "tiny Phi-3 (test model)"
+    if "smollm2" in c:
+        return "SmolLM2-135M-Instruct"
+    if "phi3" in c:
+        return "Phi-3-Mini"
+    return component.rsplit(".", 1)[-1]
+
+
+def adapter_name(variant: str, per_persona: bool) -> str:
+    base = variant.rsplit("-", 1)[0] if variant.rsplit("-", 1)[-1] in ("ms", "msml", "ml") else variant
+    if per_persona or base == "persona":
+        return "θ_persona"
+    if base == "prompted":
+        return "none"
+    if base in ("single_min", "single_max"):
+        return f"θ_single({base.split('_')[1]})"
+    return base
+
+
+def _row(metrics: dict) -> dict:
+    o = metrics["overall"]
+    return {k: o[k] for k in ("rmse", "mae", "urr", "n", "n_scored", "n_users")} | {
+        f"{k}_ci": o["ci"][k] for k in ("rmse", "mae", "urr")}
+
+
+def collect(run: RunFolder) -> dict:
+    """Rows of the agents' table and the baselines' table from RUN/eval/*/metrics.json."""
+    agents, baselines = [], []
+    for path in sorted(run.eval_dir.glob("*/metrics.json")):
+        data = json.loads(path.read_text())
+        if data.get("kind") == "baselines":
+            for name, m in data["predictors"].items():
+                baselines.append({"predictor": BASELINE_NAMES.get(name, name), "key": name, **_row(m)})
+            continue
+        for mode, block in data["modes"].items():
+            agents.append({
+                "variant": data["variant"], "mode": mode,
+                "base_model": base_model_name(data.get("model_component", "")),
+                "adapter": adapter_name(data["variant"], data.get("per_persona_adapter", False)),
+                "memories": MEMORY_NAMES.get(data["memory"], data["memory"]),
+                "unparsable_rule": data.get("unparsable_rule"), **_row(block["prediction"]),
+            })
+    keys = list(BASELINE_NAMES)
+    baselines.sort(key=lambda r: keys.index(r["key"]) if r["key"] in keys else len(keys))
+    adapter_order = {"none": 0, "θ_single(max)": 1, "θ_single(min)": 2, "θ_persona": 4}
+    memory_order = {"M_s": 0, "M_s+M_l": 1, "M_l": 2}
+    agents.sort(key=lambda r: (r["base_model"], adapter_order.get(r["adapter"], 5),
+                               memory_order.get(r["memories"], 3) if r["adapter"] != "none" else 0,
+                               memory_order.get(r["memories"], 3), r["mode"]))
+    return {"agents": agents, "baselines": baselines}
+
+
+def _fmt(value, ci, pct=False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    scale = 100.0 if pct else 1.0
+    unit = "%" if pct else ""
+    digits = 1 if pct else 3
+    text = f"{value * scale:.{digits}f}{unit}"
+    if ci and not any(c is None or math.isnan(c) for c in ci):
+        text += f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+    return text
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| No. | Base model | Adapter(s) | Memories | Mode | RMSE (↓) | MAE (↓) | URR (↓) | rows |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(results["agents"]):
+        lines.append(f"| {i} | {r['base_model']} | {r['adapter']} | {r['memories']} | {r['mode']} | "
+                     f"{_fmt(r['rmse'], r['rmse_ci'])} | {_fmt(r['mae'], r['mae_ci'])} | "
+                     f"{_fmt(r['urr'], r['urr_ci'], pct=True)} | {r['n']} |")
+    if results["baselines"]:
+        lines += ["", "Classical baselines on the same test rows:", "",
+                  "| Predictor | RMSE (↓) | MAE (↓) | rows |", "|---|---|---|---|"]
+        for r in results["baselines"]:
+            lines.append(f"| {r['predictor']} | {_fmt(r['rmse'], r['rmse_ci'])} | {_fmt(r['mae'], r['mae_ci'])} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def paper_table() -> str:
+    lines = ["| No. | Base model | Adapter(s) | Memories | RMSE | MAE | URR |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {b} | {a} | {m} | {r:.3f} | {e:.3f} | {u:.2f}% |" for i, (b, a, m, r, e, u) in enumerate(PAPER_TABLE_1)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _savefig(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+
+
+def plot_training_size(run: RunFolder, out: Path) -> Path | None:
+    """RMSE and MAE of each persona adapter against its training-set size (the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = []
+    for path in sorted(run.eval_dir.glob("*/metrics.json")):
+        data = json.loads(path.read_text())
+        if not data.get("per_persona_adapter") or not data.get("train_rows"):
+            continue
+        for mode, block in data["modes"].items():
+            by = block["prediction"]["by"].get("persona", {})
+            pts = sorted((data["train_rows"][p], m["rmse"], m["mae"], p) for p, m in by.items() if p in data["train_rows"])
+            if pts:
+                series.append((f"{data['variant']} [{mode}]", pts))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for label, pts in series:
+        x = [p[0] for p in pts]
+        for ax, idx in ((axes[0], 1), (axes[1], 2)):
+            ax.plot(x, [p[idx] for p in pts], marker="o", label=label)
+            for p in pts:
+                ax.annotate(f"P{p[3]}", (p[0], p[idx]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    for ax, name in zip(axes, ("RMSE", "MAE")):
+        ax.set_xlabel("training rows of the persona's adapter")
+        ax.set_ylabel(f"{name} on the persona's test rows")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Error by training-set size per persona (cf. the paper's Figure 3)")
+    _savefig(fig, out / "training_size.png")
+    plt.close(fig)
+    return out / "training_size.png"
+
+
+def plot_calibration(run: RunFolder, out: Path) -> Path | None:
+    """Mean predicted rating (and its spread) per true rating, per variant and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = []
+    for path in sorted(run.eval_dir.glob("*/predictions.parquet")):
+        if path.parent.name == "baselines":
+            continue
+        df = pd.read_parquet(path, columns=["rating", "prediction", "mode"])
+        df["label"] = path.parent.name + " [" + df["mode"] + "]"
+        frames.append(df)
+    baseline = run.eval_dir / "baselines" / "predictions.parquet"
+    if baseline.is_file():
+        b = pd.read_parquet(baseline, columns=["rating", "bias"]).rename(columns={"bias": "prediction"})
+        b["label"] = "bias baseline"
+        frames.append(b)
+    if not frames:
+        return None
+    data = pd.concat(frames, ignore_index=True).dropna(subset=["prediction"])
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot([1, 5], [1, 5], color="grey", linestyle="--", label="perfect")
+    for label, group in data.groupby("label", sort=True):
+        stats = group.groupby("rating")["prediction"].agg(["mean", "std"])
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=label)
+    ax.set_xlabel("true rating")
+    ax.set_ylabel("predicted rating (mean ± sd)")
+    ax.set_xlim(0.5, 5.5)
+    ax.set_ylim(0.5, 5.5)
+    ax.legend(fontsize=7)
+    ax.set_title("Calibration")
+    _savefig(fig, out / "calibration.png")
+    plt.close(fig)
+    return out / "calibration.png"
+
+
+def copy_elbow(run: RunFolder, out: Path) -> Path | None:
+    src = run.personas_dir / "elbow.png"
+    if not src.is_file():
+        return None
+    with atomic_path(out / "elbow.png") as tmp:
+        shutil.copyfile(src, tmp)
+    return out / "elbow.png"
+
+
+def write_report(run_dir) -> str:
+    """Write report.md, results.json and plots/; return the markdown table."""
+    run = RunFolder(run_dir)
+    if not run.eval_dir.is_dir() or not any(run.eval_dir.glob("*/metrics.json")):
+        raise StageMissingError(f"no results in {run.eval_dir}: run `persona-tune eval --run {run.root}` "
+                                f"and/or `persona-tune baselines --run {run.root}` first")
+    results = collect(run)
+    plots_dir = run.eval_dir / "plots"
+    plots = {name: fn(run, plots_dir) for name, fn in
+             (("training_size", plot_training_size), ("elbow", copy_elbow), ("calibration", plot_calibration))}
+    plots = {k: str(v.relative_to(run.eval_dir)) for k, v in plots.items() if v is not None}
+    table = markdown_table(results)
+    rule = {r["unparsable_rule"] for r in results["agents"]} - {None}
+    md = [f"# Results: {run.root.name}", "",
+          "RMSE, MAE and URR on the run's test rows; [95% CI] from a bootstrap over users. "
+          f"Unparsable answers: {', '.join(sorted(rule)) or 'n/a'} (paper mode only; scoring mode always rates).", "",
+          table, "", "## The paper's Table 1 (Thakur et al. 2024; its own split, for reference)", "", paper_table(), ""]
+    if plots:
+        md += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    atomic_write_text(run.eval_dir / "report.md", "\n".join(md))
+    atomic_write_json(run.eval_dir / "results.json", {
+        **results, "plots": plots,
+        "paper_table_1": [dict(zip(("base_model", "adapter", "memories", "rmse", "mae", "urr_percent"), r))
+                          for r in PAPER_TABLE_1]})
+    run.record_stage("report", {}, outputs=["eval/report.md", "eval/results.json", *[f"eval/{p}" for p in plots.values()]])
+    return table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder (after `persona-tune eval` / `baselines`)")
+
+
+def main(args: argparse.Namespace) -> int:
+    print(write_report(args.run))
+    print(f"\nwrote {RunFolder(args.run).eval_dir / 'report.md'} and results.json")
+    return 0

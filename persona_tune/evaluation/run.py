@@ -1,0 +1,159 @@
+"""Evaluate trained variants of a run: one `tune run persona_eval` subprocess per variant.
+
+Variants (comma list):
+- ``persona`` : every persona with its own adapter (RUN/adapters/persona_{k}), each on its users;
+- ``single_min``, ``single_max`` or any trained variant X: the one adapter RUN/adapters/X for all users;
+- ``prompted`` : the base model without an adapter (memory from --memory).
+A suffix ``-ms``, ``-msml`` or ``-ml`` (the grid's names, e.g. ``persona-ms``) selects the adapters
+trained with that memory mode. The eval config is the family's ``<family>_persona/eval`` template
+with the run, the variant, the adapter folder and the training config's model, tokenizer and
+memory filled in; it is saved as RUN/eval/<variant>/eval_config.yaml and the recipe's output goes to
+eval.log beside it. A variant whose metrics.json is newer than an unchanged eval_config.yaml is
+skipped; inside the recipe, finished personas are skipped, so a stopped run resumes.
+Arguments after `--` are config overrides for every variant, e.g. `-- max_rows=50 batching.batch_size=8`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
+from persona_tune.evaluation.predict import check_modes
+from persona_tune.runfolder import RunFolder, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+MEMORY_TAGS = {"ms": "ms", "msml": "ms+ml", "ml": "ml"}
+TAG_OF = {v: k for k, v in MEMORY_TAGS.items()}
+FAMILIES = ("phi3", "smollm2", "tiny")
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """'persona-ms' -> ('persona', 'ms'); 'single_max' -> ('single_max', None)."""
+    base, sep, tag = name.rpartition("-")
+    if sep and tag in MEMORY_TAGS:
+        return base, tag
+    return name, None
+
+
+def eval_template(family: str) -> Path:
+    from persona_tune._hook import resource_dirs
+
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    configs_dir = resource_dirs()[0]
+    path = configs_dir / f"{family}_persona" / "eval.yaml" if configs_dir else None
+    if path is None or not path.is_file():
+        raise ConfigError(f"the {family}_persona/eval.yaml config is not installed with persona-tune")
+    return path
+
+
+def run_family(run: RunFolder, family: str | None) -> str:
+    """--family, else the family `persona-tune configs` (or the grid) recorded in the manifest."""
+    if family:
+        return family
+    for stage in ("grid", "configs"):
+        record = run.stage_record(stage) or {}
+        if record.get("params", {}).get("family"):
+            return record["params"]["family"]
+    raise ConfigError("cannot tell the model family from the manifest; pass --family phi3|smollm2|tiny")
+
+
+def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mode: str,
+                      overrides: list[str] = ()) -> DictConfig:
+    """The eval config of one variant (see the module docstring)."""
+    base, tag = split_variant(variant)
+    cfg = OmegaConf.load(eval_template(family))
+    cfg.run_dir = str(run.root)
+    cfg.variant = variant
+    cfg.mode = mode
+    suffix = f"-{tag}" if tag else ""
+    if base == "prompted":
+        cfg.adapter_dir = None
+        cfg.memory = MEMORY_TAGS[tag] if tag else memory
+    else:
+        train_name = f"persona_0{suffix}" if base == "persona" else variant
+        train_file = run.configs_dir / f"{train_name}.yaml"
+        if not train_file.is_file():
+            raise StageMissingError(f"{train_file} is missing: write it with `persona-tune configs` (or `grid`) and train it")
+        train_cfg = OmegaConf.load(train_file)
+        cfg.adapter_dir = str(run.adapters_dir / (f"persona_{{persona}}{suffix}" if base == "persona" else variant))
+        cfg.memory = train_cfg.memory
+        # The adapter fits only the model it was trained with: take model, tokenizer and weights from training.
+        for key in ("model_dir", "tokenizer_path"):
+            if key in train_cfg:
+                cfg[key] = train_cfg[key]
+        cfg.model = OmegaConf.merge(train_cfg.model, {"lora_dropout": 0.0})
+        cfg.tokenizer = train_cfg.tokenizer
+        for key in ("checkpoint_dir", "checkpoint_files", "model_type"):
+            cfg.checkpointer[key] = train_cfg.checkpointer[key]
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    cfg.output_dir = str(run.eval_dir / variant)
+    return cfg
+
+
+def tune_executable() -> str:
+    beside = Path(sys.executable).with_name("tune")
+    return str(beside) if beside.is_file() else "tune"
+
+
+def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool = False) -> str:
+    """Run the recipe for one variant unless its results are current; returns 'done' or 'skipped'."""
+    out = run.eval_dir / variant
+    config_file = out / "eval_config.yaml"
+    text = OmegaConf.to_yaml(cfg)
+    metrics = out / "metrics.json"
+    if (not force and config_file.is_file() and config_file.read_text() == text and metrics.is_file()
+            and metrics.stat().st_mtime >= config_file.stat().st_mtime):
+        log.info("%s: results are current, skipped", variant)
+        return "skipped"
+    atomic_write_text(config_file, text)
+    cmd = [tune_executable(), "run", "persona_eval", "--config", str(config_file)]
+    log.info("%s: %s", variant, " ".join(cmd))
+    with open(out / "eval.log", "w", encoding="utf-8") as logf:
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy())
+    if proc.returncode != 0:
+        tail = (out / "eval.log").read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        raise PersonaTuneError(f"evaluating {variant} failed (exit {proc.returncode}); end of {out / 'eval.log'}:\n"
+                               + "\n".join(tail))
+    return "done"
+
+
+def evaluate(run_dir, variants: list[str], family: str | None = None, memory: str = "ms+ml", mode: str = "scoring",
+             overrides: list[str] = (), force: bool = False) -> dict[str, str]:
+    run = RunFolder(run_dir)
+    run.require("ratings_test.parquet")
+    check_modes(mode)
+    family = run_family(run, family)
+    configs = {v: build_eval_config(run, v, family, memory, mode, overrides) for v in variants}
+    return {v: evaluate_variant(run, v, cfg, force) for v, cfg in configs.items()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder (after `persona-tune train`)")
+    parser.add_argument("--variants", default="persona,single_min,single_max",
+                        help="comma list: persona, single_min, single_max, prompted, any trained variant; "
+                             "suffix -ms/-msml/-ml for the grid's memory modes")
+    parser.add_argument("--mode", default="scoring", choices=["scoring", "paper", "both"],
+                        help="scoring: probability-weighted rating; paper: generate 4 tokens and parse")
+    parser.add_argument("--family", choices=FAMILIES, default=None,
+                        help="model family (default: the one `persona-tune configs` recorded)")
+    parser.add_argument("--memory", default="ms+ml", choices=list(TAG_OF),
+                        help="memory mode of `prompted` (adapters use their training memory)")
+    parser.add_argument("--force", action="store_true", help="re-run variants whose results are current")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval config overrides, after `--`")
+
+
+def main(args: argparse.Namespace) -> int:
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    results = evaluate(args.run, variants, args.family, args.memory, args.mode, args.overrides, args.force)
+    for variant, status in results.items():
+        print(f"{variant:<16} {status:<8} {RunFolder(args.run).eval_dir / variant / 'metrics.json'}")
+    return 0
