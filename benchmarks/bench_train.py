@@ -16,6 +16,7 @@ as a worker under torchrun; tokens are summed over ranks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -113,7 +114,9 @@ def build_run(base: Path) -> Path:
 
     run = make_prepared_run(base, n_users=12, seed=0)
     for argv in (["distill", "--backend", "offline"], ["embed", "--backend", "hash"], ["personas", "--k", "2"]):
-        if cli.main([argv[0], "--run", str(run), *argv[1:]]) != 0:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the results table
+            code = cli.main([argv[0], "--run", str(run), *argv[1:]])
+        if code != 0:
             raise SystemExit(f"persona-tune {argv[0]} failed")
     return run
 

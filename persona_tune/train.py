@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import logging
 import os
 import re
@@ -51,12 +52,16 @@ class VariantResult:
 
 
 def select_variants(run: RunFolder, spec: str) -> list[str]:
-    """'all' -> every RUN/configs/*.yaml (personas first); '0,1,single_min' -> persona_0, persona_1, single_min."""
+    """'all' -> every variant `persona-tune configs` wrote (personas first); '0,1,single_min' -> persona_0,
+    persona_1, single_min. Other files in RUN/configs (e.g. eval-only ones) are trained only by name."""
     if not run.configs_dir.is_dir():
         raise StageMissingError(f"{run.configs_dir} is missing: run `persona-tune configs --run {run.root}` first")
     available = sorted(p.stem for p in run.configs_dir.glob("*.yaml"))
     if spec.strip() == "all":
-        names = sorted(available, key=lambda n: (not n.startswith("persona_"), _natural_key(n)))
+        generated = (run.stage_record("configs") or {}).get("variants")
+        if generated is None:  # configs written by hand: the training variants by their names
+            generated = [n for n in available if n.startswith(("persona_", "single_"))]
+        names = sorted(generated, key=lambda n: (not n.startswith("persona_"), _natural_key(n)))
     else:
         names = []
         for item in (s.strip() for s in spec.split(",")):
@@ -300,7 +305,7 @@ def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: 
             results[result.variant] = result
             bar.update(1)
             if result.status == "failed":
-                log.error("%s failed: %s", result.variant, result.error)
+                log.error("%s failed (details at the end)", result.variant)
 
     ordered = [results[v] for v in variants]
     previous = (run.stage_record("train") or {}).get("variants", {})
@@ -318,8 +323,6 @@ def summary_table(run: RunFolder, results: list[VariantResult]) -> str:
     for r in results:
         s = r.summary
         if r.status == "skipped" and (run.adapters_dir / r.variant / SUMMARY).is_file():
-            import json
-
             s = json.loads((run.adapters_dir / r.variant / SUMMARY).read_text(encoding="utf-8"))
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
         rows.append((

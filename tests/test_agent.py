@@ -9,6 +9,7 @@ import torch
 
 from persona_tune.agent import UserAgent
 from persona_tune.errors import DataError
+from persona_tune.evaluation.loading import adapter_path
 from persona_tune.evaluation.predict import PROB_COLUMNS, predict_rows
 from persona_tune.prompts import load_prompt_rows
 from tests.test_eval_predict import eval_run
@@ -29,9 +30,7 @@ def test_agent_matches_eval_prompts_and_scores(agent):
     mine = agent.prompt_rows(rows["user_id"].tolist(), rows["item_id"].tolist())
     assert mine["parts"].tolist() == rows["parts"].tolist()  # same profile, memories, item text
     got = agent.rate(user, rows["item_id"].tolist())
-    agent.loader.load(agent.loader.current and None, merge=True)  # base model, then persona 1 again below
-    from persona_tune.evaluation.loading import adapter_path
-
+    agent.loader.load(None)  # the base model; the reference below loads persona 1's adapter again
     agent.loader.load(adapter_path(agent.cfg.adapter_dir, 1), merge=True)
     ref = predict_rows(agent.predictor, rows.reset_index(drop=True), ["scoring"], agent.generation)
     np.testing.assert_allclose(got[PROB_COLUMNS].to_numpy(), ref[PROB_COLUMNS].to_numpy(), atol=1e-6)
@@ -58,5 +57,5 @@ def test_rate_many_groups_personas_and_keeps_order(agent):
 def test_unknown_item_and_user_are_clear_errors(agent):
     with pytest.raises(DataError, match="not in items.parquet"):
         agent.rate(int(agent.persona_of.index[0]), [10**9])
-    with pytest.raises(DataError, match="no persona"):
+    with pytest.raises(DataError, match="no profile|no persona"):
         agent.rate(10**9, [int(agent.item_text.index[0])])

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
+from torchtune import config
 from torchtune.modules.peft import get_adapter_params
 
 from persona_tune.cli import main as cli_main
@@ -25,14 +27,14 @@ from persona_tune.models.tiny import lora_tiny_phi3, tiny_phi3_tokenizer, write_
 from persona_tune.prompts import load_prompt_rows
 from tests.fixtures_runs import make_prepared_run
 
-LORA = dict(lora_attn_modules=["q_proj", "k_proj"], lora_rank=8, lora_alpha=16)  # configs/tiny_persona/eval.yaml
+LORA = dict(lora_attn_modules=["q_proj", "k_proj"], lora_rank=8, lora_alpha=16)
 _RUNS: dict = {}
 
 
-def write_adapter(path: Path, seed: int, scale: float = 0.3) -> Path:
-    """A LoRA adapter for the tiny model in torchtune's adapter_model.pt layout."""
+def write_adapter(path: Path, seed: int, scale: float = 0.3, model_cfg=None) -> Path:
+    """A LoRA adapter in torchtune's adapter_model.pt layout, for ``model_cfg`` (default: LORA on the tiny model)."""
     torch.manual_seed(seed)
-    model = lora_tiny_phi3(**LORA)
+    model = config.instantiate(model_cfg) if model_cfg is not None else lora_tiny_phi3(**LORA)
     state = {name: torch.randn_like(p) * scale for name, p in get_adapter_params(model).items()}
     path.mkdir(parents=True, exist_ok=True)
     torch.save(state, path / "adapter_model.pt")
@@ -54,8 +56,9 @@ def eval_run(tmp_path_factory) -> tuple[Path, Path]:
             assert cli_main(argv) == 0, argv
         tiny = write_tiny_phi3(root / "tiny", seed=0)
         assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--set", f"model_dir={tiny / 'model'}"]) == 0
+        model_cfg = OmegaConf.load(run / "configs" / "persona_0.yaml").model  # what training would use
         for k in (0, 1):
-            write_adapter(run / "adapters" / f"persona_{k}" / "epoch_1", seed=k)
+            write_adapter(run / "adapters" / f"persona_{k}" / "epoch_1", seed=k, model_cfg=model_cfg)
         _RUNS["run"] = (run, tiny)
     return _RUNS["run"]
 
@@ -160,3 +163,15 @@ def test_merged_adapter_gives_the_same_scores(setup):
     prompts = a.encode(rows["parts"])
     groups = rows["user_id"].tolist()
     np.testing.assert_allclose(a.score(prompts, groups)[PROB_COLUMNS], b.score(prompts, groups)[PROB_COLUMNS], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["tiny", "smollm2", "phi3"])
+def test_eval_config_model_matches_training_templates(repo_root, family):
+    """tune run persona_eval --config <family>_persona/eval must load adapters trained from the templates."""
+    train = OmegaConf.load(repo_root / "configs" / f"{family}_persona" / "persona_0.yaml")
+    ev = OmegaConf.load(repo_root / "configs" / f"{family}_persona" / "eval.yaml")
+    strip = lambda m: {k: v for k, v in OmegaConf.to_container(m).items() if k != "lora_dropout"}  # noqa: E731
+    assert strip(ev.model) == strip(train.model)
+    assert ev.tokenizer._component_ == train.tokenizer._component_
+    assert ev.tokenizer.max_seq_len == train.tokenizer.max_seq_len
+    assert ev.checkpointer.model_type == train.checkpointer.model_type

@@ -64,18 +64,3 @@ def test_recipe_both_modes_and_resume(tmp_path_factory):
                      config="configs/tiny_persona/eval.yaml")
     assert (proc.stderr + proc.stdout).count("predictions exist, skipped") == 2
     assert pd.read_parquet(out / "predictions.parquet").equals(preds)
-
-
-@pytest.mark.slow
-@pytest.mark.recipe
-def test_recipe_prompted_and_single_adapter(tmp_path_factory):
-    run, tiny = eval_run(tmp_path_factory)
-    from tests.test_eval_predict import write_adapter
-
-    write_adapter(run / "adapters" / "single_max" / "epoch_0", seed=5)
-    tune_eval(run, tiny, "variant=prompted", "adapter_dir=null", "max_rows=8")
-    tune_eval(run, tiny, "variant=single_max", f"adapter_dir={run}/adapters/single_max", "max_rows=8")
-    prompted = pd.read_parquet(run / "eval/prompted/predictions.parquet")
-    single = pd.read_parquet(run / "eval/single_max/predictions.parquet")
-    assert prompted[["user_id", "item_id"]].equals(single[["user_id", "item_id"]])
-    assert not np.allclose(prompted["p1"], single["p1"])  # the adapter changes the model

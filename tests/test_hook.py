@@ -90,6 +90,10 @@ def test_registry_has_every_config_from_any_cwd(recipe_process):
             assert configs[name] == str(path.resolve())
             assert Path(configs[name]).is_absolute()
         assert [n for n, _ in expected[recipe]] == [n for n in configs if "_persona/" in n]
+    # our own recipes, with the eval configs
+    eval_recipe = out["recipes"]["persona_eval"]
+    assert eval_recipe["tiny_persona/eval"] == str((REPO / "configs/tiny_persona/eval.yaml").resolve())
+    assert not [n for n in out["recipes"]["lora_finetune_single_device"] if n.endswith("/eval")]
     # torchtune's own entries are still there
     assert "llama3_2/1B_lora_single_device" in out["recipes"]["lora_finetune_single_device"]
 

@@ -39,8 +39,11 @@ def test_read_metrics(tmp_path):
 
 
 def test_select_variants(tmp_path):
-    run = configs_run(tmp_path, ["single_max", "persona_10", "persona_2", "single_min", "persona_0"])
+    run = configs_run(tmp_path, ["single_max", "persona_10", "persona_2", "single_min", "persona_0", "prompted"])
     assert train.select_variants(run, "all") == ["persona_0", "persona_2", "persona_10", "single_max", "single_min"]
+    run.record_stage("configs", {}, variants={"persona_2": {}, "single_min": {}})  # what `configs` wrote
+    assert train.select_variants(run, "all") == ["persona_2", "single_min"]
+    assert train.select_variants(run, "prompted") == ["prompted"]
     assert train.select_variants(run, "2, 0,single_min,2") == ["persona_2", "persona_0", "single_min"]
     with pytest.raises(StageMissingError, match="persona_1"):
         train.select_variants(run, "1")

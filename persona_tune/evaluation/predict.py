@@ -8,11 +8,12 @@ Two ways to read a rating off a model:
   parse the first rating out of the text; a row without one counts toward URR.
 
 Batching with a shared prefix. All rows of a user share their first tokens (the system prompt with
-M_s and traits, and the start of the task). Rows are packed into one sequence per forward pass: each
-user's shared prefix once, then that user's row suffixes, under a block attention mask (a suffix
-sees the prefix and itself, nothing else) with positions that restart after the prefix. A pass thus
-processes about prefix/rows + suffix tokens per row instead of the whole prompt, and gives the same
-logits as running each prompt alone (the tests check this against torchtune's ``generate``).
+M_s and traits, and the start of the task). That prefix runs once per user into torchtune's KV cache
+(``model.setup_caches``); its keys and values are copied into each row of a batch cache, and the
+batch then runs only the rows' suffixes (right-padded; the attention mask hides the padding and the
+gap between a short prefix and the suffixes; positions continue after each row's own prefix). A
+row thus costs its suffix instead of its whole prompt, and gets the same logits as running the
+prompt alone (the tests check this against a plain forward pass and torchtune's ``generate``).
 
 The prompt of a row is the token sequence where the five possible answers "1".."5" first differ:
 training's messages rendered by persona_tune.prompts with the assistant's answer, cut before the

@@ -78,6 +78,12 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
     if base == "prompted":
         cfg.adapter_dir = None
         cfg.memory = MEMORY_TAGS[tag] if tag else memory
+        # The base model the run trains on: from any of its training configs (else the template's).
+        candidates = [run.configs_dir / f"persona_0{suffix}.yaml", run.configs_dir / "persona_0.yaml",
+                      *sorted(run.configs_dir.glob("*.yaml"))]
+        train_file = next((p for p in candidates if p.is_file()), None)
+        if train_file is not None:
+            _copy_model(cfg, OmegaConf.load(train_file))
     else:
         train_name = f"persona_0{suffix}" if base == "persona" else variant
         train_file = run.configs_dir / f"{train_name}.yaml"
@@ -86,17 +92,21 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
         train_cfg = OmegaConf.load(train_file)
         cfg.adapter_dir = str(run.adapters_dir / (f"persona_{{persona}}{suffix}" if base == "persona" else variant))
         cfg.memory = train_cfg.memory
-        # The adapter fits only the model it was trained with: take model, tokenizer and weights from training.
-        for key in ("model_dir", "tokenizer_path"):
-            if key in train_cfg:
-                cfg[key] = train_cfg[key]
-        cfg.model = OmegaConf.merge(train_cfg.model, {"lora_dropout": 0.0})
-        cfg.tokenizer = train_cfg.tokenizer
-        for key in ("checkpoint_dir", "checkpoint_files", "model_type"):
-            cfg.checkpointer[key] = train_cfg.checkpointer[key]
+        _copy_model(cfg, train_cfg)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     cfg.output_dir = str(run.eval_dir / variant)
     return cfg
+
+
+def _copy_model(cfg: DictConfig, train_cfg: DictConfig) -> None:
+    """An adapter fits only the model it was trained with: take model, tokenizer and weights from training."""
+    for key in ("model_dir", "tokenizer_path"):
+        if key in train_cfg:
+            cfg[key] = train_cfg[key]
+    cfg.model = OmegaConf.merge(train_cfg.model, {"lora_dropout": 0.0})
+    cfg.tokenizer = train_cfg.tokenizer
+    for key in ("checkpoint_dir", "checkpoint_files", "model_type"):
+        cfg.checkpointer[key] = train_cfg.checkpointer[key]
 
 
 def tune_executable() -> str:

@@ -1,0 +1,88 @@
+"""`persona-tune eval` (one `tune run persona_eval` per variant), `baselines`, `report`, and the grid's plan."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from persona_tune.cli import main as cli_main
+from persona_tune.evaluation.grid import grid_cells, write_grid_configs
+from persona_tune.evaluation.run import build_eval_config, split_variant
+from persona_tune.runfolder import RunFolder
+from tests.test_eval_predict import eval_run, write_adapter
+
+OPTS = ["--", "max_rows=4", "metrics.n_boot=50", "num_threads=1", "batching.progress=False"]
+
+
+@pytest.mark.slow
+@pytest.mark.recipe
+def test_eval_baselines_report(tmp_path_factory, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run, _ = eval_run(tmp_path_factory)
+    write_adapter(run / "adapters" / "single_max" / "epoch_0", seed=5,
+                  model_cfg=OmegaConf.load(run / "configs" / "single_max.yaml").model)
+    variants = "persona,single_max,prompted"
+    assert cli_main(["eval", "--run", str(run), "--variants", variants, "--family", "tiny", *OPTS]) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert cli_main(["eval", "--run", str(run), "--variants", variants, "--family", "tiny", *OPTS]) == 0
+    assert capsys.readouterr().out.count("skipped") == 3  # results are current
+
+    preds = {v: pd.read_parquet(run / "eval" / v / "predictions.parquet") for v in variants.split(",")}
+    assert preds["prompted"][["user_id", "item_id"]].equals(preds["single_max"][["user_id", "item_id"]])
+    assert not preds["prompted"]["p1"].equals(preds["single_max"]["p1"])  # the adapter changes the model
+    saved = OmegaConf.load(run / "eval" / "persona" / "eval_config.yaml")
+    assert saved.adapter_dir.endswith("adapters/persona_{persona}") and saved.model == OmegaConf.merge(
+        OmegaConf.load(run / "configs" / "persona_0.yaml").model, {"lora_dropout": 0.0})
+
+    assert cli_main(["baselines", "--run", str(run), "--n-boot", "50", "--mf-epochs", "50"]) == 0
+    assert cli_main(["report", "--run", str(run)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((run / "eval" / "results.json").read_text())
+    adapters = {r["adapter"] for r in results["agents"]}
+    assert {"θ_persona", "θ_single(max)", "none"} <= adapters
+    assert [b["key"] for b in results["baselines"]] == ["global_mean", "user_mean", "item_mean", "bias", "mf"]
+    assert len(results["paper_table_1"]) == 11
+    report = (run / "eval" / "report.md").read_text()
+    assert "θ_persona" in report and "user+item bias baseline" in report and "1.171" in report  # the paper's row 10
+    assert "| RMSE (↓)" in printed
+    for name in ("training_size", "calibration"):
+        assert (run / "eval" / results["plots"][name]).stat().st_size > 1000
+    for row in results["agents"]:
+        lo, hi = row["rmse_ci"]
+        assert lo <= row["rmse"] <= hi
+
+
+def test_variant_names_and_eval_config(tmp_path_factory):
+    run, _ = eval_run(tmp_path_factory)
+    assert split_variant("persona-msml") == ("persona", "msml")
+    assert split_variant("single_max") == ("single_max", None)
+    cfg = build_eval_config(RunFolder(run), "prompted-ml", "tiny", "ms+ml", "both")
+    assert cfg.adapter_dir is None and cfg.memory == "ml" and cfg.mode == "both"
+    assert cfg.output_dir == str(run / "eval" / "prompted-ml")
+    from persona_tune.errors import StageMissingError
+
+    with pytest.raises(StageMissingError, match="persona_0-ms.yaml"):
+        build_eval_config(RunFolder(run), "persona-ms", "tiny", "ms+ml", "scoring")
+
+
+def test_grid_plan_and_configs(tmp_path_factory):
+    run, tiny = eval_run(tmp_path_factory)
+    train, evals = grid_cells([0, 1])
+    assert evals == ["prompted-ms", "prompted-msml", "prompted-ml", "single_min-ms", "single_max-ms", "persona-ms",
+                     "single_min-msml", "single_max-msml", "persona-msml"]
+    names = write_grid_configs(RunFolder(run), "tiny", [f"model_dir={tiny / 'model'}"])
+    assert sorted(names) == sorted(train)
+    base = {n: OmegaConf.load(run / "configs" / f"{n}.yaml") for n in ("persona_0", "single_min", "single_max")}
+    for name in names:
+        cfg = OmegaConf.load(run / "configs" / f"{name}.yaml")
+        variant, tag = split_variant(name)
+        assert cfg.memory == {"ms": "ms", "msml": "ms+ml"}[tag]
+        assert cfg.output_dir == str(run / "adapters" / name)
+        if variant in base:
+            assert cfg.subsample == base[variant].subsample and cfg.persona == base[variant].persona
+    # The eval config of a grid cell takes its adapters and memory from the cell's training config.
+    cfg = build_eval_config(RunFolder(run), "persona-ms", "tiny", "ms+ml", "scoring")
+    assert cfg.memory == "ms" and cfg.adapter_dir == str(run / "adapters" / "persona_{persona}-ms")
