@@ -79,7 +79,7 @@ def bench_throughput(url: str, n_requests: int, concurrencies=(1, 8, 32)) -> lis
                     batch = _batch(i)
                     messages = step_messages(prompts, f"I am user {concurrency}-{i}.", batch, 400)
                     params = {"temperature": 0.3, "response_format": {
-                        "type": "json_schema", "json_schema": {"name": "s", "schema": step_schema(batch, 3200)}}}
+                        "type": "json_schema", "json_schema": {"name": "s", "schema": step_schema(batch)}}}
                     jobs.append(client.chat(messages, params))
                 await client.chat(*(step_messages(prompts, "warm-up", _batch(0), 400), {}))
                 started = time.perf_counter()

@@ -30,7 +30,6 @@ PLACEHOLDERS = {
     "item.txt": {"item_id", "rating", "title", "text"},
     "initial_profile.txt": set(),
 }
-EXPLANATION_MAX_CHARS = 800
 _RATING_MENTION = re.compile(r"\bas (?:an? )?([0-9]+(?:\.[0-9]+)?)\b|\b([0-9]+(?:\.[0-9]+)?) ?(?:/ ?5|out of 5|stars?)\b", re.I)
 
 
@@ -97,9 +96,11 @@ def step_messages(prompts: Prompts, profile: str | None, batch: Sequence[BatchIt
     ]
 
 
-def step_schema(batch: Sequence[BatchItem], max_profile_chars: int) -> dict:
+def step_schema(batch: Sequence[BatchItem]) -> dict:
     """JSON schema of one step's answer. Item ids, ratings and each explanation's opening are fixed,
-    so servers that decode with the schema (llama.cpp, vLLM) can only write the free-text parts."""
+    so servers that decode with the schema (llama.cpp, vLLM) can only write the free-text parts.
+    No length bounds: llama.cpp unrolls bounded repetitions into grammars so large that sampling
+    crawls; lengths are left to ``max_tokens`` and to validation (``max_words``)."""
     fixed = [
         {
             "type": "object",
@@ -108,8 +109,7 @@ def step_schema(batch: Sequence[BatchItem], max_profile_chars: int) -> dict:
                 "rating": {"type": "integer", "enum": [b.rating]},
                 "explanation": {
                     "type": "string",
-                    "pattern": f"^I rated {_pattern_literal(b.title)} as {b.rating} because "
-                               f"{_TEXT_CHARS}{{10,{EXPLANATION_MAX_CHARS}}}$",
+                    "pattern": f"^I rated {_pattern_literal(b.title)} as {b.rating} because {_TEXT_CHARS}+$",
                 },
             },
             "required": ["item_id", "rating", "explanation"],
@@ -123,7 +123,7 @@ def step_schema(batch: Sequence[BatchItem], max_profile_chars: int) -> dict:
                 "type": "array", "prefixItems": fixed, "items": False,
                 "minItems": len(batch), "maxItems": len(batch),
             },
-            "profile": {"type": "string", "minLength": 20, "maxLength": max_profile_chars},
+            "profile": {"type": "string"},
         },
         "required": ["explanations", "profile"],
     }
@@ -140,7 +140,7 @@ def _pattern_literal(text: str) -> str:
     """``text`` as a regex that matches only itself (each special character as a one-character
     class, which llama.cpp's pattern converter handles), or any text for unusual titles."""
     if not _SAFE_TITLE.fullmatch(text):
-        return _TEXT_CHARS + "{1,200}"
+        return _TEXT_CHARS + "+"
     return text.translate(_AS_CLASS)
 
 

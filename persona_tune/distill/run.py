@@ -169,7 +169,7 @@ class LLMDistiller:
         }
         if cfg.max_tokens is not None:
             params["max_tokens"] = cfg.max_tokens
-        schema = step_schema(batch, max_profile_chars=cfg.max_profile_words * 8)
+        schema = step_schema(batch)
         if self.response_format == "json_schema":
             params["response_format"] = {"type": "json_schema", "json_schema": {"name": "distill_step", "schema": schema}}
         elif self.response_format == "json_object":
