@@ -126,7 +126,9 @@ def load_profile_vectors(run: RunFolder) -> tuple[np.ndarray, np.ndarray]:
     ids = run.read_table("memory/profile_ids.parquet")["user_id"].to_numpy(np.int64)
     vectors = np.load(run.path("memory/profile_vectors.npy"))
     if len(ids) != len(vectors):
-        raise DataError(f"{len(vectors)} vectors but {len(ids)} ids in profile_ids.parquet", run.path("memory/profile_vectors.npy"))
+        raise DataError(
+            f"{len(vectors)} vectors but {len(ids)} ids in profile_ids.parquet", run.path("memory/profile_vectors.npy")
+        )
     return ids, vectors
 
 
@@ -172,7 +174,8 @@ def run_personas(
     persona_of = assignments.set_index("user_id")["persona"]
     train_rows = train["user_id"].map(persona_of).value_counts()
     test_rows = test["user_id"].map(persona_of).value_counts()
-    meta = json.loads(run.path("memory/embeddings.json").read_text()) if run.path("memory/embeddings.json").is_file() else {}
+    meta_path = run.path("memory/embeddings.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     summary = {
         "k": chosen,
         "k_rule": k_rule,
@@ -223,6 +226,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    summary = run_personas(args.run, k=args.k, k_max=args.k_max, seed=args.seed, n_init=args.n_init, top_words=args.top_words)
+    summary = run_personas(
+        args.run, k=args.k, k_max=args.k_max, seed=args.seed, n_init=args.n_init, top_words=args.top_words
+    )
     print(_summary_markdown(summary), end="")
     return 0

@@ -43,6 +43,11 @@ PRODUCERS = {
     "memory/profile_vectors.npy": "embed",
     "memory/memory_vectors.npy": "embed",
     "memory/retrieved.parquet": "embed",
+    "memory/embeddings.json": "embed",
+    "memory/profile_ids.parquet": "embed",
+    "memory/memory_ids.parquet": "embed",
+    "memory/item_vectors.npy": "embed",
+    "memory/item_ids.parquet": "embed",
     "personas/assignments.parquet": "personas",
 }
 

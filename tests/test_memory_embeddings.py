@@ -15,7 +15,7 @@ from persona_tune.memory.embeddings import (
 )
 from persona_tune.memory.stage import run_embed
 from persona_tune.runfolder import RunFolder
-from persona_tune.testing.fake_openai_server import FakeOpenAIServer, Faults, embed_text
+from persona_tune.testing.fake_openai_server import FakeOpenAIServer, embed_text
 from tests.test_memory_retrieval import make_distilled_run
 
 TEXTS = [

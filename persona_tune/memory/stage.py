@@ -262,9 +262,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=1, help="memories retrieved per row (top-k)")
     parser.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="minimum cosine similarity")
     parser.add_argument("--query", choices=QUERY_FORMS, default="user+item", help="what the query embeds")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"texts per request (defaults: {DEFAULT_BATCH_SIZES})")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help=f"texts per request (defaults: {DEFAULT_BATCH_SIZES})"
+    )
     parser.add_argument("--base-url", default=None, help="openai backend: endpoint (default $OPENAI_BASE_URL)")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="openai backend: environment variable holding the key")
+    parser.add_argument(
+        "--api-key-env", default="OPENAI_API_KEY", help="openai backend: environment variable holding the key"
+    )
     parser.add_argument("--device", default="cpu", help="local backend: torch device")
     parser.add_argument("--force", action="store_true", help="recompute vectors even if current ones exist")
 
