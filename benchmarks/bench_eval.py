@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -64,10 +65,13 @@ def load_model(name: str, root: Path):
     return model.eval(), tokenizer
 
 
-def timed(fn):
+def timed(fn, label=""):
     start = time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if label:
+        print(f"{label}: {seconds:.1f}s", file=sys.stderr, flush=True)
+    return out, seconds
 
 
 def main() -> int:
@@ -78,6 +82,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--skip-no-reuse", action="store_true", help="skip the batched-without-prefix-reuse run")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,6 +92,7 @@ def main() -> int:
         root = Path(tmp)
         run = make_run(root, args.users, args.seed)
         model, tokenizer = load_model(args.model, root)
+        model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
         rows = load_prompt_rows(run, split="test", memory="ms+ml", subsample=args.rows, seed=args.seed)
         groups = rows["user_id"].tolist()
         keys = [f"{u}:{i}" for u, i in zip(rows.user_id, rows.item_id)]
@@ -98,15 +105,15 @@ def main() -> int:
         encoder = predictor()
         prompts, t_encode = timed(lambda: encoder.encode(rows["parts"]))
         results = {"model": args.model, "rows": len(rows), "users": rows["user_id"].nunique(),
-                   "threads": args.threads, "batch_size": args.batch_size, "encode_s": round(t_encode, 2)}
+                   "threads": args.threads, "batch_size": args.batch_size, "dtype": args.dtype, "encode_s": round(t_encode, 2)}
 
-        naive, t_naive = timed(lambda: naive_generate(model, tokenizer, prompts, keys, gen, progress=False))
+        naive, t_naive = timed(lambda: naive_generate(model, tokenizer, prompts, keys, gen, progress=False), "naive")
         shared = predictor()
-        scored, t_scoring = timed(lambda: shared.score(prompts, groups))
+        scored, t_scoring = timed(lambda: shared.score(prompts, groups), "scoring")
         flat = predictor(share_prefix=False)
-        _, t_flat = timed(lambda: flat.score(prompts, groups))
+        t_flat = math.nan if args.skip_no_reuse else timed(lambda: flat.score(prompts, groups), "scoring, no prefix reuse")[1]
         gen_pred = predictor()
-        generated, t_gen = timed(lambda: gen_pred.generate(prompts, groups, keys, gen))
+        generated, t_gen = timed(lambda: gen_pred.generate(prompts, groups, keys, gen), "batched generate")
 
         n = len(rows)
         stats = shared.stats.as_dict()

@@ -140,15 +140,18 @@ def family_config(run: Path, family: str, base: Path) -> Path:
     return targets["single_max"]
 
 
-def run_cell(config: Path, family: str, nproc: int, overrides: list[str], base: Path) -> dict:
+def run_cell(config: Path, family: str, nproc: int, overrides: list[str], base: Path, threads: int | None) -> dict:
     result_path = base / f"result_{family}_{nproc}.json"
+    env = dict(os.environ)
+    if threads:  # torch's intra-op threads per process (torchrun's default for nproc > 1 is 1)
+        env["OMP_NUM_THREADS"] = str(threads)
     worker = [str(Path(__file__).resolve()), "--worker", "--config", str(config), "--result", str(result_path)]
     if nproc == 1:
         cmd = [sys.executable, *worker, "--single", "--", *overrides]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *worker, "--", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark cell failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(result_path.read_text())
@@ -172,6 +175,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per cell (>= 3)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS per process (default: torch's, i.e. all cores for 1 process, 1 under torchrun)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
@@ -194,7 +199,8 @@ def main() -> None:
         for family in args.models.split(","):
             config = family_config(run, family, base)
             for nproc in (int(n) for n in args.nprocs.split(",")):
-                result = run_cell(config, family, nproc, overrides + [f"output_dir={base / f'out_{family}_{nproc}'}"], base)
+                result = run_cell(config, family, nproc, overrides + [f"output_dir={base / f'out_{family}_{nproc}'}"], base,
+                                  args.threads)
                 rows.append({"model": family, "nproc": nproc, **result})
                 print(f"{family} x{nproc}: {result['tokens_per_second']:.0f} tokens/s, "
                       f"{result['step_seconds']:.2f} s/step, peak RSS {result['peak_rss_gib_per_process']:.2f} GiB/process",
@@ -202,6 +208,7 @@ def main() -> None:
 
     print(f"Machine: {header}\n")
     print(f"batch_size {args.batch_size} per process, max_seq_len {args.max_seq_len}, {args.steps} steps, "
+          f"OMP_NUM_THREADS {args.threads or 'default'}, "
           "LoRA settings of configs/<model>_persona/single_max.yaml\n")
     print("| model | processes | tokens/s (all processes) | s/step | peak RSS per process (GiB) | peak RSS total (GiB) |")
     print("|---|---|---|---|---|---|")

@@ -228,3 +228,31 @@ def test_api_key_is_sent_but_never_written(run):
     assert run / "distill/requests.sqlite" in written
     for path in written:
         assert secret.encode() not in path.read_bytes(), path
+
+
+def test_identical_requests_of_two_users_are_asked_once(run):
+    train = pd.read_parquet(run / "ratings_train.parquet")
+    twin = train[train["user_id"] == train["user_id"].min()].assign(user_id=999)
+    pd.concat([train, twin]).to_parquet(run / "ratings_train.parquet", index=False)
+    cfg = DistillConfig(backend="openai", model="fake-model", **FAST)
+    with FakeOpenAIServer() as server:
+        cfg.base_url = server.url
+        summary = distill(RunFolder(run), cfg)
+        stats = server.stats()
+    assert summary["users_done"] == 13 and stats["max_answered_per_key"] == 1
+    assert summary["cached"] == len(twin) // 10 + (len(twin) % 10 > 0)  # every step of the twin
+    memories = pd.read_parquet(run / "distill/memories.parquet")
+    a, b = (memories[memories["user_id"] == u]["explanation"].tolist() for u in (train["user_id"].min(), 999))
+    assert a == b
+
+
+def test_a_wrong_key_stops_the_run_with_one_line_and_is_not_echoed(run):
+    wrong = "sk-wrong-key-0123456789"
+    with FakeOpenAIServer(faults=Faults(require_key="sk-right")) as server:
+        proc = _cli(run, server.url, env={"OPENAI_API_KEY": wrong})
+        out, err = proc.communicate(timeout=120)
+        stats = server.stats()
+    assert proc.returncode == 2 and "HTTP 401" in err and "Traceback" not in err
+    assert wrong not in out + err and "Incorrect API key provided: ***" in err
+    assert stats["outcomes"]["401"] <= DistillConfig().concurrency  # the requests in flight, not one per user
+    assert not (run / "distill/profiles.parquet").exists()

@@ -55,6 +55,9 @@ def ready_run(tmp_path_factory) -> tuple[Path, Path]:
 
 def tune_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_TUNE_")}
+    # One intra-op thread per process: on a shared 2-core CI box torch's default (all cores) made a
+    # tiny-model step ~80x slower (docs/benchmarks.md, "Training").
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([TUNE, "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"tune run {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc

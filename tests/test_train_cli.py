@@ -95,8 +95,9 @@ def test_failed_tune_run_is_reported_and_retried(tmp_path, monkeypatch, capsys):
     assert not (run.adapters_dir / "persona_0" / train.SUMMARY).exists()
 
 
-def test_train_cli_end_to_end_and_resume(tmp_path_factory, capsys):
+def test_train_cli_end_to_end_and_resume(tmp_path_factory, capsys, monkeypatch):
     """Real `tune run` for single_min on the tiny model; then a re-run skips it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see tests/test_recipes_train.py
     run_dir, tiny = build_ready_run(tmp_path_factory.getbasetemp())
     args = ["train", "--run", str(run_dir), "--personas", "single_min", "--", "max_steps_per_epoch=3", *FAST]
     assert cli.main(args) == 0

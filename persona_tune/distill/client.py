@@ -5,7 +5,8 @@ The client's own retries are switched off (``max_retries=0``) so the policy is i
 HTTP 408, 409, 429, 5xx, timeouts and dropped connections are retried up to ``max_retries`` times
 after ``min(backoff_base * 2**n, backoff_max) * U(0.5, 1)`` seconds (exponential backoff with
 jitter), or after the server's Retry-After when it sends one (capped at ``backoff_max``). Other
-HTTP errors fail at once. Each request has a ``timeout`` in seconds. At most ``concurrency``
+HTTP errors fail the request at once, and 401/403/404 (wrong key, URL or model) stop the run.
+Each request has a ``timeout`` in seconds. At most ``concurrency``
 requests are in flight. Error text is scrubbed of the API key before it goes anywhere.
 """
 
@@ -34,6 +35,10 @@ class ClientSettings:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     concurrency: int = 8
+
+
+class EndpointError(LLMError):
+    """The endpoint refuses every request (HTTP 401, 403, 404): stop the run, not just one user."""
 
 
 class UnsupportedParameter(LLMError):
@@ -93,6 +98,9 @@ class ChatClient:
                 if status in (400, 422) or (status is not None and "response_format" in params.get("extra_body", {})
                                             and "response_format" in message):
                     raise UnsupportedParameter(f"{what} from {self.settings.base_url}: {message}") from None
+                if status in (401, 403, 404):
+                    raise EndpointError(f"{what} from {self.settings.base_url} (check the URL, --model and "
+                                        f"the key in --api-key-env): {message}") from None
                 retryable = status is None or status in RETRY_STATUS or status >= 500
                 if not retryable:
                     raise LLMError(f"{what} from {self.settings.base_url}: {message}") from None

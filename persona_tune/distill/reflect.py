@@ -11,6 +11,7 @@ use, so changed prompts never mix with cached answers to old ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -47,12 +48,17 @@ class Prompts:
 
     def render(self, name: str, **values: Any) -> str:
         try:
-            return string.Template(self.templates[name]).substitute(values)
+            return _template(self.templates[name]).substitute(values)
         except (KeyError, ValueError) as e:
             raise ConfigError(
                 f"prompt template {self.source}/{name}: bad placeholder {e}; it may use "
                 + ", ".join(f"${p}" for p in sorted(PLACEHOLDERS[name]))
             ) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _template(text: str) -> string.Template:
+    return string.Template(text)
 
 
 def load_prompts(prompt_dir: str | Path | None = None) -> Prompts:

@@ -26,7 +26,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from persona_tune.distill import offline
-from persona_tune.distill.client import ChatClient, ClientSettings, UnsupportedParameter
+from persona_tune.distill.client import ChatClient, ClientSettings, EndpointError, UnsupportedParameter
 from persona_tune.distill.offline import display_title
 from persona_tune.distill.reflect import BatchItem, Prompts, load_prompts, step_messages, step_schema, validate_step
 from persona_tune.distill.store import RequestStore, request_key
@@ -127,9 +127,14 @@ def plan_batches(train: pd.DataFrame, items: pd.DataFrame, batch_size: int) -> d
     titles = {i: display_title(t, y) for i, t, y in zip(info.index, info["title"], info["year"])}
     texts = info["text"].fillna("").astype(str).to_dict()
     plan: dict[int, list[list[BatchItem]]] = {}
-    for user_id, rows in train.groupby("user_id", sort=True):
-        entries = [BatchItem(int(i), int(r), titles[i], texts[i]) for i, r in zip(rows["item_id"], rows["rating"])]
-        plan[int(user_id)] = [entries[k:k + batch_size] for k in range(0, len(entries), batch_size)]
+    entries = [BatchItem(i, r, titles[i], texts[i]) for i, r in zip(train["item_id"].tolist(), train["rating"].tolist())]
+    users = train["user_id"].tolist()  # train is sorted by user, then time (load_inputs)
+    start = 0
+    for end in range(1, len(users) + 1):
+        if end == len(users) or users[end] != users[start]:
+            rows = entries[start:end]
+            plan[users[start]] = [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
+            start = end
     return plan
 
 
@@ -160,6 +165,12 @@ class LLMDistiller:
     client: ChatClient
     tally: Tally = field(default_factory=Tally)
     response_format: str = "json_schema"
+    known: dict = field(default_factory=dict)  # stored answers, by key
+    inflight: dict = field(default_factory=dict)  # key -> future of the request in flight
+    fatal: Exception | None = None
+
+    def __post_init__(self) -> None:
+        self.known = self.store.answers()
 
     def _params(self, batch: list[BatchItem], attempt: int) -> dict:
         cfg = self.config
@@ -181,12 +192,19 @@ class LLMDistiller:
             params = self._params(batch, attempt)
             key_params = {**params, "attempt": attempt}
             key = request_key(self.config.model, messages, key_params)
-            cached = self.store.get(key)
+            cached = self.known.get(key)
             if cached is not None:
                 self.tally.cached += 1
                 return cached
             try:
-                answer = await self.client.chat(messages, params)
+                pending = self.inflight.get(key)
+                if pending is not None:  # the same request from another user, in flight: share its answer
+                    answer = await asyncio.shield(pending)
+                    self.tally.cached += 1
+                    return answer
+                if self.fatal is not None:
+                    raise self.fatal
+                answer = await self._call(key, messages, params, key_params, user_id, step, attempt)
             except UnsupportedParameter as e:
                 used = params.get("response_format", {}).get("type", "text")
                 if used != self.response_format:
@@ -198,12 +216,28 @@ class LLMDistiller:
                 log.warning("server refused response_format %s (%s); falling back to %s", used, e, fallback)
                 self.response_format = fallback
                 continue
-            self.store.put(key, model=self.config.model, request={"messages": messages, "params": key_params},
-                           answer=answer, user_id=user_id, step=step, attempt=attempt)
-            self.tally.calls += 1
-            self.tally.prompt_tokens += answer.prompt_tokens
-            self.tally.completion_tokens += answer.completion_tokens
             return answer
+
+    async def _call(self, key: str, messages: list[dict], params: dict, key_params: dict,
+                    user_id: int, step: int, attempt: int):
+        future = asyncio.get_running_loop().create_future()
+        self.inflight[key] = future
+        try:
+            answer = await self.client.chat(messages, params)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: no "exception was never retrieved" warning without waiters
+            raise
+        finally:
+            del self.inflight[key]
+        self.store.put(key, model=self.config.model, request={"messages": messages, "params": key_params},
+                       answer=answer, user_id=user_id, step=step, attempt=attempt)
+        self.known[key] = answer
+        future.set_result(answer)
+        self.tally.calls += 1
+        self.tally.prompt_tokens += answer.prompt_tokens
+        self.tally.completion_tokens += answer.completion_tokens
+        return answer
 
     async def distill_user(self, user_id: int, batches: list[list[BatchItem]], bar: tqdm | None) -> tuple[str, dict[int, str]]:
         profile: str | None = None
@@ -237,6 +271,9 @@ class LLMDistiller:
                 try:
                     results[user_id] = await self.distill_user(user_id, batches, bar)
                     self.tally.users_done += 1
+                except EndpointError as e:
+                    self.fatal = e  # no user starts another request
+                    raise
                 except (StepRejected, LLMError) as e:
                     failures.append({"user_id": user_id, "reason": str(e)})
                     self.tally.users_failed += 1

@@ -67,6 +67,14 @@ class RequestStore:
         ).fetchone()
         return Answer(*row) if row else None
 
+    def answers(self) -> dict[str, Answer]:
+        """Every stored answer by key, in one query (a re-run looks keys up here, not row by row)."""
+        rows = self._db.execute(
+            "SELECT key, content, finish_reason, prompt_tokens, completion_tokens, latency_s, transport_retries "
+            "FROM requests"
+        )
+        return {row[0]: Answer(*row[1:]) for row in rows}
+
     def put(self, key: str, *, model: str, request: dict, answer: Answer,
             user_id: int | None = None, step: int | None = None, attempt: int | None = None) -> None:
         self._db.execute(

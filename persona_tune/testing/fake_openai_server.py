@@ -41,6 +41,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # the default listen backlog (5) drops connections when 32 clients connect at once
 
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client hung up: not news
+            super().handle_error(request, client_address)
+
 
 @dataclass
 class Faults:
@@ -57,6 +63,7 @@ class Faults:
     seed: int = 0
     hold_after: int | None = None
     refuse_formats: str = ""  # comma-separated response_format types answered with HTTP 400
+    require_key: str = ""  # if set, other keys get HTTP 401 (whose message echoes the key, as OpenAI's does)
 
     def update(self, **changes) -> None:
         names = {f.name for f in fields(self)}
@@ -238,6 +245,12 @@ class FakeOpenAIServer:
                                                "type": "invalid_request_error"}})
                     return
                 auth = self.headers.get("Authorization", "")
+                if server.faults.require_key and auth != f"Bearer {server.faults.require_key}":
+                    with server._lock:
+                        server.outcomes["401"] += 1
+                    self._send(401, {"error": {"message": f"Incorrect API key provided: {auth[len('Bearer '):]}",
+                                               "type": "invalid_request_error", "code": "invalid_api_key"}})
+                    return
                 key = request_key(body)
                 with server._lock:
                     if auth.startswith("Bearer "):
