@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

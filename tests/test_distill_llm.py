@@ -256,3 +256,17 @@ def test_a_wrong_key_stops_the_run_with_one_line_and_is_not_echoed(run):
     assert wrong not in out + err and "Incorrect API key provided: ***" in err
     assert stats["outcomes"]["401"] <= DistillConfig().concurrency  # the requests in flight, not one per user
     assert not (run / "distill/profiles.parquet").exists()
+
+
+def test_fake_server_embeddings_are_deterministic_unit_vectors():
+    import numpy as np
+    import openai
+
+    with FakeOpenAIServer(embedding_dim=32) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
+        first = client.embeddings.create(model="m", input=["a movie", "another movie"])  # base64 by default
+        again = client.embeddings.create(model="m", input="a movie", encoding_format="float")
+        small = client.embeddings.create(model="m", input="a movie", dimensions=8)
+    a, b = (np.array(d.embedding) for d in first.data)
+    assert a.shape == (32,) and np.isclose(np.linalg.norm(a), 1.0) and not np.allclose(a, b)
+    assert np.allclose(a, again.data[0].embedding) and len(small.data[0].embedding) == 8

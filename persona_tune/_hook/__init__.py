@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
+
+# Start-up cost matters (this runs in every Python process of the environment): only os and sys
+# are imported here; pathlib and the rest only inside the callbacks.
 
 DISABLE_ENV = "PERSONA_TUNE_NO_TUNE_HOOK"
 
@@ -34,8 +36,10 @@ def disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def resource_dirs() -> tuple[Path | None, Path | None]:
+def resource_dirs() -> tuple[Path | None, Path | None]:  # noqa: F821
     """Where the configs and recipes folders are: inside an installed wheel, or in a source checkout."""
+    from pathlib import Path
+
     package = Path(__file__).resolve().parent.parent
     found = []
     for wheel_name, source_name in (("_configs", "configs"), ("_recipes", "recipes")):
@@ -48,7 +52,7 @@ def resource_dirs() -> tuple[Path | None, Path | None]:
     return found[0], found[1]
 
 
-def persona_configs(configs_dir: Path | None) -> dict[str, list[tuple[str, Path]]]:
+def persona_configs(configs_dir: Path | None) -> dict[str, list[tuple[str, Path]]]:  # noqa: F821
     """recipe name -> [(config name, absolute path)] for every configs/<family>/<name>.yaml."""
     by_recipe: dict[str, list[tuple[str, Path]]] = {}
     if configs_dir is None:

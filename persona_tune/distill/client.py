@@ -57,6 +57,7 @@ class ChatClient:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._rng = rng or random.Random()
         self.transport_errors = 0
+        self._fatal: EndpointError | None = None
 
     def _scrub(self, text: str) -> str:
         key = self.settings.api_key
@@ -86,6 +87,8 @@ class ChatClient:
             started = time.perf_counter()
             try:
                 async with self._slots:
+                    if self._fatal is not None:  # the endpoint refused another request: send no more
+                        raise self._fatal
                     started = time.perf_counter()
                     response = await self._client.chat.completions.create(
                         model=self.settings.model, messages=messages, **params
@@ -99,8 +102,9 @@ class ChatClient:
                                             and "response_format" in message):
                     raise UnsupportedParameter(f"{what} from {self.settings.base_url}: {message}") from None
                 if status in (401, 403, 404):
-                    raise EndpointError(f"{what} from {self.settings.base_url} (check the URL, --model and "
-                                        f"the key in --api-key-env): {message}") from None
+                    self._fatal = EndpointError(f"{what} from {self.settings.base_url} (check the URL, --model "
+                                                f"and the key in --api-key-env): {message}")
+                    raise self._fatal from None
                 retryable = status is None or status in RETRY_STATUS or status >= 500
                 if not retryable:
                     raise LLMError(f"{what} from {self.settings.base_url}: {message}") from None

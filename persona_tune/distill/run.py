@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -83,8 +82,11 @@ class DistillConfig:
             raise ConfigError("--max-retries must be >= 0 and --timeout > 0")
 
     def params(self) -> dict[str, Any]:
-        """What the manifest records (never the API key itself)."""
-        return {k: v for k, v in asdict(self).items() if k != "progress"}
+        """What the manifest records (never the API key itself); the offline backend uses only three."""
+        params = {k: v for k, v in asdict(self).items() if k != "progress"}
+        if self.backend == "offline":
+            params = {k: params[k] for k in ("backend", "users", "trait_cuts")}
+        return params
 
 
 # ---------------------------------------------------------------- inputs
@@ -167,7 +169,6 @@ class LLMDistiller:
     response_format: str = "json_schema"
     known: dict = field(default_factory=dict)  # stored answers, by key
     inflight: dict = field(default_factory=dict)  # key -> future of the request in flight
-    fatal: Exception | None = None
 
     def __post_init__(self) -> None:
         self.known = self.store.answers()
@@ -202,8 +203,6 @@ class LLMDistiller:
                     answer = await asyncio.shield(pending)
                     self.tally.cached += 1
                     return answer
-                if self.fatal is not None:
-                    raise self.fatal
                 answer = await self._call(key, messages, params, key_params, user_id, step, attempt)
             except UnsupportedParameter as e:
                 used = params.get("response_format", {}).get("type", "text")
@@ -271,8 +270,7 @@ class LLMDistiller:
                 try:
                     results[user_id] = await self.distill_user(user_id, batches, bar)
                     self.tally.users_done += 1
-                except EndpointError as e:
-                    self.fatal = e  # no user starts another request
+                except EndpointError:
                     raise
                 except (StepRejected, LLMError) as e:
                     failures.append({"user_id": user_id, "reason": str(e)})
