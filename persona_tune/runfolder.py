@@ -40,6 +40,7 @@ PRODUCERS = {
     "users.parquet": "prepare",
     "distill/profiles.parquet": "distill",
     "distill/memories.parquet": "distill",
+    "distill/traits.parquet": "distill",
     "memory/profile_vectors.npy": "embed",
     "memory/memory_vectors.npy": "embed",
     "memory/retrieved.parquet": "embed",
