@@ -25,7 +25,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import training, utils
 

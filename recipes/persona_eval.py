@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 
 from persona_tune.errors import PersonaTuneError
+from persona_tune.evaluation.baselines import global_mean
 from persona_tune.evaluation.loading import ModelLoader, adapter_path
 from persona_tune.evaluation.metrics import grouped_metrics
 from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, check_modes, predict_rows
@@ -134,13 +135,17 @@ class PersonaEvalRecipe:
 
     def metrics(self, predictions: pd.DataFrame, personas: list[int]) -> dict:
         m = self.cfg.metrics
-        kwargs = dict(unparsable=m.unparsable, fill_value=m.get("fill_value"), n_boot=m.n_boot, seed=self.cfg.seed)
+        fill_value = m.get("fill_value")
+        if fill_value == "global_mean":  # the mean of every non-test rating (as the global-mean baseline)
+            fill_value = global_mean(self.run.read_table("items.parquet", columns=["hist_avg", "hist_count"]))
+        kwargs = dict(unparsable=m.unparsable, fill_value=None if fill_value is None else float(fill_value),
+                      n_boot=m.n_boot, seed=self.cfg.seed)
         profiles_file = self.run.path("distill/profiles.parquet")
         profiles = pd.read_parquet(profiles_file) if profiles_file.exists() else None
         out = {"variant": self.cfg.variant, "memory": self.cfg.memory, "adapter_dir": self.cfg.adapter_dir,
                "model_component": self.cfg.model._component_, "model_dir": str(self.cfg.model_dir),
                "per_persona_adapter": "{persona}" in str(self.cfg.adapter_dir or ""),
-               "unparsable_rule": m.unparsable, "modes": {}, "timing": {}, "train_rows": {}}
+               "unparsable_rule": m.unparsable, "fill_value": kwargs["fill_value"], "modes": {}, "timing": {}, "train_rows": {}}
         for mode, block in predictions.groupby("mode", sort=True):
             out["modes"][mode] = {"prediction": grouped_metrics(block, "prediction", profiles=profiles, **kwargs)}
             if mode == "scoring":

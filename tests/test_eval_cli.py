@@ -44,6 +44,7 @@ def test_eval_baselines_report(tmp_path_factory, capsys, monkeypatch):
     adapters = {r["adapter"] for r in results["agents"]}
     assert {"θ_persona", "θ_single(max)", "none"} <= adapters
     assert [b["key"] for b in results["baselines"]] == ["global_mean", "user_mean", "item_mean", "bias", "mf"]
+    assert {b["n"] for b in results["baselines"]} == {r["n"] for r in results["agents"]} == {8}  # the same rows
     assert len(results["paper_table_1"]) == 11
     report = (run / "eval" / "report.md").read_text()
     assert "θ_persona" in report and "user+item bias baseline" in report and "1.171" in report  # the paper's row 10

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from persona_tune.evaluation.baselines import global_mean
 from tests.test_eval_predict import eval_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,8 +60,15 @@ def test_recipe_both_modes_and_resume(tmp_path_factory):
     assert set(metrics["modes"]["scoring"]["prediction"]["by"]) >= {"persona", "activity", "conformity", "diversity"}
     assert set(metrics["train_rows"]) == {"0", "1"}
 
-    # Run again (the recipe file run directly by python): personas with predictions are skipped.
-    proc = tune_eval(run, tiny, "mode=both", "max_rows=12", launcher=(sys.executable, "recipes/persona_eval.py"),
-                     config="configs/tiny_persona/eval.yaml")
+    # Run again (the recipe file run directly by python): personas with predictions are skipped; the
+    # metrics are recomputed, now scoring unparsable answers as the global mean.
+    proc = tune_eval(run, tiny, "mode=both", "max_rows=12", "metrics.unparsable=fill", "metrics.fill_value=global_mean",
+                     launcher=(sys.executable, "recipes/persona_eval.py"), config="configs/tiny_persona/eval.yaml")
     assert (proc.stderr + proc.stdout).count("predictions exist, skipped") == 2
     assert pd.read_parquet(out / "predictions.parquet").equals(preds)
+    filled = json.loads((out / "metrics.json").read_text())
+    assert filled["fill_value"] == pytest.approx(global_mean(pd.read_parquet(run / "items.parquet")))
+    paper_filled = filled["modes"]["paper"]["prediction"]["overall"]
+    assert paper_filled["n_scored"] == len(paper) and paper_filled["urr"] == pytest.approx(urr)
+    expected = paper["parsed_rating"].fillna(filled["fill_value"])
+    assert paper_filled["mae"] == pytest.approx(float((expected - paper["rating"]).abs().mean()))

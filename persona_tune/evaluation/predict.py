@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -507,10 +506,6 @@ def merge_lora_in_place(model: torch.nn.Module) -> int:
         elif type(module).__name__ == "DoRALinear":
             raise ConfigError(f"{name}: DoRA adapters are evaluated unmerged; set merge_adapter: False")
     return n
-
-
-def nan_to_none(x: float):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
 # ---------------------------------------------------------------- rows in, predictions out

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from persona_tune.errors import StageMissingError
+from persona_tune.evaluation.metrics import metrics_with_ci
 from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text
 
 # Thakur et al. 2024, Table 1 (their split of ML-1M, 200 users): base, adapter, memories, RMSE, MAE, URR %.
@@ -69,14 +70,30 @@ def _row(metrics: dict) -> dict:
         f"{k}_ci": o["ci"][k] for k in ("rmse", "mae", "urr")}
 
 
+def _agent_rows(run: RunFolder) -> pd.DataFrame | None:
+    """The (user_id, item_id) rows any agent variant was evaluated on, or None when there is none."""
+    frames = [pd.read_parquet(p, columns=["user_id", "item_id"]) for p in sorted(run.eval_dir.glob("*/predictions.parquet"))
+              if p.parent.name != "baselines"]
+    return pd.concat(frames).drop_duplicates(ignore_index=True) if frames else None
+
+
 def collect(run: RunFolder) -> dict:
     """Rows of the agents' table and the baselines' table from RUN/eval/*/metrics.json."""
     agents, baselines = [], []
+    agent_rows = _agent_rows(run)
     for path in sorted(run.eval_dir.glob("*/metrics.json")):
         data = json.loads(path.read_text())
         if data.get("kind") == "baselines":
-            for name, m in data["predictors"].items():
-                baselines.append({"predictor": BASELINE_NAMES.get(name, name), "key": name, **_row(m)})
+            preds = pd.read_parquet(path.with_name("predictions.parquet"))
+            if agent_rows is not None and len(agent_rows) < len(preds):
+                # The agents ran on a subset (max_rows): score the baselines on exactly those rows.
+                preds = preds.merge(agent_rows, on=["user_id", "item_id"])
+                for name in data["predictors"]:
+                    m = {"overall": metrics_with_ci(preds, name, n_boot=1000, seed=0)}
+                    baselines.append({"predictor": BASELINE_NAMES.get(name, name), "key": name, **_row(m)})
+            else:
+                for name, m in data["predictors"].items():
+                    baselines.append({"predictor": BASELINE_NAMES.get(name, name), "key": name, **_row(m)})
             continue
         for mode, block in data["modes"].items():
             agents.append({
