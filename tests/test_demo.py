@@ -29,7 +29,7 @@ def test_demo_runs_every_stage_prints_the_table_and_resumes(tmp_path):
 
     # Every stage left its outputs in the run folder.
     for rel in ("ratings_train.parquet", "distill/profiles.parquet", "memory/retrieved.parquet",
-                "personas/assignments.parquet", "personas/elbow.png", "configs/persona_1.yaml",
+                "personas/assignments.parquet", "personas/summary.md", "configs/persona_1.yaml",
                 "adapters/persona_0/peft/adapter_config.json", "adapters/single_max/train_summary.json",
                 "eval/baselines/metrics.json", "eval/report.md", "eval/plots/calibration.png"):
         assert (run / rel).exists(), rel
