@@ -114,3 +114,27 @@ def test_distributed_two_processes_on_generated_config(ready_run, tmp_path):
     check_trained(out, steps=3)
     if not torch.distributed.is_nccl_available():
         assert "CPU peak memory allocation" in proc.stdout + proc.stderr  # the patched memory stats
+
+
+def test_literal_paper_config_by_name_distributed_on_the_tiny_model(ready_run, tmp_path):
+    """The README's literal command, `tune run --nproc_per_node 2 lora_finetune_distributed --config
+    phi3_persona/persona_0`, from an unrelated directory, with overrides pointing at the tiny model."""
+    run, tiny = ready_run
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tune_run(
+        ["--nproc_per_node", "2", "lora_finetune_distributed", "--config", "phi3_persona/persona_0",
+         f"run_dir={run}", f"output_dir={out}", f"model_dir={tiny / 'model'}",
+         f"tokenizer_path={tiny / 'tokenizer' / 'tokenizer.model'}",
+         "model._component_=persona_tune.models.tiny.lora_tiny_phi3", "model.lora_rank=8", "model.lora_alpha=16",
+         "model.apply_lora_to_mlp=True", "model.lora_attn_modules=[q_proj,k_proj,v_proj,output_proj]",
+         "tokenizer._component_=persona_tune.models.tiny.tiny_phi3_tokenizer",
+         "checkpointer.checkpoint_files=[model.safetensors]", "device=cpu", "dtype=fp32",
+         "optimizer.fused=False", "optimizer.lr=1e-2", "lr_scheduler.num_warmup_steps=0",
+         "gradient_accumulation_steps=1", "batch_size=2", "max_steps_per_epoch=3", *FAST],
+        cwd=elsewhere,
+    )
+    check_trained(out, steps=3)
+    used = OmegaConf.load(out / "torchtune_config.yaml")
+    assert (used.model.lora_rank, used.dataset.persona, used.dataset.run_dir) == (8, 0, str(run))
