@@ -18,7 +18,7 @@ persona-tune configs  --run "$RUN" --family smollm2
 persona-tune train    --run "$RUN" --personas 0,1,2,3,single_max -- \
     max_steps_per_epoch=4 epochs=1 batch_size=2 optimizer.lr=1e-3 lr_scheduler.num_warmup_steps=1
 persona-tune baselines --run "$RUN"
-# 15 test rows per persona (the same share of each user's rows), both modes, same rows for every variant.
-persona-tune eval     --run "$RUN" --variants prompted,persona,single_max --mode both -- max_rows=15
+# 5 test rows per persona (the same share of each user's rows), both modes, same rows for every variant.
+persona-tune eval     --run "$RUN" --variants prompted,persona,single_max --mode both -- max_rows=5
 persona-tune report   --run "$RUN"
 cp "$RUN/eval/report.md" docs/results-ml1m-smollm2.md
