@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,3 +34,21 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (opt in with ``pytest.mark.usefixtures``): on a shared
+    2-core machine two threads spin against other jobs (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """The tiny Phi-3 kit (OUT/model, OUT/tokenizer), written once per module."""
+    from persona_tune.models.tiny import write_tiny_phi3
+
+    return write_tiny_phi3(tmp_path_factory.mktemp("tiny"), seed=0)

@@ -16,22 +16,13 @@ from persona_tune.models import smollm2
 from persona_tune.models.smollm2 import ensure_smollm2, lora_smollm2_135m, smollm2_135m, smollm2_tokenizer
 from persona_tune.peft_export import export_peft
 
-pytestmark = pytest.mark.slow  # the first run converts the GGUF (about a minute)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # the first run converts the GGUF (about a minute)
 
 CHAT = [
     Message(role="system", content="I rate thrillers highly and dislike musicals.\nMy activity is high.", masked=True),
     Message(role="user", content="Movie: Fargo (1996). Genres: Crime|Drama|Thriller.\nYour rating (1-5)?", masked=True),
     Message(role="assistant", content="4"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against other jobs (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -14,25 +14,13 @@ from torchtune.training import FullModelHFCheckpointer, MODEL_KEY
 from persona_tune.cli import main as cli_main
 from persona_tune.models.tiny import TINY_PHI3, tiny_phi3, tiny_phi3_tokenizer, write_tiny_phi3
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CHAT = [
     Message(role="system", content="I like dark comedies and old westerns. My activity is high.", masked=True),
     Message(role="user", content="Movie: Fargo (1996). Genres: Crime|Drama|Thriller. Rate it from 1 to 5.", masked=True),
     Message(role="assistant", content="4"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against other jobs (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_phi3(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 def load_tune(tiny, tmp_path):

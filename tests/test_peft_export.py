@@ -14,24 +14,12 @@ from torchtune.training import FullModelHFCheckpointer, MODEL_KEY
 
 from persona_tune.cli import main as cli_main
 from persona_tune.errors import ConfigError, DataError
-from persona_tune.models.tiny import lora_tiny_phi3, write_tiny_phi3
+from persona_tune.models.tiny import lora_tiny_phi3
 from persona_tune.peft_export import convert_adapter, export_peft, merge_adapter
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOKENS = torch.tensor([[1, 9, 958, 996, 488, 779, 10, 13, 958, 996, 4, 300, 301, 17]])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against other jobs (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_phi3(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 def randomise_adapter(model, seed):
