@@ -42,16 +42,27 @@ def find_dataset(args: argparse.Namespace) -> tuple[str, Path, list[str]]:
         dataset = args.dataset
         if dataset == "auto":
             dataset = "ml-100k" if (data_dir / "u.data").is_file() else "ml-1m"
-        return dataset, data_dir, []
+        return dataset, data_dir, ml1m_ratings_args(data_dir) if dataset == "ml-1m" else []
     cached = default_cache() / "ml-1m"
-    if args.dataset in ("auto", "ml-1m") and (cached / "ratings.dat").is_file():
-        return "ml-1m", cached, []
+    if args.dataset in ("auto", "ml-1m") and any(cached.glob("ratings*.dat")):
+        return "ml-1m", cached, ml1m_ratings_args(cached)
     if args.dataset not in ("auto", "synthetic"):
         raise PersonaTuneError(f"--dataset {args.dataset} needs --data-dir (or `persona-tune download`)")
     source = Path(args.run).expanduser().resolve().parent / f"{Path(args.run).name}-source"
     if not (source / "ratings.dat").is_file():
         stage("synth", ["--out", str(source), "--seed", str(args.seed)])
     return "synthetic", source, []
+
+
+def ml1m_ratings_args(data_dir: Path) -> list[str]:
+    """``--ratings-file`` for an ML-1M folder without ratings.dat but one other ratings*.dat (a partial copy)."""
+    if (data_dir / "ratings.dat").is_file():
+        return []
+    found = sorted(p.name for p in data_dir.glob("ratings*.dat"))
+    if len(found) != 1:
+        raise PersonaTuneError(f"{data_dir} has no ratings.dat" + (f" and several ratings files ({', '.join(found)}); "
+                               "run `persona-tune prepare --ratings-file ...` yourself" if found else ""))
+    return ["--ratings-file", found[0]]
 
 
 def stage(command: str, argv: list[str]) -> None:

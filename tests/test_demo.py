@@ -10,11 +10,13 @@ import sys
 import pandas as pd
 import pytest
 
+from persona_tune.errors import PersonaTuneError
+
 pytestmark = pytest.mark.slow
 
 
-def _demo(run, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _demo(run, *extra, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "persona_tune.cli", "demo", "--run", str(run), "--embedder", "hash",
          "--n-users", "10", "--k", "2", "--max-steps", "3", "--eval-rows", "8", *extra],
@@ -55,3 +57,34 @@ def test_demo_runs_every_stage_prints_the_table_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "trained" not in [line.split()[1] for line in second.stdout.splitlines()
                              if line.startswith(("persona_", "single_")) and len(line.split()) > 1]
+
+
+def test_demo_auto_uses_ml1m_from_the_download_cache(tmp_path, shared_data):
+    """`--dataset auto` (the default) picks ML-1M up from the cache, here a partial ratings file, and runs it."""
+    cache = tmp_path / "cache"
+    (cache / "ml-1m").mkdir(parents=True)
+    for name in ("movies.dat", "users.dat", "ratings.partial-users0001-2999.dat"):
+        (cache / "ml-1m" / name).symlink_to(shared_data / "ml-1m" / name)
+    run = tmp_path / "demo-ml1m"
+    done = _demo(run, "--n-users", "6", "--k", "1", "--max-steps", "1", "--eval-rows", "4",
+                 env={"PERSONA_TUNE_CACHE": str(cache)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "=== persona-tune synth" not in done.stdout and "--ratings-file ratings.partial-users0001-2999.dat" in done.stdout
+    prepare = json.loads((run / "manifest.json").read_text())["stages"]["prepare"]["params"]
+    assert prepare["dataset"] == "ml-1m" and prepare["n_users"] == 6
+    users = pd.read_parquet(run / "users.parquet")
+    assert len(users) == 6 and users["user_id"].between(1, 2999).all()
+    assert "user+item bias baseline" in done.stdout and "plots:" in done.stdout.splitlines()[-1]
+
+
+def test_find_dataset_picks_a_lone_partial_ratings_file(shared_data, tmp_path):
+    import argparse
+
+    from persona_tune.demo import find_dataset
+
+    args = argparse.Namespace(data_dir=str(shared_data / "ml-1m"), dataset="auto", run=str(tmp_path / "r"), seed=0)
+    assert find_dataset(args) == ("ml-1m", shared_data / "ml-1m", ["--ratings-file", "ratings.partial-users0001-2999.dat"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PersonaTuneError, match="has no ratings.dat"):
+        find_dataset(argparse.Namespace(data_dir=str(empty), dataset="ml-1m", run=str(tmp_path / "r"), seed=0))

@@ -9,9 +9,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from persona_tune.cli import main as cli_main
-from persona_tune.evaluation.grid import grid_cells, write_grid_configs
+from persona_tune.evaluation.grid import grid_cells, select_cells, write_grid_configs
+from persona_tune.errors import ConfigError
 from persona_tune.evaluation.run import build_eval_config, split_variant
+from persona_tune.models.tiny import write_tiny_phi3
 from persona_tune.runfolder import RunFolder
+from tests.fixtures_runs import make_prepared_run
 from tests.test_eval_predict import eval_run, write_adapter
 
 OPTS = ["--", "max_rows=4", "metrics.n_boot=50", "num_threads=1", "batching.progress=False"]
@@ -84,6 +87,42 @@ def test_grid_plan_and_configs(tmp_path_factory):
         assert cfg.output_dir == str(run / "adapters" / name)
         if variant in base:
             assert cfg.subsample == base[variant].subsample and cfg.persona == base[variant].persona
+    # --cells: only the adapters the chosen cells need; unknown cells are named with the valid ones.
+    assert select_cells([0, 1], ["prompted-msml", "persona-msml", "single_max-ms"]) == (
+        ["single_max-ms", "persona_0-msml", "persona_1-msml"], ["prompted-msml", "single_max-ms", "persona-msml"])
+    assert select_cells([0, 1], ["prompted-ms"]) == ([], ["prompted-ms"])
+    assert select_cells([0, 1], None) == (train, evals)
+    with pytest.raises(ConfigError, match="unknown grid cell.*persona-xx.*the cells are: prompted-ms"):
+        select_cells([0, 1], ["persona-xx"])
     # The eval config of a grid cell takes its adapters and memory from the cell's training config.
     cfg = build_eval_config(RunFolder(run), "persona-ms", "tiny", "ms+ml", "scoring")
     assert cfg.memory == "ms" and cfg.adapter_dir == str(run / "adapters" / "persona_{persona}-ms")
+
+
+@pytest.mark.slow
+@pytest.mark.recipe
+def test_grid_cells_end_to_end(tmp_path, capsys, monkeypatch):
+    """`persona-tune grid --cells`: trains only the adapters the cells need, evaluates them, reports; resumes."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = make_prepared_run(tmp_path, n_users=6, seed=1)
+    for argv in (["distill", "--run", str(run), "--backend", "offline"],
+                 ["embed", "--run", str(run), "--backend", "hash"],
+                 ["personas", "--run", str(run), "--k", "2"]):
+        assert cli_main(argv) == 0, argv
+    tiny = write_tiny_phi3(tmp_path / "tiny", seed=0)
+    argv = ["grid", "--run", str(run), "--family", "tiny", "--cells", "prompted-msml,single_max-ms",
+            "--max-steps", "1", "--n-boot", "20", "--train-set", f"model_dir={tiny / 'model'}",
+            "--eval-set", "max_rows=2", "--eval-set", "num_threads=1", "--eval-set", "batching.progress=False"]
+    assert cli_main(argv) == 0
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["single_max-ms"]
+    assert sorted(p.parent.name for p in (run / "eval").glob("*/metrics.json")) == [
+        "baselines", "prompted-msml", "single_max-ms"]
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert {(r["adapter"], r["memories"]) for r in results["agents"]} == {("none", "M_s+M_l"), ("θ_single(max)", "M_s")}
+    assert (run / "eval" / results["plots"]["training_curves"]).stat().st_size > 1000
+    first = capsys.readouterr().out
+    assert "train single_max-ms: trained" in first and "eval  prompted-msml: done" in first and "θ_single(max)" in first
+    assert cli_main(argv) == 0  # everything is done: nothing is trained or evaluated again
+    second = capsys.readouterr().out
+    assert "train single_max-ms: skipped" in second and "eval  prompted-msml: skipped" in second
+    assert "eval  single_max-ms: skipped" in second

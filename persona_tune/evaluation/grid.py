@@ -9,7 +9,8 @@ as `persona-tune configs` writes them) and trained by `persona-tune train`'s mac
 RUN/adapters/<variant>-<ms|msml>/; evaluation runs `tune run persona_eval` per cell
 (`persona-tune eval`); then `persona-tune baselines` (if missing) and `persona-tune report`.
 Every step skips finished work: existing configs, trained adapters (train_summary.json), current
-eval results. `--max-steps N` caps optimizer steps per epoch (a quick CPU pass).
+eval results. `--max-steps N` caps optimizer steps per epoch (a quick CPU pass); `--cells` runs part
+of the matrix (only the adapters those cells need are trained), e.g. on a CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import logging
 
 from persona_tune.configgen import parse_overrides, persona_sizes, plan_variants, render_config, template_dir
-from persona_tune.errors import PersonaTuneError
+from persona_tune.errors import ConfigError, PersonaTuneError
 from persona_tune.evaluation.run import TAG_OF, evaluate
 from persona_tune.runfolder import RunFolder, atomic_write_text
 
@@ -36,6 +37,24 @@ def grid_cells(personas: list[int]) -> tuple[list[str], list[str]]:
         train += [f"persona_{k}-{tag}" for k in personas] + [f"single_min-{tag}", f"single_max-{tag}"]
         evals += [f"single_min-{tag}", f"single_max-{tag}", f"persona-{tag}"]
     return train, evals
+
+
+def select_cells(personas: list[int], cells: list[str] | None) -> tuple[list[str], list[str]]:
+    """(training variants, eval cells) for the chosen eval cells; None chooses the whole matrix."""
+    train, evals = grid_cells(personas)
+    if cells is None:
+        return train, evals
+    unknown = [c for c in cells if c not in evals]
+    if unknown:
+        raise ConfigError(f"unknown grid cell(s) {', '.join(unknown)}; the cells are: {', '.join(evals)}")
+    needed = []
+    for cell in cells:
+        base, tag = cell.rsplit("-", 1)
+        if base == "persona":
+            needed += [f"persona_{k}-{tag}" for k in personas]
+        elif base != "prompted":
+            needed.append(cell)
+    return [t for t in train if t in needed], [e for e in evals if e in cells]
 
 
 def write_grid_configs(run: RunFolder, family: str, overrides: list[str] = ()) -> list[str]:
@@ -60,23 +79,24 @@ def write_grid_configs(run: RunFolder, family: str, overrides: list[str] = ()) -
 
 
 def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "scoring",
-             eval_overrides: list[str] = (), train_overrides: list[str] = (), n_boot: int = 1000) -> dict:
+             eval_overrides: list[str] = (), train_overrides: list[str] = (), n_boot: int = 1000,
+             cells: list[str] | None = None, parallel: bool = False) -> dict:
     from persona_tune.evaluation.baselines import run_baselines
     from persona_tune.evaluation.report import write_report
     from persona_tune.train import train
 
     run = RunFolder(run_dir)
     run.require("ratings_train.parquet", "ratings_test.parquet", "personas/assignments.parquet")
-    run.record_stage("grid", {"family": family, "max_steps": max_steps, "mode": mode,
+    personas = sorted(persona_sizes(run)["persona"].tolist())
+    train_names, eval_names = select_cells(personas, cells)
+    run.record_stage("grid", {"family": family, "max_steps": max_steps, "mode": mode, "cells": eval_names,
                               "eval_overrides": list(eval_overrides), "train_overrides": list(train_overrides)})
-    train_names = write_grid_configs(run, family, train_overrides)
+    write_grid_configs(run, family, train_overrides)
     steps = [f"max_steps_per_epoch={max_steps}"] if max_steps else []
-    results = train(run.root, ",".join(train_names), overrides=steps)
+    results = train(run.root, ",".join(train_names), parallel=parallel, overrides=steps) if train_names else []
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
-    personas = sorted(persona_sizes(run)["persona"].tolist())
-    _, eval_names = grid_cells(personas)
     statuses = evaluate(run.root, eval_names, family=family, mode=mode,
                         overrides=[*eval_overrides, f"metrics.n_boot={n_boot}"])
     if not (run.eval_dir / "baselines" / "metrics.json").is_file():
@@ -89,6 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (after `persona-tune personas`)")
     parser.add_argument("--family", required=True, choices=["smollm2", "tiny", "phi3"], help="model family")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per epoch cap for training")
+    parser.add_argument("--cells", default=None,
+                        help="comma list of eval cells to run (default: all), e.g. "
+                             "prompted-msml,persona-msml,single_max-msml,single_max-ms")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train several adapters at once over the GPUs (or CPU cores)")
     parser.add_argument("--mode", default="scoring", choices=["scoring", "paper", "both"], help="eval mode")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -98,7 +123,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
     out = run_grid(args.run, args.family, args.max_steps, args.mode, args.eval_overrides, args.train_overrides,
-                   args.n_boot)
+                   args.n_boot, cells, args.parallel)
+    for variant, status in out["trained"].items():
+        print(f"train {variant}: {status}")
+    for variant, status in out["evaluated"].items():
+        print(f"eval  {variant}: {status}")
     print(out["table"])
     return 0

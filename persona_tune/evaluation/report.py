@@ -4,8 +4,10 @@ Writes RUN/eval/report.md and RUN/eval/results.json: one row per evaluated varia
 model, adapter, memories; RMSE, MAE, URR with bootstrap 95% CIs over users), the classical
 baselines on the same test rows underneath, and the paper's own Table 1 for reference. Plots in
 RUN/eval/plots/: RMSE and MAE against each persona's training-set size (the paper's Figure 3),
-the elbow curve of the persona clustering (personas/elbow.png), and calibration (mean predicted
-rating per true rating). Prints the table.
+the elbow curve of the persona clustering (personas/elbow.png), calibration (mean predicted
+rating per true rating) and the training loss of every adapter. A diagnostics table says what each
+agent's predictions follow: their mean and spread against the truth's, and their correlation with
+the truth, the user mean, the item mean and the bias baseline on the same rows. Prints the table.
 """
 
 from __future__ import annotations
@@ -140,6 +142,51 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+DIAGNOSTIC_BASELINES = ("user_mean", "item_mean", "bias")
+
+
+def diagnostics(run: RunFolder) -> list[dict]:
+    """Per agent variant and mode: prediction mean/sd vs the truth's, and Pearson r with the truth and baselines."""
+    baseline_file = run.eval_dir / "baselines" / "predictions.parquet"
+    base = pd.read_parquet(baseline_file, columns=["user_id", "item_id", *DIAGNOSTIC_BASELINES]) \
+        if baseline_file.is_file() else None
+    rows = []
+    for path in sorted(run.eval_dir.glob("*/predictions.parquet")):
+        if path.parent.name == "baselines":
+            continue
+        preds = pd.read_parquet(path, columns=["user_id", "item_id", "rating", "mode", "prediction"])
+        if base is not None:
+            preds = preds.merge(base, on=["user_id", "item_id"], how="left")
+        for mode, group in preds.dropna(subset=["prediction"]).groupby("mode", sort=True):
+            row = {"variant": path.parent.name, "mode": mode, "n": len(group),
+                   "mean_prediction": group["prediction"].mean(), "mean_rating": group["rating"].mean(),
+                   "sd_prediction": group["prediction"].std(), "sd_rating": group["rating"].std(),
+                   "r_rating": _pearson(group["prediction"], group["rating"])}
+            for name in DIAGNOSTIC_BASELINES:
+                row[f"r_{name}"] = _pearson(group["prediction"], group[name]) if name in group else float("nan")
+            rows.append({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
+    return rows
+
+
+def _pearson(a: pd.Series, b: pd.Series) -> float:
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(a.corr(b))
+
+
+def diagnostics_table(rows: list[dict]) -> str:
+    def num(x: float) -> str:
+        return "-" if x is None or math.isnan(x) else f"{x:.2f}"
+
+    lines = ["| Variant | Mode | rows | mean pred (truth) | sd pred (truth) | r truth | r user mean | r item mean | r bias |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['mode']} | {r['n']} | {num(r['mean_prediction'])} ({num(r['mean_rating'])}) "
+                     f"| {num(r['sd_prediction'])} ({num(r['sd_rating'])}) | {num(r['r_rating'])} | "
+                     f"{num(r['r_user_mean'])} | {num(r['r_item_mean'])} | {num(r['r_bias'])} |")
+    return "\n".join(lines)
+
+
 def paper_table() -> str:
     lines = ["| No. | Base model | Adapter(s) | Memories | RMSE | MAE | URR |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {i} | {b} | {a} | {m} | {r:.3f} | {e:.3f} | {u:.2f}% |" for i, (b, a, m, r, e, u) in enumerate(PAPER_TABLE_1)]
@@ -229,6 +276,36 @@ def plot_calibration(run: RunFolder, out: Path) -> Path | None:
     return out / "calibration.png"
 
 
+def plot_training_curves(run: RunFolder, out: Path) -> Path | None:
+    """Training loss per optimizer step of every trained adapter (raw, and a running mean)."""
+    curves = {}
+    for path in sorted(run.adapters_dir.glob("*/train_summary.json")):
+        losses = json.loads(path.read_text()).get("losses") or []
+        if losses:
+            curves[path.parent.name] = pd.Series(losses, index=range(1, len(losses) + 1), dtype=float)
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, loss) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        window = max(1, len(loss) // 6)
+        ax.plot(loss.index, loss.values, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(loss.index, loss.rolling(window, min_periods=1).mean(), color=color, label=f"{name} (mean of {window})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (answer tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Training curves")
+    _savefig(fig, out / "training_curves.png")
+    plt.close(fig)
+    return out / "training_curves.png"
+
+
 def copy_elbow(run: RunFolder, out: Path) -> Path | None:
     src = run.personas_dir / "elbow.png"
     if not src.is_file():
@@ -247,19 +324,27 @@ def write_report(run_dir) -> str:
     results = collect(run)
     plots_dir = run.eval_dir / "plots"
     plots = {name: fn(run, plots_dir) for name, fn in
-             (("training_size", plot_training_size), ("elbow", copy_elbow), ("calibration", plot_calibration))}
+             (("training_size", plot_training_size), ("elbow", copy_elbow), ("calibration", plot_calibration),
+              ("training_curves", plot_training_curves))}
     plots = {k: str(v.relative_to(run.eval_dir)) for k, v in plots.items() if v is not None}
     table = markdown_table(results)
+    signal = diagnostics(run)
     rule = {r["unparsable_rule"] for r in results["agents"]} - {None}
     md = [f"# Results: {run.root.name}", "",
           "RMSE, MAE and URR on the run's test rows; [95% CI] from a bootstrap over users. "
           f"Unparsable answers: {', '.join(sorted(rule)) or 'n/a'} (paper mode only; scoring mode always rates).", "",
-          table, "", "## The paper's Table 1 (Thakur et al. 2024; its own split, for reference)", "", paper_table(), ""]
+          table, ""]
+    if signal:
+        md += ["## What the predictions follow", "",
+               "Pearson r of each agent's predictions with the truth and with the baselines' predictions on the "
+               "same rows. An agent that reads the user's average from M_s follows the user mean; one that reads "
+               "the item's historical average follows the item mean.", "", diagnostics_table(signal), ""]
+    md += ["## The paper's Table 1 (Thakur et al. 2024; its own split, for reference)", "", paper_table(), ""]
     if plots:
         md += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     atomic_write_text(run.eval_dir / "report.md", "\n".join(md))
     atomic_write_json(run.eval_dir / "results.json", {
-        **results, "plots": plots,
+        **results, "plots": plots, "diagnostics": signal,
         "paper_table_1": [dict(zip(("base_model", "adapter", "memories", "rmse", "mae", "urr_percent"), r))
                           for r in PAPER_TABLE_1]})
     run.record_stage("report", {}, outputs=["eval/report.md", "eval/results.json", *[f"eval/{p}" for p in plots.values()]])
