@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -9,7 +10,15 @@ import pytest
 from sklearn.metrics import mean_squared_error
 
 from persona_tune.cli import main as cli_main
-from persona_tune.evaluation.baselines import PREDICTORS, BaselineConfig, predict_baselines
+from persona_tune.evaluation.baselines import (
+    MF_REGS,
+    PREDICTORS,
+    BaselineConfig,
+    choose_mf_reg,
+    predict_baselines,
+    run_baselines,
+)
+from persona_tune.runfolder import RunFolder
 from tests.fixtures_runs import make_prepared_run
 
 
@@ -42,6 +51,20 @@ def test_mf_is_seeded_and_clipped():
     b = predict_baselines(train, test, items, BaselineConfig(seed=3, mf_epochs=30))
     pd.testing.assert_frame_equal(a, b)
     assert a[list(PREDICTORS)].to_numpy().min() >= 1.0 and a[list(PREDICTORS)].to_numpy().max() <= 5.0
+
+
+def test_mf_l2_weight_is_chosen_on_a_validation_slice(tmp_path):
+    run = RunFolder(make_prepared_run(tmp_path, n_users=12))
+    train, items = run.read_table("ratings_train.parquet"), run.read_table("items.parquet")
+    cfg = BaselineConfig(mf_epochs=40)
+    chosen = choose_mf_reg(train, items, cfg)
+    assert chosen in MF_REGS
+    # Choosing is the same as fixing the chosen weight.
+    test = run.read_table("ratings_test.parquet")
+    pd.testing.assert_frame_equal(predict_baselines(train, test, items, cfg),
+                                  predict_baselines(train, test, items, replace(cfg, mf_reg=chosen)))
+    metrics = run_baselines(run.root, cfg, n_boot=20)
+    assert metrics["fit"]["mf_reg"] == chosen
 
 
 def test_baselines_cli_writes_contract(tmp_path, capsys):

@@ -10,7 +10,9 @@ What each predictor is fit on (mu = the global mean):
   (r - mu - b_i) / (lambda_u + n_u). Defaults lambda_i = 25, lambda_u = 10.
 - mf: the bias baseline plus p_u . q_i, a rank-``mf_rank`` factorisation of the bias residuals fit on
   the run's train rows only (full-batch Adam, L2 ``mf_reg``, seeded). An item with no train row keeps
-  q_i = 0, so it falls back to the bias baseline.
+  q_i = 0, so it falls back to the bias baseline. ``mf_reg`` None (the default) picks the L2 weight
+  from MF_REGS by RMSE on a validation slice (the last 20% of each user's train rows, fit on the
+  rest), then refits on all train rows.
 Predictions are clipped to [1, 5].
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -31,6 +33,7 @@ from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_pa
 log = logging.getLogger(__name__)
 
 PREDICTORS = ("global_mean", "user_mean", "item_mean", "bias", "mf")
+MF_REGS = (0.05, 0.3, 1.0, 3.0)
 
 
 @dataclass
@@ -38,7 +41,7 @@ class BaselineConfig:
     lambda_item: float = 25.0
     lambda_user: float = 10.0
     mf_rank: int = 8
-    mf_reg: float = 0.05
+    mf_reg: float | None = None
     mf_epochs: int = 300
     mf_lr: float = 0.02
     seed: int = 0
@@ -79,11 +82,29 @@ def fit_mf(train: pd.DataFrame, residual: np.ndarray, cfg: BaselineConfig) -> tu
     return dict(zip(users.tolist(), p_np)), dict(zip(items.tolist(), q_np))
 
 
+def choose_mf_reg(train: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig) -> float:
+    """The L2 weight in MF_REGS with the lowest MF RMSE on the last 20% of each user's train rows."""
+    position = train.groupby("user_id").cumcount()
+    size = train.groupby("user_id")["user_id"].transform("size")
+    held_out = position >= np.ceil(0.8 * size)
+    fit, val = train[~held_out], train[held_out]
+    if val.empty:
+        return MF_REGS[0]
+    rmse = {}
+    for reg in MF_REGS:
+        pred = predict_baselines(fit, val, items, replace(cfg, mf_reg=reg))
+        rmse[reg] = float(np.sqrt(((pred["mf"] - pred["rating"]) ** 2).mean()))
+    log.info("mf: validation RMSE by L2 weight %s", {k: round(v, 4) for k, v in rmse.items()})
+    return min(rmse, key=rmse.get)
+
+
 def predict_baselines(
     train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig | None = None
 ) -> pd.DataFrame:
     """``test`` with one column per predictor in PREDICTORS (see the module docstring)."""
     cfg = cfg or BaselineConfig()
+    if cfg.mf_reg is None:
+        cfg = replace(cfg, mf_reg=choose_mf_reg(train, items, cfg))
     mu = global_mean(items)
     out = test.copy()
     out["global_mean"] = mu
@@ -121,6 +142,8 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
     train = run.read_table("ratings_train.parquet")
     test = run.read_table("ratings_test.parquet")
     items = run.read_table("items.parquet", columns=["item_id", "hist_avg", "hist_count"])
+    if cfg.mf_reg is None:
+        cfg = replace(cfg, mf_reg=choose_mf_reg(train, items, cfg))
     preds = predict_baselines(train, test, items, cfg)
     persona_file = run.path("personas/assignments.parquet")
     persona = pd.read_parquet(persona_file).set_index("user_id")["persona"] if persona_file.exists() else None
@@ -148,6 +171,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder")
     defaults = BaselineConfig()
     for field, value in asdict(defaults).items():
+        if field == "mf_reg":
+            parser.add_argument("--mf-reg", type=float, default=None,
+                                help=f"MF L2 weight (default: chosen from {MF_REGS} on a validation slice)")
+            continue
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (users) for the CIs")
 
