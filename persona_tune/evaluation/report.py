@@ -297,7 +297,7 @@ def plot_training_curves(run: RunFolder, out: Path) -> Path | None:
         ax.plot(loss.index, loss.values, color=color, alpha=0.25, linewidth=0.8)
         ax.plot(loss.index, loss.rolling(window, min_periods=1).mean(), color=color, label=f"{name} (mean of {window})")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_ylabel("training loss (mean CE over the assistant turn's tokens)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("Training curves")
