@@ -30,6 +30,18 @@ def make_prepared_run(root: Path, n_users: int = 12, seed: int = 0) -> Path:
     return root / "run"
 
 
+def make_persona_run(root: Path, n_users: int = 8, seed: int = 0, k: int = 2) -> Path:
+    """``make_prepared_run`` taken through offline distillation, hash embeddings and K personas (the CLI)."""
+    from persona_tune.cli import main as cli_main
+
+    run = make_prepared_run(root, n_users=n_users, seed=seed)
+    for argv in (["distill", "--run", str(run), "--backend", "offline"],
+                 ["embed", "--run", str(run), "--backend", "hash"],
+                 ["personas", "--run", str(run), "--k", str(k)]):
+        assert cli_main(argv) == 0, argv
+    return run
+
+
 def bias_baseline(fit: pd.DataFrame, test: pd.DataFrame, reg: float = 5.0) -> np.ndarray:
     """User+item bias baseline mu + b_i + b_u fitted on ``fit``: b_i the damped mean residual of the
     item, then b_u the damped mean residual of the user after b_i; predictions clipped to 1..5."""

@@ -131,7 +131,7 @@ def test_bad_persona_ids_name_the_file(tmp_path, bad):
     df["persona"] = df["persona"].astype(type(bad))
     df.loc[3, "persona"] = bad
     atomic_write_parquet(df, path)
-    with pytest.raises(DataError, match=rf"assignments.parquet:4: persona"):
+    with pytest.raises(DataError, match=r"assignments.parquet:4: persona"):
         generate_configs(run, family="tiny")
 
 

@@ -9,12 +9,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from persona_tune.cli import main as cli_main
-from persona_tune.evaluation.grid import grid_cells, select_cells, write_grid_configs
 from persona_tune.errors import ConfigError
+from persona_tune.evaluation.grid import grid_cells, select_cells, write_grid_configs
 from persona_tune.evaluation.run import build_eval_config, split_variant
 from persona_tune.models.tiny import write_tiny_phi3
 from persona_tune.runfolder import RunFolder
-from tests.fixtures_runs import make_prepared_run
+from tests.fixtures_runs import make_persona_run
 from tests.test_eval_predict import eval_run, write_adapter
 
 OPTS = ["--", "max_rows=4", "metrics.n_boot=50", "num_threads=1", "batching.progress=False"]
@@ -104,11 +104,7 @@ def test_grid_plan_and_configs(tmp_path_factory):
 def test_grid_cells_end_to_end(tmp_path, capsys, monkeypatch):
     """`persona-tune grid --cells`: trains only the adapters the cells need, evaluates them, reports; resumes."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    run = make_prepared_run(tmp_path, n_users=6, seed=1)
-    for argv in (["distill", "--run", str(run), "--backend", "offline"],
-                 ["embed", "--run", str(run), "--backend", "hash"],
-                 ["personas", "--run", str(run), "--k", "2"]):
-        assert cli_main(argv) == 0, argv
+    run = make_persona_run(tmp_path, n_users=6, seed=1, k=2)
     tiny = write_tiny_phi3(tmp_path / "tiny", seed=0)
     argv = ["grid", "--run", str(run), "--family", "tiny", "--cells", "prompted-msml,single_max-ms",
             "--max-steps", "1", "--n-boot", "20", "--train-set", f"model_dir={tiny / 'model'}",

@@ -20,12 +20,17 @@ from torchtune.modules.peft import get_adapter_params
 from persona_tune.cli import main as cli_main
 from persona_tune.datasets import persona_dataset
 from persona_tune.evaluation.predict import (
-    PROB_COLUMNS, GenerationConfig, RatingPredictor, answer_tokens, merge_lora_in_place, naive_generate,
+    PROB_COLUMNS,
+    GenerationConfig,
+    RatingPredictor,
+    answer_tokens,
+    merge_lora_in_place,
+    naive_generate,
     plan_batches,
 )
 from persona_tune.models.tiny import lora_tiny_phi3, tiny_phi3_tokenizer, write_tiny_phi3
 from persona_tune.prompts import load_prompt_rows
-from tests.fixtures_runs import make_prepared_run
+from tests.fixtures_runs import make_persona_run
 
 LORA = dict(lora_attn_modules=["q_proj", "k_proj"], lora_rank=8, lora_alpha=16)
 _RUNS: dict = {}
@@ -49,11 +54,7 @@ def eval_run(tmp_path_factory) -> tuple[Path, Path]:
     """
     if "run" not in _RUNS:
         root = tmp_path_factory.mktemp("eval_run")
-        run = make_prepared_run(root, n_users=8, seed=0)
-        for argv in (["distill", "--run", str(run), "--backend", "offline"],
-                     ["embed", "--run", str(run), "--backend", "hash"],
-                     ["personas", "--run", str(run), "--k", "2"]):
-            assert cli_main(argv) == 0, argv
+        run = make_persona_run(root, n_users=8, seed=0, k=2)
         tiny = write_tiny_phi3(root / "tiny", seed=0)
         assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--set", f"model_dir={tiny / 'model'}"]) == 0
         model_cfg = OmegaConf.load(run / "configs" / "persona_0.yaml").model  # what training would use

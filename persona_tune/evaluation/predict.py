@@ -436,7 +436,6 @@ def naive_generate(
     """
     answer = answer or answer_tokens(tokenizer)
     parse = get_parser(gen.parser)
-    vocab = model.tok_embeddings.num_embeddings
     dtype = next(model.parameters()).dtype
     longest = max(map(len, prompts)) + gen.max_new_tokens
     next_token = _top_p_next_token(gen.top_p, gen.temperature)
