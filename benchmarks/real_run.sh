@@ -20,12 +20,15 @@ persona-tune baselines --run "$RUN"
 # the same rows for every cell).
 TRAIN=(--max-steps 24 --parallel --train-set epochs=1 --train-set batch_size=4
        --train-set optimizer.lr=1e-3 --train-set lr_scheduler.num_warmup_steps=3)
-# The headline cells in both modes (paper mode: 4 sampled tokens; scoring mode: expected rating) ...
-persona-tune grid --run "$RUN" --family smollm2 --cells prompted-msml,single_max-msml,persona-msml \
+# The prompted model and theta_persona in both modes (paper: 4 sampled tokens; scoring: expected rating) ...
+persona-tune grid --run "$RUN" --family smollm2 --cells prompted-msml,persona-msml \
     --mode both "${TRAIN[@]}" --eval-set max_rows=50
-# ... and the memory ablation (M_s only) in scoring mode.
-persona-tune grid --run "$RUN" --family smollm2 --cells prompted-ms,single_max-ms \
+# ... theta_single(max), and the memory ablation (M_s only), in scoring mode.
+persona-tune grid --run "$RUN" --family smollm2 --cells single_max-msml,prompted-ms,single_max-ms \
     --mode scoring "${TRAIN[@]}" --eval-set max_rows=50
 persona-tune report   --run "$RUN"
+python benchmarks/prompt_numbers.py "$RUN"                                        # the prompt's own numbers
+python benchmarks/prompt_numbers.py "$RUN" --rows eval/persona-msml/predictions.parquet
 cp "$RUN/eval/report.md" docs/results-ml1m-smollm2.md
-cp "$RUN"/eval/plots/{calibration,training_curves}.png docs/
+cp "$RUN/eval/plots/calibration.png" docs/results-ml1m-calibration.png
+cp "$RUN/eval/plots/training_curves.png" docs/results-ml1m-training-curves.png
