@@ -23,8 +23,8 @@ TRAIN=(--max-steps 24 --parallel --train-set epochs=1 --train-set batch_size=4
 # The prompted model and theta_persona in both modes (paper: 4 sampled tokens; scoring: expected rating) ...
 persona-tune grid --run "$RUN" --family smollm2 --cells prompted-msml,persona-msml \
     --mode both "${TRAIN[@]}" --eval-set max_rows=50
-# ... theta_single(max), and the memory ablation (M_s only), in scoring mode.
-persona-tune grid --run "$RUN" --family smollm2 --cells single_max-msml,prompted-ms,single_max-ms \
+# ... theta_single(max) and the memory ablation (theta_single(max) with M_s only) in scoring mode.
+persona-tune grid --run "$RUN" --family smollm2 --cells single_max-msml,single_max-ms \
     --mode scoring "${TRAIN[@]}" --eval-set max_rows=50
 persona-tune report   --run "$RUN"
 python benchmarks/prompt_numbers.py "$RUN"                                        # the prompt's own numbers
