@@ -34,16 +34,17 @@ def check_variant_name(name: str) -> str:
     return name
 
 
-def template_dir(family: str) -> Path:
-    """configs/<family>_persona/ from the installed wheel or the source checkout."""
+def template_dir(family: str, kind: str = "persona") -> Path:
+    """configs/<family>_<kind>/ (kind: persona, the stock recipes; trunk, lora_frozen_trunk) from the
+    installed wheel or the source checkout."""
     from persona_tune._hook import resource_dirs
 
     if family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
     configs_dir = resource_dirs()[0]
-    if configs_dir is None or not (configs_dir / f"{family}_persona").is_dir():
-        raise ConfigError(f"the {family}_persona config templates are not installed with persona-tune")
-    return configs_dir / f"{family}_persona"
+    if configs_dir is None or not (configs_dir / f"{family}_{kind}").is_dir():
+        raise ConfigError(f"the {family}_{kind} config templates are not installed with persona-tune")
+    return configs_dir / f"{family}_{kind}"
 
 
 def persona_sizes(run: RunFolder):

@@ -6,14 +6,17 @@
       memory: ms+ml        # ms | ms+ml | ml
       persona: 0           # null: every user
       subsample: null      # about N rows, the same fraction of each user's rows
+      prompt_template: paper  # paper | compact (persona_tune.prompts)
+      state_numbers: False    # state the item's historical average and the user's offset before the answer
 
 Each row becomes system = role play + traits + M_s, user = task + retrieved M_l + item text,
 assistant = the rating (persona_tune.prompts), so training and evaluation prompts are identical.
 Only the assistant turn is trained on unless ``train_on_input``.
 
 Length policy: a prompt longer than ``max_seq_len`` (default: the tokenizer's) is shrunk before it
-is tokenized for good: memories are dropped (last first), then the profile is shortened, then the
-traits go; the task, the item and the answer are never cut. Lengths are the tokenizer's own token
+is tokenized for good, boilerplate before facts (persona_tune.prompts.fit_to_length): the preambles,
+then memories (last first), then the end of the profile, then the traits; the task, the item, the
+stated numbers and the answer are never cut. Lengths are the tokenizer's own token
 counts. Works with any torchtune ModelTokenizer (Phi-3, Llama 3.2 / SmolLM2, the tiny test model).
 """
 
@@ -104,6 +107,8 @@ def persona_dataset(
     train_on_input: bool = False,
     max_seq_len: int | None = None,
     packed: bool = False,
+    prompt_template: str = "paper",
+    state_numbers: bool = False,
 ) -> SFTDataset | PackedDataset:
     """Rating rows of a run folder as a torchtune SFT dataset.
 
@@ -118,13 +123,16 @@ def persona_dataset(
         train_on_input: also compute the loss on the system and user turns.
         max_seq_len: token budget per sample; None means the tokenizer's ``max_seq_len``.
         packed: pack samples into ``max_seq_len`` blocks (torchtune PackedDataset).
+        prompt_template: "paper" (the paper's wording) or "compact" (the same facts in fewer tokens).
+        state_numbers: state the item's historical average and the user's offset next to the task.
     """
     max_seq_len = max_seq_len if max_seq_len is not None else getattr(tokenizer, "max_seq_len", None)
     if max_seq_len is not None and max_seq_len < 1:
         raise ConfigError(f"max_seq_len must be positive, got {max_seq_len}")
     if packed and max_seq_len is None:
         raise ConfigError("packed=True needs max_seq_len (on the dataset or the tokenizer)")
-    table = load_prompt_rows(run_dir, split=split, memory=memory, persona=persona, subsample=subsample, seed=seed)
+    table = load_prompt_rows(run_dir, split=split, memory=memory, persona=persona, subsample=subsample, seed=seed,
+                             template=prompt_template, state_numbers=state_numbers)
     rows = [{"parts": p, "rating": int(r)} for p, r in zip(table["parts"], table["rating"])]
     ds = PersonaSFTDataset(
         rows,

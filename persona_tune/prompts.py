@@ -1,8 +1,17 @@
-"""Render rating rows into chat messages: the paper's prompt (its Appendix C).
+"""Render rating rows into chat messages: the paper's prompt (its Appendix C) or a compact one.
 
-system    = role-play preamble + trait descriptions + M_s (the profile)
-user      = memory preamble + retrieved M_l memories + the task + the item text
-assistant = the rating, one digit
+paper template (the default):
+  system    = role-play preamble + trait descriptions + M_s (the profile)
+  user      = memory preamble + retrieved M_l memories + the task + the item text
+  assistant = the rating, one digit
+compact template: the same facts (trait levels, the profile, the memories, the item's title, year,
+  genres and historical average) without the boilerplate, in about half the tokens.
+state_numbers (either template): a line just before the answer states the item's historical average
+  and the user's offset from it (mean of rating - hist_avg over the user's train rows).
+
+Length policy (fit_to_length): boilerplate goes before facts. A prompt over the budget first loses
+the preambles and the long task wording, then memories (last first), then the end of the profile,
+and the trait levels last; the task, the item and the stated numbers are never cut.
 
 Training datasets, the eval recipe and ``UserAgent`` all build prompts here, so training and test
 prompts are the same text.
@@ -22,6 +31,7 @@ from persona_tune.errors import ConfigError
 from persona_tune.runfolder import RunFolder
 
 MEMORY_MODES = ("ms", "ms+ml", "ml")
+TEMPLATES = ("paper", "compact")
 RATINGS = ("1", "2", "3", "4", "5")
 
 ROLE_PLAY = (
@@ -42,15 +52,24 @@ TASK = (
     "absolutely loved it. Always respond with either one of 1, 2, 3, 4 or 5. Do not output anything else."
 )
 
+# The short wordings: the compact template, and the paper's once the length policy cut its boilerplate.
+TERSE_ROLE = "You are this movie viewer."
+TERSE_TASK = "TASK: Rate the movie below from 1 (hated) to 5 (loved). Answer with one digit."
+
 
 @dataclass(frozen=True)
 class PromptParts:
-    """The variable pieces of one prompt. Empty strings / tuples mean "not used"."""
+    """The variable pieces of one prompt. Empty strings / tuples / None mean "not used"."""
 
     item: str
     profile: str = ""
-    traits: str = ""
+    traits: str = ""  # the paper's trait descriptions
     memories: tuple[tuple[str, str], ...] = ()  # (memory item text, M_l explanation)
+    template: str = "paper"  # paper | compact
+    trait_levels: str = ""  # "activity low, conformity high, diversity medium" (compact, or a cut paper prompt)
+    item_avg: float | None = None  # stated before the answer when not None (state_numbers)
+    user_offset: float | None = None
+    terse: bool = False  # the length policy dropped the paper template's boilerplate
 
 
 def check_memory_mode(memory: str) -> str:
@@ -59,7 +78,25 @@ def check_memory_mode(memory: str) -> str:
     return memory
 
 
+def check_template(template: str) -> str:
+    if template not in TEMPLATES:
+        raise ConfigError(f"prompt_template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    return template
+
+
+def _short(parts: PromptParts) -> bool:
+    return parts.template == "compact" or parts.terse
+
+
 def system_text(parts: PromptParts) -> str:
+    if _short(parts):
+        text = TERSE_ROLE
+        traits = parts.trait_levels or parts.traits
+        if traits:
+            text += f" Traits: {traits}."
+        if parts.profile:
+            text += f" Profile: {parts.profile}"
+        return text
     text = ROLE_PLAY
     if parts.traits:
         text += " " + TRAITS_INTRO + parts.traits
@@ -68,14 +105,37 @@ def system_text(parts: PromptParts) -> str:
     return text
 
 
+def numbers_line(parts: PromptParts) -> str | None:
+    """The stated numbers: the item's historical average and the user's offset from such averages."""
+    facts = []
+    if parts.item_avg is not None:
+        facts.append(f"crowd average {parts.item_avg:.2f}")
+    if parts.user_offset is not None:
+        facts.append(f"you usually rate {parts.user_offset:+.2f} vs the crowd")
+    return ("NUMBERS: " + "; ".join(facts) + ".") if facts else None
+
+
 def user_text(parts: PromptParts) -> str:
     lines = []
+    numbers = numbers_line(parts)
+    if parts.template == "compact":
+        if parts.memories:
+            lines.append("Memories:")
+            lines += [f"- {item_text}: {explanation}" for item_text, explanation in parts.memories]
+        lines.append(f"Movie: {parts.item}")
+        if numbers:
+            lines.append(numbers)
+        lines.append("Rating (1-5):")
+        return "\n".join(lines)
     if parts.memories:
-        lines += [MEMORY_INTRO, "", "YOUR MEMORIES"]
+        lines += ([] if parts.terse else [MEMORY_INTRO, ""]) + ["YOUR MEMORIES"]
         for item_text, explanation in parts.memories:
             lines += [f"- MOVIE: {item_text}", f"  MY MEMORY: {explanation}"]
         lines.append("")
-    lines += [TASK, f"MOVIE: {parts.item}", "RATING:"]
+    lines += [TERSE_TASK if parts.terse else TASK, f"MOVIE: {parts.item}"]
+    if numbers:
+        lines.append(numbers)
+    lines.append("RATING:")
     return "\n".join(lines)
 
 
@@ -96,14 +156,19 @@ def render_messages(parts: PromptParts, rating: int | None = None) -> list[Messa
 def fit_to_length(
     parts: PromptParts, count_tokens: Callable[[PromptParts], int], max_tokens: int | None
 ) -> PromptParts:
-    """Shrink a prompt to ``max_tokens``: drop memories (last first), then shorten the profile,
-    then drop the traits (and keep as much of the profile as then fits).
+    """Shrink a prompt to ``max_tokens``, boilerplate before facts: the paper template's preambles and
+    long task wording (and trait descriptions, which become trait levels), then memories (last
+    first), then the end of the profile, then the trait levels (keeping as much profile as then fits).
 
-    The task, the item text and the answer are never cut. Raises ConfigError if even the bare
-    task and item exceed ``max_tokens``.
+    The task, the item text, the stated numbers and the answer are never cut. Raises ConfigError if
+    even the bare task and item exceed ``max_tokens``.
     """
     if max_tokens is None or count_tokens(parts) <= max_tokens:
         return parts
+    if not _short(parts):
+        parts = replace(parts, terse=True)
+        if count_tokens(parts) <= max_tokens:
+            return parts
     memories = list(parts.memories)
     while memories:
         memories.pop()
@@ -123,8 +188,8 @@ def fit_to_length(
         return replace(parts, profile=" ".join(words[:lo]))
 
     parts = longest_profile(parts)
-    if count_tokens(parts) > max_tokens and parts.traits:
-        parts = longest_profile(replace(parts, traits=""))  # without the traits, more profile fits
+    if count_tokens(parts) > max_tokens and (parts.traits or parts.trait_levels):
+        parts = longest_profile(replace(parts, traits="", trait_levels=""))  # without traits, more profile fits
     if count_tokens(parts) > max_tokens:
         raise ConfigError(
             f"the task and item text alone need {count_tokens(parts)} tokens, more than max_seq_len={max_tokens}"
@@ -158,13 +223,17 @@ def load_prompt_rows(
     subsample: int | None = None,
     seed: int = 0,
     users: Sequence[int] | None = None,
+    template: str = "paper",
+    state_numbers: bool = False,
 ) -> pd.DataFrame:
     """Join a run folder's tables into one row per rating with its prompt parts.
 
     Returns columns user_id, item_id, rating, timestamp, persona (-1 if personas were not computed),
     and ``parts`` (a PromptParts). Rows keep the order of the ratings file (user, then time).
+    ``template`` and ``state_numbers``: see the module docstring.
     """
     check_memory_mode(memory)
+    check_template(template)
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     run = RunFolder(run_dir)
@@ -192,16 +261,30 @@ def load_prompt_rows(
 
     # Dicts of Python strings: every row that shows the same profile, traits, item or memory holds a
     # reference to one string object, so 490k rows stay small (a pandas .map copies each string).
-    items = _as_dict(run.read_table("items.parquet", columns=["item_id", "text"]), "item_id", "text")
+    item_table = run.read_table("items.parquet")
+    items = _as_dict(item_table.assign(text=compact_item_texts(item_table)) if template == "compact" else item_table,
+                     "item_id", "text")
     user_ids, item_ids = rows["user_id"].tolist(), rows["item_id"].tolist()
     item_text = [items[i] for i in item_ids]
 
-    profile = traits = [""] * len(rows)
+    profile = traits = levels = [""] * len(rows)
     if memory in ("ms", "ms+ml"):
-        table = run.read_table("distill/profiles.parquet", columns=["user_id", "profile", "traits_text"])
+        table = run.read_table("distill/profiles.parquet")
         profiles, trait_texts = _as_dict(table, "user_id", "profile"), _as_dict(table, "user_id", "traits_text")
         profile = [profiles.get(u) or "" for u in user_ids]
         traits = [trait_texts.get(u) or "" for u in user_ids]
+        if {"activity", "conformity", "diversity"} <= set(table.columns):
+            level_of = dict(zip(table["user_id"].tolist(), (
+                f"activity {a}, conformity {c}, diversity {d}"
+                for a, c, d in zip(table["activity"], table["conformity"], table["diversity"]))))
+            levels = [level_of.get(u, "") for u in user_ids]
+
+    item_avg = user_offset = [None] * len(rows)
+    if state_numbers:
+        hist = dict(zip(item_table["item_id"].tolist(), item_table["hist_avg"].tolist()))
+        offsets = user_offsets(run.read_table("ratings_train.parquet", columns=["user_id", "item_id", "rating"]), hist)
+        item_avg = [None if pd.isna(hist.get(i)) else float(hist[i]) for i in item_ids]
+        user_offset = [offsets.get(u, 0.0) for u in user_ids]
 
     memories = [()] * len(rows)
     if memory in ("ms+ml", "ml"):
@@ -210,12 +293,39 @@ def load_prompt_rows(
 
     rows["parts"] = pd.Series(
         [
-            PromptParts(item=i, profile=p, traits=t, memories=m)
-            for i, p, t, m in zip(item_text, profile, traits, memories)
+            PromptParts(item=i, profile=p, traits=t, memories=m, template=template, trait_levels=lv,
+                        item_avg=a, user_offset=o)
+            for i, p, t, m, lv, a, o in zip(item_text, profile, traits, memories, levels, item_avg, user_offset)
         ],
         index=rows.index, dtype=object,
     )
     return rows
+
+
+def compact_item_texts(items: pd.DataFrame) -> list[str]:
+    """'Title (1995); Comedy|Drama; average 3.87', plus the summary and cast when the run has them."""
+    from persona_tune.distill.offline import display_title
+
+    texts = []
+    for row in items.itertuples(index=False):
+        text = display_title(row.title, row.year)
+        if getattr(row, "genres", None):
+            text += f"; {row.genres}"
+        hist = getattr(row, "hist_avg", None)
+        text += "; no ratings yet" if hist is None or pd.isna(hist) else f"; average {hist:.2f}"
+        for extra in ("summary", "cast"):
+            value = getattr(row, extra, None)
+            if isinstance(value, str) and value:
+                text += f"; {value}"
+        texts.append(text)
+    return texts
+
+
+def user_offsets(train: pd.DataFrame, hist_avg: dict) -> dict[int, float]:
+    """Each user's mean of (rating - the item's historical average) over their train rows."""
+    deviation = train["rating"].to_numpy(dtype=float) - train["item_id"].map(hist_avg).to_numpy(dtype=float)
+    frame = pd.DataFrame({"user_id": train["user_id"].to_numpy(), "d": deviation}).dropna()
+    return {int(u): float(v) for u, v in frame.groupby("user_id")["d"].mean().items()}
 
 
 def _as_dict(table: pd.DataFrame, key: str, value: str) -> dict:

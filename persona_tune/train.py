@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SINGLE_DEVICE_RECIPE = "lora_finetune_single_device"
 DISTRIBUTED_RECIPE = "lora_finetune_distributed"
+TRUNK_RECIPE = "lora_frozen_trunk"
+RESUMING_RECIPES = (TRUNK_RECIPE,)  # recipes that resume from their own state in output_dir
 SUMMARY = "train_summary.json"
 TRAIN_LOG = "train.log"
 _STEP_LINE = re.compile(r"^Step (\d+) \| (.*)$")
@@ -222,12 +224,13 @@ def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrid
     output_dir = run.adapters_dir / variant
     if (output_dir / SUMMARY).is_file():
         return VariantResult(variant, "skipped")
-    if output_dir.exists():  # an earlier attempt that did not finish: start the variant afresh
+    if output_dir.exists() and recipe not in RESUMING_RECIPES:  # an unfinished attempt: start afresh
         shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     command = tune_command(run.configs_dir / f"{variant}.yaml", output_dir, recipe, nproc, overrides)
     log_file = output_dir / TRAIN_LOG
-    log_file.write_text("$ " + " ".join(command) + "\n", encoding="utf-8")
+    with open(log_file, "a", encoding="utf-8") as f:
+        f.write("$ " + " ".join(command) + "\n")
     start = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=run.root)
     _stream(proc, log_file, echo)
@@ -341,7 +344,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", action="store_true",
                         help="train several variants at once over the available GPUs (or CPU cores)")
     parser.add_argument("--recipe", default=None,
-                        help=f"torchtune recipe (default: {SINGLE_DEVICE_RECIPE}, or {DISTRIBUTED_RECIPE} with --nproc > 1)")
+                        help=f"torchtune recipe (default: {SINGLE_DEVICE_RECIPE}, or {DISTRIBUTED_RECIPE} with --nproc > 1; "
+                             f"{TRUNK_RECIPE} for configs written by `grid --path trunk`)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides for every `tune run`, after `--`: -- optimizer.lr=1e-4")
 

@@ -38,7 +38,7 @@ from torchtune import config, training, utils
 from persona_tune.errors import PersonaTuneError
 from persona_tune.evaluation.baselines import global_mean
 from persona_tune.evaluation.loading import ModelLoader, adapter_path
-from persona_tune.evaluation.metrics import grouped_metrics
+from persona_tune.evaluation.metrics import grouped_metrics, train_rows_per_persona, variant_metrics
 from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, check_modes, predict_rows
 from persona_tune.prompts import load_prompt_rows
 from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, file_sha256
@@ -88,7 +88,7 @@ class PersonaEvalRecipe:
     def fingerprint(self, persona: int, adapter: Path | None) -> str:
         """What a persona's predictions depend on; a part with another fingerprint is recomputed."""
         keys = ("memory", "split", "mode", "max_rows", "merge_adapter", "max_seq_len", "seed", "generation",
-                "model", "dtype")
+                "model", "dtype", "prompt_template", "state_numbers")
         spec = {k: OmegaConf.to_container(self.cfg, resolve=True).get(k) for k in keys}
         spec["adapter"] = None if adapter is None else [str(adapter), file_sha256(adapter)]
         spec["inputs"] = {f: file_sha256(self.run.path(f)) for f in ("ratings_test.parquet", "items.parquet")}
@@ -107,6 +107,7 @@ class PersonaEvalRecipe:
         rows = load_prompt_rows(
             self.cfg.run_dir, split=self.cfg.split, memory=self.cfg.memory,
             persona=None if persona < 0 else persona, subsample=self.cfg.get("max_rows"), seed=self.cfg.seed,
+            template=self.cfg.get("prompt_template", "paper"), state_numbers=bool(self.cfg.get("state_numbers", False)),
         )
         self.loader.load(adapter, merge=self.cfg.merge_adapter)
         start, stats_before = time.perf_counter(), dict(self.predictor.stats.as_dict())
@@ -138,28 +139,17 @@ class PersonaEvalRecipe:
         fill_value = m.get("fill_value")
         if fill_value == "global_mean":  # the mean of every non-test rating (as the global-mean baseline)
             fill_value = global_mean(self.run.read_table("items.parquet", columns=["hist_avg", "hist_count"]))
-        kwargs = dict(unparsable=m.unparsable, fill_value=None if fill_value is None else float(fill_value),
-                      n_boot=m.n_boot, seed=self.cfg.seed)
         profiles_file = self.run.path("distill/profiles.parquet")
         profiles = pd.read_parquet(profiles_file) if profiles_file.exists() else None
-        out = {"variant": self.cfg.variant, "memory": self.cfg.memory, "adapter_dir": self.cfg.adapter_dir,
-               "model_component": self.cfg.model._component_, "model_dir": str(self.cfg.model_dir),
-               "per_persona_adapter": "{persona}" in str(self.cfg.adapter_dir or ""),
-               "unparsable_rule": m.unparsable, "fill_value": kwargs["fill_value"], "modes": {}, "timing": {}, "train_rows": {}}
-        for mode, block in predictions.groupby("mode", sort=True):
-            out["modes"][mode] = {"prediction": grouped_metrics(block, "prediction", profiles=profiles, **kwargs)}
-            if mode == "scoring":
-                out["modes"][mode]["argmax"] = grouped_metrics(block, "argmax_rating", profiles=profiles, **kwargs)
-        train = self.run.read_table("ratings_train.parquet", columns=["user_id"])
-        assignments = self.run.path("personas/assignments.parquet")
-        if assignments.exists():
-            persona_of = pd.read_parquet(assignments).set_index("user_id")["persona"]
-            counts = train["user_id"].map(persona_of).value_counts()
-            out["train_rows"] = {str(p): int(counts.get(p, 0)) for p in personas}
-        for p in personas:
-            stamp = self.output_dir / "parts" / f"persona_{p}.json"
-            out["timing"][str(p)] = json.loads(stamp.read_text())
-        return out
+        info = {"variant": self.cfg.variant, "memory": self.cfg.memory, "adapter_dir": self.cfg.adapter_dir,
+                "model_component": self.cfg.model._component_, "model_dir": str(self.cfg.model_dir),
+                "per_persona_adapter": "{persona}" in str(self.cfg.adapter_dir or ""),
+                "timing": {str(p): json.loads((self.output_dir / "parts" / f"persona_{p}.json").read_text())
+                           for p in personas}}
+        return variant_metrics(predictions, info, profiles=profiles,
+                               train_rows_per_persona=train_rows_per_persona(self.run, personas),
+                               unparsable=m.unparsable, fill_value=None if fill_value is None else float(fill_value),
+                               n_boot=m.n_boot, seed=self.cfg.seed)
 
 
 @config.parse

@@ -8,7 +8,7 @@ modules and runs a callback right after each has executed:
 
 * ``torchtune._recipe_registry``: append a ``Config(name, absolute_path)`` for every
   ``configs/<family>/<name>.yaml`` to the LoRA fine-tuning recipes (``eval*.yaml`` go to our
-  ``persona_eval`` recipe instead), and a ``Recipe`` for every ``recipes/*.py``. torchtune joins
+  ``persona_eval`` recipe instead, ``configs/*_trunk/`` to ``lora_frozen_trunk``), and a ``Recipe`` for every ``recipes/*.py``. torchtune joins
   ``file_path`` under its own folder; pathlib keeps an absolute path as it is.
 * ``torch.distributed``: in a torchtune recipe process on a machine without NCCL, apply the CPU
   patches of :mod:`persona_tune.cpu_distributed`.
@@ -30,6 +30,8 @@ DISABLE_ENV = "PERSONA_TUNE_NO_TUNE_HOOK"
 LORA_RECIPES = ("lora_finetune_single_device", "lora_finetune_distributed")
 # A config whose file name starts with this prefix belongs to the recipe named here.
 PREFIX_RECIPES = {"eval": "persona_eval"}
+# A config in a folder whose name ends with this suffix belongs to the recipe named here.
+FOLDER_RECIPES = {"_trunk": "lora_frozen_trunk"}
 
 
 def disabled() -> bool:
@@ -59,7 +61,9 @@ def persona_configs(configs_dir: Path | None) -> dict[str, list[tuple[str, Path]
         return by_recipe
     for path in sorted(configs_dir.glob("*/*.yaml")):
         name = f"{path.parent.name}/{path.stem}"
-        recipes = [r for prefix, r in PREFIX_RECIPES.items() if path.stem.startswith(prefix)] or LORA_RECIPES
+        recipes = ([r for prefix, r in PREFIX_RECIPES.items() if path.stem.startswith(prefix)]
+                   or [r for suffix, r in FOLDER_RECIPES.items() if path.parent.name.endswith(suffix)]
+                   or LORA_RECIPES)
         for recipe in recipes:
             by_recipe.setdefault(recipe, []).append((name, path.resolve()))
     return by_recipe

@@ -11,20 +11,32 @@ RUN/adapters/<variant>-<ms|msml>/; evaluation runs `tune run persona_eval` per c
 Every step skips finished work: existing configs, trained adapters (train_summary.json), current
 eval results. `--max-steps N` caps optimizer steps per epoch (a quick CPU pass); `--cells` runs part
 of the matrix (only the adapters those cells need are trained), e.g. on a CPU.
+
+`--path trunk` runs the same cells on the frozen-trunk recipe (`lora_frozen_trunk`, from the
+family's <family>_trunk templates): configs RUN/configs/trunk[-LABEL]-<variant>-<tag>.yaml, adapters
+RUN/adapters/trunk[-LABEL]-<variant>-<tag>/, and the cells RUN/eval/trunk[-LABEL]-<cell>/ gathered
+from the predictions each training run writes (one trunk pass over the test rows serves every
+cell). `--label` names a set of `--train-set` overrides (e.g. a learning-curve point) so that
+several sets live side by side. A config whose settings changed is rewritten and its adapter
+retrained; the recipe itself resumes a stopped training run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
+import pandas as pd
+
 from persona_tune.configgen import parse_overrides, persona_sizes, plan_variants, render_config, template_dir
-from persona_tune.errors import ConfigError, PersonaTuneError
-from persona_tune.evaluation.run import TAG_OF, evaluate
-from persona_tune.runfolder import RunFolder, atomic_write_text
+from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
+from persona_tune.evaluation.run import MEMORY_TAGS, TAG_OF, evaluate
+from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, atomic_write_text
 
 log = logging.getLogger(__name__)
 
+PATHS = ("stock", "trunk")
 TRAINED_MEMORIES = ("ms", "ms+ml")
 PROMPTED_MEMORIES = ("ms", "ms+ml", "ml")
 
@@ -78,27 +90,135 @@ def write_grid_configs(run: RunFolder, family: str, overrides: list[str] = ()) -
     return names
 
 
+def trunk_prefix(label: str | None) -> str:
+    return f"trunk-{label}-" if label else "trunk-"
+
+
+def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: str, overrides: list[str]) -> list[str]:
+    """RUN/configs/<prefix><variant>-<tag>.yaml for the frozen-trunk recipe; `prompted-<tag>` is the
+    base model (no training, no head). A config whose text changed is rewritten and its adapter's
+    train_summary.json removed, so `train` redoes it."""
+    from persona_tune.train import SUMMARY
+
+    templates = template_dir(family, "trunk")
+    parsed = parse_overrides(list(overrides))
+    variants = plan_variants(persona_sizes(run))
+    written = []
+    for name in names:
+        base, tag = name.rsplit("-", 1)
+        spec = {"persona": None, "subsample": None, "n_train_rows": 0} if base == "prompted" else variants[base]
+        template = templates / (f"{base}.yaml" if (templates / f"{base}.yaml").is_file() else "persona_0.yaml")
+        variant = f"{prefix}{name}"
+        settings = {"run_dir": str(run.root), "persona": spec["persona"], "subsample": spec["subsample"],
+                    "memory": MEMORY_TAGS[tag], "output_dir": str(run.adapters_dir / variant)}
+        extra = parse_overrides(["epochs=0", "head.init=none"]) if base == "prompted" else None
+        text = render_config(template, settings, parsed if extra is None else _merged(parsed, extra))
+        header = (f"# {variant}: written by `persona-tune grid --path trunk` from {family}_trunk/{template.stem}"
+                  f" ({spec['n_train_rows']} training rows).\n# Run: tune run lora_frozen_trunk --config "
+                  f"{run.configs_dir / (variant + '.yaml')}\n")
+        target = run.configs_dir / f"{variant}.yaml"
+        if not target.is_file() or target.read_text(encoding="utf-8") != header + text:
+            if target.is_file():
+                log.warning("%s: settings changed, the adapter is retrained", variant)
+                (run.adapters_dir / variant / SUMMARY).unlink(missing_ok=True)
+            atomic_write_text(target, header + text)
+        written.append(variant)
+    return written
+
+
+def _merged(a, b):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(a, b)
+
+
+def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: int) -> None:
+    """RUN/eval/<cell>/predictions.parquet and metrics.json from the cell's trained variants."""
+    from omegaconf import OmegaConf
+
+    from persona_tune.evaluation.metrics import train_rows_per_persona, variant_metrics
+
+    files = [run.adapters_dir / v / "predictions.parquet" for v in variants]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise StageMissingError(f"{missing[0]} is missing: the trunk recipe writes it when it finishes")
+    predictions = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    cfg = OmegaConf.load(run.adapters_dir / variants[0] / "torchtune_config.yaml")
+    summaries = {v: (run.adapters_dir / v / "trunk_summary.json") for v in variants}
+    info = {"variant": cell, "memory": cfg.memory, "adapter_dir": str(run.adapters_dir / variants[0]),
+            "model_component": cfg.model._component_, "model_dir": str(cfg.model_dir),
+            "per_persona_adapter": len(variants) > 1, "path": "trunk",
+            "trunk": {"adapted_layers": int(cfg.adapted_layers), "objective": cfg.objective,
+                      "head_init": cfg.head.init, "prompt_template": cfg.prompt_template,
+                      "state_numbers": bool(cfg.state_numbers), "epochs": int(cfg.epochs),
+                      "lora_attn_modules": list(cfg.model.lora_attn_modules),
+                      "variants": {v: json.loads(p.read_text()) for v, p in summaries.items()
+                                   if p.is_file()}}}
+    profiles_file = run.path("distill/profiles.parquet")
+    profiles = pd.read_parquet(profiles_file) if profiles_file.exists() else None
+    personas = sorted(predictions["persona"].unique().tolist())
+    metrics = variant_metrics(predictions, info, profiles=profiles,
+                              train_rows_per_persona=train_rows_per_persona(run, personas), n_boot=n_boot)
+    out = run.eval_dir / cell
+    atomic_write_parquet(predictions, out / "predictions.parquet")
+    atomic_write_json(out / "metrics.json", metrics)
+
+
+def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: list[str], eval_names: list[str],
+              label: str | None, train_overrides: list[str], n_boot: int, parallel: bool) -> tuple[list, dict]:
+    """Train the trunk variants the cells need, then gather each cell's predictions."""
+    from persona_tune.train import TRUNK_RECIPE, train
+
+    prefix = trunk_prefix(label)
+    names = list(train_names) + [c for c in eval_names if c.startswith("prompted-")]
+    variants = write_trunk_configs(run, family, names, prefix, train_overrides)
+    results = train(run.root, ",".join(variants), parallel=parallel, recipe=TRUNK_RECIPE) if variants else []
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
+    statuses = {}
+    for cell in eval_names:
+        base, tag = cell.rsplit("-", 1)
+        members = [f"{prefix}persona_{k}-{tag}" for k in personas] if base == "persona" else [f"{prefix}{cell}"]
+        collect_trunk_cell(run, f"{prefix}{cell}", members, n_boot)
+        statuses[f"{prefix}{cell}"] = "done"
+    return results, statuses
+
+
 def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "scoring",
              eval_overrides: list[str] = (), train_overrides: list[str] = (), n_boot: int = 1000,
-             cells: list[str] | None = None, parallel: bool = False) -> dict:
+             cells: list[str] | None = None, parallel: bool = False, path: str = "stock",
+             label: str | None = None) -> dict:
+    from persona_tune.configgen import check_variant_name
     from persona_tune.evaluation.baselines import run_baselines
     from persona_tune.evaluation.report import write_report
     from persona_tune.train import train
 
+    if path not in PATHS:
+        raise ConfigError(f"--path must be one of {', '.join(PATHS)}, got {path!r}")
+    if label is not None:
+        check_variant_name(label)
     run = RunFolder(run_dir)
     run.require("ratings_train.parquet", "ratings_test.parquet", "personas/assignments.parquet")
     personas = sorted(persona_sizes(run)["persona"].tolist())
     train_names, eval_names = select_cells(personas, cells)
-    run.record_stage("grid", {"family": family, "max_steps": max_steps, "mode": mode, "cells": eval_names,
-                              "eval_overrides": list(eval_overrides), "train_overrides": list(train_overrides)})
-    write_grid_configs(run, family, train_overrides)
+    run.record_stage(f"grid/{trunk_prefix(label)[:-1]}" if path == "trunk" else "grid",
+                     {"family": family, "max_steps": max_steps, "mode": mode, "cells": eval_names, "path": path,
+                      "label": label, "eval_overrides": list(eval_overrides), "train_overrides": list(train_overrides)})
     steps = [f"max_steps_per_epoch={max_steps}"] if max_steps else []
-    results = train(run.root, ",".join(train_names), parallel=parallel, overrides=steps) if train_names else []
-    failed = [r for r in results if r.status == "failed"]
-    if failed:
-        raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
-    statuses = evaluate(run.root, eval_names, family=family, mode=mode,
-                        overrides=[*eval_overrides, f"metrics.n_boot={n_boot}"])
+    if path == "trunk":
+        if mode != "scoring":
+            raise ConfigError("--path trunk evaluates in scoring mode only; use the stock path for paper mode")
+        results, statuses = run_trunk(run, family, personas, train_names, eval_names, label,
+                                      [*train_overrides, *steps], n_boot, parallel)
+    else:
+        write_grid_configs(run, family, train_overrides)
+        results = train(run.root, ",".join(train_names), parallel=parallel, overrides=steps) if train_names else []
+        failed = [r for r in results if r.status == "failed"]
+        if failed:
+            raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
+        statuses = evaluate(run.root, eval_names, family=family, mode=mode,
+                            overrides=[*eval_overrides, f"metrics.n_boot={n_boot}"])
     if not (run.eval_dir / "baselines" / "metrics.json").is_file():
         run_baselines(run.root, n_boot=n_boot)
     table = write_report(run.root)
@@ -115,6 +235,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", action="store_true",
                         help="train several adapters at once over the GPUs (or CPU cores)")
     parser.add_argument("--mode", default="scoring", choices=["scoring", "paper", "both"], help="eval mode")
+    parser.add_argument("--path", default="stock", choices=PATHS,
+                        help="stock: torchtune's LoRA recipes + persona_eval; trunk: lora_frozen_trunk (top layers "
+                             "on cached lower-layer outputs, a rating head; scoring mode)")
+    parser.add_argument("--label", default=None,
+                        help="(--path trunk) name for this set of --train-set overrides: cells become trunk-LABEL-<cell>")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of every training config (repeatable)")
@@ -125,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
     out = run_grid(args.run, args.family, args.max_steps, args.mode, args.eval_overrides, args.train_overrides,
-                   args.n_boot, cells, args.parallel)
+                   args.n_boot, cells, args.parallel, args.path, args.label)
     for variant, status in out["trained"].items():
         print(f"train {variant}: {status}")
     for variant, status in out["evaluated"].items():

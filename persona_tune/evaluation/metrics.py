@@ -140,3 +140,59 @@ def grouped_metrics(
             for level, group in frame.groupby(col, sort=True)
         }
     return result
+
+
+def paired_rmse_diff(df: pd.DataFrame, pred_col: str, base_col: str, *, n_boot: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """RMSE(pred_col) - RMSE(base_col) on the same rows, with a paired percentile CI: each resample
+    draws users with replacement and recomputes both RMSEs on the same drawn rows.
+
+    Rows where either prediction is missing are left out of both. Returns {"diff", "lo", "hi", "n"}.
+    """
+    rows = df.dropna(subset=[pred_col, base_col])
+    truth = rows["rating"].to_numpy(dtype=float)
+    sums = pd.DataFrame({
+        "user_id": rows["user_id"].to_numpy(),
+        "a": (rows[pred_col].to_numpy(dtype=float) - truth) ** 2,
+        "b": (rows[base_col].to_numpy(dtype=float) - truth) ** 2,
+        "n": 1.0,
+    }).groupby("user_id", sort=True).sum().to_numpy()
+    if not len(sums):
+        return {"diff": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
+    total = sums.sum(0)
+    diff = float(np.sqrt(total[0] / total[2]) - np.sqrt(total[1] / total[2]))
+    lo = hi = math.nan
+    if n_boot > 0:
+        rng = np.random.default_rng(seed)
+        n_users = len(sums)
+        weights = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=n_boot).astype(float)
+        t = weights @ sums
+        draws = np.sqrt(t[:, 0] / t[:, 2]) - np.sqrt(t[:, 1] / t[:, 2])
+        alpha = (1.0 - level) / 2.0
+        lo, hi = float(np.quantile(draws, alpha)), float(np.quantile(draws, 1.0 - alpha))
+    return {"diff": diff, "lo": lo, "hi": hi, "n": int(total[2])}
+
+
+def variant_metrics(predictions: pd.DataFrame, info: dict, *, profiles: pd.DataFrame | None,
+                    train_rows_per_persona: dict | None = None, unparsable: str = "exclude",
+                    fill_value: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """An evaluated variant's metrics.json: ``info`` (variant, memory, model...) plus, per mode, the
+    prediction's metrics overall, per persona and per trait level (scoring mode: the argmax's too)."""
+    kwargs = dict(unparsable=unparsable, fill_value=fill_value, n_boot=n_boot, seed=seed)
+    out = {**info, "unparsable_rule": unparsable, "fill_value": fill_value, "modes": {},
+           "train_rows": train_rows_per_persona or {}}
+    for mode, block in predictions.groupby("mode", sort=True):
+        out["modes"][mode] = {"prediction": grouped_metrics(block, "prediction", profiles=profiles, **kwargs)}
+        if mode == "scoring":
+            out["modes"][mode]["argmax"] = grouped_metrics(block, "argmax_rating", profiles=profiles, **kwargs)
+    return out
+
+
+def train_rows_per_persona(run, personas) -> dict:
+    """{persona: training rows of its users} from a run folder (empty without personas)."""
+    assignments = run.path("personas/assignments.parquet")
+    if not assignments.exists():
+        return {}
+    persona_of = pd.read_parquet(assignments).set_index("user_id")["persona"]
+    counts = run.read_table("ratings_train.parquet", columns=["user_id"])["user_id"].map(persona_of).value_counts()
+    return {str(p): int(counts.get(p, 0)) for p in personas}

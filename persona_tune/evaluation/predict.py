@@ -162,9 +162,10 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
 
 
-def _hidden(model, tokens, mask, input_pos):
+def _hidden(model, tokens, mask, input_pos, n_layers: int | None = None):
+    """Token embeddings through the first ``n_layers`` layers (all by default)."""
     h = model.tok_embeddings(tokens)
-    for layer in model.layers:
+    for layer in model.layers[:n_layers]:
         h = layer(h, mask=mask, input_pos=input_pos)
     return h
 
@@ -174,18 +175,70 @@ def _caches(model):
 
 
 @torch.inference_mode()
-def prefill_prefix(model, prefix: Sequence[int], device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Run a prefix once through ``model`` with a KV cache; return each layer's (K, V) [H, P, D]."""
+def prefill_prefix(model, prefix: Sequence[int], device="cpu", n_layers: int | None = None,
+                   hidden: list | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run a prefix once through ``model`` (its first ``n_layers`` layers) with a KV cache; return
+    each layer's (K, V) [H, P, D]. With ``hidden`` (a list), the last run layer's output [P, D] is appended to it."""
     n = len(prefix)
     dtype = next(model.parameters()).dtype
     with torch.device(device):
         model.setup_caches(batch_size=1, dtype=dtype, decoder_max_seq_len=n)
     try:
         mask = _additive(torch.ones(n, n, dtype=torch.bool).tril()[None], dtype).to(device)
-        _hidden(model, torch.tensor([list(prefix)], device=device), mask, torch.arange(n, device=device)[None])
-        return [(c.k_cache[0, :, :n].clone(), c.v_cache[0, :, :n].clone()) for c in _caches(model)]
+        h = _hidden(model, torch.tensor([list(prefix)], device=device), mask, torch.arange(n, device=device)[None],
+                    n_layers)
+        if hidden is not None:
+            hidden.append(h[0])
+        return [(c.k_cache[0, :, :n].clone(), c.v_cache[0, :, :n].clone()) for c in _caches(model)[:n_layers]]
     finally:
         _delete_caches(model)
+
+
+@dataclass
+class SuffixPass:
+    """The state of a batch after :func:`run_suffixes`: hidden states and what decoding more tokens needs."""
+
+    h: torch.Tensor  # [B, L, D], the last run layer's output over the (right-padded) suffixes
+    p_lens: torch.Tensor
+    s_lens: torch.Tensor
+    P: int
+    L: int
+    keys: torch.Tensor
+    in_prefix: torch.Tensor
+
+
+def run_suffixes(model, prefix_kv: Sequence[list | None], suffixes: Sequence[Sequence[int]], cache_len_extra: int = 0,
+                 device="cpu", n_layers: int | None = None) -> SuffixPass:
+    """Set up a batch KV cache, copy each row's prefix K/V in, and run the suffixes through the first
+    ``n_layers`` layers. The cache of row b holds its prefix at [0, P_b) and its suffix at [P, P + L_b)
+    (P, L: the longest prefix and suffix); the attention mask hides the gaps. The caller deletes the
+    caches (``_delete_caches``) when done."""
+    n_rows = len(suffixes)
+    p_lens = torch.tensor([0 if kv is None else kv[0][0].shape[1] for kv in prefix_kv])
+    s_lens = torch.tensor([len(s) for s in suffixes])
+    P, L = int(p_lens.max()), int(s_lens.max())
+    cache_len = P + L + cache_len_extra
+    dtype = next(model.parameters()).dtype
+    with torch.device(device):
+        model.setup_caches(batch_size=n_rows, dtype=dtype, decoder_max_seq_len=cache_len)
+    for layer, cache in enumerate(_caches(model)):
+        for b, kv in enumerate(prefix_kv):
+            if kv is not None and layer < len(kv):
+                k, v = kv[layer]
+                cache.k_cache[b, :, : k.shape[1]] = k
+                cache.v_cache[b, :, : v.shape[1]] = v
+        cache.cache_pos.add_(P)
+    keys = torch.arange(cache_len)
+    in_prefix = keys[None, :] < p_lens[:, None]  # [B, cache]
+    tokens = torch.zeros(n_rows, L, dtype=torch.long)
+    for b, s in enumerate(suffixes):
+        tokens[b, : len(s)] = torch.tensor(list(s))
+    query = torch.arange(L)
+    own = (keys[None, :] >= P) & (keys[None, :] <= P + query[:, None])  # [L, cache]: own suffix, causal
+    mask = in_prefix[:, None, :] | own[None]
+    input_pos = p_lens[:, None] + query[None, :]
+    h = _hidden(model, tokens.to(device), _additive(mask, dtype).to(device), input_pos.to(device), n_layers)
+    return SuffixPass(h, p_lens, s_lens, P, L, keys, in_prefix)
 
 
 @torch.inference_mode()
@@ -202,31 +255,10 @@ def decode_batch(
     ``max_new_tokens`` times. Returns the number of tokens run through the model (padding included).
     """
     n_rows = len(suffixes)
-    p_lens = torch.tensor([0 if kv is None else kv[0][0].shape[1] for kv in prefix_kv])
-    s_lens = torch.tensor([len(s) for s in suffixes])
-    P, L = int(p_lens.max()), int(s_lens.max())
-    cache_len = P + L + max(max_new_tokens - 1, 0)
     dtype = next(model.parameters()).dtype
-    with torch.device(device):
-        model.setup_caches(batch_size=n_rows, dtype=dtype, decoder_max_seq_len=cache_len)
     try:
-        for layer, cache in enumerate(_caches(model)):
-            for b, kv in enumerate(prefix_kv):
-                if kv is not None:
-                    k, v = kv[layer]
-                    cache.k_cache[b, :, : k.shape[1]] = k
-                    cache.v_cache[b, :, : v.shape[1]] = v
-            cache.cache_pos.add_(P)
-        keys = torch.arange(cache_len)
-        in_prefix = keys[None, :] < p_lens[:, None]  # [B, cache]
-        tokens = torch.zeros(n_rows, L, dtype=torch.long)
-        for b, s in enumerate(suffixes):
-            tokens[b, : len(s)] = torch.tensor(list(s))
-        query = torch.arange(L)
-        own = (keys[None, :] >= P) & (keys[None, :] <= P + query[:, None])  # [L, cache]: own suffix, causal
-        mask = in_prefix[:, None, :] | own[None]
-        input_pos = p_lens[:, None] + query[None, :]
-        h = _hidden(model, tokens.to(device), _additive(mask, dtype).to(device), input_pos.to(device))
+        run = run_suffixes(model, prefix_kv, suffixes, max(max_new_tokens - 1, 0), device)
+        h, p_lens, s_lens, P, L, keys, in_prefix = run.h, run.p_lens, run.s_lens, run.P, run.L, run.keys, run.in_prefix
         logits = model.unembed(h[torch.arange(n_rows), s_lens - 1][:, None])[:, 0].float()
         processed = n_rows * L
         suffix_visible = in_prefix | ((keys[None, :] >= P) & (keys[None, :] < P + s_lens[:, None]))

@@ -18,10 +18,11 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from persona_tune.errors import StageMissingError
-from persona_tune.evaluation.metrics import metrics_with_ci
+from persona_tune.evaluation.metrics import metrics_with_ci, paired_rmse_diff
 from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text
 
 # Thakur et al. 2024, Table 1 (their split of ML-1M, 200 users): base, adapter, memories, RMSE, MAE, URR %.
@@ -66,6 +67,24 @@ def adapter_name(variant: str, per_persona: bool) -> str:
     return base
 
 
+def adapter_label(metrics: dict) -> str:
+    """The adapter column: θ_persona / θ_single(min|max) / none, and for the frozen-trunk path its
+    adapted layers and head, e.g. "θ_persona (top-4 LoRA + head)"."""
+    variant = metrics["variant"]
+    trunk = metrics.get("trunk") if metrics.get("path") == "trunk" else None
+    if trunk is None:
+        return adapter_name(variant, metrics.get("per_persona_adapter", False))
+    cell = variant.split("-")
+    base = next((c for c in cell if c in ("persona", "prompted", "single_min", "single_max")), variant)
+    name = adapter_name(base, metrics.get("per_persona_adapter", False))
+    if base == "prompted":
+        return name
+    parts = [f"top-{trunk['adapted_layers']} LoRA" if trunk.get("epochs", 1) else ""]
+    if trunk.get("head_init") not in (None, "none"):
+        parts.append("head")
+    return f"{name} ({' + '.join(p for p in parts if p) or 'untrained'})"
+
+
 def _row(metrics: dict) -> dict:
     o = metrics["overall"]
     return {k: o[k] for k in ("rmse", "mae", "urr", "n", "n_scored", "n_users")} | {
@@ -101,7 +120,7 @@ def collect(run: RunFolder) -> dict:
             agents.append({
                 "variant": data["variant"], "mode": mode,
                 "base_model": base_model_name(data.get("model_component", "")),
-                "adapter": adapter_name(data["variant"], data.get("per_persona_adapter", False)),
+                "adapter": adapter_label(data),
                 "memories": MEMORY_NAMES.get(data["memory"], data["memory"]),
                 "unparsable_rule": data.get("unparsable_rule"), **_row(block["prediction"]),
             })
@@ -128,10 +147,10 @@ def _fmt(value, ci, pct=False) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| No. | Base model | Adapter(s) | Memories | Mode | RMSE (↓) | MAE (↓) | URR (↓) | rows |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| No. | Cell | Base model | Adapter(s) | Memories | Mode | RMSE (↓) | MAE (↓) | URR (↓) | rows |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(results["agents"]):
-        lines.append(f"| {i} | {r['base_model']} | {r['adapter']} | {r['memories']} | {r['mode']} | "
+        lines.append(f"| {i} | {r['variant']} | {r['base_model']} | {r['adapter']} | {r['memories']} | {r['mode']} | "
                      f"{_fmt(r['rmse'], r['rmse_ci'])} | {_fmt(r['mae'], r['mae_ci'])} | "
                      f"{_fmt(r['urr'], r['urr_ci'], pct=True)} | {r['n']} |")
     if results["baselines"]:
@@ -184,6 +203,56 @@ def diagnostics_table(rows: list[dict]) -> str:
         lines.append(f"| {r['variant']} | {r['mode']} | {r['n']} | {num(r['mean_prediction'])} ({num(r['mean_rating'])}) "
                      f"| {num(r['sd_prediction'])} ({num(r['sd_rating'])}) | {num(r['r_rating'])} | "
                      f"{num(r['r_user_mean'])} | {num(r['r_item_mean'])} | {num(r['r_bias'])} |")
+    return "\n".join(lines)
+
+
+PAIRED_BASELINES = ("global_mean", "user_mean", "item_mean", "bias")
+
+
+def paired_cells(run: RunFolder, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Per agent cell and mode, on its own rows: RMSE, MAE, Pearson r with the truth, sd of the
+    predictions, and RMSE(agent) - RMSE(baseline) for each classical baseline with a paired
+    bootstrap CI over users (both RMSEs on the same resampled rows)."""
+    baseline_file = run.eval_dir / "baselines" / "predictions.parquet"
+    if not baseline_file.is_file():
+        return []
+    base = pd.read_parquet(baseline_file, columns=["user_id", "item_id", *PAIRED_BASELINES])
+    cells = []
+    for path in sorted(run.eval_dir.glob("*/predictions.parquet")):
+        if path.parent.name == "baselines":
+            continue
+        preds = pd.read_parquet(path, columns=["user_id", "item_id", "rating", "mode", "prediction"])
+        for mode, group in preds.groupby("mode", sort=True):
+            rows = group.merge(base, on=["user_id", "item_id"], how="inner").dropna(subset=["prediction"])
+            if rows.empty:
+                continue
+            err = rows["prediction"] - rows["rating"]
+            cells.append({
+                "name": path.parent.name, "mode": mode, "rows": int(len(rows)), "users": int(rows["user_id"].nunique()),
+                "rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err))),
+                "pearson_r": _finite(_pearson(rows["prediction"], rows["rating"])),
+                "pred_sd": _finite(float(rows["prediction"].std())),
+                "paired": {b: paired_rmse_diff(rows, "prediction", b, n_boot=n_boot, seed=seed) for b in PAIRED_BASELINES},
+            })
+    return cells
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+def paired_table(cells: list[dict]) -> str:
+    def diff(d: dict) -> str:
+        mark = " ✓" if d["hi"] < 0 else (" ✗" if d["lo"] > 0 else "")
+        return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]{mark}"
+
+    head = " | ".join(f"− {BASELINE_NAMES[b].split(' (')[0]}" for b in PAIRED_BASELINES)
+    lines = [f"| Cell | Mode | rows | RMSE | r | sd | {head} |", "|---|---|---|---|---|---|" + "---|" * len(PAIRED_BASELINES)]
+    for c in cells:
+        r = "-" if c["pearson_r"] is None else f"{c['pearson_r']:.2f}"
+        sd = "-" if c["pred_sd"] is None else f"{c['pred_sd']:.2f}"
+        lines.append(f"| {c['name']} | {c['mode']} | {c['rows']} | {c['rmse']:.3f} | {r} | {sd} | "
+                     + " | ".join(diff(c["paired"][b]) for b in PAIRED_BASELINES) + " |")
     return "\n".join(lines)
 
 
@@ -315,8 +384,9 @@ def copy_elbow(run: RunFolder, out: Path) -> Path | None:
     return out / "elbow.png"
 
 
-def write_report(run_dir) -> str:
-    """Write report.md, results.json and plots/; return the markdown table."""
+def write_report(run_dir, json_out: str | Path | None = None) -> str:
+    """Write report.md, results.json and plots/ (and a copy of results.json to ``json_out``); return
+    the markdown table."""
     run = RunFolder(run_dir)
     if not run.eval_dir.is_dir() or not any(run.eval_dir.glob("*/metrics.json")):
         raise StageMissingError(f"no results in {run.eval_dir}: run `persona-tune eval --run {run.root}` "
@@ -339,23 +409,33 @@ def write_report(run_dir) -> str:
                "Pearson r of each agent's predictions with the truth and with the baselines' predictions on the "
                "same rows. An agent that reads the user's average from M_s follows the user mean; one that reads "
                "the item's historical average follows the item mean.", "", diagnostics_table(signal), ""]
+    paired = paired_cells(run)
+    if paired:
+        md += ["## Paired comparisons with the classical baselines", "",
+               "RMSE(agent) − RMSE(baseline) on each cell's own rows, with a 95% CI from a paired bootstrap over "
+               "users (both RMSEs on the same resampled rows). ✓: the agent is better (CI below 0); ✗: worse.", "",
+               paired_table(paired), ""]
     md += ["## The paper's Table 1 (Thakur et al. 2024; its own split, for reference)", "", paper_table(), ""]
     if plots:
         md += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     atomic_write_text(run.eval_dir / "report.md", "\n".join(md))
     atomic_write_json(run.eval_dir / "results.json", {
-        **results, "plots": plots, "diagnostics": signal,
+        **results, "cells": paired, "plots": plots, "diagnostics": signal,
         "paper_table_1": [dict(zip(("base_model", "adapter", "memories", "rmse", "mae", "urr_percent"), r))
                           for r in PAPER_TABLE_1]})
+    if json_out is not None:
+        atomic_write_text(json_out, (run.eval_dir / "results.json").read_text(encoding="utf-8"))
     run.record_stage("report", {}, outputs=["eval/report.md", "eval/results.json", *[f"eval/{p}" for p in plots.values()]])
     return table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (after `persona-tune eval` / `baselines`)")
+    parser.add_argument("--json-out", default=None,
+                        help="also write results.json here (e.g. docs/results/ml1m-smollm2.json)")
 
 
 def main(args: argparse.Namespace) -> int:
-    print(write_report(args.run))
+    print(write_report(args.run, args.json_out))
     print(f"\nwrote {RunFolder(args.run).eval_dir / 'report.md'} and results.json")
     return 0

@@ -1,0 +1,315 @@
+"""The frozen-trunk training path: adapt the top layers of a model on cached lower-layer outputs.
+
+The lower ``L - N`` layers of the base model never change (their LoRA is not trained), so their
+output for a prompt is the same in every epoch, for every variant of a run (each persona, single
+min/max, each objective) and at evaluation. The recipe ``lora_frozen_trunk`` computes it once per
+prompt, stores it in a :class:`TrunkCache`, and then trains only the top ``N`` layers' LoRA and a
+rating head on it. One trunk pass over the test rows serves the evaluation of every cell.
+
+The cache. One folder per (model weights, model builder, split layer, storage dtype); one file per
+user inside it. A user's rows share a prompt prefix (the system prompt and the start of the user
+turn): it runs once, and each row adds only its suffix (persona_tune.evaluation.predict's shared
+prefix batching, stopped at the split layer). A row is found by the hash of its prompt tokens, so a
+changed prompt, template, memory or tokenizer is a different row and is computed afresh; a changed
+model is a different folder. Nothing is reused silently. Users are written atomically one by one,
+so a stopped build resumes.
+
+The rating head. The logits of the five rating tokens "1".."5" get a learned linear correction
+``W h + b`` on top of the tied output layer (``h``: the final normed state at the answer position);
+all other tokens keep the base model's logits. ``init: closed_form`` fits ``W, b`` before training
+by multinomial logistic regression of the rating on the frozen features (the L2 weight chosen on
+held-out users), so training starts from the best linear read-out rather than from the marginal;
+``zero`` starts at the base model; ``none`` has no head (the paper's model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from persona_tune.errors import ConfigError
+from persona_tune.evaluation.predict import (
+    RATING_VALUES,
+    _delete_caches,
+    plan_batches,
+    prefill_prefix,
+    run_suffixes,
+    shared_prefix_len,
+)
+from persona_tune.runfolder import atomic_path, atomic_write_json
+
+OBJECTIVES = ("ce", "mse", "ce+mse")
+HEAD_INITS = ("closed_form", "zero", "none")
+STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def check_choice(key: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def split_layer(model: nn.Module, adapted_layers: int) -> int:
+    """Index of the first adapted layer: the top ``adapted_layers`` of the model's layers."""
+    n = len(model.layers)
+    if not 1 <= adapted_layers <= n:
+        raise ConfigError(f"adapted_layers must be between 1 and {n} (the model's layers), got {adapted_layers}")
+    return n - adapted_layers
+
+
+def _row_hash(tokens: Sequence[int]) -> str:
+    return hashlib.sha1(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest()
+
+
+class TrunkCache:
+    """Lower-layer outputs of prompts, per user (see the module docstring)."""
+
+    def __init__(self, root: str | Path, spec: dict, storage_dtype: str = "fp16"):
+        self.dtype = STORAGE_DTYPES[check_choice("trunk_cache.dtype", storage_dtype, tuple(STORAGE_DTYPES))]
+        self.spec = {**spec, "storage_dtype": storage_dtype}
+        key = hashlib.sha256(json.dumps(self.spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.dir = Path(root) / key
+        self._shards: dict[int, dict] = {}
+
+    def _path(self, user: int) -> Path:
+        return self.dir / f"user_{int(user)}.pt"
+
+    def _shard(self, user: int) -> dict | None:
+        if user not in self._shards:
+            path = self._path(user)
+            if not path.is_file():
+                return None
+            self._shards[user] = torch.load(path, map_location="cpu", weights_only=True)
+        return self._shards[user]
+
+    def missing(self, prompts: Sequence[Sequence[int]], users: Sequence[int]) -> int:
+        """How many of these rows the cache does not hold yet."""
+        n = 0
+        for tokens, user in zip(prompts, users):
+            shard = self._shard(int(user))
+            n += shard is None or _row_hash(tokens) not in shard["rows"]
+        return n
+
+    @torch.inference_mode()
+    def build(self, model: nn.Module, split: int, prompts: Sequence[Sequence[int]], users: Sequence[int],
+              batch_size: int = 16, token_budget: int = 8192, progress: bool = True, device="cpu") -> dict:
+        """Compute and store the split-layer output of every row the cache lacks; returns counts."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        spec_file = self.dir / "spec.json"
+        if not spec_file.is_file():
+            atomic_write_json(spec_file, self.spec)
+        by_user: dict[int, list[list[int]]] = {}
+        for tokens, user in zip(prompts, users):
+            by_user.setdefault(int(user), []).append(list(tokens))
+        todo = {u: rows for u, rows in by_user.items() if self.missing(rows, [u] * len(rows))}
+        computed = tokens_run = 0
+        bar = tqdm(total=sum(len(r) for r in todo.values()), desc="trunk cache", unit="row",
+                   disable=not progress or not todo, leave=False)
+        for user, rows in todo.items():
+            shard = self._shard(user)
+            known = {} if shard is None else {h: shard["prefix_tokens"] + s for h, (s, _) in shard["rows"].items()}
+            wanted = {_row_hash(t): t for t in rows}
+            everything = {**known, **wanted}
+            prefix_len = shared_prefix_len(list(everything.values()))
+            if shard is not None and prefix_len >= len(shard["prefix_tokens"]):
+                prefix_len = len(shard["prefix_tokens"])  # the stored prefix still fits: keep its rows
+                new = {h: t for h, t in wanted.items() if h not in shard["rows"]}
+            else:
+                shard, new = None, everything
+            if shard is None:
+                prefix = next(iter(everything.values()))[:prefix_len]
+                hidden: list[torch.Tensor] = []
+                kv = prefill_prefix(model, prefix, device, n_layers=split, hidden=hidden) if prefix_len else None
+                shard = {"prefix_tokens": list(prefix), "rows": {},
+                         "prefix": (hidden[0] if hidden else torch.zeros(0, model.norm.scale.shape[0])).to(self.dtype).cpu()}
+                shard["_kv"] = kv
+                tokens_run += prefix_len
+            elif prefix_len:
+                kv = prefill_prefix(model, shard["prefix_tokens"], device, n_layers=split)
+                shard["_kv"] = kv
+                tokens_run += prefix_len
+            else:
+                shard["_kv"] = None
+            suffixes = [t[prefix_len:] for t in new.values()]
+            hashes = list(new)
+            _, batches = plan_batches(suffixes, [0] * len(suffixes), batch_size, token_budget, share_prefix=False)
+            for batch in batches:
+                try:
+                    out = run_suffixes(model, [shard["_kv"]] * len(batch.rows), batch.suffixes, 0, device, split)
+                    for b, r in enumerate(batch.rows):
+                        shard["rows"][hashes[r]] = (suffixes[r], out.h[b, : len(suffixes[r])].to(self.dtype).cpu())
+                    tokens_run += out.h.shape[0] * out.h.shape[1]
+                finally:
+                    _delete_caches(model)
+                bar.update(len(batch.rows))
+            computed += len(new)
+            del shard["_kv"]
+            with atomic_path(self._path(user)) as tmp:
+                torch.save(shard, tmp)
+            self._shards[user] = shard
+        bar.close()
+        return {"rows_computed": computed, "tokens_run": tokens_run, "rows_requested": len(prompts)}
+
+    def states(self, tokens: Sequence[int], user: int) -> torch.Tensor:
+        """The split-layer output [len(tokens), D] of one cached row (prefix + suffix), float32."""
+        shard = self._shard(int(user))
+        entry = None if shard is None else shard["rows"].get(_row_hash(tokens))
+        if entry is None:
+            raise ConfigError(f"the trunk cache {self.dir} has no row for user {user}: build it first")
+        return torch.cat([shard["prefix"], entry[1]]).float()
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.glob("*.pt")) if self.dir.is_dir() else 0
+
+
+class RatingHead(nn.Module):
+    """A learned linear correction to the logits of the five rating tokens (see the module docstring)."""
+
+    def __init__(self, dim: int, rating_ids: Sequence[int]):
+        super().__init__()
+        self.register_buffer("rating_ids", torch.tensor(list(rating_ids), dtype=torch.long), persistent=False)
+        self.weight = nn.Parameter(torch.zeros(len(rating_ids), dim))
+        self.bias = nn.Parameter(torch.zeros(len(rating_ids)))
+
+    def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_add(1, self.rating_ids, h @ self.weight.T + self.bias)
+
+
+def top_forward(model: nn.Module, split: int, states: torch.Tensor, lengths: torch.Tensor,
+                head: RatingHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapted layers over right-padded cached states [B, T, D]; returns (logits [B, V] at each
+    row's answer position, the normed features [B, D] there). Causal attention: padding after a row's
+    last token never reaches it."""
+    h = states
+    for layer in model.layers[split:]:
+        h = layer(h)
+    h = model.norm(h[torch.arange(len(lengths)), lengths - 1])
+    logits = model.output(h).float()
+    if head is not None:
+        logits = head(h, logits)
+    return logits, h
+
+
+def rating_loss(logits: torch.Tensor, ratings: torch.Tensor, rating_ids: torch.Tensor, objective: str) -> torch.Tensor:
+    """ce: cross-entropy of the rating token over the whole vocabulary (the paper's loss at the answer);
+    mse: squared error of the expected rating over the five rating tokens; ce+mse: their sum."""
+    loss = logits.new_zeros(())
+    if "ce" in objective.split("+"):
+        loss = loss + F.cross_entropy(logits, rating_ids[ratings - 1])
+    if "mse" in objective.split("+"):
+        probs = torch.softmax(logits[:, rating_ids], dim=-1)
+        expected = probs @ torch.tensor(RATING_VALUES, dtype=probs.dtype, device=probs.device)
+        loss = loss + F.mse_loss(expected, ratings.to(probs.dtype))
+    return loss
+
+
+def pad_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([s.shape[0] for s in states])
+    out = states[0].new_zeros(len(states), int(lengths.max()), states[0].shape[1])
+    for b, s in enumerate(states):
+        out[b, : s.shape[0]] = s
+    return out, lengths
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of rows of similar length: shuffle, sort within windows of 32 batches, batch,
+    shuffle the batches. Depends only on (seed, epoch), so a resumed epoch sees the same order."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = batch_size * 32
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [list(map(int, chunk[i:i + batch_size])) for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+@torch.no_grad()
+def features_and_logits(model: nn.Module, split: int, rows: Sequence[torch.Tensor], rating_ids: torch.Tensor,
+                        batch_size: int = 32, head: RatingHead | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Normed answer-position features [n, D] and logits of the five rating tokens [n, 5] plus the
+    log of the rest of the vocabulary's mass [n] as a sixth column, for cached rows."""
+    feats, logits = [], []
+    order = sorted(range(len(rows)), key=lambda i: rows[i].shape[0])
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        states, lengths = pad_states([rows[i] for i in idx])
+        out, h = top_forward(model, split, states, lengths, head)
+        feats.append((idx, h.numpy()))
+        logits.append((idx, out))
+    n, dim = len(rows), feats[0][1].shape[1]
+    f = np.zeros((n, dim), dtype=np.float32)
+    z = np.zeros((n, 6), dtype=np.float64)
+    for (idx, h), (_, out) in zip(feats, logits):
+        f[idx] = h
+        digits = out[:, rating_ids]
+        rest = out.clone()
+        rest[:, rating_ids] = float("-inf")
+        z[idx, :5] = digits.double().numpy()
+        z[idx, 5] = torch.logsumexp(rest, dim=-1).double().numpy()
+    return f, z
+
+
+def fit_head_closed_form(head: RatingHead, output_weight: torch.Tensor, features: np.ndarray, ratings: np.ndarray,
+                         base: np.ndarray, users: np.ndarray, l2_grid: Sequence[float] = (0.01, 0.1, 1.0),
+                         digit_mass: float = 0.9, seed: int = 0) -> dict:
+    """Set the head so that the rating tokens' logits equal a multinomial logistic regression of the
+    rating on the features, shifted so the five carry about ``digit_mass`` of the next-token mass.
+
+    The L2 weight (sklearn's C = 1 / l2) is chosen by the RMSE of the expected rating on a fifth of
+    the users held out; the final fit uses every row. ``base``: features_and_logits' [n, 6] logits.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    ratings = ratings.astype(int)
+    scaler = StandardScaler().fit(features)
+    x = scaler.transform(features)
+    rng = np.random.default_rng(seed)
+    unique = np.unique(users)
+    held = np.isin(users, rng.choice(unique, size=max(1, len(unique) // 5), replace=False)) if len(unique) > 4 \
+        else np.zeros(len(users), dtype=bool)
+
+    def fit(c: float, mask: np.ndarray) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=300).fit(x[mask], ratings[mask])
+
+    def rmse(model: LogisticRegression, mask: np.ndarray) -> float:
+        expected = model.predict_proba(x[mask]) @ model.classes_.astype(float)
+        return float(np.sqrt(np.mean((expected - ratings[mask]) ** 2)))
+
+    scores = {}
+    if held.any() and len(np.unique(ratings[~held])) > 1:
+        scores = {l2: rmse(fit(1.0 / l2, ~held), held) for l2 in l2_grid}
+    l2 = min(scores, key=scores.get) if scores else l2_grid[len(l2_grid) // 2]
+    if len(np.unique(ratings)) < 2:
+        return {"l2": l2, "validation_rmse": scores, "skipped": "fewer than two distinct ratings"}
+    model = fit(1.0 / l2, np.ones(len(ratings), dtype=bool))
+    coef = np.full((5, x.shape[1]), 0.0)
+    intercept = np.full(5, -30.0)  # a rating never seen in training gets ~0 probability
+    for k, cls in enumerate(model.classes_):
+        if len(model.classes_) == 2:  # sklearn's binary case has one row: logit of the second class
+            coef[cls - 1] = model.coef_[0] * (k * 2 - 1) / 2
+            intercept[cls - 1] = model.intercept_[0] * (k * 2 - 1) / 2
+        else:
+            coef[cls - 1], intercept[cls - 1] = model.coef_[k], model.intercept_[k]
+    weight = coef / scaler.scale_  # on raw features
+    bias = intercept - weight @ scaler.mean_
+    target = features.astype(np.float64) @ weight.T + bias  # [n, 5]
+    lse_target = np.logaddexp.reduce(target, axis=1)
+    shift = float(np.median(base[:, 5] - lse_target) + math.log(digit_mass / (1 - digit_mass)))
+    rating_rows = output_weight[head.rating_ids].double().numpy()
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight - rating_rows).to(head.weight.dtype))
+        head.bias.copy_(torch.from_numpy(bias + shift).to(head.bias.dtype))
+    return {"l2": l2, "validation_rmse": scores, "train_rmse": rmse(model, np.ones(len(ratings), dtype=bool))}
+
