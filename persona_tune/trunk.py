@@ -160,13 +160,14 @@ class TrunkCache:
         bar.close()
         return {"rows_computed": computed, "tokens_run": tokens_run, "rows_requested": len(prompts)}
 
-    def states(self, tokens: Sequence[int], user: int) -> torch.Tensor:
-        """The split-layer output [len(tokens), D] of one cached row (prefix + suffix), float32."""
+    def tree(self, user: int, prompts: Sequence[Sequence[int]],
+             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One user's cached prefix states [P, D] and the suffix states [L_i, D] of ``prompts``."""
         shard = self._shard(int(user))
-        entry = None if shard is None else shard["rows"].get(_row_hash(tokens))
-        if entry is None:
-            raise ConfigError(f"the trunk cache {self.dir} has no row for user {user}: build it first")
-        return torch.cat([shard["prefix"], entry[1]]).float()
+        entries = [None if shard is None else shard["rows"].get(_row_hash(t)) for t in prompts]
+        if any(e is None for e in entries):
+            raise ConfigError(f"the trunk cache {self.dir} lacks rows of user {user}: build it first")
+        return shard["prefix"].to(dtype), [e[1].to(dtype) for e in entries]
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.dir.glob("*.pt")) if self.dir.is_dir() else 0
@@ -185,15 +186,56 @@ class RatingHead(nn.Module):
         return logits.index_add(1, self.rating_ids, h @ self.weight.T + self.bias)
 
 
-def top_forward(model: nn.Module, split: int, states: torch.Tensor, lengths: torch.Tensor,
+@dataclass
+class Trees:
+    """A batch of "trees": per tree, one user's shared prefix followed by several of that user's row
+    suffixes, each suffix attending to the prefix and causally to itself only. One pass through the
+    adapted layers thus runs a user's prefix once for all the rows of the tree, with the same
+    outputs as running each row alone (same positions, same visible tokens)."""
+
+    states: torch.Tensor  # [B, T, D]
+    mask: torch.Tensor  # [B, T, T], additive
+    positions: torch.Tensor  # [B, T]
+    answers: list[tuple[int, int]]  # (tree, index) of each row's answer position, in row order
+    tokens: int  # tokens in the batch, padding excluded
+
+
+def make_trees(groups: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]]]) -> Trees:
+    """``groups``: (prefix states [P, D], [suffix states [L_i, D], ...]) per tree."""
+    lengths = [p.shape[0] + sum(x.shape[0] for x in sfx) for p, sfx in groups]
+    T, dim = max(lengths), groups[0][0].shape[1]
+    dtype = groups[0][0].dtype
+    states = torch.zeros(len(groups), T, dim, dtype=dtype)
+    visible = torch.eye(T, dtype=torch.bool).repeat(len(groups), 1, 1)  # padding sees itself (no NaN)
+    positions = torch.zeros(len(groups), T, dtype=torch.long)
+    answers = []
+    for b, (prefix, suffixes) in enumerate(groups):
+        P = prefix.shape[0]
+        states[b, :P] = prefix
+        visible[b, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+        positions[b, :P] = torch.arange(P)
+        at = P
+        for sfx in suffixes:
+            L = sfx.shape[0]
+            states[b, at:at + L] = sfx
+            visible[b, at:at + L, :P] = True
+            visible[b, at:at + L, at:at + L] = torch.ones(L, L, dtype=torch.bool).tril()
+            positions[b, at:at + L] = P + torch.arange(L)
+            answers.append((b, at + L - 1))
+            at += L
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+    return Trees(states, mask, positions, answers, sum(lengths))
+
+
+def top_forward(model: nn.Module, split: int, trees: Trees,
                 head: RatingHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adapted layers over right-padded cached states [B, T, D]; returns (logits [B, V] at each
-    row's answer position, the normed features [B, D] there). Causal attention: padding after a row's
-    last token never reaches it."""
-    h = states
+    """The adapted layers over a batch of trees; returns (logits [n, V] at each row's answer position,
+    the normed features [n, D] there), rows in the order of ``trees.answers``."""
+    h = trees.states
     for layer in model.layers[split:]:
-        h = layer(h)
-    h = model.norm(h[torch.arange(len(lengths)), lengths - 1])
+        h = layer(h, mask=trees.mask, input_pos=trees.positions)
+    at = torch.tensor(trees.answers)
+    h = model.norm(h[at[:, 0], at[:, 1]])
     logits = model.output(h).float()
     if head is not None:
         logits = head(h, logits)
@@ -213,49 +255,41 @@ def rating_loss(logits: torch.Tensor, ratings: torch.Tensor, rating_ids: torch.T
     return loss
 
 
-def pad_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([s.shape[0] for s in states])
-    out = states[0].new_zeros(len(states), int(lengths.max()), states[0].shape[1])
-    for b, s in enumerate(states):
-        out[b, : s.shape[0]] = s
-    return out, lengths
-
-
-def length_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shuffled batches of rows of similar length: shuffle, sort within windows of 32 batches, batch,
-    shuffle the batches. Depends only on (seed, epoch), so a resumed epoch sees the same order."""
+def tree_batches(users: Sequence[int], rows_per_tree: int, trees_per_step: int, seed: int,
+                 epoch: int = 0, shuffle: bool = True) -> list[list[list[int]]]:
+    """Row indices grouped into trees (up to ``rows_per_tree`` rows of one user) and steps (up to
+    ``trees_per_step`` trees). Shuffled by (seed, epoch) only, so a resumed epoch sees the same order."""
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    window = batch_size * 32
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        batches += [list(map(int, chunk[i:i + batch_size])) for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+    by_user: dict[int, list[int]] = {}
+    for i, u in enumerate(users):
+        by_user.setdefault(int(u), []).append(i)
+    trees = []
+    for rows in by_user.values():
+        rows = list(rng.permutation(rows)) if shuffle else rows
+        trees += [[int(r) for r in rows[i:i + rows_per_tree]] for i in range(0, len(rows), rows_per_tree)]
+    if shuffle:
+        trees = [trees[i] for i in rng.permutation(len(trees))]
+    return [trees[i:i + trees_per_step] for i in range(0, len(trees), trees_per_step)]
 
 
 @torch.no_grad()
-def features_and_logits(model: nn.Module, split: int, rows: Sequence[torch.Tensor], rating_ids: torch.Tensor,
-                        batch_size: int = 32, head: RatingHead | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Normed answer-position features [n, D] and logits of the five rating tokens [n, 5] plus the
-    log of the rest of the vocabulary's mass [n] as a sixth column, for cached rows."""
-    feats, logits = [], []
-    order = sorted(range(len(rows)), key=lambda i: rows[i].shape[0])
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        states, lengths = pad_states([rows[i] for i in idx])
-        out, h = top_forward(model, split, states, lengths, head)
-        feats.append((idx, h.numpy()))
-        logits.append((idx, out))
-    n, dim = len(rows), feats[0][1].shape[1]
-    f = np.zeros((n, dim), dtype=np.float32)
-    z = np.zeros((n, 6), dtype=np.float64)
-    for (idx, h), (_, out) in zip(feats, logits):
-        f[idx] = h
-        digits = out[:, rating_ids]
+def features_and_logits(model: nn.Module, split: int, load_trees, steps: Sequence[Sequence[Sequence[int]]],
+                        n_rows: int, rating_ids: torch.Tensor,
+                        head: RatingHead | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Normed answer-position features [n, D], and per row the logits of the five rating tokens plus,
+    as a sixth column, the log of the rest of the vocabulary's mass [n, 6]. ``load_trees(step)``
+    makes the Trees of one step of ``steps`` (tree_batches without shuffling)."""
+    f = z = None
+    for step in steps:
+        out, h = top_forward(model, split, load_trees(step), head)
+        idx = [r for tree in step for r in tree]
+        if f is None:
+            f = np.zeros((n_rows, h.shape[1]), dtype=np.float32)
+            z = np.zeros((n_rows, 6), dtype=np.float64)
+        f[idx] = h.float().numpy()
         rest = out.clone()
         rest[:, rating_ids] = float("-inf")
-        z[idx, :5] = digits.double().numpy()
+        z[idx, :5] = out[:, rating_ids].double().numpy()
         z[idx, 5] = torch.logsumexp(rest, dim=-1).double().numpy()
     return f, z
 

@@ -15,7 +15,9 @@ Steps (persona_tune.trunk has the pieces and explains the design):
 3. trunk cache: the lower layers run once per prompt prefix and row, into ``trunk_cache.dir``
    (shared by every variant of the run; rows already there are not recomputed).
 4. head: ``head.init: closed_form`` fits the rating head on the frozen features of the training rows.
-5. train: ``epochs`` over the training rows in batches of similar length; loss = ``objective``.
+5. train: ``epochs`` over the training rows; a step is ``trees_per_step`` trees of up to
+   ``rows_per_tree`` rows of one user, whose shared prefix runs once (persona_tune.trunk.Trees);
+   loss = ``objective``.
    The state (trainable weights, optimizer, scheduler, position) is saved every
    ``save_every_n_steps`` and at each epoch's end; a stopped run resumes from it.
 6. save: ``epoch_N/adapter_model.pt`` (torchtune's LoRA state, every layer; the frozen layers' LoRA
@@ -51,11 +53,11 @@ from persona_tune.trunk import (
     check_choice,
     features_and_logits,
     fit_head_closed_form,
-    length_batches,
-    pad_states,
+    make_trees,
     rating_loss,
     split_layer,
     top_forward,
+    tree_batches,
 )
 
 log = utils.get_logger("INFO")
@@ -142,8 +144,19 @@ class FrozenTrunkRecipe:
         log.info(f"trunk cache ({what}): {stats['rows_computed']} of {len(rows)} rows computed in {seconds:.1f}s; "
                  f"{self.cache.dir} holds {self.cache.size_bytes() / 2**20:.1f} MiB")
 
-    def states(self, rows: pd.DataFrame, index) -> list[torch.Tensor]:
-        return [self.cache.states(rows.at[i, "prompt"], rows.at[i, "user_id"]).to(self._dtype) for i in index]
+    def trees(self, rows: pd.DataFrame, step: list[list[int]]):
+        """The Trees of one step: each tree is rows (positions in ``rows``) of one user."""
+        prompts, users = rows["prompt"], rows["user_id"]
+        return make_trees([self.cache.tree(users.iat[t[0]], [prompts.iat[i] for i in t], self._dtype) for t in step])
+
+    def steps(self, rows: pd.DataFrame, epoch: int = 0, shuffle: bool = True) -> list[list[list[int]]]:
+        return tree_batches(rows["user_id"].tolist(), int(self.cfg.rows_per_tree), int(self.cfg.trees_per_step),
+                            int(self.cfg.seed), epoch, shuffle)
+
+    def read_out(self, rows: pd.DataFrame):
+        """Features and rating logits of every row (features_and_logits), in row order."""
+        return features_and_logits(self.model, self.split, lambda step: self.trees(rows, step),
+                                   self.steps(rows, shuffle=False), len(rows), self.rating_ids, head=self.head)
 
     # ------------------------------------------------------------------ 4. head
     def init_head(self, train: pd.DataFrame) -> dict:
@@ -151,8 +164,9 @@ class FrozenTrunkRecipe:
             return {"init": self.head_init}
         start = time.perf_counter()
         self.model.eval()
-        states = self.states(train, train.index)
-        features, base = features_and_logits(self.model, self.split, states, self.rating_ids)
+        head, self.head = self.head, None  # the base model's features and logits
+        features, base = self.read_out(train)
+        self.head = head
         output_weight = self.model.output.tied_module.weight if hasattr(self.model.output, "tied_module") \
             else self.model.output.weight
         info = fit_head_closed_form(self.head, output_weight.detach(), features, train["rating"].to_numpy(),
@@ -178,9 +192,8 @@ class FrozenTrunkRecipe:
 
     def train(self, train: pd.DataFrame) -> dict:
         cfg = self.cfg
-        epochs, batch_size = int(cfg.epochs), int(cfg.batch_size)
-        lengths = [len(p) for p in train["prompt"]]
-        per_epoch = len(length_batches(lengths, batch_size, cfg.seed, 0))
+        epochs = int(cfg.epochs)
+        per_epoch = len(self.steps(train))
         if cfg.get("max_steps_per_epoch"):
             per_epoch = min(per_epoch, int(cfg.max_steps_per_epoch))
         params = list(self.trainable.values())
@@ -212,13 +225,13 @@ class FrozenTrunkRecipe:
         losses = []
         while epoch < epochs and params:
             self.model.train()
-            batches = length_batches(lengths, batch_size, cfg.seed, epoch)[:per_epoch]
+            batches = self.steps(train, epoch)[:per_epoch]
             for i in range(step, len(batches)):
                 start = time.perf_counter()
-                index = train.index[batches[i]]
-                states, row_lengths = pad_states(self.states(train, index))
-                logits, _ = top_forward(self.model, self.split, states, row_lengths, self.head)
-                ratings = torch.tensor(train.loc[index, "rating"].to_numpy(), dtype=torch.long)
+                trees = self.trees(train, batches[i])
+                logits, _ = top_forward(self.model, self.split, trees, self.head)
+                rows = [r for tree in batches[i] for r in tree]
+                ratings = torch.tensor(train["rating"].to_numpy()[rows], dtype=torch.long)
                 loss = rating_loss(logits, ratings, self.rating_ids, self.objective)
                 loss.backward()
                 if cfg.get("clip_grad_norm"):
@@ -231,7 +244,8 @@ class FrozenTrunkRecipe:
                 losses.append(loss.item())
                 self.metric_logger.log_dict({
                     "loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"],
-                    "tokens_per_second_per_gpu": float(row_lengths.sum()) / seconds}, step=global_step)
+                    "tokens_per_second_per_gpu": trees.tokens / seconds,
+                    "rows_per_second": len(rows) / seconds}, step=global_step)
                 if save_every and global_step % save_every == 0:
                     self.save_state(fingerprint, epoch, i + 1, global_step, head_info)
             self.save_adapter(epoch)
@@ -255,8 +269,7 @@ class FrozenTrunkRecipe:
     def evaluate(self, test: pd.DataFrame) -> pd.DataFrame:
         self.model.eval()
         start = time.perf_counter()
-        states = self.states(test, test.index)
-        _, z = features_and_logits(self.model, self.split, states, self.rating_ids, head=self.head)
+        _, z = self.read_out(test)
         digits = torch.from_numpy(z[:, :5])
         probs = torch.softmax(digits, dim=-1).numpy()
         every = torch.logsumexp(torch.from_numpy(z), dim=-1)
