@@ -339,9 +339,14 @@ def write_report(run_dir) -> str:
                "Pearson r of each agent's predictions with the truth and with the baselines' predictions on the "
                "same rows. An agent that reads the user's average from M_s follows the user mean; one that reads "
                "the item's historical average follows the item mean.", "", diagnostics_table(signal), ""]
+    from persona_tune.simulate.report import simulation_section  # the Simulation section (issue 13)
+
+    simulation_md, simulation_plots = simulation_section(run, plots_dir)
+    md += simulation_md
     md += ["## The paper's Table 1 (Thakur et al. 2024; its own split, for reference)", "", paper_table(), ""]
     if plots:
         md += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    plots |= {k: str(v.relative_to(run.eval_dir)) for k, v in simulation_plots.items()}
     atomic_write_text(run.eval_dir / "report.md", "\n".join(md))
     atomic_write_json(run.eval_dir / "results.json", {
         **results, "plots": plots, "diagnostics": signal,
