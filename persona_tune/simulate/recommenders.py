@@ -110,24 +110,26 @@ def _percentile_rows(scores: np.ndarray) -> np.ndarray:
 
 
 def reference_recs(train: pd.DataFrame, item_ids: np.ndarray, heldout: pd.DataFrame | None, k: int = 10,
-                   names=REFERENCE, topk: bool = True, seed: int = 0) -> pd.DataFrame:
-    """The recs table (recommender, user_id, item_id, rank, score) of every reference recommender.
+                   names=REFERENCE, topk: bool = True, seed: int = 0, users=None) -> pd.DataFrame:
+    """The recs table (recommender, user_id, item_id, rank, score) of every reference recommender,
+    fit on all of ``train``, for ``users`` (default: every user of ``train``).
 
     ``heldout``: (user_id, item_id) candidates each ``<name>@heldout`` re-ranks (all of them ranked).
     ``topk``: also the top-``k`` slates of items without a train row.
     """
     data = Interactions.from_train(train, item_ids)
     scores = score_matrices(data, names, seed)
-    seen = data.matrix.toarray() > 0
+    wanted = np.arange(len(data.users)) if users is None else np.searchsorted(data.users, np.asarray(users))
+    seen = data.matrix[wanted].toarray() > 0
     frames = []
     for name, s in scores.items():
         if topk:
-            masked = np.where(seen, -np.inf, s)
+            masked = np.where(seen, -np.inf, s[wanted])
             top = np.argsort(-masked, axis=1, kind="stable")[:, :k]
             frames.append(pd.DataFrame({
-                "recommender": name, "user_id": np.repeat(data.users, k), "item_id": data.items[top].ravel(),
-                "rank": np.tile(np.arange(1, k + 1), len(data.users)),
-                "score": np.take_along_axis(s, top, 1).ravel()}))
+                "recommender": name, "user_id": np.repeat(data.users[wanted], k), "item_id": data.items[top].ravel(),
+                "rank": np.tile(np.arange(1, k + 1), len(wanted)),
+                "score": np.take_along_axis(s[wanted], top, 1).ravel()}))
         if heldout is not None and len(heldout):
             rows = np.searchsorted(data.users, heldout["user_id"].to_numpy())
             cols = np.searchsorted(data.items, heldout["item_id"].to_numpy())

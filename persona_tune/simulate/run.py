@@ -73,6 +73,8 @@ class SimulateConfig:
     negatives: int = field(default=3, metadata={"help": "unrated items sampled per held-out item (Agent4Rec's 1:3)"})
     users: int | None = field(default=None, metadata={
         "help": "simulate a seeded sample of this many users (reference slates and probes); default all"})
+    probes: bool = field(default=True, metadata={
+        "help": "rate probe rows (held-out candidates and unrated items) for the fidelity metrics"})
     topk: bool = field(default=True, metadata={"help": "reference top-k slates of unseen items (besides @heldout)"})
     like_threshold: float = field(default=0.5, metadata={"help": "p_like at which a simulator 'would watch'"})
     chunk_rows: int = field(default=256, metadata={"help": "(user, item) pairs per resumable chunk"})
@@ -148,7 +150,9 @@ def make_probes(train: pd.DataFrame, test: pd.DataFrame, item_ids: np.ndarray, u
             frames.append(pd.DataFrame({"user_id": user, "item_id": rng.choice(pool, size=n_neg, replace=False),
                                         "kind": "unrated", "slot": np.arange(n_neg), "true_rating": np.nan}))
     if not frames:
-        return pd.DataFrame(columns=["user_id", "item_id", "kind", "slot", "true_rating"])
+        return pd.DataFrame({"user_id": pd.Series(dtype="int64"), "item_id": pd.Series(dtype="int64"),
+                             "kind": pd.Series(dtype=object), "slot": pd.Series(dtype="int64"),
+                             "true_rating": pd.Series(dtype=float)})
     return pd.concat(frames, ignore_index=True).astype({"user_id": "int64", "item_id": "int64", "slot": "int64"})
 
 
@@ -277,7 +281,8 @@ def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
     # 1. Inputs, every check before anything is written.
     recs = load_recs(cfg.recs, train_users, item_ids)
     users = sample_users(test[test["user_id"].isin(train_users)], cfg.users, cfg.seed)
-    probes = make_probes(train, test, item_ids, users, cfg.candidates, cfg.negatives, cfg.seed)
+    probes = make_probes(train, test, item_ids, users if cfg.probes else users[:0], cfg.candidates,
+                         cfg.negatives, cfg.seed)
     if cfg.reference:
         heldout = probes[probes["kind"] == "heldout"][["user_id", "item_id"]]
         taken = set(recs["recommender"])
@@ -285,8 +290,7 @@ def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
         if clash:
             raise ConfigError(f"recommender name(s) {sorted(clash)} are the reference ones'; rename them or pass "
                               "--no-reference")
-        ref = reference_recs(train[train["user_id"].isin(users)], item_ids, heldout, k=cfg.k, topk=cfg.topk,
-                             seed=cfg.seed)
+        ref = reference_recs(train, item_ids, heldout, k=cfg.k, topk=cfg.topk, seed=cfg.seed, users=users)
         recs = pd.concat([recs, ref.drop(columns=["score"])], ignore_index=True)
     truth = test.set_index(["user_id", "item_id"])["rating"]
     recs["true_rating"] = truth.reindex(pd.MultiIndex.from_frame(recs[["user_id", "item_id"]])).to_numpy(float)
