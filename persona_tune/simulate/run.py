@@ -62,9 +62,9 @@ class SimulateConfig:
     recs: tuple[str, ...] = field(default=(), metadata={
         "help": "recs files (CSV or Parquet: recommender, user_id, item_id, rank)"})
     reference: bool = field(default=True, metadata={"help": "add the reference recommenders fit on the train rows"})
-    name: str | None = field(default=None, metadata={"help": "output folder RUN/simulate/NAME (default: the variant)"})
+    name: str | None = field(default=None, metadata={"help": "output folder RUN/simulate/NAME (None: the variant)"})
     family: str | None = field(default=None, metadata={
-        "choices": FAMILY_CHOICES, "help": "model family (default: the one `persona-tune configs` recorded)"})
+        "choices": FAMILY_CHOICES, "help": "model family (None: the one `persona-tune configs` recorded)"})
     memory: str = field(default="ms+ml", metadata={
         "choices": ("ms", "ms+ml", "ml"), "help": "memory mode of `prompted` (adapters use their training memory)"})
     k: int = field(default=10, metadata={"help": "slate length of the reference top-k slates and of nDCG@k"})
@@ -72,7 +72,7 @@ class SimulateConfig:
         "help": "held-out test items per user to probe and re-rank (a seeded sample; 0 = all)"})
     negatives: int = field(default=3, metadata={"help": "unrated items sampled per held-out item (Agent4Rec's 1:3)"})
     users: int | None = field(default=None, metadata={
-        "help": "simulate a seeded sample of this many users (reference slates and probes); default all"})
+        "help": "simulate a seeded sample of this many users (reference slates and probes); None = all"})
     probes: bool = field(default=True, metadata={
         "help": "rate probe rows (held-out candidates and unrated items) for the fidelity metrics"})
     topk: bool = field(default=True, metadata={"help": "reference top-k slates of unseen items (besides @heldout)"})
@@ -80,7 +80,7 @@ class SimulateConfig:
     chunk_rows: int = field(default=256, metadata={"help": "(user, item) pairs per resumable chunk"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of users for the CIs"})
     seed: int = 0
-    num_threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's)"})
+    num_threads: int | None = field(default=None, metadata={"help": "torch threads (None: torch's default)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     overrides: tuple[str, ...] = field(default=(), metadata={"cli": False})
 
