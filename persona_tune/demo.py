@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=60, help="optimizer steps per epoch per adapter")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per adapter")
     parser.add_argument("--eval-rows", type=int, default=60, help="test rows evaluated per persona")
-    parser.add_argument("--sim-users", type=int, default=12,
+    parser.add_argument("--sim-users", type=int, default=6,
                         help="users whose slates `persona-tune simulate` rates (8 reference recommenders)")
     parser.add_argument("--seed", type=int, default=0)
 
