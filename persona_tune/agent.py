@@ -5,6 +5,7 @@
     agent = UserAgent.from_run("runs/demo", variant="persona")        # or "single_max", "prompted", ...
     agent.rate(42, [1193, 661, "A heist film set in 1970s Lyon, starring ..."])
     agent.rate_many(pd.DataFrame({"user_id": [42, 7], "item": [1193, 2355]}))
+    agent.rate_slate(42, [1193, 661, 2355])    # a recommender's slate: rank, expected_rating, p_like, p1..p5
 
 An agent holds the base model once and each persona's adapter (swapped in per persona), the
 users' profiles (M_s, traits) and the memory index (M_l vectors). ``rate`` builds the same prompt
@@ -115,7 +116,10 @@ class UserAgent:
 
         v = self.vectors
         item_ids_all, item_vectors = v.item_ids, v.item_vectors
-        new = sorted({(i, t) for i, t in zip(item_ids, texts) if i < 0})
+        # New items (negative ids) and known items embed never saw (no train or test row): embed their text.
+        if getattr(self, "_vector_ids", None) is None:
+            self._vector_ids = set(item_ids_all.tolist())
+        new = sorted({(i, t) for i, t in zip(item_ids, texts) if i < 0 or i not in self._vector_ids})
         if new:
             if self._embedder is None:
                 self._embedder = build_embedder(self.embed_meta["backend"], self.embed_meta["model"])
@@ -175,3 +179,23 @@ class UserAgent:
     def rate(self, user_id: int, items: Sequence) -> pd.DataFrame:
         """One user's ratings of ``items`` (item ids or texts of new items), in order."""
         return self.rate_many(pd.DataFrame({"user_id": [user_id] * len(items), "item": list(items)}))
+
+    # ---------------------------------------------------------------- slates (persona-tune simulate)
+    def rate_slate_many(self, requests: pd.DataFrame) -> pd.DataFrame:
+        """Scoring-mode ratings of (user_id, item_id) requests, in request order: the rate_many
+        columns plus ``p_like`` = p(rating >= 4) = p4 + p5."""
+        if self.mode == "paper":
+            raise ConfigError("slates are rated in scoring mode (expected rating and p(rating >= 4)); "
+                              "this agent was built with mode='paper'")
+        out = self.rate_many(pd.DataFrame({"user_id": requests["user_id"].to_numpy(),
+                                           "item": requests["item_id"].tolist()}))
+        out = out[out["mode"] == "scoring"].reset_index(drop=True)
+        out["p_like"] = out["p4"] + out["p5"]
+        return out
+
+    def rate_slate(self, user_id: int, items: Sequence) -> pd.DataFrame:
+        """One user's slate (item ids or texts of new items, top first): rank (1-based), item_id,
+        expected_rating, p_like = p(rating >= 4), p1..p5 and the other prediction columns."""
+        out = self.rate_slate_many(pd.DataFrame({"user_id": [int(user_id)] * len(items), "item_id": list(items)}))
+        out.insert(0, "rank", np.arange(1, len(out) + 1))
+        return out

@@ -3,7 +3,8 @@
 Synthetic MovieLens-format data (or a real dataset given with --data-dir, or ML-1M found in the
 download cache), the paper's protocol, offline distillation, embeddings, personas by the elbow, one
 LoRA per persona plus the single-LoRA and prompted baselines on the tiny model (or SmolLM2-135M),
-the eval in scoring and paper mode, classical baselines, and the report. Every stage skips what is
+the eval in scoring and paper mode, classical baselines, the recommender simulation (slates
+rated by the persona agents and the classical simulator), and the report. Every stage skips what is
 already done, so a second run reuses it.
 """
 
@@ -108,6 +109,9 @@ def run_demo(args: argparse.Namespace) -> Path:
     stage("baselines", ["--run", str(run.root)])
     stage("eval", ["--run", str(run.root), "--variants", "persona,single_min,single_max,prompted",
                    "--mode", "both", "--family", args.model, "--", f"max_rows={args.eval_rows}", *models])
+    stage("simulate", ["--run", str(run.root), "--variant", "persona", "--family", args.model,
+                       "--users", str(args.sim_users), "--candidates", "10", "--n-boot", "200", "--no-progress",
+                       "--", *models])
     stage("report", ["--run", str(run.root)])
     return run.root
 
@@ -128,6 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=60, help="optimizer steps per epoch per adapter")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per adapter")
     parser.add_argument("--eval-rows", type=int, default=60, help="test rows evaluated per persona")
+    parser.add_argument("--sim-users", type=int, default=6,
+                        help="users whose slates `persona-tune simulate` rates (8 reference recommenders)")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -51,6 +51,10 @@ PRODUCERS = {
     "memory/item_ids.parquet": "embed",
     "personas/assignments.parquet": "personas",
 }
+ASSIGNMENTS = "personas/assignments.parquet"
+PROFILES = "distill/profiles.parquet"
+MEMORIES = "distill/memories.parquet"
+EMBEDDINGS_META = "memory/embeddings.json"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -202,6 +206,14 @@ class RunFolder:
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
+    @property
+    def simulate_dir(self) -> Path:
+        return self.root / "simulate"
+
+    def simulation(self, name: str) -> "SimulationFolder":
+        """RUN/simulate/<name>/: the files of one `persona-tune simulate` run."""
+        return SimulationFolder(self.simulate_dir / name)
+
     def path(self, relpath: str) -> Path:
         return self.root / relpath
 
@@ -272,3 +284,34 @@ class RunFolder:
 
     def stage_record(self, stage: str) -> dict | None:
         return self.read_manifest().get("stages", {}).get(stage)
+
+
+class SimulationFolder:
+    """RUN/simulate/<name>/ (persona-tune simulate; docs/simulation.md has the columns)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.name = self.root.name
+
+    @property
+    def recs(self) -> Path:  # the validated recs of every recommender, the reference ones included
+        return self.root / "recs.parquet"
+
+    @property
+    def probes(self) -> Path:  # held-out candidates and sampled unrated items, rated by each simulator
+        return self.root / "probes.parquet"
+
+    @property
+    def predictions(self) -> Path:  # every recs row rated by each simulator, with the truth where known
+        return self.root / "predictions.parquet"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def parts_dir(self) -> Path:  # the agent's scores, chunk by chunk, each with its fingerprint
+        return self.root / "parts"
+
+    def exists(self) -> bool:
+        return self.metrics.is_file()

@@ -33,7 +33,8 @@ def test_demo_runs_every_stage_prints_the_table_and_resumes(tmp_path):
     for rel in ("ratings_train.parquet", "distill/profiles.parquet", "memory/retrieved.parquet",
                 "personas/assignments.parquet", "personas/summary.md", "configs/persona_1.yaml",
                 "adapters/persona_0/peft/adapter_config.json", "adapters/single_max/train_summary.json",
-                "eval/baselines/metrics.json", "eval/report.md", "eval/plots/calibration.png"):
+                "eval/baselines/metrics.json", "eval/report.md", "eval/plots/calibration.png",
+                "simulate/persona/metrics.json", "eval/plots/simulation_persona.png"):
         assert (run / rel).exists(), rel
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     assert {"prepare", "distill", "embed", "personas", "configs"} <= set(stages)
@@ -46,6 +47,12 @@ def test_demo_runs_every_stage_prints_the_table_and_resumes(tmp_path):
     assert scoring["expected_rating"].between(1, 5).all()
     assert sorted(zip(scoring.user_id, scoring.item_id)) == sorted(
         zip(*prompted[prompted["mode"] == "scoring"][["user_id", "item_id"]].to_numpy().T))
+
+    # The report has the Simulation section with its fidelity table (agent and classical simulator).
+    report = (run / "eval" / "report.md").read_text().splitlines()
+    assert "## Simulation: persona" in report
+    rows = [line for line in report if line.startswith(("| persona (LLM agent)", "| classical (bias baseline)"))]
+    assert len(rows) == 2 and all(line.count("|") == 10 for line in rows)
 
     # It ends with the results table, baselines included, and says where the plots are.
     assert "user+item bias baseline" in first.stdout

@@ -62,6 +62,21 @@ def item_bias(items: pd.DataFrame, mu: float, lambda_item: float) -> pd.Series:
     return pd.Series(n * (avg - mu) / (lambda_item + n), index=items["item_id"].to_numpy())
 
 
+def bias_terms(train: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig) -> tuple[float, pd.Series, pd.Series]:
+    """(mu, b_u by user_id, b_i by item_id) of the bias baseline (see the module docstring)."""
+    mu = global_mean(items)
+    b_i = item_bias(items, mu, cfg.lambda_item)
+    resid = train["rating"].to_numpy(dtype=float) - mu - train["item_id"].map(b_i).fillna(0.0).to_numpy()
+    grouped = pd.DataFrame({"user_id": train["user_id"].to_numpy(), "resid": resid}).groupby("user_id")["resid"]
+    return mu, grouped.sum() / (cfg.lambda_user + grouped.count()), b_i
+
+
+def bias_predict(mu: float, b_u: pd.Series, b_i: pd.Series, user_ids, item_ids) -> np.ndarray:
+    """mu + b_u + b_i for each (user, item), unclipped (unknown users or items get 0 bias)."""
+    return (mu + pd.Series(user_ids).map(b_u).fillna(0.0).to_numpy()
+            + pd.Series(item_ids).map(b_i).fillna(0.0).to_numpy())
+
+
 def fit_mf(train: pd.DataFrame, residual: np.ndarray, cfg: BaselineConfig) -> tuple[dict, dict]:
     """Factorise ``residual`` (one value per train row) as p_u . q_i; returns user and item factor maps."""
     users, u_idx = np.unique(train["user_id"].to_numpy(), return_inverse=True)
@@ -115,11 +130,8 @@ def predict_baselines(
     hist = items.set_index("item_id")["hist_avg"]
     out["item_mean"] = out["item_id"].map(hist).fillna(mu)
 
-    b_i = item_bias(items, mu, cfg.lambda_item)
+    _, b_u, b_i = bias_terms(train, items, cfg)
     train_bi = train["item_id"].map(b_i).fillna(0.0).to_numpy()
-    resid = train["rating"].to_numpy(dtype=float) - mu - train_bi
-    grouped = pd.DataFrame({"user_id": train["user_id"].to_numpy(), "resid": resid}).groupby("user_id")["resid"]
-    b_u = grouped.sum() / (cfg.lambda_user + grouped.count())
     test_bi = out["item_id"].map(b_i).fillna(0.0).to_numpy()
     test_bu = out["user_id"].map(b_u).fillna(0.0).to_numpy()
     out["bias"] = mu + test_bu + test_bi

@@ -415,9 +415,14 @@ def write_report(run_dir, json_out: str | Path | None = None) -> str:
                "RMSE(agent) − RMSE(baseline) on each cell's own rows, with a 95% CI from a paired bootstrap over "
                "users (both RMSEs on the same resampled rows). ✓: the agent is better (CI below 0); ✗: worse.", "",
                paired_table(paired), ""]
+    from persona_tune.simulate.report import simulation_section  # the Simulation section (issue 13)
+
+    simulation_md, simulation_plots = simulation_section(run, plots_dir)
+    md += simulation_md
     md += ["## The paper's Table 1 (Thakur et al. 2024; its own split, for reference)", "", paper_table(), ""]
     if plots:
         md += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    plots |= {k: str(v.relative_to(run.eval_dir)) for k, v in simulation_plots.items()}
     atomic_write_text(run.eval_dir / "report.md", "\n".join(md))
     atomic_write_json(run.eval_dir / "results.json", {
         **results, "cells": paired, "plots": plots, "diagnostics": signal,

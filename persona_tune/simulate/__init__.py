@@ -1,0 +1,1 @@
+"""Simulate: evaluate recommenders with the run's user agents (docs/simulation.md)."""

@@ -1,0 +1,389 @@
+"""Evaluate recommenders with the run's user agents: slates in, simulated feedback and fidelity out.
+
+    persona-tune simulate --run RUN --variant persona [--recs FILE ...] [-- KEY=VALUE ...]
+
+Every (user, item) of the recs files (docs/simulation.md has the format) and of the reference
+recommenders (persona_tune.simulate.recommenders, unless --no-reference) is rated by the variant's
+agent in scoring mode (expected rating and p(rating >= 4), through UserAgent and the eval engine's
+shared-prefix batching) and by the classical simulator (the bias baseline as a rater,
+persona_tune.simulate.classical). Probe rows measure fidelity: up to --candidates held-out test items
+per user (the items the ``@heldout`` recommenders re-rank) and --negatives times as many sampled items
+the user never rated. Results go to RUN/simulate/<name>/ (name: --name, else the variant): recs,
+probes and predictions (Parquet) and metrics.json. The agent's scores are written in chunks under
+parts/ with a fingerprint of the model, adapters and inputs; a re-run scores only the (user, item)
+pairs no matching chunk holds, so a stopped run resumes and new recommenders reuse old scores.
+Arguments after ``--`` are eval config overrides (as for `persona-tune eval`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from persona_tune.errors import ConfigError
+from persona_tune.runfolder import (
+    ASSIGNMENTS,
+    EMBEDDINGS_META,
+    MEMORIES,
+    PROFILES,
+    RunFolder,
+    SimulationFolder,
+    atomic_write_json,
+    atomic_write_parquet,
+    file_sha256,
+)
+from persona_tune.simulate import fidelity
+from persona_tune.simulate.classical import BiasRater
+from persona_tune.simulate.fidelity import PROB_COLUMNS
+from persona_tune.simulate.recommenders import HELDOUT_SUFFIX, REFERENCE, reference_recs
+from persona_tune.simulate.recs import load_recs
+from persona_tune.stage import add_config_arguments, config_dict, config_from_args, require
+
+log = logging.getLogger(__name__)
+
+CLASSICAL = "classical"  # the simulator name of the bias-baseline rater
+SCORE_COLUMNS = ["user_id", "item_id", "persona", "expected_rating", "p_like", *PROB_COLUMNS, "rating_mass",
+                 "n_prompt_tokens"]
+FAMILY_CHOICES = ("phi3", "smollm2", "tiny")
+
+
+@dataclass
+class SimulateConfig:
+    variant: str = field(default="persona", metadata={
+        "help": "the agents: persona, single_min, single_max, prompted or any trained variant (suffix -ms/-msml/-ml)"})
+    recs: tuple[str, ...] = field(default=(), metadata={
+        "help": "recs files (CSV or Parquet: recommender, user_id, item_id, rank)"})
+    reference: bool = field(default=True, metadata={"help": "add the reference recommenders fit on the train rows"})
+    name: str | None = field(default=None, metadata={"help": "output folder RUN/simulate/NAME (None: the variant)"})
+    family: str | None = field(default=None, metadata={
+        "choices": FAMILY_CHOICES, "help": "model family (None: the one `persona-tune configs` recorded)"})
+    memory: str = field(default="ms+ml", metadata={
+        "choices": ("ms", "ms+ml", "ml"), "help": "memory mode of `prompted` (adapters use their training memory)"})
+    k: int = field(default=10, metadata={"help": "slate length of the reference top-k slates and of nDCG@k"})
+    candidates: int = field(default=20, metadata={
+        "help": "held-out test items per user to probe and re-rank (a seeded sample; 0 = all)"})
+    negatives: int = field(default=3, metadata={"help": "unrated items sampled per held-out item (Agent4Rec's 1:3)"})
+    users: int | None = field(default=None, metadata={
+        "help": "simulate a seeded sample of this many users (reference slates and probes); None = all"})
+    probes: bool = field(default=True, metadata={
+        "help": "rate probe rows (held-out candidates and unrated items) for the fidelity metrics"})
+    topk: bool = field(default=True, metadata={"help": "reference top-k slates of unseen items (besides @heldout)"})
+    like_threshold: float = field(default=0.5, metadata={"help": "p_like at which a simulator 'would watch'"})
+    chunk_rows: int = field(default=256, metadata={"help": "(user, item) pairs per resumable chunk"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of users for the CIs"})
+    seed: int = 0
+    num_threads: int | None = field(default=None, metadata={"help": "torch threads (None: torch's default)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    overrides: tuple[str, ...] = field(default=(), metadata={"cli": False})
+
+    def validate(self) -> None:
+        require(self.k >= 1, f"--k must be >= 1, got {self.k}")
+        require(self.candidates >= 0, f"--candidates must be >= 0, got {self.candidates}")
+        require(self.negatives >= 0, f"--negatives must be >= 0, got {self.negatives}")
+        require(self.users is None or self.users >= 1, f"--users must be >= 1, got {self.users}")
+        require(0.0 < self.like_threshold < 1.0, f"--like-threshold must be in (0, 1), got {self.like_threshold}")
+        require(self.chunk_rows >= 1, f"--chunk-rows must be >= 1, got {self.chunk_rows}")
+        require(self.n_boot >= 0, f"--n-boot must be >= 0, got {self.n_boot}")
+        require(bool(self.recs) or self.reference, "nothing to simulate: give --recs FILE or keep --reference")
+        require(self.name is None or (self.name and "/" not in self.name and not self.name.startswith(".")),
+                f"--name must be a plain folder name, got {self.name!r}")
+        for o in self.overrides:
+            require("=" in o, f"config overrides are KEY=VALUE, got {o!r}")
+
+    @property
+    def out_name(self) -> str:
+        return self.name or self.variant
+
+
+@dataclass
+class SimulateSummary:
+    name: str
+    out_dir: str
+    recommenders: list[str]
+    recs_rows: int
+    probe_rows: int
+    pairs: int  # unique (user, item) the agent rates
+    scored: int  # of them scored in this call
+    reused: int  # of them found in parts/ with the same fingerprint
+    seconds: float  # agent scoring time in this call (prompts, retrieval and forward passes; no model load)
+    rows_per_s: float | None
+    metrics: dict
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def sample_users(test: pd.DataFrame, n: int | None, seed: int) -> np.ndarray:
+    users = np.sort(test["user_id"].unique())
+    if n is None or n >= len(users):
+        return users
+    return np.sort(np.random.default_rng(seed).choice(users, size=n, replace=False))
+
+
+def make_probes(train: pd.DataFrame, test: pd.DataFrame, item_ids: np.ndarray, users: np.ndarray,
+                candidates: int, negatives: int, seed: int) -> pd.DataFrame:
+    """user_id, item_id, kind ('heldout' | 'unrated'), slot (sampling order per user and kind), true_rating."""
+    rng = np.random.default_rng(seed)
+    rated = pd.concat([train[["user_id", "item_id"]], test[["user_id", "item_id"]]])
+    rated_by = rated.groupby("user_id")["item_id"].agg(set)
+    test_by = {u: g for u, g in test.groupby("user_id", sort=True)}
+    frames = []
+    for user in users:
+        held = test_by.get(user)
+        if held is None or held.empty:
+            continue
+        take = len(held) if candidates == 0 else min(candidates, len(held))
+        held = held.iloc[rng.permutation(len(held))[:take]]
+        frames.append(pd.DataFrame({"user_id": user, "item_id": held["item_id"].to_numpy(), "kind": "heldout",
+                                    "slot": np.arange(take), "true_rating": held["rating"].to_numpy(float)}))
+        pool = np.setdiff1d(item_ids, np.fromiter(rated_by.get(user, set()), dtype=np.int64))
+        n_neg = min(negatives * take, len(pool))
+        if n_neg:
+            frames.append(pd.DataFrame({"user_id": user, "item_id": rng.choice(pool, size=n_neg, replace=False),
+                                        "kind": "unrated", "slot": np.arange(n_neg), "true_rating": np.nan}))
+    if not frames:
+        return pd.DataFrame({"user_id": pd.Series(dtype="int64"), "item_id": pd.Series(dtype="int64"),
+                             "kind": pd.Series(dtype=object), "slot": pd.Series(dtype="int64"),
+                             "true_rating": pd.Series(dtype=float)})
+    return pd.concat(frames, ignore_index=True).astype({"user_id": "int64", "item_id": "int64", "slot": "int64"})
+
+
+# ---------------------------------------------------------------- the agent's scores, resumable
+
+
+def agent_fingerprint(run: RunFolder, eval_cfg) -> str:
+    """What an agent's scores depend on: the eval config (model, adapters, memory) and the input files."""
+    from omegaconf import OmegaConf
+
+    from persona_tune.evaluation.loading import adapter_path
+
+    spec = OmegaConf.to_container(eval_cfg, resolve=True)
+    for key in ("output_dir", "max_rows", "personas", "metrics", "batching", "mode", "split", "num_threads"):
+        spec.pop(key, None)
+    adapters = {}
+    adapter_dir = eval_cfg.adapter_dir
+    if adapter_dir:
+        personas = ([-1] if "{persona}" not in str(adapter_dir)
+                    else sorted(pd.read_parquet(run.path(ASSIGNMENTS))["persona"].unique().tolist()))
+        for p in personas:
+            path = adapter_path(adapter_dir, int(p), eval_cfg.get("adapter_epoch"))
+            adapters[str(p)] = file_sha256(path)
+    spec["adapter_sha256"] = adapters
+    spec["inputs"] = {f: file_sha256(run.path(f)) for f in ("items.parquet", "ratings_train.parquet", PROFILES,
+                                                                MEMORIES, EMBEDDINGS_META, ASSIGNMENTS)
+                      if run.path(f).is_file()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_parts(sim: SimulationFolder, fingerprint: str) -> pd.DataFrame:
+    frames = []
+    for stamp in sorted(sim.parts_dir.glob("part_*.json")):
+        part = stamp.with_suffix(".parquet")
+        try:
+            ok = json.loads(stamp.read_text())["fingerprint"] == fingerprint
+        except (OSError, ValueError, KeyError):
+            ok = False
+        if ok and part.is_file():
+            frames.append(pd.read_parquet(part))
+    if not frames:
+        return pd.DataFrame(columns=SCORE_COLUMNS)
+    return pd.concat(frames, ignore_index=True).drop_duplicates(["user_id", "item_id"], keep="last")
+
+
+def chunks_of(pairs: pd.DataFrame, size: int) -> list[pd.DataFrame]:
+    """Pairs sorted by persona and user, cut into chunks of about ``size`` at user boundaries."""
+    out, current, n = [], [], 0
+    for _, g in pairs.groupby(["persona", "user_id"], sort=True):
+        current.append(g)
+        n += len(g)
+        if n >= size:
+            out.append(pd.concat(current, ignore_index=True))
+            current, n = [], 0
+    if current:
+        out.append(pd.concat(current, ignore_index=True))
+    return out
+
+
+def score_with_agent(run: RunFolder, sim: SimulationFolder, cfg: SimulateConfig, pairs: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The agent's scores of ``pairs`` (user_id, item_id): from matching parts, the rest scored now."""
+    from persona_tune.evaluation.run import build_eval_config, run_family
+
+    eval_cfg = build_eval_config(run, cfg.variant, run_family(run, cfg.family), cfg.memory, "scoring",
+                                 list(cfg.overrides))
+    fingerprint = agent_fingerprint(run, eval_cfg)
+    have = read_parts(sim, fingerprint)
+    key = pd.MultiIndex.from_frame(pairs[["user_id", "item_id"]])
+    done = key.isin(pd.MultiIndex.from_frame(have[["user_id", "item_id"]])) if len(have) else np.zeros(len(pairs), bool)
+    todo = pairs[~done]
+    stats = {"fingerprint": fingerprint, "reused": int(done.sum()), "scored": int(len(todo)), "seconds": 0.0}
+    if len(todo):
+        stats.update(_score_missing(run, sim, cfg, eval_cfg, fingerprint, todo))
+    scores = read_parts(sim, fingerprint)
+    out = pairs[["user_id", "item_id"]].merge(scores, on=["user_id", "item_id"], how="left", validate="one_to_one")
+    if out["expected_rating"].isna().any():  # cannot happen unless parts/ changed underneath us
+        raise ConfigError(f"{sim.parts_dir}: scores missing after scoring; delete the folder and re-run")
+    return out, stats
+
+
+def _score_missing(run, sim, cfg, eval_cfg, fingerprint, todo) -> dict:
+    import torch
+
+    from persona_tune.agent import UserAgent
+
+    threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        agent = UserAgent(eval_cfg, mode="scoring")
+        todo = todo.assign(persona=[agent.persona(int(u)) for u in todo["user_id"]])
+        start_index = len(list(sim.parts_dir.glob("part_*.parquet"))) if sim.parts_dir.is_dir() else 0
+        seconds, before = 0.0, dict(agent.predictor.stats.as_dict())
+        bar = tqdm(total=len(todo), desc=f"simulate {cfg.out_name}", unit="row", disable=not cfg.progress)
+        for n, chunk in enumerate(chunks_of(todo, cfg.chunk_rows)):
+            started = time.perf_counter()
+            rated = agent.rate_slate_many(chunk[["user_id", "item_id"]])
+            elapsed = time.perf_counter() - started
+            seconds += elapsed
+            part = sim.parts_dir / f"part_{start_index + n:05d}.parquet"
+            atomic_write_parquet(rated[SCORE_COLUMNS], part)
+            atomic_write_json(part.with_suffix(".json"), {"fingerprint": fingerprint, "rows": len(chunk),
+                                                          "seconds": elapsed})
+            bar.update(len(chunk))
+        bar.close()
+        after = agent.predictor.stats.as_dict()
+        counters = {k: after[k] - before.get(k, 0) for k in ("rows", "forward_passes", "tokens_processed", "prompt_tokens")}
+        return {"seconds": seconds, "rows_per_s": len(todo) / seconds if seconds else None, "predictor": counters}
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
+    """Rate every recs and probe row with the agent and the classical simulator; write RUN/simulate/<name>/."""
+    cfg.validate()
+    run.require("ratings_train.parquet", "ratings_test.parquet", "items.parquet")
+    train = run.read_table("ratings_train.parquet")
+    test = run.read_table("ratings_test.parquet")
+    items = run.read_table("items.parquet", columns=["item_id", "hist_avg", "hist_count"])
+    item_ids = np.sort(items["item_id"].to_numpy())
+    train_users = np.sort(train["user_id"].unique())
+
+    # 1. Inputs, every check before anything is written.
+    recs = load_recs(cfg.recs, train_users, item_ids)
+    users = sample_users(test[test["user_id"].isin(train_users)], cfg.users, cfg.seed)
+    probes = make_probes(train, test, item_ids, users if cfg.probes else users[:0], cfg.candidates,
+                         cfg.negatives, cfg.seed)
+    if cfg.reference:
+        heldout = probes[probes["kind"] == "heldout"][["user_id", "item_id"]]
+        taken = set(recs["recommender"])
+        clash = taken & ({*REFERENCE} | {n + HELDOUT_SUFFIX for n in REFERENCE})
+        if clash:
+            raise ConfigError(f"recommender name(s) {sorted(clash)} are the reference ones'; rename them or pass "
+                              "--no-reference")
+        ref = reference_recs(train, item_ids, heldout, k=cfg.k, topk=cfg.topk, seed=cfg.seed, users=users)
+        recs = pd.concat([recs, ref.drop(columns=["score"])], ignore_index=True)
+    truth = test.set_index(["user_id", "item_id"])["rating"]
+    recs["true_rating"] = truth.reindex(pd.MultiIndex.from_frame(recs[["user_id", "item_id"]])).to_numpy(float)
+    pairs = pd.concat([recs[["user_id", "item_id"]], probes[["user_id", "item_id"]]]).drop_duplicates(ignore_index=True)
+    if pairs.empty:
+        raise ConfigError("nothing to simulate: no recs rows and no user with held-out rows")
+
+    # 2. Scores: the agent (resumable) and the classical simulator.
+    sim = run.simulation(cfg.out_name)
+    agent_scores, stats = score_with_agent(run, sim, cfg, pairs)
+    classical = BiasRater.fit(train, items)
+    classical_scores = pd.concat([pairs.reset_index(drop=True),
+                                  classical.rate(pairs["user_id"], pairs["item_id"])], axis=1)
+    simulators = {cfg.variant: agent_scores, CLASSICAL: classical_scores}
+
+    # 3. Rows rated by each simulator, then the metrics.
+    keep = ["user_id", "item_id", "expected_rating", "p_like", *PROB_COLUMNS]
+    predictions = pd.concat([recs.merge(s[keep], on=["user_id", "item_id"], how="left").assign(simulator=name)
+                             for name, s in simulators.items()], ignore_index=True)
+    probe_rows = pd.concat([probes.merge(s[keep], on=["user_id", "item_id"], how="left").assign(simulator=name)
+                            for name, s in simulators.items()], ignore_index=True)
+    judged = recs.groupby("recommender")["true_rating"].apply(lambda s: bool(s.notna().all()))
+    metrics = {
+        "variant": cfg.variant, "name": cfg.out_name, "simulators": list(simulators),
+        "classical_model": {"kind": "bias baseline + Gaussian residual", "sigma": classical.sigma, "mu": classical.mu},
+        "users": int(len(users)), "recommenders": sorted(recs["recommender"].unique().tolist()),
+        "ranked_recommenders": sorted(judged[judged].index.tolist()),
+        "timing": {k: v for k, v in stats.items() if k != "fingerprint"},
+        "fidelity": {name: fidelity_metrics(probe_rows[probe_rows["simulator"] == name],
+                                            predictions[(predictions["simulator"] == name)
+                                                        & predictions["recommender"].isin(judged[judged].index)],
+                                            cfg)
+                     for name in simulators},
+        "feedback": {name: fidelity.feedback(predictions[predictions["simulator"] == name], cfg.n_boot, cfg.seed)
+                     for name in simulators},
+    }
+    columns = ["simulator", "recommender", "user_id", "item_id", "rank", "true_rating", "expected_rating", "p_like",
+               *PROB_COLUMNS]
+    atomic_write_parquet(recs.drop(columns=["true_rating"]), sim.recs)
+    atomic_write_parquet(probe_rows, sim.probes)
+    atomic_write_parquet(predictions[columns], sim.predictions)
+    atomic_write_json(sim.metrics, metrics)
+    run.record_stage(f"simulate/{cfg.out_name}", config_dict(cfg),
+                     outputs=[str(p.relative_to(run.root)) for p in (sim.recs, sim.probes, sim.predictions, sim.metrics)])
+    return SimulateSummary(
+        name=cfg.out_name, out_dir=str(sim.root), recommenders=metrics["recommenders"], recs_rows=len(recs),
+        probe_rows=len(probes), pairs=len(pairs), scored=stats["scored"], reused=stats["reused"],
+        seconds=stats["seconds"], rows_per_s=stats.get("rows_per_s"), metrics=metrics)
+
+
+def fidelity_metrics(probe_rows: pd.DataFrame, ranked_rows: pd.DataFrame, cfg: SimulateConfig) -> dict:
+    heldout = probe_rows[probe_rows["kind"] == "heldout"]
+    unrated = probe_rows[probe_rows["kind"] == "unrated"]
+    kw = {"n_boot": cfg.n_boot, "seed": cfg.seed}
+    return {
+        "taste_auc": fidelity.taste_auc(heldout, **kw),
+        "watch_1_1": fidelity.watch_check(heldout, unrated, 1, cfg.like_threshold, **kw),
+        "watch_1_3": fidelity.watch_check(heldout, unrated, 3, cfg.like_threshold, **kw),
+        "distribution_w1": fidelity.distribution_match(heldout, **kw),
+        "ranking": fidelity.ranking_agreement(ranked_rows, k=cfg.k, **kw),
+    }
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder (after `persona-tune train`, or configs for prompted)")
+    add_config_arguments(parser, SimulateConfig)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval config overrides, after `--`")
+
+
+def _fmt(m: dict) -> str:
+    v, (lo, hi) = m["value"], m["ci"]
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    lines = [f"{'simulator':<14} {'taste AUC':<22} {'acc 1:1':<22} {'F1 1:3':<22} {'W1':<22} {'Kendall tau':<22}"]
+    for name, f in metrics["fidelity"].items():
+        lines.append(f"{name:<14} {_fmt(f['taste_auc']):<22} {_fmt(f['watch_1_1']['accuracy']):<22} "
+                     f"{_fmt(f['watch_1_3']['f1']):<22} {_fmt(f['distribution_w1']):<22} "
+                     f"{_fmt(f['ranking']['kendall_tau']):<22}")
+    return lines
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(SimulateConfig, args, overrides=tuple(args.overrides))
+    summary = run(RunFolder(args.run), cfg)
+    speed = f", {summary.rows_per_s:.1f} rows/s" if summary.rows_per_s else ""
+    print(f"{summary.name}: {len(summary.recommenders)} recommenders, {summary.recs_rows} recs rows, "
+          f"{summary.probe_rows} probe rows; {summary.pairs} (user, item) pairs, {summary.scored} scored now "
+          f"({summary.seconds:.1f} s{speed}), {summary.reused} reused")
+    print("\n".join(summary_lines(summary.metrics)))
+    print(f"wrote {summary.out_dir}/")
+    return 0

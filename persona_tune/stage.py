@@ -1,0 +1,126 @@
+"""The stage shape (issue 15): a Config dataclass, ``run(run: RunFolder, cfg) -> Summary``, and CLI
+arguments generated from the Config so no field is listed twice.
+
+    @dataclass
+    class Config:
+        rows: int = field(default=10, metadata={"help": "rows to score"})
+        name: str | None = None
+        def validate(self) -> None: ...          # optional; raise ConfigError
+
+    def add_arguments(parser):
+        parser.add_argument("--run", required=True)
+        add_config_arguments(parser, Config)
+
+    def main(args):
+        summary = run(RunFolder(args.run), config_from_args(Config, args))
+
+A field ``foo_bar`` becomes ``--foo-bar``; its type (int, float, str, bool, Optional of those,
+tuple/list of those) gives the argparse type; a bool field becomes ``--foo-bar/--no-foo-bar``;
+``metadata={"help": ..., "choices": ..., "cli": False}`` adds help, choices, or keeps it off the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from persona_tune.errors import ConfigError
+
+_SCALARS = (int, float, str, bool)
+
+
+def _unwrap(tp) -> tuple[type, bool, bool]:
+    """(scalar type, optional, sequence) of a field's annotation."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        if len(args) != 1:
+            raise TypeError(f"unsupported union {tp}")
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        inner = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return (inner[0] if inner else str), optional, True
+    return tp, optional, False
+
+
+def _parse_scalar(kind: type, name: str):
+    if kind is bool:
+        def parse_bool(text: str) -> bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"{name}: expected true/false, got {text!r}")
+        return parse_bool
+    return kind
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """One ``--option`` per field of the dataclass ``config_cls`` (see the module docstring)."""
+    hints = typing.get_type_hints(config_cls)
+    defaults = config_cls()
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip or not f.metadata.get("cli", True):
+            continue
+        kind, optional, sequence = _unwrap(hints[f.name])
+        if kind not in _SCALARS:
+            raise TypeError(f"{config_cls.__name__}.{f.name}: {kind} has no CLI form; set metadata cli=False")
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help")}
+        if "choices" in f.metadata:
+            kwargs["choices"] = list(f.metadata["choices"])
+        if kind is bool and not sequence and not optional:
+            kwargs.pop("choices", None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        kwargs["type"] = _parse_scalar(kind, flag)
+        if sequence:
+            kwargs["nargs"] = "+"
+        elif optional:
+            kwargs["metavar"] = kind.__name__.upper()
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace, **extra: Any):
+    """The Config from parsed arguments (fields absent from ``args`` keep their defaults), validated."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
+    hints = typing.get_type_hints(config_cls)
+    for name, value in values.items():
+        if isinstance(value, list) and typing.get_origin(_strip_optional(hints[name])) is tuple:
+            values[name] = tuple(value)
+    cfg = config_cls(**{**values, **extra})
+    validate(cfg)
+    return cfg
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def validate(cfg) -> None:
+    """Call ``cfg.validate()`` when the Config defines one (it raises ConfigError)."""
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``condition``: the one-liner Config.validate methods use."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def config_dict(cfg) -> dict:
+    """A Config as a plain dict (for the manifest and fingerprints)."""
+    return dataclasses.asdict(cfg)
