@@ -48,6 +48,7 @@ from persona_tune.evaluation.predict import (
 )
 from persona_tune.runfolder import atomic_path, atomic_write_json
 
+HEAD_FILE = "rating_head.pt"  # beside adapter_model.pt in epoch_N/
 OBJECTIVES = ("ce", "mse", "ce+mse")
 HEAD_INITS = ("closed_form", "zero", "none")
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -225,6 +226,32 @@ def make_trees(groups: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor]]]) ->
             at += L
     mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
     return Trees(states, mask, positions, answers, sum(lengths))
+
+
+class HeadedOutput(nn.Module):
+    """A model's output layer followed by a rating head: ``model.output = HeadedOutput(model.output, head)``
+    makes every use of the model (scoring, generation) see the head's rating logits."""
+
+    def __init__(self, output: nn.Module, head: RatingHead):
+        super().__init__()
+        self.inner = output
+        self.head = head
+        self.enabled = True  # generation turns it off after the answer token (it rates the answer only)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(h)
+        if not self.enabled:
+            return logits
+        flat = self.head(h.reshape(-1, h.shape[-1]), logits.reshape(-1, logits.shape[-1]).float())
+        return flat.to(logits.dtype).reshape(logits.shape)
+
+
+def load_rating_head(path: str | Path, dim: int) -> RatingHead:
+    """A saved rating_head.pt (weight, bias; rating_ids are stored beside them)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    head = RatingHead(dim, state["rating_ids"].tolist())
+    head.load_state_dict({k: v for k, v in state.items() if k != "rating_ids"})
+    return head
 
 
 def top_forward(model: nn.Module, split: int, trees: Trees,

@@ -46,6 +46,7 @@ from persona_tune.evaluation.predict import PROB_COLUMNS, RATING_VALUES, answer_
 from persona_tune.prompts import load_prompt_rows
 from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_parquet, file_sha256
 from persona_tune.trunk import (
+    HEAD_FILE,
     HEAD_INITS,
     OBJECTIVES,
     RatingHead,
@@ -64,7 +65,6 @@ log = utils.get_logger("INFO")
 
 STATE_FILE = "recipe_state.pt"
 PREDICTIONS = "predictions.parquet"
-HEAD_FILE = "rating_head.pt"
 ADAPTER_FILE = "adapter_model.pt"
 RUNTIME_KEYS = ("num_threads", "progress", "output_dir", "metric_logger", "save_every_n_steps")
 
@@ -262,7 +262,8 @@ class FrozenTrunkRecipe:
             torch.save({k: v.detach().cpu() for k, v in get_adapter_params(self.model).items()}, tmp)
         if self.head is not None:
             with atomic_path(folder / HEAD_FILE) as tmp:
-                torch.save({k: v.detach().cpu() for k, v in self.head.state_dict().items()}, tmp)
+                torch.save({**{k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+                            "rating_ids": self.head.rating_ids.cpu()}, tmp)
 
     # ------------------------------------------------------------------ 7. evaluate
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 The config holds the same ``model`` (a LoRA builder with the training rank/alpha), ``tokenizer`` and
 ``checkpointer`` sections as the training configs. Adapters are torchtune's own
-``adapter_model.pt`` from ``<adapter_dir>/epoch_N/``; ``adapter_dir`` may hold ``{persona}``, which
+``adapter_model.pt`` from ``<adapter_dir>/epoch_N/`` (with the frozen-trunk recipe's ``rating_head.pt``
+beside it when there is one); ``adapter_dir`` may hold ``{persona}``, which
 becomes each persona's id (theta_persona: one adapter per persona), and null means no adapter
 (the prompted base model).
 """
@@ -41,6 +42,10 @@ class ModelLoader:
         key = f"{adapter_path}|{merge}"
         if key == self.current:
             return self.model
+        from persona_tune.trunk import HEAD_FILE, HeadedOutput, load_rating_head
+
+        if isinstance(self.model.output, HeadedOutput):  # the previous adapter's rating head
+            self.model.output = self.model.output.inner
         missing, unexpected = self.model.load_state_dict(self.base_state, strict=False)
         if unexpected or set(missing) - self.adapter_keys:
             raise ConfigError(
@@ -66,6 +71,10 @@ class ModelLoader:
                 m.disabled = False
             if merge:
                 merge_lora_in_place(self.model)
+            head_file = Path(adapter_path).with_name(HEAD_FILE)
+            if head_file.is_file():  # a frozen-trunk adapter's rating head (persona_tune.trunk)
+                head = load_rating_head(head_file, self.model.norm.scale.shape[0]).to(self.device, self.dtype)
+                self.model.output = HeadedOutput(self.model.output, head)
         self.model.to(self.device).eval()
         self.current = key
         return self.model

@@ -262,10 +262,13 @@ def decode_batch(
         logits = model.unembed(h[torch.arange(n_rows), s_lens - 1][:, None])[:, 0].float()
         processed = n_rows * L
         suffix_visible = in_prefix | ((keys[None, :] >= P) & (keys[None, :] < P + s_lens[:, None]))
+        head = model.output if hasattr(model.output, "enabled") else None  # a rating head rates the answer only
         for t in range(max_new_tokens):
             ids, all_done = step(logits)
             if all_done or t == max_new_tokens - 1:
                 break
+            if head is not None:
+                head.enabled = False
             new_visible = (keys >= P + L) & (keys <= P + L + t)
             mask_t = (suffix_visible | new_visible[None, :])[:, None, :]
             pos_t = (p_lens + s_lens + t)[:, None]
@@ -275,6 +278,8 @@ def decode_batch(
             processed += n_rows
         return processed
     finally:
+        if hasattr(model.output, "enabled"):
+            model.output.enabled = True
         _delete_caches(model)
 
 

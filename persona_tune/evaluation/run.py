@@ -59,10 +59,11 @@ def run_family(run: RunFolder, family: str | None) -> str:
     """--family, else the family `persona-tune configs` (or the grid) recorded in the manifest."""
     if family:
         return family
-    for stage in ("grid", "configs"):
-        record = run.stage_record(stage) or {}
-        if record.get("params", {}).get("family"):
-            return record["params"]["family"]
+    stages = run.read_manifest().get("stages", {})
+    for name in ("grid", *sorted(n for n in stages if n.startswith("grid/")), "configs"):
+        family = (stages.get(name) or {}).get("params", {}).get("family")
+        if family:
+            return family
     raise ConfigError("cannot tell the model family from the manifest; pass --family phi3|smollm2|tiny")
 
 
@@ -92,6 +93,10 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
         train_cfg = OmegaConf.load(train_file)
         cfg.adapter_dir = str(run.adapters_dir / (f"persona_{{persona}}{suffix}" if base == "persona" else variant))
         cfg.memory = train_cfg.memory
+        for key in ("prompt_template", "state_numbers"):  # top level (trunk configs) or the dataset's
+            value = train_cfg.get(key, train_cfg.get("dataset", {}).get(key))
+            if value is not None:
+                cfg[key] = value
         _copy_model(cfg, train_cfg)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     cfg.output_dir = str(run.eval_dir / variant)
