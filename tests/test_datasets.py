@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -15,7 +17,7 @@ from persona_tune.datasets import persona_dataset
 from persona_tune.errors import ConfigError
 from persona_tune.models.tiny import tiny_phi3_tokenizer, write_tiny_phi3
 from persona_tune.personas import run_personas
-from persona_tune.prompts import MEMORY_INTRO, PROFILE_INTRO, TASK, load_prompt_rows, render_messages
+from persona_tune.prompts import MEMORY_INTRO, PROFILE_INTRO, TASK, TERSE_TASK, load_prompt_rows, render_messages
 from tests.conftest import require_shared
 from tests.test_memory_retrieval import make_embedded_run
 
@@ -99,35 +101,37 @@ def test_train_on_input_trains_on_every_token(run, phi3):
     assert sample["labels"] == sample["tokens"]
 
 
-def test_long_prompts_drop_memories_then_shorten_the_profile(run, phi3):
+def test_long_prompts_lose_boilerplate_then_memories_then_profile(run, phi3):
     rows = load_prompt_rows(run)
     parts, rating = rows.parts[0], int(rows.rating[0])
 
     def n_tokens(p):
         return len(phi3({"messages": render_messages(p, rating)})["tokens"])
 
-    full = n_tokens(parts)
-    no_memory = n_tokens(parts.__class__(item=parts.item, profile=parts.profile, traits=parts.traits))
-    assert no_memory < full
+    def text_at(budget):
+        sample = persona_dataset(phi3, run_dir=str(run), max_seq_len=budget)[0]
+        return sample, " ".join(phi3.decode(sample["tokens"]).split())
+
     squash = lambda t: " ".join(t.split())  # noqa: E731
-    assert len(parts.memories) == 2
-    # One token short: the last memory goes first.
-    sample = persona_dataset(phi3, run_dir=str(run), max_seq_len=full - 1)[0]
-    text = squash(phi3.decode(sample["tokens"]))
-    assert len(sample["tokens"]) < full
+    full, terse = n_tokens(parts), replace(parts, terse=True)
+    assert len(parts.memories) == 2 and n_tokens(terse) < full
+    # One token short: the boilerplate goes (preambles, long task wording); memories and profile stay.
+    sample, text = text_at(full - 1)
+    assert len(sample["tokens"]) == n_tokens(terse) and MEMORY_INTRO[:40] not in text and TERSE_TASK in text
+    assert all(squash(m[1]) in text for m in parts.memories) and squash(parts.profile) in text
+    # Then the last memory.
+    sample, text = text_at(n_tokens(terse) - 1)
     assert squash(parts.memories[0][1]) in text and squash(parts.memories[1][1]) not in text
     # Room for everything but the memories: both go, the profile stays whole.
-    sample = persona_dataset(phi3, run_dir=str(run), max_seq_len=no_memory)[0]
-    text = squash(phi3.decode(sample["tokens"]))
-    assert len(sample["tokens"]) == no_memory and MEMORY_INTRO[:40] not in text
-    assert squash(parts.profile) in text
+    no_memory = n_tokens(replace(terse, memories=()))
+    sample, text = text_at(no_memory)
+    assert len(sample["tokens"]) == no_memory and squash(parts.profile) in text
     # Less room: the profile is cut, the task, the item and the answer never are.
     budget = no_memory - 40
-    sample = persona_dataset(phi3, run_dir=str(run), max_seq_len=budget)[0]
-    text = " ".join(phi3.decode(sample["tokens"]).split())
+    sample, text = text_at(budget)
     assert budget - 12 <= len(sample["tokens"]) <= budget
     assert " ".join(parts.profile.split()[:5]) in text and " ".join(parts.profile.split()) not in text
-    assert TASK in text and " ".join(parts.item.split()) in text
+    assert TERSE_TASK in text and " ".join(parts.item.split()) in text
     assert phi3.decode([sample["tokens"][j] for j in trained_positions(sample)]).strip() == str(rating)
     with pytest.raises(ConfigError, match="task and item text alone"):
         persona_dataset(phi3, run_dir=str(run), max_seq_len=20)[0]

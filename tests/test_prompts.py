@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 
@@ -11,8 +13,11 @@ from persona_tune.prompts import (
     PROFILE_INTRO,
     ROLE_PLAY,
     TASK,
+    TERSE_TASK,
     PromptParts,
+    check_template,
     fit_to_length,
+    numbers_line,
     load_prompt_rows,
     render_messages,
     subsample_per_user,
@@ -50,23 +55,65 @@ def test_render_messages_layout():
     assert MEMORY_INTRO not in bare and bare.startswith(TASK)
 
 
-def test_fit_to_length_order_of_cuts():
-    full = words(PARTS)
-    assert fit_to_length(PARTS, words, None) is PARTS and fit_to_length(PARTS, words, full) is PARTS
-    one = fit_to_length(PARTS, words, full - 1)
-    assert one.memories == PARTS.memories[:1] and one.profile == PARTS.profile
-    no_memory = words(PromptParts(item=PARTS.item, profile=PARTS.profile, traits=PARTS.traits))
-    assert fit_to_length(PARTS, words, no_memory).profile == PARTS.profile
-    cut = fit_to_length(PARTS, words, no_memory - 5)
-    assert cut.memories == () and cut.traits == PARTS.traits
-    assert cut.profile == " ".join(PARTS.profile.split()[:-5]) and words(cut) == no_memory - 5
-    # Not even an empty profile fits beside the traits: the traits go and the profile grows back.
-    bare = words(PromptParts(item=PARTS.item))
-    no_traits = fit_to_length(PARTS, words, bare + 8)
-    assert no_traits.traits == "" and no_traits.profile and words(no_traits) <= bare + 8
-    assert no_traits.item == PARTS.item
+def test_fit_to_length_cuts_boilerplate_before_facts():
+    parts = replace(PARTS, trait_levels="activity high, conformity low, diversity medium", item_avg=3.9, user_offset=-0.4)
+    full = words(parts)
+    assert fit_to_length(parts, words, None) is parts and fit_to_length(parts, words, full) is parts
+    # First the boilerplate goes: preambles, the long task wording, the trait descriptions (levels stay).
+    terse = fit_to_length(parts, words, full - 1)
+    assert terse.terse and terse.memories == parts.memories and terse.profile == parts.profile
+    system, user = (m.text_content for m in render_messages(terse))
+    assert ROLE_PLAY not in system and parts.trait_levels in system and parts.traits not in system
+    assert MEMORY_INTRO not in user and TERSE_TASK in user and "crowd average 3.90" in user
+    # Then memories (last first), then the end of the profile; the numbers and the item always stay.
+    one = fit_to_length(parts, words, words(terse) - 1)
+    assert one.memories == parts.memories[:1] and one.profile == parts.profile
+    no_memory = words(replace(terse, memories=()))
+    cut = fit_to_length(parts, words, no_memory - 5)
+    assert cut.memories == () and cut.trait_levels == parts.trait_levels
+    assert cut.profile == " ".join(parts.profile.split()[:-5]) and words(cut) == no_memory - 5
+    assert numbers_line(cut) == numbers_line(parts) and cut.item == parts.item
+    # Not even an empty profile fits beside the trait levels: they go and the profile grows back.
+    bare = words(PromptParts(item=parts.item, item_avg=3.9, user_offset=-0.4, terse=True))
+    no_traits = fit_to_length(parts, words, bare + 4)
+    assert no_traits.trait_levels == "" and no_traits.traits == "" and no_traits.profile
+    assert words(no_traits) <= bare + 4
     with pytest.raises(ConfigError, match="task and item text alone"):
-        fit_to_length(PARTS, words, bare - 1)
+        fit_to_length(parts, words, bare - 1)
+
+
+def test_compact_template_keeps_every_fact_in_fewer_words():
+    paper = replace(PARTS, trait_levels="activity high, conformity low, diversity medium")
+    compact = replace(paper, template="compact", item_avg=3.9, user_offset=-0.4)
+    system, user = (m.text_content for m in render_messages(compact))
+    assert compact.profile in system and compact.trait_levels in system
+    assert all(item in user and explanation in user for item, explanation in compact.memories)
+    assert compact.item in user and user.endswith("NUMBERS: crowd average 3.90; you usually rate -0.40 vs the crowd.\n"
+                                                  "Rating (1-5):")
+    assert words(compact) < words(paper)
+    assert numbers_line(PARTS) is None and "NUMBERS" not in user_text(PARTS)
+    with pytest.raises(ConfigError, match="prompt_template"):
+        check_template("short")
+
+
+def test_load_prompt_rows_compact_with_numbers(tmp_path):
+    run = make_embedded_run(tmp_path, n_users=4, k=1, delta=0.0)
+    rows = load_prompt_rows(run, split="test", template="compact", state_numbers=True)
+    r = RunFolder(run)
+    items = r.read_table("items.parquet").set_index("item_id")
+    train = r.read_table("ratings_train.parquet")
+    offset = (train["rating"] - train["item_id"].map(items["hist_avg"])).groupby(train["user_id"]).mean()
+    for row in rows.itertuples():
+        assert row.parts.template == "compact" and row.parts.trait_levels.startswith("activity ")
+        hist = items.at[row.item_id, "hist_avg"]
+        assert row.parts.user_offset == pytest.approx(offset[row.user_id])
+        assert row.parts.item.startswith(str(items.at[row.item_id, "title"]).split(" (")[0])
+        if pd.isna(hist):  # an item nobody rated outside the test rows: nothing to state
+            assert row.parts.item_avg is None and "no ratings yet" in row.parts.item
+        else:
+            assert row.parts.item_avg == pytest.approx(hist) and f"average {hist:.2f}" in row.parts.item
+    plain = load_prompt_rows(run, split="test")
+    assert all(p.item_avg is None and p.user_offset is None and p.template == "paper" for p in plain.parts)
 
 
 def test_subsample_per_user_keeps_each_users_share():

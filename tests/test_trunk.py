@@ -1,0 +1,180 @@
+"""The frozen-trunk pieces (persona_tune.trunk): cache, trees, rating head, paired comparisons."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torchtune import config, training
+
+from persona_tune.datasets import FitToLength
+from persona_tune.errors import ConfigError
+from persona_tune.evaluation import predict
+from persona_tune.evaluation.metrics import paired_rmse_diff
+from persona_tune.evaluation.predict import answer_tokens, encode_prompt
+from persona_tune.prompts import load_prompt_rows
+from persona_tune.trunk import (
+    HeadedOutput,
+    RatingHead,
+    TrunkCache,
+    fit_head_closed_form,
+    make_trees,
+    rating_loss,
+    split_layer,
+    top_forward,
+    tree_batches,
+)
+from tests.fixtures_runs import make_persona_run
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def kit(tiny, tmp_path_factory):
+    """(model, tokenizer, prompts, user ids) of a tiny run's test rows, compact prompts with numbers."""
+    run = make_persona_run(tmp_path_factory.mktemp("trunk"), n_users=4, k=2)
+    cfg = OmegaConf.load("configs/tiny_trunk/persona_0.yaml")
+    cfg.model_dir = str(tiny / "model")
+    cfg.run_dir = str(run)
+    state = config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
+    torch.manual_seed(0)
+    model = config.instantiate(cfg.model)
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    tokenizer = config.instantiate(cfg.tokenizer)
+    answer, fit = answer_tokens(tokenizer), FitToLength(tokenizer, 2048)
+    rows = load_prompt_rows(run, split="test", template="compact", state_numbers=True).groupby("user_id").head(4)
+    prompts = [encode_prompt(fit, p, answer) for p in rows.parts]
+    return model, answer, prompts, rows["user_id"].tolist()
+
+
+def test_trees_give_the_full_models_logits(kit, tmp_path):
+    model, answer, prompts, users = kit
+    cache = TrunkCache(tmp_path, {"model": "tiny"}, "fp32")
+    split = split_layer(model, 1)
+    cache.build(model, split, prompts, users, progress=False)
+    steps = tree_batches(users, rows_per_tree=3, trees_per_step=2, seed=0, shuffle=False)
+    with torch.no_grad():
+        for step in steps:
+            trees = make_trees([cache.tree(users[t[0]], [prompts[i] for i in t]) for t in step])
+            logits, _ = top_forward(model, split, trees)
+            for k, r in enumerate(r for t in step for r in t):
+                full = model(torch.tensor([prompts[r]]))[0, -1]
+                torch.testing.assert_close(logits[k], full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_reuses_rows_recomputes_changed_ones_and_resumes(kit, tmp_path, monkeypatch):
+    model, answer, prompts, users = kit
+    split = split_layer(model, 1)
+    first = TrunkCache(tmp_path, {"model": "tiny"}, "fp32")
+    assert first.build(model, split, prompts, users, progress=False)["rows_computed"] == len(prompts)
+    assert first.size_bytes() > 0
+    again = TrunkCache(tmp_path, {"model": "tiny"}, "fp32")
+    assert again.build(model, split, prompts, users, progress=False)["rows_computed"] == 0
+    changed = [list(p) for p in prompts]
+    changed[0][-2] = (changed[0][-2] + 1) % 100  # another prompt for the same row: another row
+    assert again.missing(changed, users) == 1
+    assert again.build(model, split, changed, users, progress=False)["rows_computed"] >= 1
+    # Another model (or split layer, or storage dtype) is another folder: nothing is reused.
+    other = TrunkCache(tmp_path, {"model": "tiny", "weights": ["other"]}, "fp32")
+    assert other.dir != first.dir and other.missing(prompts, users) == len(prompts)
+    # A build stopped part-way keeps the users it finished and computes only the rest afterwards.
+    calls = {"n": 0}
+    real = predict.run_suffixes
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("persona_tune.trunk.run_suffixes", failing)
+    stopped = TrunkCache(tmp_path / "stopped", {"model": "tiny"}, "fp32")
+    with pytest.raises(KeyboardInterrupt):
+        stopped.build(model, split, prompts, users, progress=False)
+    monkeypatch.setattr("persona_tune.trunk.run_suffixes", real)
+    resumed = TrunkCache(tmp_path / "stopped", {"model": "tiny"}, "fp32")
+    left = resumed.missing(prompts, users)
+    assert 0 < left < len(prompts) and not list(resumed.dir.glob(".*.pt"))  # no half-written user file
+    assert resumed.build(model, split, prompts, users, progress=False)["rows_computed"] == left
+    for p, u in zip(prompts, users):
+        a, b = resumed.tree(u, [p]), first.tree(u, [p])
+        torch.testing.assert_close(torch.cat([a[0], a[1][0]]), torch.cat([b[0], b[1][0]]))
+    with pytest.raises(ConfigError, match="lacks rows"):
+        TrunkCache(tmp_path / "empty", {"model": "tiny"}).tree(users[0], [prompts[0]])
+
+
+def test_tree_batches_cover_every_row_once_per_user_tree():
+    users = [1] * 7 + [2] * 3 + [3] * 5
+    steps = tree_batches(users, rows_per_tree=3, trees_per_step=2, seed=0, epoch=1)
+    trees = [t for s in steps for t in s]
+    assert sorted(r for t in trees for r in t) == list(range(len(users)))
+    assert all(len({users[r] for r in t}) == 1 and len(t) <= 3 for t in trees)
+    assert all(len(s) <= 2 for s in steps)
+    assert steps == tree_batches(users, 3, 2, seed=0, epoch=1)
+    assert steps != tree_batches(users, 3, 2, seed=0, epoch=2)
+
+
+def test_closed_form_head_reproduces_the_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    n, dim = 600, 6
+    features = rng.normal(size=(n, dim)).astype(np.float32)
+    ratings = np.clip(np.round(3 + 1.2 * features[:, 0] + rng.normal(scale=0.5, size=n)), 1, 5).astype(int)
+    users = np.repeat(np.arange(30), n // 30)
+    output_weight = torch.randn(20, dim)
+    head = RatingHead(dim, [3, 4, 5, 6, 7])
+    base = np.zeros((n, 6))
+    base[:, :5] = features @ output_weight[3:8].numpy().T
+    base[:, 5] = 2.0  # log of the other tokens' mass
+    info = fit_head_closed_form(head, output_weight, features, ratings, base, users, l2_grid=(0.1,))
+    assert info["l2"] == 0.1 and info["validation_rmse"]
+    x = torch.from_numpy(features)
+    logits = torch.zeros(n, 20)
+    logits[:, 3:8] = x @ output_weight[3:8].T
+    with torch.no_grad():
+        out = head(x, logits)
+    probs = torch.softmax(out[:, 3:8].double(), dim=-1).numpy()
+    scaler = StandardScaler().fit(features)
+    reference = LogisticRegression(C=10.0, max_iter=300).fit(scaler.transform(features), ratings)
+    np.testing.assert_allclose(probs, reference.predict_proba(scaler.transform(features)), atol=1e-4)
+    mass = np.exp(np.logaddexp.reduce(out[:, 3:8].double().numpy(), axis=1))
+    mass /= mass + np.exp(2.0)
+    assert np.median(mass) == pytest.approx(0.9, abs=1e-3)
+
+
+def test_rating_loss_and_headed_output():
+    logits = torch.zeros(2, 8)
+    logits[0, 5] = 30.0  # the token of "3" for row 0
+    ids = torch.tensor([3, 4, 5, 6, 7])
+    ratings = torch.tensor([3, 5])
+    mse = rating_loss(logits, ratings, ids, "mse")
+    assert mse.item() == pytest.approx((0.0 + (5 - 3.0) ** 2) / 2, abs=1e-4)  # row 1: uniform, expected 3
+    ce = rating_loss(logits, ratings, ids, "ce")
+    both = rating_loss(logits, ratings, ids, "ce+mse")
+    assert both.item() == pytest.approx(ce.item() + mse.item())
+    head = RatingHead(4, ids.tolist())
+    with torch.no_grad():
+        head.bias.fill_(1.0)
+    wrapped = HeadedOutput(torch.nn.Linear(4, 8, bias=False), head)
+    h = torch.randn(2, 3, 4)
+    plain = wrapped.inner(h)
+    assert torch.allclose(wrapped(h)[..., ids], plain[..., ids] + 1.0) and torch.equal(wrapped(h)[..., :3], plain[..., :3])
+    wrapped.enabled = False
+    assert torch.equal(wrapped(h), plain)
+
+
+def test_paired_rmse_diff_by_hand():
+    df = pd.DataFrame({"user_id": [1, 1, 2, 2], "rating": [4, 2, 5, 3],
+                       "a": [4.0, 3.0, 5.0, 3.0], "b": [3.0, 3.0, 4.0, 4.0]})
+    out = paired_rmse_diff(df, "a", "b", n_boot=500, seed=0)
+    assert out["diff"] == pytest.approx(np.sqrt(1 / 4) - np.sqrt(4 / 4)) and out["n"] == 4
+    assert out["lo"] <= out["diff"] <= out["hi"] < 0
+    same = paired_rmse_diff(df, "a", "a", n_boot=200)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0
+    gap = paired_rmse_diff(df.assign(b=np.nan), "a", "b")
+    assert gap["n"] == 0 and np.isnan(gap["diff"])
