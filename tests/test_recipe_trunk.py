@@ -112,4 +112,4 @@ def test_grid_trunk_trains_with_tune_run_evaluates_and_invalidates(tiny, tmp_pat
     changed = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "prompt_template=paper")
     assert "train trunk-single_max-ms: trained" in changed.stdout
     summary = json.loads((adapter / "trunk_summary.json").read_text())
-    assert summary["cache"]["train"]["rows_computed"] == summary["train_rows"] > 0
+    assert summary["cache"]["train"]["rows_computed"] >= summary["train_rows"] > 0
