@@ -211,9 +211,12 @@ def _k_arg(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        return int(value)
+        k = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--k must be 'auto' or an integer, got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"--k must be >= 1, got {k}")
+    return k
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

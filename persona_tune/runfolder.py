@@ -13,13 +13,14 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from persona_tune import __version__
-from persona_tune.errors import StageMissingError
+from persona_tune.errors import ConfigError, StageMissingError
 
 FORMAT_VERSION = 1
 
@@ -51,6 +52,18 @@ PRODUCERS = {
     "memory/item_ids.parquet": "embed",
     "personas/assignments.parquet": "personas",
 }
+
+
+NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_name(name: str, what: str = "variant name") -> str:
+    """A name that becomes a file or folder name in the run folder: letters, digits, '_' and '-' only.
+
+    The one validator for every name a command takes, so no name can point outside the run folder."""
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ConfigError(f"invalid {what} {name!r}: use only letters, digits, '_' and '-'")
+    return name
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -210,6 +223,8 @@ class RunFolder:
 
     def require(self, *relpaths: str) -> None:
         """Raise StageMissingError naming the command to run when an input file is missing."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StageMissingError(f"{self.root} is a file, not a run folder")
         if not self.root.is_dir():
             raise StageMissingError(
                 f"run folder {self.root} does not exist: create it with `persona-tune prepare --out {self.root}`"
@@ -217,9 +232,31 @@ class RunFolder:
         for rel in relpaths:
             if not (self.root / rel).exists():
                 stage = PRODUCERS.get(rel, "the stage that writes it")
+                flag = "--out" if stage == "prepare" else "--run"
                 raise StageMissingError(
-                    f"{self.root / rel} is missing: run `persona-tune {stage} --run {self.root}` first"
+                    f"{self.root / rel} is missing: run `persona-tune {stage} {flag} {self.root}` first"
                 )
+
+    def require_folder(self) -> None:
+        """The run folder must be a folder written by `prepare` (its manifest records prepare)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StageMissingError(f"{self.root} is a file, not a run folder")
+        if not self.root.is_dir() or "prepare" not in self.read_manifest().get("stages", {}):
+            raise StageMissingError(
+                f"{self.root} is not a prepared run folder (its manifest.json records no `prepare`): "
+                f"run `persona-tune prepare --out {self.root}` first"
+            )
+
+    def checksums(self, *relpaths: str) -> dict[str, str]:
+        """sha256 of each of ``relpaths`` that exists: what a stage records of the inputs it read."""
+        return {rel: file_sha256(self.root / rel) for rel in relpaths if (self.root / rel).is_file()}
+
+    def changed_inputs(self, recorded: dict[str, str] | None, *relpaths: str) -> list[str]:
+        """Which of the ``recorded`` input checksums no longer match the files (added or removed too)."""
+        if recorded is None:
+            return []
+        now = self.checksums(*relpaths)
+        return sorted(rel for rel in set(recorded) | set(now) if recorded.get(rel) != now.get(rel))
 
     def read_table(self, relpath: str, columns: list[str] | None = None):
         import pandas as pd

@@ -25,9 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona_tune.configgen import check_variant_name
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
-from persona_tune.runfolder import RunFolder, atomic_write_json
+from persona_tune.runfolder import RunFolder, atomic_write_json, check_name
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def select_variants(run: RunFolder, spec: str) -> list[str]:
         for item in (s.strip() for s in spec.split(",")):
             if not item:
                 continue
-            name = f"persona_{item}" if item.isdigit() else check_variant_name(item)
+            name = f"persona_{item}" if item.isdigit() else check_name(item)
             if name not in names:
                 names.append(name)
     if not names:
