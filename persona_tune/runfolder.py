@@ -120,6 +120,28 @@ def atomic_write_parquet(df, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[int]:
+    """Hold an exclusive fcntl lock on ``path``; yield its file descriptor (pass it to child processes
+    with ``pass_fds`` and the lock lives as long as any of them). Without ``wait``, a held lock is a
+    ConfigError naming the holder's pid: ``what`` says what it is doing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"another process (pid {holder}) is {what} ({path} is locked); "
+                              "wait for it to finish or stop it, then re-run") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
