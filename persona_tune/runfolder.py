@@ -252,11 +252,17 @@ class RunFolder:
                 f"run folder {self.root} does not exist: create it with `persona-tune prepare --out {self.root}`"
             )
         for rel in relpaths:
+            stage = PRODUCERS.get(rel, "the stage that writes it")
+            flag = "--out" if stage == "prepare" else "--run"
             if not (self.root / rel).exists():
-                stage = PRODUCERS.get(rel, "the stage that writes it")
-                flag = "--out" if stage == "prepare" else "--run"
                 raise StageMissingError(
                     f"{self.root / rel} is missing: run `persona-tune {stage} {flag} {self.root}` first"
+                )
+            # The manifest decides what exists: data of a `prepare` that did not finish is not an output.
+            if stage == "prepare" and "prepare" not in self.read_manifest().get("stages", {}):
+                raise StageMissingError(
+                    f"{self.root / rel} is not recorded in {self.manifest_path} (`prepare` did not finish): "
+                    f"run `persona-tune prepare {flag} {self.root}` again"
                 )
 
     def require_folder(self) -> None:
