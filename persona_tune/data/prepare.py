@@ -147,14 +147,19 @@ def _check_not_overwriting_other_stages(run: RunFolder, proto: dict, inputs: dic
         )
 
 
+def _out_folder(out: str | Path) -> RunFolder:
+    run = RunFolder(out)
+    if run.root.exists() and not run.root.is_dir():
+        raise ConfigError(f"--out {run.root} is a file; give a folder for the run")
+    return run
+
+
 def prepare(log_: RatingLog, out: str | Path, protocol: Protocol = Protocol(), *, duplicates: str = "error",
             extra_inputs: dict[str, str] | None = None, item_noun: str = "movie",
             meta_params: dict | None = None, force: bool = False) -> RunFolder:
     """Apply ``protocol`` to ``log_`` and write the `prepare` files of the run folder ``out``."""
     protocol.check()
-    run = RunFolder(out)
-    if run.root.exists() and not run.root.is_dir():
-        raise ConfigError(f"--out {run.root} is a file; give a folder for the run")
+    run = _out_folder(out)
     proto = {"dataset": log_.dataset, **asdict(protocol), "tie_rule": TIE_RULE, "duplicates": duplicates,
              "items": ITEMS_RULE, "hist_avg": "all source ratings except the sampled users' test rows"}
     inputs = {**log_.inputs, **(extra_inputs or {})}
@@ -227,6 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.dataset != "generic" and (args.items_file or args.columns):
         raise ConfigError("--items-file and --columns apply to --dataset generic only")
+    _out_folder(args.out)  # before loading a large log
     log_ = load_ratings(args.dataset, args.data_dir, ratings_file=args.ratings_file, items_file=args.items_file,
                         columns=args.columns, duplicates=args.duplicates)
     extra, meta_params = {}, None

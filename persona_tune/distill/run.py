@@ -492,7 +492,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print("distill: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     if summary["users_failed"]:
-        print(f"distill: {summary['users_failed']} user(s) failed, see {Path(args.run) / 'distill' / 'failures.jsonl'}; "
-              "re-run to retry them (answered calls are not repeated)", file=sys.stderr)
+        failures = Path(args.run) / "distill" / "failures.jsonl"
+        first = json.loads(failures.read_text(encoding="utf-8").splitlines()[0])
+        print(f"distill: {summary['users_failed']} user(s) failed (first, user {first['user_id']}: {first['reason']}); "
+              f"all in {failures}; re-run to retry them (answered calls are not repeated)", file=sys.stderr)
         return 1
     return 0
