@@ -9,7 +9,7 @@ train_summary.json exists is skipped, so re-running resumes, unless the inputs i
 config, the persona assignments, the data and memories) have changed since: then it is retrained.
 Arguments after `--` are passed to every `tune run` as config overrides, checked against each
 config first, e.g. `-- optimizer.lr=1e-4 max_steps_per_epoch=10`. The `tune run` children die
-with this process, and RUN/adapters/.train.lock keeps a second `train` off the same run.
+with this process, and RUN/.train.lock keeps a second `train` off the same run.
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: 
 
     from tqdm import tqdm
 
-    with file_lock(run.adapters_dir / ".train.lock", f"training adapters in {run.adapters_dir}") as lock_fd, \
+    with file_lock(run.root / ".train.lock", f"training adapters in {run.adapters_dir}") as lock_fd, \
             concurrent.futures.ThreadPoolExecutor(max_workers=len(slots)) as pool, \
             tqdm(total=len(todo), desc="variants", unit="adapter", disable=not todo) as bar:
         futures = {pool.submit(job, v): v for v in todo}

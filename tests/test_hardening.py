@@ -211,7 +211,7 @@ class _FixedBody(BaseHTTPRequestHandler):
 def test_broken_server_answers_are_one_line(tmp_path, capsys, body, message):
     run = make_prepared_run(tmp_path, n_users=2)
     handler = type("H", (_FixedBody,), {"body": body})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = type("Quiet", (ThreadingHTTPServer,), {"handle_error": lambda *a: None})(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/v1"
@@ -292,7 +292,7 @@ def test_partial_distill_is_a_warning_downstream(tmp_path, caplog):
 def test_a_live_writer_is_detected(tmp_path, capsys):
     run_dir = with_personas(tmp_path)
     generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
-    with file_lock(RunFolder(run_dir).adapters_dir / ".train.lock", "training"):
+    with file_lock(RunFolder(run_dir).root / ".train.lock", "training"):
         assert cli.main(["train", "--run", str(run_dir), "--personas", "single_min"]) == 2
     assert f"another process (pid {os.getpid()}) is training adapters" in error_line(capsys)
 

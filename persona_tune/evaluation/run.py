@@ -8,9 +8,8 @@ A suffix ``-ms``, ``-msml`` or ``-ml`` (the grid's names, e.g. ``persona-ms``) s
 trained with that memory mode. The eval config is the family's ``<family>_persona/eval`` template
 with the run, the variant, the adapter folder and the training config's model, tokenizer and
 memory filled in; it is saved as RUN/eval/<variant>/eval_config.yaml and the recipe's output goes to
-eval.log beside it. A variant is skipped when its metrics.json is newer than an unchanged
-eval_config.yaml (runtime-only keys such as num_threads aside) and its adapters are the ones it was
-evaluated with (eval_inputs.json); inside the recipe, finished personas are skipped, so a stopped
+eval.log beside it. A variant is skipped when its last evaluation finished with the same
+config (runtime-only keys such as num_threads aside) and the same adapters (eval_inputs.json); inside the recipe, finished personas are skipped, so a stopped
 run resumes. Adapters trained on inputs that changed since are refused.
 Arguments after `--` are config overrides for every variant, e.g. `-- max_rows=50 batching.batch_size=8`.
 """
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.evaluation.predict import check_modes
 from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_text, check_name
@@ -102,7 +102,7 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
         cfg.adapter_dir = str(run.adapters_dir / (f"persona_{{persona}}{suffix}" if base == "persona" else variant))
         cfg.memory = train_cfg.memory
         _copy_model(cfg, train_cfg)
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    cfg = apply_overrides(cfg, list(overrides), eval_template(family))
     cfg.output_dir = str(run.eval_dir / variant)
     return cfg
 
@@ -177,8 +177,9 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
     metrics = out / "metrics.json"
     inputs = {"config": results_key(cfg), "adapters": adapters or {}}
     inputs_file = out / EVAL_INPUTS
+    # inputs_file is written only after the recipe succeeded (and removed before it starts).
     if (not force and inputs_file.is_file() and json.loads(inputs_file.read_text(encoding="utf-8")) == inputs
-            and metrics.is_file() and metrics.stat().st_mtime >= inputs_file.stat().st_mtime):
+            and metrics.is_file()):
         log.info("%s: results are current, skipped", variant)
         return "skipped"
     atomic_write_text(config_file, text)
