@@ -11,7 +11,6 @@ import errno
 import importlib
 import logging
 import math
-import os
 import sys
 
 from persona_tune.errors import PersonaTuneError
@@ -83,7 +82,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" unless the help text already says what the default is."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False):
+        if "default" in (action.help or "") or action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
 
@@ -128,12 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     # -v / --verbose may come before the command too.
-    leading = [a for a in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]]
-    if leading and set(leading) <= {"-v", "--verbose"}:
-        argv = argv[len(leading):] + ["--verbose"]
-        if not argv[:-1]:
+    if argv[0] in ("-v", "--verbose"):
+        if len(argv) == 1:
             print(_top_level_help())
             return 0
+        argv = [argv[1], "--verbose", *argv[2:]]  # right after the command: before any `--`
     command = argv[0]
     if command not in COMMANDS:
         print(f"persona-tune: unknown command {command!r}\n\n{_top_level_help()}", file=sys.stderr)

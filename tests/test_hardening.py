@@ -245,6 +245,8 @@ def test_os_errors_are_one_line_and_tracebacks_stay_under_verbose(tmp_path, monk
         cli.main(["-v", "synth", "--out", str(tmp_path / "run")])
     with pytest.raises(KeyError):
         cli.main(["synth", "-v", "--out", str(tmp_path / "run")])
+    parser, _ = cli.build_parser("train")
+    assert parser.parse_args(["--run", "R", "--verbose", "--", "epochs=1"]).overrides == ["epochs=1"]
 
 
 # ---------------------------------------------------------------- faults
