@@ -152,13 +152,17 @@ def bench_protocol_run(url: str, root: Path) -> dict:
     t0 = time.perf_counter()
     first = distill(folder, cfg)
     t1 = time.perf_counter()
-    resumed = distill(folder, cfg)
+    resumed = distill(folder, cfg)  # finished: skipped from the manifest
     t2 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "persona_tune.cli", "distill", "--run", str(run), "--backend", "openai",
                            "--base-url", url, "--model", "fake-model", "--no-progress"], cwd=REPO, capture_output=True, text=True)
     t3 = time.perf_counter()
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
+    (run / "distill" / "profiles.parquet").unlink()  # unfinished outputs: every answer replayed from the store
+    t4 = time.perf_counter()
+    replayed = distill(folder, cfg)
+    t5 = time.perf_counter()
     users = train["user_id"].nunique()
     per_user_rows = train.groupby("user_id").size()
     out = {
@@ -168,6 +172,7 @@ def bench_protocol_run(url: str, root: Path) -> dict:
         "first_run_s": round(t1 - t0, 2), "first_run_req_per_s": round(first["calls"] / (t1 - t0), 1),
         "resume_s_in_process": round(t2 - t1, 3), "resume_cached": resumed["cached"], "resume_calls": resumed["calls"],
         "resume_s_cli": round(t3 - t2, 3),
+        "replay_s_in_process": round(t5 - t4, 3), "replay_cached": replayed["cached"], "replay_calls": replayed["calls"],
         "estimate_prompt_tokens_per_user": round(estimate["prompt_tokens"] / users),
         "estimate_completion_tokens_per_user": round(estimate["completion_tokens"] / users),
         "fake_server_prompt_tokens_per_user": round(first["prompt_tokens"] / users),

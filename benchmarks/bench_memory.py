@@ -187,6 +187,7 @@ def main() -> None:
                    choices=["build", "retrieval", "kmeans", "none"], help="sections to run ('none': only --scores)")
     p.add_argument("--scores", type=Path, nargs="*", default=[],
                    help="embedded runs whose top-1 score distribution to report (for choosing delta)")
+    p.add_argument("--kmeans-n", type=int, default=100_000, help="points clustered by the kmeans section")
     p.add_argument("--json", type=Path, help="write the results here too")
     args = p.parse_args()
 
@@ -206,7 +207,7 @@ def main() -> None:
         for run in args.scores:
             results[f"scores {run}"] = score_distribution(run)
         if "kmeans" in args.only:
-            results["kmeans"] = bench_kmeans()
+            results["kmeans"] = bench_kmeans(n=args.kmeans_n)
         results["load_average_at_end"] = os.getloadavg()
     text = json.dumps(results, indent=2)
     print(text)

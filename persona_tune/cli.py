@@ -7,8 +7,10 @@ first paragraph is the subcommand's description in ``--help``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import math
 import sys
 
 from persona_tune.errors import PersonaTuneError
@@ -49,6 +51,43 @@ def _top_level_help() -> str:
     return "\n".join(lines)
 
 
+# Every numeric option must be a finite number >= 0; these must be >= 1 (counts, sizes, limits) or
+# > 0 (durations, scales), and these may be negative.
+AT_LEAST_ONE = {
+    "n_users", "n_items", "median_ratings", "min_ratings", "max_ratings", "epochs", "eval_rows", "max_steps",
+    "batch_size", "concurrency", "max_attempts", "max_profile_words", "max_tokens", "max_words", "users",
+    "n_boot", "k", "lora_rank", "n_init", "top_words", "nproc", "mf_epochs", "mf_rank", "k_max",
+}
+POSITIVE = {"timeout", "lora_alpha", "backoff_max", "train_frac", "mf_lr"}
+SIGNED = {"delta"}
+
+
+def _ranged(convert, dest: str):
+    """``convert`` (int or float), then the range check for the option ``dest``."""
+    def parse(text: str):
+        value = convert(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if dest in SIGNED:
+            return value
+        low, strict = (1, False) if dest in AT_LEAST_ONE else (0, dest in POSITIVE)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" unless the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
     module_name, help_ = COMMANDS[command]
     module = importlib.import_module(module_name)
@@ -56,11 +95,26 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
     parser = argparse.ArgumentParser(
         prog=f"persona-tune {command}",
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show tracebacks")
     module.add_arguments(parser)
+    for action in parser._actions:
+        if action.type in (int, float):
+            action.type = _ranged(action.type, action.dest)
     return parser, module
+
+
+def _os_error_line(e: OSError) -> str:
+    """An OSError as one line naming the file, with what to do for the common causes."""
+    where = f"{e.filename}: " if e.filename else ""
+    hint = {
+        errno.ENOSPC: "the disk is full; free space and re-run (finished work is kept)",
+        errno.EROFS: "the file system is read-only; use a writable run folder",
+        errno.EACCES: "permission denied; check the folder's permissions",
+        errno.EDQUOT: "the disk quota is exceeded; free space and re-run",
+    }.get(e.errno, e.strerror or str(e))
+    return f"{where}{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +127,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    # -v / --verbose may come before the command too.
+    if argv[0] in ("-v", "--verbose"):
+        if len(argv) == 1:
+            print(_top_level_help())
+            return 0
+        argv = [argv[1], "--verbose", *argv[2:]]  # right after the command: before any `--`
     command = argv[0]
     if command not in COMMANDS:
         print(f"persona-tune: unknown command {command!r}\n\n{_top_level_help()}", file=sys.stderr)
         return 2
+    from persona_tune.noise import silence_known_noise
+
+    silence_known_noise()
     parser, module = build_parser(command)
     args = parser.parse_args(argv[1:])
     logging.basicConfig(
@@ -84,14 +147,26 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    prefix = f"persona-tune {command}: error:"
     try:
         return int(module.main(args) or 0)
     except PersonaTuneError as e:
-        print(f"persona-tune {command}: error: {e}", file=sys.stderr)
+        print(f"{prefix} {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"persona-tune {command}: interrupted; completed work is saved, re-run to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, read-only folder, permissions: the file and the cause
+        if args.verbose:
+            raise
+        print(f"{prefix} {_os_error_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: one line here, the traceback under -v
+        if args.verbose:
+            raise
+        print(f"{prefix} unexpected {type(e).__name__}: {e} (re-run with -v for the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,21 +17,14 @@ import re
 from pathlib import Path
 
 from persona_tune.errors import ConfigError, DataError
-from persona_tune.runfolder import RunFolder, atomic_write_text
+from persona_tune.runfolder import RunFolder, atomic_write_text, check_name
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("phi3", "smollm2", "tiny")
 MEMORY_MODES = ("ms+ml", "ms", "ml")
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 ASSIGNMENTS = "personas/assignments.parquet"
-
-
-def check_variant_name(name: str) -> str:
-    """A variant name becomes a file and folder name: letters, digits, '_' and '-' only."""
-    if not isinstance(name, str) or not VARIANT_NAME.match(name):
-        raise ConfigError(f"invalid variant name {name!r}: use only letters, digits, '_' and '-'")
-    return name
+CONFIG_INPUTS = ("ratings_train.parquet", ASSIGNMENTS)  # what the generated configs depend on
 
 
 def template_dir(family: str, kind: str = "persona") -> Path:
@@ -91,22 +84,88 @@ def plan_variants(sizes) -> dict[str, dict]:
     variants["single_min"] = {"persona": None, "subsample": smallest, "n_train_rows": smallest}
     variants["single_max"] = {"persona": None, "subsample": largest, "n_train_rows": largest}
     for name in variants:
-        check_variant_name(name)
+        check_name(name)
     return variants
 
 
-def parse_overrides(overrides: list[str]):
-    """`key=value` strings (YAML values, dotted keys) as an OmegaConf dotlist config."""
+# Keys `configs` and `train` fill in from the run folder's file contract: never overridden.
+FIXED_KEYS = ("run_dir", "persona", "subsample", "memory", "output_dir")
+# Training keys that must be whole numbers >= 1 (a wrong value otherwise fails only after the model loads).
+POSITIVE_INT_KEYS = ("epochs", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch")
+
+
+def parse_overrides(overrides: list[str]) -> list[str]:
+    """Check the syntax of torchtune's ``key=value`` / ``~key`` overrides before anything is written."""
+    for item in overrides:
+        key, sep, _ = (item[1:], "=", "") if item.startswith("~") else item.partition("=")
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", key):
+            raise ConfigError(f"invalid override {item!r}: expected key=value (or ~key), e.g. optimizer.lr=1e-4")
+    return list(overrides)
+
+
+def _leaf_keys(cfg, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        value = cfg._get_node(key)
+        if isinstance(value, DictConfig) and not value._is_none():
+            keys += _leaf_keys(value, f"{path}.")
+    return keys
+
+
+def apply_overrides(cfg, overrides: list[str], source) -> "DictConfig":  # noqa: F821
+    """``cfg`` with the ``key=value`` / ``~key`` overrides applied (torchtune's syntax), checked first:
+    the key must exist in ``cfg`` (else the error names the closest one), must not be a FIXED_KEY,
+    and the value must have the type of the value it replaces. ``source`` names the config in errors."""
+    import difflib
+
     from omegaconf import OmegaConf
 
-    for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", key):
-            raise ConfigError(f"invalid override {item!r}: expected key=value, e.g. optimizer.lr=1e-4")
-    return OmegaConf.from_dotlist(list(overrides))
+    cfg = cfg.copy()
+    known = _leaf_keys(cfg)
+    for item in parse_overrides(overrides):
+        delete = item.startswith("~")
+        key, _, text = (item[1:], "", "") if delete else item.partition("=")
+        if key in FIXED_KEYS:
+            raise ConfigError(f"{key} is fixed by the run folder (RUN/adapters/<variant>); it cannot be overridden")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r} in {item!r} (not in {source}){hint}")
+        if delete:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            node.pop(leaf)
+            known = _leaf_keys(cfg)
+            continue
+        value = OmegaConf.from_dotlist([item]) if text else OmegaConf.create()
+        new = OmegaConf.select(value, key, default=None)
+        old = OmegaConf.select(cfg, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
+        if _type_mismatch(old, new) or (key.rpartition(".")[2] in POSITIVE_INT_KEYS and new is not None
+                                        and not (type(new) is int and new >= 1)):
+            want = "a whole number >= 1" if key.rpartition(".")[2] in POSITIVE_INT_KEYS else type(old).__name__
+            raise ConfigError(f"{key} must be {want}, got {text!r} (in {item!r})")
+        cfg = OmegaConf.merge(cfg, value)
+    return cfg
 
 
-def render_config(template: Path, settings: dict, overrides) -> str:
+def _type_mismatch(old, new) -> bool:
+    """A value must keep its type: a number stays a number (an int may replace a float), a bool a bool."""
+    if old is None or new is None or isinstance(old, str) and not isinstance(new, (bool,)):
+        return False
+    if isinstance(old, bool) or isinstance(new, bool):
+        return type(old) is not type(new)
+    if isinstance(old, float):
+        return not isinstance(new, (int, float))
+    if isinstance(old, int):
+        return type(new) is not int
+    return False
+
+
+def render_config(template: Path, settings: dict, overrides: list[str]) -> str:
     """The template with ``settings`` (top-level keys) and then ``overrides`` applied, as YAML text."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -114,7 +173,7 @@ def render_config(template: Path, settings: dict, overrides) -> str:
     cfg = OmegaConf.load(template)
     for key, value in settings.items():
         cfg[key] = value
-    cfg = OmegaConf.merge(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides, f"the template {template}")
     try:  # every interpolation must resolve, or the recipe would fail later
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
@@ -135,13 +194,30 @@ def generate_configs(
     if memory not in MEMORY_MODES:
         raise ConfigError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
     templates = template_dir(family)
-    parsed = parse_overrides(list(overrides))
+    parse_overrides(list(overrides))
     variants = plan_variants(persona_sizes(run))
+    params = {"family": family, "memory": memory, "overrides": list(overrides)}
+    inputs = run.checksums(*CONFIG_INPUTS)
 
     targets = {name: run.configs_dir / f"{name}.yaml" for name in variants}
+    record = run.stage_record("configs") or {}
+    if (record.get("params", {}).get("overrides") == params["overrides"]
+            and {k: record["params"].get(k) for k in ("family", "memory")} == {"family": family, "memory": memory}
+            and record.get("inputs") == inputs and set(record.get("variants", {})) == set(variants)
+            and all(p.is_file() for p in targets.values())):
+        log.info("configs in %s are current (same options and inputs): skipped", run.configs_dir)
+        return targets
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not force:
-        raise ConfigError(f"{len(existing)} config(s) exist, e.g. {existing[0]}; pass --force to overwrite")
+        changed = run.changed_inputs(record.get("inputs"), *CONFIG_INPUTS) if record else []
+        why = (f"written from other inputs ({', '.join(changed)} changed)" if changed
+               else "written with other options" if record else "not recorded in the manifest")
+        raise ConfigError(f"{len(existing)} config(s) in {run.configs_dir} were {why}, e.g. {existing[0]}; "
+                          "pass --force to rewrite them")
+    # Variants an earlier run generated that this plan has not (e.g. persona_2 after fewer personas).
+    for stale in sorted(set(record.get("variants", {})) - set(variants)):
+        (run.configs_dir / f"{check_name(stale)}.yaml").unlink(missing_ok=True)
+        log.warning("removed %s: no longer one of the generated variants", run.configs_dir / f"{stale}.yaml")
 
     for name, spec in variants.items():
         template = templates / f"{name}.yaml"
@@ -160,12 +236,13 @@ def generate_configs(
             f"# Run: tune run lora_finetune_single_device --config {targets[name]}\n"
             f"#  or: tune run --nproc_per_node 2 lora_finetune_distributed --config {targets[name]}\n"
         )
-        atomic_write_text(targets[name], header + render_config(template, settings, parsed))
+        atomic_write_text(targets[name], header + render_config(template, settings, list(overrides)))
         log.info("wrote %s", targets[name])
 
     run.record_stage(
         "configs",
-        {"family": family, "memory": memory, "overrides": list(overrides), "force": force},
+        {**params, "force": force},
+        inputs=inputs,
         variants={name: {**spec, "config": f"configs/{name}.yaml"} for name, spec in variants.items()},
     )
     return targets

@@ -25,6 +25,8 @@ from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, at
 
 log = logging.getLogger(__name__)
 
+INPUTS = ("ratings_train.parquet", "ratings_test.parquet", "distill/profiles.parquet",
+          "memory/profile_vectors.npy", "memory/profile_ids.parquet", "memory/embeddings.json")
 ELBOW_RULE = "kneedle: max distance below the chord from K=1 to K=k_max, on K and inertia scaled to [0, 1]"
 
 
@@ -138,7 +140,18 @@ def run_personas(
     """The `personas` stage. Returns summary.json's content."""
     run = RunFolder(run_dir)
     run.require("ratings_train.parquet", "ratings_test.parquet", "distill/profiles.parquet")
+    params = {"k": k, "k_max": k_max, "seed": seed, "n_init": n_init, "top_words": top_words}
+    inputs = run.checksums(*INPUTS)
+    record = run.stage_record("personas") or {}
+    out = run.personas_dir
+    if record.get("params") == params and record.get("inputs") == inputs and (out / "summary.json").is_file() \
+            and (out / "assignments.parquet").is_file():
+        log.info("personas are finished with the same options and inputs: skipped (nothing written)")
+        return json.loads((out / "summary.json").read_text(encoding="utf-8"))
     user_ids, vectors = load_profile_vectors(run)
+    from persona_tune.memory.stage import warn_missing_users
+
+    warn_missing_users(run, "memory/profile_ids.parquet", "distill", "they get no persona")
     n = len(user_ids)
     if n == 0:
         raise ConfigError(f"{run.path('memory/profile_vectors.npy')} holds no profiles: nothing to cluster")
@@ -199,7 +212,8 @@ def run_personas(
     atomic_write_text(out / "summary.md", _summary_markdown(summary))
     run.record_stage(
         "personas",
-        {"k": k, "k_max": k_max, "seed": seed, "n_init": n_init},
+        params,
+        inputs=inputs,
         chosen_k=chosen,
         sizes=[p["size"] for p in summary["personas"]],
     )
@@ -211,9 +225,12 @@ def _k_arg(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        return int(value)
+        k = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--k must be 'auto' or an integer, got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"--k must be >= 1, got {k}")
+    return k
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,13 +13,14 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from persona_tune import __version__
-from persona_tune.errors import StageMissingError
+from persona_tune.errors import ConfigError, StageMissingError
 
 FORMAT_VERSION = 1
 
@@ -55,6 +56,18 @@ ASSIGNMENTS = "personas/assignments.parquet"
 PROFILES = "distill/profiles.parquet"
 MEMORIES = "distill/memories.parquet"
 EMBEDDINGS_META = "memory/embeddings.json"
+
+
+NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_name(name: str, what: str = "variant name") -> str:
+    """A name that becomes a file or folder name in the run folder: letters, digits, '_' and '-' only.
+
+    The one validator for every name a command takes, so no name can point outside the run folder."""
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ConfigError(f"invalid {what} {name!r}: use only letters, digits, '_' and '-'")
+    return name
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -109,6 +122,28 @@ def atomic_write_parquet(df, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return Path(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[int]:
+    """Hold an exclusive fcntl lock on ``path``; yield its file descriptor (pass it to child processes
+    with ``pass_fds`` and the lock lives as long as any of them). Without ``wait``, a held lock is a
+    ConfigError naming the holder's pid: ``what`` says what it is doing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"another process (pid {holder}) is {what} ({path} is locked); "
+                              "wait for it to finish or stop it, then re-run") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -222,16 +257,46 @@ class RunFolder:
 
     def require(self, *relpaths: str) -> None:
         """Raise StageMissingError naming the command to run when an input file is missing."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StageMissingError(f"{self.root} is a file, not a run folder")
         if not self.root.is_dir():
             raise StageMissingError(
                 f"run folder {self.root} does not exist: create it with `persona-tune prepare --out {self.root}`"
             )
         for rel in relpaths:
+            stage = PRODUCERS.get(rel, "the stage that writes it")
+            flag = "--out" if stage == "prepare" else "--run"
             if not (self.root / rel).exists():
-                stage = PRODUCERS.get(rel, "the stage that writes it")
                 raise StageMissingError(
-                    f"{self.root / rel} is missing: run `persona-tune {stage} --run {self.root}` first"
+                    f"{self.root / rel} is missing: run `persona-tune {stage} {flag} {self.root}` first"
                 )
+            # The manifest decides what exists: data of a `prepare` that did not finish is not an output.
+            if stage == "prepare" and "prepare" not in self.read_manifest().get("stages", {}):
+                raise StageMissingError(
+                    f"{self.root / rel} is not recorded in {self.manifest_path} (`prepare` did not finish): "
+                    f"run `persona-tune prepare {flag} {self.root}` again"
+                )
+
+    def require_folder(self) -> None:
+        """The run folder must be a folder written by `prepare` (its manifest records prepare)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StageMissingError(f"{self.root} is a file, not a run folder")
+        if not self.root.is_dir() or "prepare" not in self.read_manifest().get("stages", {}):
+            raise StageMissingError(
+                f"{self.root} is not a prepared run folder (its manifest.json records no `prepare`): "
+                f"run `persona-tune prepare --out {self.root}` first"
+            )
+
+    def checksums(self, *relpaths: str) -> dict[str, str]:
+        """sha256 of each of ``relpaths`` that exists: what a stage records of the inputs it read."""
+        return {rel: file_sha256(self.root / rel) for rel in relpaths if (self.root / rel).is_file()}
+
+    def changed_inputs(self, recorded: dict[str, str] | None, *relpaths: str) -> list[str]:
+        """Which of the ``recorded`` input checksums no longer match the files (added or removed too)."""
+        if recorded is None:
+            return []
+        now = self.checksums(*relpaths)
+        return sorted(rel for rel in set(recorded) | set(now) if recorded.get(rel) != now.get(rel))
 
     def read_table(self, relpath: str, columns: list[str] | None = None):
         import pandas as pd

@@ -5,19 +5,24 @@ RUN/configs/) runs `tune run lora_finetune_single_device --config RUN/configs/<v
 `--nproc N` `tune run --nproc_per_node N lora_finetune_distributed ...`, one after another, or with
 `--parallel` several at once over the available GPUs (on a CPU-only machine: over the cores).
 torchtune writes to RUN/adapters/<variant>/; its output goes to train.log there. A variant whose
-train_summary.json exists is skipped, so re-running resumes. Arguments after `--` are passed to
-every `tune run` as config overrides, e.g. `-- optimizer.lr=1e-4 max_steps_per_epoch=10`.
+train_summary.json exists is skipped, so re-running resumes, unless the inputs it records (its
+config, the persona assignments, the data and memories) have changed since: then it is retrained.
+Arguments after `--` are passed to every `tune run` as config overrides, checked against each
+config first, e.g. `-- optimizer.lr=1e-4 max_steps_per_epoch=10`. The `tune run` children die
+with this process, and RUN/.train.lock keeps a second `train` off the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import ctypes
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -25,9 +30,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona_tune.configgen import check_variant_name
+from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
-from persona_tune.runfolder import RunFolder, atomic_write_json
+from persona_tune.runfolder import RunFolder, atomic_write_json, check_name, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,9 @@ SUMMARY = "train_summary.json"
 TRAIN_LOG = "train.log"
 _STEP_LINE = re.compile(r"^Step (\d+) \| (.*)$")
 _CONTRACT_KEYS = ("output_dir",)  # set by `train` itself: the run folder's file contract
+# What a trained adapter depends on besides its config; recorded in train_summary.json.
+TRAIN_INPUTS = ("ratings_train.parquet", "items.parquet", "personas/assignments.parquet",
+                "distill/profiles.parquet", "distill/memories.parquet", "memory/retrieved.parquet")
 
 
 @dataclass
@@ -69,7 +77,7 @@ def select_variants(run: RunFolder, spec: str) -> list[str]:
         for item in (s.strip() for s in spec.split(",")):
             if not item:
                 continue
-            name = f"persona_{item}" if item.isdigit() else check_variant_name(item)
+            name = f"persona_{item}" if item.isdigit() else check_name(item)
             if name not in names:
                 names.append(name)
     if not names:
@@ -96,6 +104,54 @@ def check_overrides(overrides: list[str]) -> list[str]:
         if key in _CONTRACT_KEYS:
             raise ConfigError(f"{key} is fixed by the run folder (RUN/adapters/<variant>); it cannot be overridden")
     return overrides
+
+
+def variant_inputs(run: RunFolder, variant: str, shared: dict[str, str] | None = None) -> dict[str, str]:
+    """Checksums of what variant's adapter is trained from (``shared``: TRAIN_INPUTS', computed once)."""
+    shared = run.checksums(*TRAIN_INPUTS) if shared is None else shared
+    return {**shared, **run.checksums(f"configs/{variant}.yaml")}
+
+
+def stale_inputs(run: RunFolder, variant: str, shared: dict[str, str] | None = None) -> list[str]:
+    """The inputs that changed since variant's adapter was trained ([] when current or not trained)."""
+    summary_file = run.adapters_dir / variant / SUMMARY
+    if not summary_file.is_file():
+        return []
+    recorded = json.loads(summary_file.read_text(encoding="utf-8")).get("inputs")
+    if recorded is None:  # trained before inputs were recorded: cannot tell
+        return []
+    now = variant_inputs(run, variant, shared)
+    return sorted(rel for rel in set(recorded) | set(now) if recorded.get(rel) != now.get(rel))
+
+
+# The commands that write each family's base model, for a missing checkpoint_dir.
+MODEL_HINTS = {
+    "tiny": "write it with `persona-tune tiny-model {parent}`",
+    "smollm2": "write it with `persona-tune smollm2`",
+}
+
+
+def check_variant_config(run: RunFolder, variant: str, overrides: list[str]) -> None:
+    """Fail before `tune run` starts: overrides must fit the config and the base model must exist."""
+    from omegaconf import OmegaConf
+
+    path = run.configs_dir / f"{variant}.yaml"
+    cfg = apply_overrides(OmegaConf.load(path), overrides, path)
+    model_dir = OmegaConf.select(cfg, "checkpointer.checkpoint_dir", default=None, throw_on_resolution_failure=False)
+    if model_dir and not Path(model_dir).is_dir():
+        component = str(OmegaConf.select(cfg, "model._component_", default="", throw_on_resolution_failure=False))
+        family = next((f for f in MODEL_HINTS if f in component), None)
+        hint = MODEL_HINTS[family].format(parent=Path(model_dir).parent) if family else "download or convert it there"
+        raise StageMissingError(f"{path}: the base model folder {model_dir} does not exist; {hint}")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies, even by kill -9 (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the process group is still killed on normal exits
+        pass
 
 
 def tune_executable() -> str:
@@ -219,11 +275,11 @@ def _stream(proc: subprocess.Popen, log_file: Path, echo: bool) -> None:
 
 
 def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrides: list[str],
-                  env: dict | None = None, echo: bool = False) -> VariantResult:
+                  env: dict | None = None, echo: bool = False, lock_fd: int | None = None,
+                  inputs: dict[str, str] | None = None) -> VariantResult:
     """Run one variant's `tune run`, parse its metrics, export PEFT, write train_summary.json."""
     output_dir = run.adapters_dir / variant
-    if (output_dir / SUMMARY).is_file():
-        return VariantResult(variant, "skipped")
+    inputs = variant_inputs(run, variant) if inputs is None else inputs
     if output_dir.exists() and recipe not in RESUMING_RECIPES:  # an unfinished attempt: start afresh
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -232,9 +288,16 @@ def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrid
     with open(log_file, "a", encoding="utf-8") as f:
         f.write("$ " + " ".join(command) + "\n")
     start = time.time()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=run.root)
-    _stream(proc, log_file, echo)
-    code = proc.wait()
+    # The child keeps the lock's descriptor, so a re-run sees a live writer even if this process is gone.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=run.root,
+                            preexec_fn=_die_with_parent, pass_fds=() if lock_fd is None else (lock_fd,))
+    try:
+        _stream(proc, log_file, echo)
+        code = proc.wait()
+    except BaseException:  # Ctrl-C or an error here: do not leave the child training
+        proc.terminate()
+        proc.wait()
+        raise
     seconds = time.time() - start
     if code != 0:
         tail = log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
@@ -243,9 +306,13 @@ def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrid
     adapter = final_adapter(output_dir)
     metrics_file = metrics_log(output_dir, since=start - 1)
     if adapter is None or metrics_file is None:
-        return VariantResult(variant, "failed", seconds, error=f"`tune run` wrote no adapter or metrics under {output_dir}")
+        tail = log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
+        return VariantResult(variant, "failed", seconds, error=f"`tune run` exited 0 but wrote no adapter or metrics "
+                             f"under {output_dir} (did it train any step? check epochs and max_steps_per_epoch); "
+                             f"last lines of {log_file}:\n" + "\n".join(tail))
     peft_dir = export_variant_peft(output_dir, adapter)
     summary = summarize(variant, output_dir, read_metrics(metrics_file), seconds, command, adapter, peft_dir)
+    summary["inputs"] = inputs
     atomic_write_json(output_dir / SUMMARY, summary)
     return VariantResult(variant, "trained", seconds, summary)
 
@@ -279,18 +346,32 @@ def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: 
     recipe = recipe or (DISTRIBUTED_RECIPE if nproc > 1 else SINGLE_DEVICE_RECIPE)
     overrides = check_overrides(list(overrides))
     variants = select_variants(run, personas)
-    todo = [v for v in variants if not (run.adapters_dir / v / SUMMARY).is_file()]
+    shared = run.checksums(*TRAIN_INPUTS)
+    todo = []
+    for v in variants:
+        if not (run.adapters_dir / v / SUMMARY).is_file():
+            todo.append(v)
+        elif changed := stale_inputs(run, v, shared):
+            log.warning("%s was trained on other inputs (%s changed): retraining it", v, ", ".join(changed))
+            todo.append(v)
     results = {v: VariantResult(v, "skipped") for v in variants if v not in todo}
+    if not todo:  # all current: touch nothing, the manifest included
+        return [results[v] for v in variants]
+    for v in todo:
+        check_variant_config(run, v, overrides)
     slots = device_slots(nproc, parallel, len(todo))
     free = list(range(len(slots)))
     lock = threading.Condition()
 
+    # A child's PR_SET_PDEATHSIG fires when the pool thread that started it ends, which is only after
+    # every job has finished.
     def job(variant: str) -> VariantResult:
         with lock:
             lock.wait_for(lambda: free)
             slot = free.pop()
         try:
-            return train_variant(run, variant, recipe, nproc, overrides, slots[slot], echo and len(slots) == 1)
+            return train_variant(run, variant, recipe, nproc, overrides, slots[slot], echo and len(slots) == 1,
+                                 lock_fd, variant_inputs(run, variant, shared))
         except PersonaTuneError as e:  # e.g. the PEFT export refused the adapter: the others still run
             return VariantResult(variant, "failed", error=str(e))
         finally:
@@ -300,7 +381,8 @@ def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: 
 
     from tqdm import tqdm
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(slots)) as pool, \
+    with file_lock(run.root / ".train.lock", f"training adapters in {run.adapters_dir}") as lock_fd, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=len(slots)) as pool, \
             tqdm(total=len(todo), desc="variants", unit="adapter", disable=not todo) as bar:
         futures = {pool.submit(job, v): v for v in todo}
         for future in concurrent.futures.as_completed(futures):

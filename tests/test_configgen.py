@@ -11,7 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from persona_tune import cli
-from persona_tune.configgen import FAMILIES, check_variant_name, generate_configs
+from persona_tune.configgen import FAMILIES, generate_configs
+from persona_tune.runfolder import check_name
 from persona_tune.errors import ConfigError, DataError, StageMissingError
 from persona_tune.runfolder import RunFolder, atomic_write_parquet
 from tests.fixtures_runs import make_prepared_run
@@ -137,10 +138,10 @@ def test_bad_persona_ids_name_the_file(tmp_path, bad):
 
 def test_variant_names_are_checked():
     for good in ("persona_3", "single-min", "Prompted2"):
-        assert check_variant_name(good) == good
+        assert check_name(good) == good
     for bad in ("../x", "a/b", "", "persona 1", "x.yaml"):
         with pytest.raises(ConfigError):
-            check_variant_name(bad)
+            check_name(bad)
 
 
 def test_missing_personas_stage(tmp_path):

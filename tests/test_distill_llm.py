@@ -146,7 +146,10 @@ def test_thirty_percent_faults_still_complete_with_bounded_retries(run):
         assert summary["rejected_generations"] == stats["outcomes"]["malformed"] + stats["outcomes"]["overlong"] + stats["outcomes"]["empty"]
         assert stats["answered"] == summary["calls"] == steps + summary["rejected_generations"]
         assert stats["requests"] < 2 * steps
-        # A second run answers everything from the store: no request reaches the server.
+        # A second run of the finished stage is skipped; without its outputs it answers everything from
+        # the store. Either way no request reaches the server.
+        assert distill(RunFolder(run), cfg)["skipped"] is True
+        (run / "distill" / "profiles.parquet").unlink()
         again = distill(RunFolder(run), cfg)
         assert again["calls"] == 0 and again["cached"] == summary["calls"] and server.stats()["requests"] == stats["requests"]
 

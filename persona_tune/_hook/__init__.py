@@ -10,6 +10,8 @@ modules and runs a callback right after each has executed:
   ``configs/<family>/<name>.yaml`` to the LoRA fine-tuning recipes (``eval*.yaml`` go to our
   ``persona_eval`` recipe instead, ``configs/*_trunk/`` to ``lora_frozen_trunk``), and a ``Recipe`` for every ``recipes/*.py``. torchtune joins
   ``file_path`` under its own folder; pathlib keeps an absolute path as it is.
+* ``torch``: in a torchtune recipe process, silence known-harmless third-party messages
+  (:mod:`persona_tune.noise`), before torchao can print them.
 * ``torch.distributed``: in a torchtune recipe process on a machine without NCCL, apply the CPU
   patches of :mod:`persona_tune.cpu_distributed`.
 
@@ -93,6 +95,15 @@ def register(registry) -> None:
                 recipe.configs.append(registry.Config(name=name, file_path=str(path)))
 
 
+def _on_torch(module) -> None:
+    from persona_tune import cpu_distributed
+
+    if cpu_distributed.is_recipe_process():  # before torchtune imports torchao, which imports torch first
+        from persona_tune.noise import silence_known_noise
+
+        silence_known_noise()
+
+
 def _on_torch_distributed(module) -> None:
     from persona_tune import cpu_distributed
 
@@ -156,7 +167,7 @@ def install() -> PostImportFinder | None:
     for finder in sys.meta_path:
         if isinstance(finder, PostImportFinder):
             return finder
-    hooks = {"torchtune._recipe_registry": register, "torch.distributed": _on_torch_distributed}
+    hooks = {"torchtune._recipe_registry": register, "torch": _on_torch, "torch.distributed": _on_torch_distributed}
     # A module imported before the hook (e.g. via PYTHONSTARTUP) is handled right away.
     for name in [n for n in hooks if n in sys.modules]:
         hooks.pop(name)(sys.modules[name])

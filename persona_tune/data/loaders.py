@@ -60,7 +60,8 @@ class RatingLog:
 
 
 def read_text(path: str | Path) -> str:
-    """Read a text file as UTF-8, falling back to latin-1 (the MovieLens files are latin-1).
+    """Read a text file as UTF-8; a line that is not UTF-8 is read as latin-1 (the MovieLens files are
+    latin-1), line by line, so one latin-1 line does not garble the UTF-8 ones (a warning names it).
 
     Rejects missing, empty, UTF-16 and binary files with a DataError; normalises CRLF to LF.
     """
@@ -80,16 +81,34 @@ def read_text(path: str | Path) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        text = data.decode("latin-1")
+        lines, latin1, utf8_non_ascii = [], [], False
+        for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+            try:
+                lines.append(raw.decode("utf-8"))
+                utf8_non_ascii = utf8_non_ascii or not raw.isascii()
+            except UnicodeDecodeError:
+                lines.append(raw.decode("latin-1"))
+                latin1.append(number)
+        text = "\n".join(lines)
+        if utf8_non_ascii:  # both encodings in one file: say so (an all-latin-1 file is the MovieLens norm)
+            log.warning("%s: mixed encodings: %d line(s) read as latin-1 (first: line %d), the others as UTF-8",
+                        path, len(latin1), latin1[0])
     return text.replace("\r\n", "\n")
+
+
+INT64_MAX = 2**63 - 1
 
 
 def _check_int_field(value: str, name: str, path: Path, line: int) -> int:
     value = value.strip()
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         pass
+    else:
+        if abs(number) > INT64_MAX:
+            raise DataError(f"{name} {value} is too large (more than 64 bits)", path, line)
+        return number
     try:
         as_float = float(value)
     except ValueError:
@@ -112,7 +131,7 @@ def _parse_int_table(path: Path, text: str, sep: str, names: list[str]) -> tuple
         )
         if df.shape[1] == len(names) and body.count("\n") == len(df):
             return df, np.arange(1, len(df) + 1)
-    except (ValueError, pd.errors.ParserError):
+    except (ValueError, OverflowError, pd.errors.ParserError):
         pass
     return _parse_int_table_slow(path, text, sep, names)
 
@@ -434,15 +453,30 @@ def _lines_of(df: pd.DataFrame, first: int) -> np.ndarray:
 def _int_column(df: pd.DataFrame, col: str, name: str, path: Path, lines: np.ndarray, row_word: str) -> pd.Series:
     """An integral column (``4`` and ``4.0`` both read as 4); the first other value is an error."""
     raw = df[col]
+    if pd.api.types.is_integer_dtype(raw):
+        return raw.astype("int64")
     values = pd.to_numeric(raw, errors="coerce")
-    bad = (values.isna() | (values % 1 != 0)).to_numpy()
+    not_int = (values.isna() | (values % 1 != 0)).to_numpy()
+    too_large = np.zeros(len(values), dtype=bool)
+    exact = {}  # beyond 2**53 a float is not exact: read those from the text (int64 would wrap past 2**63)
+    for i in np.flatnonzero(~not_int & (values.abs() >= 2.0**53).to_numpy()):
+        try:
+            exact[i] = int(str(raw.iat[i]).strip())
+        except ValueError:
+            exact[i] = INT64_MAX + 1
+        too_large[i] = abs(exact[i]) > INT64_MAX
+    bad = not_int | too_large
     if bad.any():
         i = _first(bad)
-        msg = f"{name} {raw.iat[i]!r} (column {col!r}) is not an integer"
+        what = "is too large (more than 64 bits)" if too_large[i] and not not_int[i] else "is not an integer"
+        msg = f"{name} {raw.iat[i]!r} (column {col!r}) {what}"
         if row_word == "line":
             raise DataError(msg, path, int(lines[i]))
         raise DataError(f"row {int(lines[i])}: {msg}", path)
-    return values.astype("int64")
+    result = values.where(~values.index.isin(values.index[list(exact)]), 0).astype("int64")
+    for i, number in exact.items():
+        result.iat[i] = number
+    return result
 
 
 def _timestamp_column(df: pd.DataFrame, col: str, path: Path, lines: np.ndarray, row_word: str) -> pd.Series:

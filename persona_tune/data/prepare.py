@@ -147,16 +147,33 @@ def _check_not_overwriting_other_stages(run: RunFolder, proto: dict, inputs: dic
         )
 
 
+def _out_folder(out: str | Path) -> RunFolder:
+    run = RunFolder(out)
+    if run.root.exists() and not run.root.is_dir():
+        raise ConfigError(f"--out {run.root} is a file; give a folder for the run")
+    return run
+
+
 def prepare(log_: RatingLog, out: str | Path, protocol: Protocol = Protocol(), *, duplicates: str = "error",
             extra_inputs: dict[str, str] | None = None, item_noun: str = "movie",
             meta_params: dict | None = None, force: bool = False) -> RunFolder:
     """Apply ``protocol`` to ``log_`` and write the `prepare` files of the run folder ``out``."""
     protocol.check()
-    run = RunFolder(out)
+    run = _out_folder(out)
     proto = {"dataset": log_.dataset, **asdict(protocol), "tie_rule": TIE_RULE, "duplicates": duplicates,
              "items": ITEMS_RULE, "hist_avg": "all source ratings except the sampled users' test rows"}
     inputs = {**log_.inputs, **(extra_inputs or {})}
     _check_not_overwriting_other_stages(run, proto, inputs, force)
+    params = {**proto, "meta": meta_params or None, "item_noun": item_noun}
+    manifest = run.read_manifest()
+    outputs = (run.ratings_train, run.ratings_test, run.items, run.users)
+    if ((manifest["stages"].get("prepare") or {}).get("params") == params and manifest.get("inputs") == inputs
+            and all(p.is_file() for p in outputs)):
+        log.info("%s is prepared with the same protocol and inputs: skipped", run.root)
+        return run
+    for path in outputs:  # temporary files of a prepare that was killed
+        for leftover in run.root.glob(f".{path.stem}.*{path.suffix}"):
+            leftover.unlink()
     users, n_eligible = sample_users(log_.ratings, protocol)
     train, test = split_chronological(log_.ratings, users, protocol.train_frac)
     items = build_items(log_, test, item_noun)
@@ -179,7 +196,7 @@ def prepare(log_: RatingLog, out: str | Path, protocol: Protocol = Protocol(), *
         "items_in_split": int(pd.concat([train["item_id"], test["item_id"]]).nunique()),
     }
     run.update_manifest(protocol=proto, inputs=inputs, counts=counts)
-    run.record_stage("prepare", {**proto, "meta": meta_params or None}, counts=counts)
+    run.record_stage("prepare", params, counts=counts)
     log.info("prepared %s: %d users (%d eligible), %d train / %d test rows, %d items",
              run.root, len(users), n_eligible, len(train), len(test), len(items))
     return run
@@ -215,6 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.dataset != "generic" and (args.items_file or args.columns):
         raise ConfigError("--items-file and --columns apply to --dataset generic only")
+    _out_folder(args.out)  # before loading a large log
     log_ = load_ratings(args.dataset, args.data_dir, ratings_file=args.ratings_file, items_file=args.items_file,
                         columns=args.columns, duplicates=args.duplicates)
     extra, meta_params = {}, None

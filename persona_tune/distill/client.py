@@ -13,6 +13,7 @@ requests are in flight. Error text is scrubbed of the API key before it goes any
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -93,9 +94,11 @@ class ChatClient:
                     response = await self._client.chat.completions.create(
                         model=self.settings.model, messages=messages, **params
                     )
-            except (self._openai.APITimeoutError, self._openai.APIConnectionError, self._openai.APIStatusError) as e:
+            except (self._openai.APITimeoutError, self._openai.APIConnectionError, self._openai.APIStatusError,
+                    json.JSONDecodeError) as e:  # a 200 whose body is not JSON (e.g. truncated)
                 status = getattr(e, "status_code", None)
-                what = f"HTTP {status}" if status is not None else type(e).__name__
+                what = (f"HTTP {status}" if status is not None else "a body that is not JSON" if isinstance(e, json.JSONDecodeError)
+                        else "no connection" if isinstance(e, self._openai.APIConnectionError) else type(e).__name__)
                 message = self._scrub(str(e))
                 # A refused response_format: 400/422 from most servers, 500 from llama_cpp.server.
                 if status in (400, 422) or (status is not None and "response_format" in params.get("extra_body", {})
@@ -119,6 +122,11 @@ class ChatClient:
                 await asyncio.sleep(delay)
                 continue
             latency = time.perf_counter() - started
+            if not isinstance(getattr(response, "choices", None), list):
+                body = self._scrub(str(response.model_dump() if hasattr(response, "model_dump") else response))[:200]
+                self._fatal = EndpointError(f"{self.settings.base_url} answered without `choices`: not an OpenAI "
+                                            f"chat-completions endpoint (check --base-url; it usually ends in /v1): {body}")
+                raise self._fatal
             choice = response.choices[0] if response.choices else None
             usage = response.usage
             return Answer(

@@ -40,6 +40,9 @@ PROFILE_COLUMNS = ["user_id", "profile", "activity", "conformity", "diversity", 
 MEMORY_COLUMNS = ["user_id", "item_id", "rating", "timestamp", "explanation", "backend", "model", "prompt_version"]
 TRAIN_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 ITEM_COLUMNS = ["item_id", "title", "year", "genres", "hist_avg", "text"]
+TRANSPORT_KEYS = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout", "backoff_base", "backoff_max")
+INPUTS = ("ratings_train.parquet", "items.parquet")
+OUTPUTS = ("distill/profiles.parquet", "distill/memories.parquet", "distill/traits.parquet")
 RETRY_TEMPERATURE = 0.7  # a retried generation samples at least this hot, with a new seed
 
 
@@ -80,6 +83,10 @@ class DistillConfig:
             raise ConfigError(f"--users must be >= 1, got {self.users}")
         if self.max_retries < 0 or self.timeout <= 0:
             raise ConfigError("--max-retries must be >= 0 and --timeout > 0")
+
+    def results_params(self) -> dict[str, Any]:
+        """params() without the transport settings, which change how the answers arrive, not which."""
+        return {k: v for k, v in self.params().items() if k not in TRANSPORT_KEYS}
 
     def params(self) -> dict[str, Any]:
         """What the manifest records (never the API key itself); the offline backend uses only three."""
@@ -330,6 +337,13 @@ def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per
     """The stage's core. Returns the summary (also recorded in the manifest)."""
     cfg.check()
     started = time.perf_counter()
+    inputs = run.checksums(*INPUTS)
+    record = run.stage_record("distill")
+    if (not dry_run and record is not None and record.get("inputs") == inputs
+            and {k: v for k, v in record["params"].items() if k not in TRANSPORT_KEYS} == cfg.results_params()
+            and record["summary"].get("users_failed") == 0 and all(run.path(p).is_file() for p in OUTPUTS)):
+        log.info("distill is finished with the same options and inputs: skipped (nothing written)")
+        return {**record["summary"], "skipped": True}
     train, items = load_inputs(run, cfg.users)
     traits, cuts = compute_traits(train, items, cfg.trait_cuts)
 
@@ -343,6 +357,9 @@ def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per
     else:
         if not cfg.model:
             raise ConfigError("--backend openai needs --model (the model name the server serves)")
+        if not (cfg.base_url or os.environ.get("OPENAI_BASE_URL")) and not dry_run:
+            raise ConfigError("--backend openai needs --base-url (or $OPENAI_BASE_URL): the server's URL, e.g. "
+                              "http://127.0.0.1:8000/v1 for a local server or https://api.openai.com/v1")
         prompts = load_prompts(cfg.prompt_dir)
         plan = plan_batches(train, items, cfg.batch_size)
         if dry_run:
@@ -393,7 +410,7 @@ def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per
     write_outputs(run, profiles, memories, traits, failures, provenance)
     summary["memories"] = len(memories)
     summary["seconds"] = round(time.perf_counter() - started, 3)
-    run.record_stage("distill", cfg.params(), **provenance, trait_cuts=cuts, summary=summary)
+    run.record_stage("distill", cfg.params(), **provenance, trait_cuts=cuts, summary=summary, inputs=inputs)
     return summary
 
 
@@ -402,7 +419,9 @@ def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DistillConfig()
     parser.add_argument("--run", required=True, help="run folder written by `persona-tune prepare`")
-    parser.add_argument("--backend", choices=BACKENDS, default=d.backend)
+    parser.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                        help="offline: rule-based text from each user's statistics, no LLM; "
+                             "openai: the paper's self-reflection through an OpenAI-compatible server")
     parser.add_argument("--users", type=int, default=None, help="distil the first N users (by user_id) only")
     parser.add_argument("--trait-cuts", default=None,
                         help='fixed trait cut points as JSON, e.g. \'{"activity": [60, 120], "conformity": [0.6, 1.2], '
@@ -420,12 +439,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request")
     g.add_argument("--backoff-base", type=float, default=d.backoff_base, help="first retry delay, seconds (doubles)")
     g.add_argument("--backoff-max", type=float, default=d.backoff_max, help="longest retry delay, seconds")
-    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help="sampling temperature of the first generation of a step (retries sample hotter)")
     g.add_argument("--max-tokens", type=int, default=None, help="completion token limit per request")
     g.add_argument("--max-profile-words", type=int, default=d.max_profile_words, help="profile length asked for")
     g.add_argument("--response-format", choices=RESPONSE_FORMATS, default=d.response_format,
                    help="structured output to ask for; falls back to the next one if the server refuses it")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="request seed (servers that honour it answer reproducibly) and the retry jitter's")
     g.add_argument("--prompt-dir", default=None, help="folder with replacement prompt templates (same file names)")
     g.add_argument("--dry-run", action="store_true", help="print the number of calls and a token estimate, then exit")
     g.add_argument("--price-per-1k", type=float, nargs="+", default=None, metavar="PRICE",
@@ -471,7 +492,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print("distill: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     if summary["users_failed"]:
-        print(f"distill: {summary['users_failed']} user(s) failed, see {Path(args.run) / 'distill' / 'failures.jsonl'}; "
-              "re-run to retry them (answered calls are not repeated)", file=sys.stderr)
+        failures = Path(args.run) / "distill" / "failures.jsonl"
+        first = json.loads(failures.read_text(encoding="utf-8").splitlines()[0])
+        print(f"distill: {summary['users_failed']} user(s) failed (first, user {first['user_id']}: {first['reason']}); "
+              f"all in {failures}; re-run to retry them (answered calls are not repeated)", file=sys.stderr)
         return 1
     return 0

@@ -391,6 +391,11 @@ def write_report(run_dir, json_out: str | Path | None = None) -> str:
     if not run.eval_dir.is_dir() or not any(run.eval_dir.glob("*/metrics.json")):
         raise StageMissingError(f"no results in {run.eval_dir}: run `persona-tune eval --run {run.root}` "
                                 f"and/or `persona-tune baselines --run {run.root}` first")
+    from persona_tune.evaluation.run import stale_results
+
+    if stale := stale_results(run):  # never publish numbers of adapters that were retrained since
+        raise StageMissingError(f"the results of {', '.join(stale)} in {run.eval_dir} come from adapters retrained "
+                                f"since: re-run `persona-tune eval --run {run.root} --variants {','.join(stale)}`")
     results = collect(run)
     plots_dir = run.eval_dir / "plots"
     plots = {name: fn(run, plots_dir) for name, fn in

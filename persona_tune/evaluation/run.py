@@ -8,14 +8,16 @@ A suffix ``-ms``, ``-msml`` or ``-ml`` (the grid's names, e.g. ``persona-ms``) s
 trained with that memory mode. The eval config is the family's ``<family>_persona/eval`` template
 with the run, the variant, the adapter folder and the training config's model, tokenizer and
 memory filled in; it is saved as RUN/eval/<variant>/eval_config.yaml and the recipe's output goes to
-eval.log beside it. A variant whose metrics.json is newer than an unchanged eval_config.yaml is
-skipped; inside the recipe, finished personas are skipped, so a stopped run resumes.
+eval.log beside it. A variant is skipped when its last evaluation finished with the same
+config (runtime-only keys such as num_threads aside) and the same adapters (eval_inputs.json); inside the recipe, finished personas are skipped, so a stopped
+run resumes. Adapters trained on inputs that changed since are refused.
 Arguments after `--` are config overrides for every variant, e.g. `-- max_rows=50 batching.batch_size=8`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -24,15 +26,19 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.evaluation.predict import check_modes
-from persona_tune.runfolder import RunFolder, atomic_write_text
+from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_text, check_name
 
 log = logging.getLogger(__name__)
 
 MEMORY_TAGS = {"ms": "ms", "msml": "ms+ml", "ml": "ml"}
 TAG_OF = {v: k for k, v in MEMORY_TAGS.items()}
 FAMILIES = ("phi3", "smollm2", "tiny")
+# Keys that change how fast the recipe runs or what it prints, not its results.
+RUNTIME_KEYS = ("num_threads", "batching.progress")
+EVAL_INPUTS = "eval_inputs.json"
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
@@ -64,6 +70,9 @@ def run_family(run: RunFolder, family: str | None) -> str:
         family = (stages.get(name) or {}).get("params", {}).get("family")
         if family:
             return family
+    if not run.configs_dir.is_dir():
+        raise StageMissingError(f"nothing to evaluate in {run.root} yet: run `persona-tune configs --run {run.root}` "
+                                f"and `persona-tune train --run {run.root}` first (or pass --family for `prompted`)")
     raise ConfigError("cannot tell the model family from the manifest; pass --family phi3|smollm2|tiny")
 
 
@@ -98,7 +107,7 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
             if value is not None:
                 cfg[key] = value
         _copy_model(cfg, train_cfg)
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    cfg = apply_overrides(cfg, list(overrides), eval_template(family))
     cfg.output_dir = str(run.eval_dir / variant)
     return cfg
 
@@ -119,17 +128,67 @@ def tune_executable() -> str:
     return str(beside) if beside.is_file() else "tune"
 
 
-def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool = False) -> str:
-    """Run the recipe for one variant unless its results are current; returns 'done' or 'skipped'."""
+def adapter_variants(run: RunFolder, variant: str) -> list[str]:
+    """The trained variants (RUN/adapters/<name>) that ``variant`` evaluates."""
+    base, tag = split_variant(variant)
+    suffix = f"-{tag}" if tag else ""
+    if base == "prompted":
+        return []
+    if base == "persona":
+        personas = sorted(run.read_table("personas/assignments.parquet", columns=["persona"])["persona"].unique())
+        return [f"persona_{int(k)}{suffix}" for k in personas]
+    return [variant]
+
+
+def check_adapters(run: RunFolder, variants: list[str]) -> dict[str, dict[str, str]]:
+    """Every adapter must be trained and current; returns variant -> {adapter file: sha256}."""
+    from persona_tune.train import TRAIN_INPUTS, final_adapter, stale_inputs
+
+    shared = run.checksums(*TRAIN_INPUTS)
+    missing, stale, used = [], [], {}
+    for variant in variants:
+        names = adapter_variants(run, variant)
+        files = {n: final_adapter(run.adapters_dir / n) for n in names}
+        missing += [n for n, f in files.items() if f is None]
+        stale += [f"{n} ({', '.join(changed)} changed)" for n in names if (changed := stale_inputs(run, n, shared))]
+        used[variant] = run.checksums(*(str(f.relative_to(run.root)) for f in files.values() if f is not None))
+    if missing:
+        raise StageMissingError(f"no trained adapter for {', '.join(sorted(set(missing)))} in {run.adapters_dir}: "
+                                f"run `persona-tune train --run {run.root}` first")
+    if stale:
+        raise StageMissingError(f"adapters trained on inputs that changed since: {', '.join(sorted(set(stale)))}; "
+                                f"re-run `persona-tune train --run {run.root}` (it retrains them), then eval")
+    return used
+
+
+def results_key(cfg: DictConfig) -> str:
+    """The eval config as YAML without RUNTIME_KEYS: equal keys give equal results."""
+    cfg = cfg.copy()
+    for key in RUNTIME_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if node is not None and leaf in node:
+            node.pop(leaf)
+    return OmegaConf.to_yaml(cfg)
+
+
+def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool = False,
+                     adapters: dict[str, str] | None = None) -> str:
+    """Run the recipe for one variant unless its results are current; returns 'done' or 'skipped'.
+    ``adapters``: checksums of the train summaries of the adapters it evaluates."""
     out = run.eval_dir / variant
     config_file = out / "eval_config.yaml"
     text = OmegaConf.to_yaml(cfg)
     metrics = out / "metrics.json"
-    if (not force and config_file.is_file() and config_file.read_text() == text and metrics.is_file()
-            and metrics.stat().st_mtime >= config_file.stat().st_mtime):
+    inputs = {"config": results_key(cfg), "adapters": adapters or {}}
+    inputs_file = out / EVAL_INPUTS
+    # inputs_file is written only after the recipe succeeded (and removed before it starts).
+    if (not force and inputs_file.is_file() and json.loads(inputs_file.read_text(encoding="utf-8")) == inputs
+            and metrics.is_file()):
         log.info("%s: results are current, skipped", variant)
         return "skipped"
     atomic_write_text(config_file, text)
+    inputs_file.unlink(missing_ok=True)
     cmd = [tune_executable(), "run", "persona_eval", "--config", str(config_file)]
     log.info("%s: %s", variant, " ".join(cmd))
     with open(out / "eval.log", "w", encoding="utf-8") as logf:
@@ -138,17 +197,30 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
         tail = (out / "eval.log").read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         raise PersonaTuneError(f"evaluating {variant} failed (exit {proc.returncode}); end of {out / 'eval.log'}:\n"
                                + "\n".join(tail))
+    atomic_write_json(inputs_file, inputs)
     return "done"
+
+
+def stale_results(run: RunFolder) -> list[str]:
+    """Eval variants whose adapters changed since they were evaluated (see EVAL_INPUTS)."""
+    stale = []
+    for inputs_file in sorted(run.eval_dir.glob(f"*/{EVAL_INPUTS}")):
+        recorded = json.loads(inputs_file.read_text(encoding="utf-8")).get("adapters", {})
+        if run.checksums(*recorded) != recorded:
+            stale.append(inputs_file.parent.name)
+    return stale
 
 
 def evaluate(run_dir, variants: list[str], family: str | None = None, memory: str = "ms+ml", mode: str = "scoring",
              overrides: list[str] = (), force: bool = False) -> dict[str, str]:
     run = RunFolder(run_dir)
     run.require("ratings_test.parquet")
+    variants = [check_name(v) for v in variants]
     check_modes(mode)
     family = run_family(run, family)
+    adapters = check_adapters(run, variants)
     configs = {v: build_eval_config(run, v, family, memory, mode, overrides) for v in variants}
-    return {v: evaluate_variant(run, v, cfg, force) for v, cfg in configs.items()}
+    return {v: evaluate_variant(run, v, cfg, force, adapters[v]) for v, cfg in configs.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

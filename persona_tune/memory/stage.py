@@ -153,6 +153,17 @@ def _input_hashes(run: RunFolder) -> dict[str, str]:
     return {name: file_sha256(run.path(name)) for name in INPUTS}
 
 
+def warn_missing_users(run: RunFolder, relpath: str, stage: str, consequence: str) -> int:
+    """WARNING with counts when ``relpath`` covers fewer users than ratings_train; returns how many miss."""
+    users = run.read_table("ratings_train.parquet", columns=["user_id"])["user_id"].nunique()
+    covered = run.read_table(relpath, columns=["user_id"])["user_id"].nunique()
+    missing = users - covered
+    if missing > 0:
+        log.warning("%s covers %d of the %d users: %d are missing (`%s` failed for them; see its output and re-run "
+                    "it to retry): %s", run.path(relpath), covered, users, missing, stage, consequence)
+    return missing
+
+
 def vectors_are_current(run: RunFolder, backend: str, model: str) -> bool:
     meta_path = run.path("memory/embeddings.json")
     if not meta_path.is_file():
@@ -203,6 +214,15 @@ def run_embed(
         "ratings_train.parquet", "ratings_test.parquet", "items.parquet",
         "distill/profiles.parquet", "distill/memories.parquet",
     )
+    params = {"backend": backend, "model": model, "query": query, "k": k, "delta": delta, "batch_size": batch_size}
+    inputs = run.checksums("ratings_train.parquet", "ratings_test.parquet", *INPUTS)
+    record = run.stage_record("embed") or {}
+    if (not force and {key: record.get("params", {}).get(key) for key in params} == params
+            and record.get("inputs") == inputs and run.path("memory/retrieved.parquet").is_file()
+            and vectors_are_current(run, backend, model)):
+        log.info("embed is finished with the same options and inputs: skipped (nothing written)")
+        return record["counts"]
+    warn_missing_users(run, "distill/profiles.parquet", "distill", "they get no memories and no persona")
     if not force and vectors_are_current(run, backend, model):
         log.info("vectors for %s/%s are up to date in %s; re-running retrieval only", backend, model, run.memory_dir)
         vectors = load_vectors(run)
@@ -249,9 +269,10 @@ def run_embed(
         "mean_top1_score": round(float(retrieved.loc[retrieved["rank"] == 0, "score"].mean()), 4)
         if len(retrieved) else None,
     }
-    params = {k_: v for k_, v in meta.items() if k_ not in ("inputs", "vectors")} | {"batch_size": batch_size}
-    run.record_stage("embed", params, counts=summary)
-    log.info("retrieved %d memories for %d rows; rows with a memory: %s", len(retrieved), len(rows), coverage)
+    run.record_stage("embed", {k_: v for k_, v in meta.items() if k_ not in ("inputs", "vectors")}
+                     | {"batch_size": batch_size}, counts=summary, inputs=inputs)
+    log.log(logging.INFO if len(retrieved) else logging.WARNING,
+            "retrieved %d memories for %d rows; rows with a memory: %s", len(retrieved), len(rows), coverage)
     return summary
 
 

@@ -31,7 +31,7 @@ from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer, ModelTokenizer
 
 from persona_tune.errors import ConfigError
-from persona_tune.runfolder import atomic_write_json, file_sha256
+from persona_tune.runfolder import atomic_write_json, file_lock, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,26 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     if (root / "source.json").is_file():
         return root
     gguf = find_gguf()
-    try:
-        import torch
-        from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as e:
-        raise ConfigError(f"converting SmolLM2 needs transformers and gguf: pip install 'persona-tune[hf]' ({e})")
+    missing = [m for m in ("transformers", "gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"converting SmolLM2 needs {' and '.join(missing)}: pip install 'persona-tune[hf]'")
 
     root.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(root.parent / f".{CACHE_NAME}.lock", "converting SmolLM2", wait=True):
+        if (root / "source.json").is_file():  # a concurrent conversion finished it
+            return root
+        for leftover in root.parent.glob(f".{CACHE_NAME}.*"):  # from a conversion that was killed
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        return _convert(gguf, root)
+
+
+def _convert(gguf: Path, root: Path) -> Path:
+    """Build the folder in a temporary sibling and rename it into place."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.", dir=root.parent))
     try:
         log.info("converting %s to an HF checkpoint in %s (once; about a minute)", gguf, root)

@@ -1,0 +1,382 @@
+"""Issue 14: bad input and faults give one clear line (exit 2) or a correct result, never a silent
+wrong one; finished stages are skipped untouched; stale downstream work is refused or redone."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from persona_tune import cli, train
+from persona_tune.configgen import apply_overrides, generate_configs
+from persona_tune.data.loaders import read_text
+from persona_tune.distill.run import DistillConfig, distill
+from persona_tune.errors import ConfigError, DataError, LLMError, StageMissingError
+from persona_tune.evaluation.run import check_adapters, results_key
+from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, file_lock
+from tests.fixtures_runs import make_prepared_run
+from tests.test_configgen import with_personas
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def error_line(capsys) -> str:
+    """The one line a command printed to stderr (asserting it is one line, without a traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+# ---------------------------------------------------------------- silent wrong results and escapes
+
+
+def test_eval_refuses_a_variant_name_outside_the_run(tmp_path, capsys):
+    run = make_prepared_run(tmp_path / "a" / "b" / "run")
+    assert cli.main(["eval", "--run", str(run), "--variants", "../../pwn", "--family", "tiny"]) == 2
+    assert "invalid variant name '../../pwn'" in error_line(capsys)
+    assert not (tmp_path / "a" / "pwn").exists() and not (run / "eval").exists()
+
+
+def fake_tune(tmp_path: Path, body: str) -> str:
+    script = tmp_path / "tune"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_reclustering_makes_adapters_stale_and_configs_follow(tmp_path, monkeypatch, caplog):
+    run_dir = with_personas(tmp_path, n_personas=3)
+    run = RunFolder(run_dir)
+    model = ["model_dir=" + str(tmp_path)]  # any existing folder: `tune` is faked
+    generate_configs(run_dir, family="tiny", overrides=model)
+    for variant in ("persona_0", "persona_1", "persona_2"):  # as if trained on these assignments
+        (run.adapters_dir / variant / "epoch_0").mkdir(parents=True)
+        (run.adapters_dir / variant / "epoch_0" / "adapter_model.pt").write_bytes(b"x")
+        atomic_write_json(run.adapters_dir / variant / train.SUMMARY, {"inputs": train.variant_inputs(run, variant)})
+    assert check_adapters(run, ["persona"])  # current
+
+    # Re-cluster with K = 2: every adapter's users changed.
+    users = pd.read_parquet(run.users)["user_id"].sort_values().to_numpy()
+    atomic_write_parquet(pd.DataFrame({"user_id": users, "persona": [i % 2 for i in range(len(users))]}),
+                         run.path("personas/assignments.parquet"))
+    assert "personas/assignments.parquet" in train.stale_inputs(run, "persona_0")
+    with pytest.raises(StageMissingError, match=r"persona_0 \(.*personas/assignments.parquet"):
+        check_adapters(run, ["persona"])
+    with pytest.raises(ConfigError, match="assignments.parquet changed.*--force"):
+        generate_configs(run_dir, family="tiny", overrides=model)
+    generate_configs(run_dir, family="tiny", overrides=model, force=True)
+    assert not (run.configs_dir / "persona_2.yaml").exists()  # the old K's config is gone
+    assert train.select_variants(run, "all") == ["persona_0", "persona_1", "single_max", "single_min"]
+
+    # train redoes the stale ones (here a fake `tune` that fails, so they end "failed", not "skipped").
+    monkeypatch.setattr(train, "tune_executable", lambda: fake_tune(tmp_path, "exit 3\n"))
+    with caplog.at_level(logging.WARNING):
+        results = train.train(run_dir, "0,1")
+    assert [r.status for r in results] == ["failed", "failed"]
+    assert "persona_0 was trained on other inputs (configs/persona_0.yaml, personas/assignments.parquet changed)" in caplog.text
+
+
+def test_configs_rerun_is_skipped_untouched(tmp_path):
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny")
+    manifest = (run_dir / "manifest.json").read_bytes()
+    mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "configs").iterdir()}
+    generate_configs(run_dir, family="tiny")  # no --force needed
+    assert (run_dir / "manifest.json").read_bytes() == manifest
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "configs").iterdir()} == mtimes
+
+
+def test_mixed_encodings_are_decoded_per_line(tmp_path, caplog):
+    path = tmp_path / "movies.dat"
+    path.write_bytes("1::Amélie (2001)::Comedy\n".encode() + "2::Café (1999)::Drama\n".encode("latin-1"))
+    with caplog.at_level(logging.WARNING):
+        text = read_text(path)
+    assert text == "1::Amélie (2001)::Comedy\n2::Café (1999)::Drama\n"
+    assert "1 line(s) read as latin-1 (first: line 2)" in caplog.text
+    all_latin1 = tmp_path / "old.dat"
+    all_latin1.write_bytes("1::Café::Drama\n".encode("latin-1"))
+    assert read_text(all_latin1) == "1::Café::Drama\n"
+
+
+def test_misspelt_and_fixed_config_keys(tmp_path, capsys):
+    run_dir = with_personas(tmp_path)
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--set", "optimzer.lr=5"]) == 2
+    assert "unknown config key 'optimzer.lr'" in (line := error_line(capsys)) and "did you mean optimizer.lr?" in line
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--set", "output_dir=/tmp/x"]) == 2
+    assert "output_dir is fixed by the run folder" in error_line(capsys)
+    assert not (run_dir / "configs").exists()
+    cfg = OmegaConf.create({"epochs": 1, "batch_size": 4, "optimizer": {"lr": 0.001}, "profiler": {"enabled": False}})
+    for bad, message in (("batch_size=abc", "batch_size must be a whole number >= 1"),
+                         ("epochs=-1", "epochs must be a whole number >= 1"),
+                         ("optimizer.lr=fast", "optimizer.lr must be float")):
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(cfg, [bad], "x.yaml")
+    good = apply_overrides(cfg, ["optimizer.lr=1e-4", "epochs=2", "~profiler"], "x.yaml")
+    assert good.optimizer.lr == 1e-4 and good.epochs == 2 and "profiler" not in good
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["personas", "--run", "R", "--top-words", "-1"], "argument --top-words: must be >= 1, got -1"),
+    (["personas", "--run", "R", "--k", "0"], "--k must be >= 1"),
+    (["distill", "--run", "R", "--timeout", "0"], "argument --timeout: must be > 0"),
+    (["distill", "--run", "R", "--temperature", "nan"], "must be a finite number"),
+    (["prepare", "--dataset", "synthetic", "--out", "R", "--seed", "-3"], "argument --seed: must be >= 0"),
+])
+def test_numeric_options_are_range_checked(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- tracebacks and misleading messages
+
+
+def test_id_too_large_for_int64(tmp_path, capsys):
+    (tmp_path / "r.csv").write_text("user,item,rating,timestamp\n1,1,4,10\n99999999999999999999,2,3,11\n")
+    args = ["prepare", "--dataset", "generic", "--ratings-file", str(tmp_path / "r.csv"), "--out", str(tmp_path / "run"),
+            "--columns", "user=user,item=item,rating=rating,timestamp=timestamp"]
+    assert cli.main(args) == 2
+    line = error_line(capsys)
+    assert "r.csv:3:" in line and "too large" in line and "negative" not in line
+
+
+def test_wrong_run_paths(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert cli.main(["prepare", "--dataset", "synthetic", "--data-dir", str(tmp_path), "--out", str(a_file)]) == 2
+    assert "is a file" in error_line(capsys)
+    assert cli.main(["distill", "--run", str(a_file)]) == 2
+    assert f"{a_file} is a file, not a run folder" in error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["embed", "--run", str(tmp_path / "empty"), "--backend", "hash"]) == 2
+    assert f"persona-tune prepare --out {tmp_path / 'empty'}" in error_line(capsys)
+
+
+def test_eval_before_training_says_train_first(tmp_path, capsys):
+    run_dir = with_personas(tmp_path)
+    assert cli.main(["eval", "--run", str(run_dir), "--variants", "persona"]) == 2
+    assert "persona-tune configs" in (line := error_line(capsys)) and "train" in line
+    generate_configs(run_dir, family="tiny")
+    assert cli.main(["eval", "--run", str(run_dir), "--variants", "persona,single_max"]) == 2
+    assert "no trained adapter for persona_0, persona_1, single_max" in (line := error_line(capsys))
+    assert "persona-tune train" in line
+
+
+def test_train_checks_before_tune_run(tmp_path, monkeypatch, capsys):
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path / "kit" / "model")])
+    started = tmp_path / "started"
+    monkeypatch.setattr(train, "tune_executable", lambda: fake_tune(tmp_path, f"touch {started}\n"))
+    assert cli.main(["train", "--run", str(run_dir), "--personas", "0", "--", "batch_size=abc"]) == 2
+    assert "batch_size must be a whole number >= 1" in error_line(capsys)
+    assert cli.main(["train", "--run", str(run_dir), "--personas", "0", "--", "epochs=-1"]) == 2
+    assert "epochs must be a whole number >= 1" in error_line(capsys)
+    assert cli.main(["train", "--run", str(run_dir), "--personas", "0"]) == 2
+    assert f"`persona-tune tiny-model {tmp_path / 'kit'}`" in error_line(capsys)
+    assert not started.exists() and not (run_dir / "adapters" / "persona_0").exists()
+
+
+class _FixedBody(BaseHTTPRequestHandler):
+    body = b""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"id": "x", "choices": [{"mess', "a body that is not JSON"),
+    (b'{"hello": "world"}', "answered without `choices`: not an OpenAI chat-completions endpoint"),
+])
+def test_broken_server_answers_are_one_line(tmp_path, capsys, body, message):
+    run = make_prepared_run(tmp_path, n_users=2)
+    handler = type("H", (_FixedBody,), {"body": body})
+    server = type("Quiet", (ThreadingHTTPServer,), {"handle_error": lambda *a: None})(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        code = cli.main(["distill", "--run", str(run), "--backend", "openai", "--model", "m", "--base-url", url,
+                         "--max-retries", "1", "--backoff-base", "0", "--no-progress"])
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "Traceback" not in err and message in err
+
+
+def test_openai_backend_needs_a_base_url(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    run = make_prepared_run(tmp_path, n_users=2)
+    assert cli.main(["distill", "--run", str(run), "--backend", "openai", "--model", "m"]) == 2
+    assert "--backend openai needs --base-url" in error_line(capsys)
+
+
+def test_os_errors_are_one_line_and_tracebacks_stay_under_verbose(tmp_path, monkeypatch, capsys):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x.parquet"))
+
+    monkeypatch.setattr("persona_tune.data.synthetic.main", disk_full)
+    assert cli.main(["synth", "--out", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'run' / 'x.parquet'}: the disk is full" in error_line(capsys)
+
+    monkeypatch.setattr("persona_tune.data.synthetic.main", lambda args: {}["bug"])
+    assert cli.main(["synth", "--out", str(tmp_path / "run")]) == 1
+    assert "unexpected KeyError" in error_line(capsys)
+    with pytest.raises(KeyError):  # -v before or after the command: the traceback
+        cli.main(["-v", "synth", "--out", str(tmp_path / "run")])
+    with pytest.raises(KeyError):
+        cli.main(["synth", "-v", "--out", str(tmp_path / "run")])
+    parser, _ = cli.build_parser("train")
+    assert parser.parse_args(["--run", "R", "--verbose", "--", "epochs=1"]).overrides == ["epochs=1"]
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_finished_distill_is_skipped_without_writing(tmp_path):
+    run = RunFolder(make_prepared_run(tmp_path, n_users=3))
+    distill(run, DistillConfig())
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.root.rglob("*") if p.is_file()}
+    assert distill(run, DistillConfig())["skipped"] is True
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.root.rglob("*") if p.is_file()} == before
+
+
+def test_unrecorded_prepare_output_is_not_an_output(tmp_path):
+    run = RunFolder(make_prepared_run(tmp_path, n_users=3))
+    manifest = json.loads(run.manifest_path.read_text())
+    run.manifest_path.unlink()  # killed after the Parquet files, before manifest.json
+    leftover = run.root / ".ratings_train.abc123.parquet"
+    leftover.write_bytes(b"partial")
+    with pytest.raises(StageMissingError, match="not recorded in .*prepare` did not finish"):
+        distill(run, DistillConfig())
+    assert not (run.root / "distill").exists()
+    proto = manifest["stages"]["prepare"]["params"]
+    args = ["prepare", "--dataset", "synthetic", "--data-dir", str(tmp_path / "data"), "--out", str(run.root),
+            *(f"--{key.replace('_', '-')}={proto[key]}" for key in ("n_users", "min_ratings", "max_ratings", "seed"))]
+    assert cli.main(args) == 0  # re-running prepare is not refused, and cleans up
+    assert not leftover.exists() and "prepare" in run.read_manifest()["stages"]
+
+
+def test_partial_distill_is_a_warning_downstream(tmp_path, caplog):
+    from persona_tune.memory.stage import run_embed
+
+    run = RunFolder(make_prepared_run(tmp_path, n_users=6))
+    distill(run, DistillConfig())
+    profiles = pd.read_parquet(run.path("distill/profiles.parquet"))
+    atomic_write_parquet(profiles.iloc[:4], run.path("distill/profiles.parquet"))  # two users failed
+    memories = pd.read_parquet(run.path("distill/memories.parquet"))
+    atomic_write_parquet(memories[memories["user_id"].isin(profiles["user_id"].iloc[:4])],
+                         run.path("distill/memories.parquet"))
+    with caplog.at_level(logging.WARNING):
+        run_embed(run.root, backend="hash")
+    assert "covers 4 of the 6 users: 2 are missing" in caplog.text
+
+
+def test_a_live_writer_is_detected(tmp_path, capsys):
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    with file_lock(RunFolder(run_dir).root / ".train.lock", "training"):
+        assert cli.main(["train", "--run", str(run_dir), "--personas", "single_min"]) == 2
+    assert f"another process (pid {os.getpid()}) is training adapters" in error_line(capsys)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_tune_run_child_dies_with_train(tmp_path):
+    """kill -9 of `persona-tune train` takes its `tune run` child along (no orphan keeps training)."""
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    pid_file = tmp_path / "child.pid"
+    tune = fake_tune(tmp_path, f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}\nexec sleep 600\n")
+    code = (f"import sys; from persona_tune import train, cli; train.tune_executable = lambda: {tune!r}; "
+            f"sys.exit(cli.main(['train', '--run', {str(run_dir)!r}, '--personas', '0']))")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):  # wait for the child to start (no timing assertion: the loop only polls)
+        if pid_file.exists() or parent.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert pid_file.exists(), "the fake `tune run` never started"
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(600):
+        try:
+            os.kill(child, 0)
+            # a zombie of an exited child counts as dead
+            if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+                break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the `tune run` child outlived `persona-tune train`")
+
+
+# ---------------------------------------------------------------- what a new user meets
+
+
+def test_runtime_keys_do_not_make_results_stale():
+    cfg = OmegaConf.create({"num_threads": None, "batching": {"progress": True, "batch_size": 16}, "seed": 0})
+    other = OmegaConf.merge(cfg, {"num_threads": 1, "batching": {"progress": False}})
+    assert results_key(cfg) == results_key(other)
+    assert results_key(cfg) != results_key(OmegaConf.merge(cfg, {"batching": {"batch_size": 8}}))
+
+
+def test_killed_smollm2_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    from persona_tune.models import smollm2
+
+    leftover = tmp_path / f".{smollm2.CACHE_NAME}.killed"
+    (leftover / "model").mkdir(parents=True)
+    monkeypatch.setattr(smollm2, "find_gguf", lambda: tmp_path / "x.gguf")
+
+    def convert(gguf, root):
+        root.mkdir()
+        (root / "source.json").write_text("{}")
+        return root
+
+    monkeypatch.setattr(smollm2, "_convert", convert)
+    assert smollm2.ensure_smollm2(tmp_path) == tmp_path / smollm2.CACHE_NAME
+    assert not leftover.exists()
+
+
+def test_help_texts(capsys):
+    for command in cli.COMMANDS:
+        parser, _ = cli.build_parser(command)
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text
+        for action in parser._actions:
+            assert (action.help or "").count("default") <= 1, (command, action.dest)
+    help_ = {a.dest: a.help for a in cli.build_parser("distill")[0]._actions}
+    assert all(help_[k] for k in ("backend", "temperature", "seed"))
+
+
+def test_torchao_noise_is_silenced():
+    from persona_tune.noise import silence_known_noise
+
+    silence_known_noise()
+    record = logging.LogRecord("torchao", logging.WARNING, __file__, 1,
+                               "Skipping import of cpp extensions due to incompatible torch version", None, None)
+    assert not logging.getLogger("torchao").filter(record)
+    proc = subprocess.run([str(Path(sys.executable).with_name("tune")), "ls"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and "Skipping import of cpp extensions" not in proc.stderr + proc.stdout
