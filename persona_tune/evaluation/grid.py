@@ -32,7 +32,7 @@ import pandas as pd
 from persona_tune.configgen import parse_overrides, persona_sizes, plan_variants, render_config, template_dir
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.evaluation.run import MEMORY_TAGS, TAG_OF, evaluate
-from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, atomic_write_text
+from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, atomic_write_text, check_name
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,6 @@ def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "sc
              eval_overrides: list[str] = (), train_overrides: list[str] = (), n_boot: int = 1000,
              cells: list[str] | None = None, parallel: bool = False, path: str = "stock",
              label: str | None = None) -> dict:
-    from persona_tune.configgen import check_variant_name
     from persona_tune.evaluation.baselines import run_baselines
     from persona_tune.evaluation.report import write_report
     from persona_tune.train import train
@@ -197,7 +196,7 @@ def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "sc
     if path not in PATHS:
         raise ConfigError(f"--path must be one of {', '.join(PATHS)}, got {path!r}")
     if label is not None:
-        check_variant_name(label)
+        check_name(label, "--label")
     run = RunFolder(run_dir)
     run.require("ratings_train.parquet", "ratings_test.parquet", "personas/assignments.parquet")
     personas = sorted(persona_sizes(run)["persona"].tolist())
