@@ -40,6 +40,11 @@ BENCHMARKS = {
     "memory": ("bench_memory.py", ["--only", "kmeans", "--kmeans-n", "10000"], [
         ("KMeans++ K=4 on 10k x 384, s", lambda r: r["kmeans"]["seconds"]),
     ]),
+    "trunk": ("bench_trunk.py", ["--model", "tiny", "--rows", "32", "--test-rows", "32"], [
+        ("frozen-trunk epoch tokens/s vs stock (target >= 4)", lambda r: r["ratios"]["epoch_tokens_per_s_vs_stock"]),
+        ("extra variant's cost vs stock (target <= 0.3)", lambda r: r["ratios"]["extra_variant_cost_vs_stock"]),
+        ("all cells vs one cell (target <= 2)", lambda r: r["ratios"]["all_cells_vs_one_cell"]),
+    ]),
     "train": ("bench_train.py", ["--models", "tiny", "--nprocs", "1", "--steps", "3"], [
         ("tiny LoRA, 1 process: tokens/s", lambda r: round(r["rows"][0]["tokens_per_second"])),
         ("tiny LoRA, 1 process: s/step", lambda r: round(r["rows"][0]["step_seconds"], 3)),

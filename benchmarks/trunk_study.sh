@@ -19,23 +19,23 @@ main)
   # Learning curve, M_s: theta_single on N training rows drawn over all users; at 4,000 rows also the
   # closed-form head alone (no LoRA training); with all rows theta_single and theta_persona.
   for n in 1000 4000; do
-    "${GRID[@]}" --label n$n --cells single_max-ms --train-set subsample=$n
+    "${GRID[@]}" --label n$n --cells single_max-ms --train-rows $n
   done
-  "${GRID[@]}" --label n4000-probe --cells single_max-ms --train-set subsample=4000 --train-set epochs=0
-  "${GRID[@]}" --label nall --cells single_max-ms,persona-ms --train-set subsample=null
+  "${GRID[@]}" --label n4000-probe --cells single_max-ms --train-rows 4000 --train-set epochs=0
+  "${GRID[@]}" --label nall --cells single_max-ms,persona-ms --train-rows all
   ;;
 ablations)
   # At 4,000 rows (M_s): the objective, the head's start, the adapted layers, the prompt.
-  "${GRID[@]}" --label n4000-ce --cells single_max-ms --train-set subsample=4000 --train-set objective=ce
-  "${GRID[@]}" --label n4000-zerohead --cells single_max-ms --train-set subsample=4000 --train-set head.init=zero
-  "${GRID[@]}" --label n4000-nohead-ce --cells single_max-ms --train-set subsample=4000 --train-set head.init=none \
+  "${GRID[@]}" --label n4000-ce --cells single_max-ms --train-rows 4000 --train-set objective=ce
+  "${GRID[@]}" --label n4000-zerohead --cells single_max-ms --train-rows 4000 --train-set head.init=zero
+  "${GRID[@]}" --label n4000-nohead-ce --cells single_max-ms --train-rows 4000 --train-set head.init=none \
       --train-set objective=ce
-  "${GRID[@]}" --label n4000-nonumbers --cells single_max-ms --train-set subsample=4000 --train-set state_numbers=false
-  "${GRID[@]}" --label n4000-top8 --cells single_max-ms --train-set subsample=4000 --train-set adapted_layers=8
+  "${GRID[@]}" --label n4000-nonumbers --cells single_max-ms --train-rows 4000 --train-set state_numbers=false
+  "${GRID[@]}" --label n4000-top8 --cells single_max-ms --train-rows 4000 --train-set adapted_layers=8
   # Memory: M_s+M_l, the base model and at 1,000 and 4,000 rows.
   "${GRID[@]}" --cells prompted-msml
   for n in 1000 4000; do
-    "${GRID[@]}" --label n$n --cells single_max-msml --train-set subsample=$n
+    "${GRID[@]}" --label n$n --cells single_max-msml --train-rows $n
   done
   ;;
 report)

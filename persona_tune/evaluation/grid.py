@@ -94,15 +94,26 @@ def trunk_prefix(label: str | None) -> str:
     return f"trunk-{label}-" if label else "trunk-"
 
 
-def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: str, overrides: list[str]) -> list[str]:
+def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: str, overrides: list[str],
+                        train_rows: str | None = None) -> list[str]:
     """RUN/configs/<prefix><variant>-<tag>.yaml for the frozen-trunk recipe; `prompted-<tag>` is the
-    base model (no training, no head). A config whose text changed is rewritten and its adapter's
-    train_summary.json removed, so `train` redoes it."""
+    base model (no training, no head). ``train_rows``: "all" (every training row of the variant's
+    users) or N (single_*: N rows over all users; persona_k: its share of N); None: the paper's sizes.
+    A config whose text changed is rewritten and its adapter's train_summary.json removed, so `train`
+    redoes it."""
     from persona_tune.train import SUMMARY
 
     templates = template_dir(family, "trunk")
     parsed = parse_overrides(list(overrides))
-    variants = plan_variants(persona_sizes(run))
+    sizes = persona_sizes(run)
+    variants = plan_variants(sizes)
+    total = int(sizes["n_train_rows"].sum())
+    for spec in variants.values():
+        if train_rows == "all":
+            spec.update(subsample=None, n_train_rows=total if spec["persona"] is None else spec["n_train_rows"])
+        elif train_rows is not None:
+            n = int(train_rows) if spec["persona"] is None else round(int(train_rows) * spec["n_train_rows"] / total)
+            spec.update(subsample=n, n_train_rows=n)
     written = []
     for name in names:
         base, tag = name.rsplit("-", 1)
@@ -165,13 +176,14 @@ def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: i
 
 
 def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: list[str], eval_names: list[str],
-              label: str | None, train_overrides: list[str], n_boot: int, parallel: bool) -> tuple[list, dict]:
+              label: str | None, train_overrides: list[str], n_boot: int, parallel: bool,
+              train_rows: str | None = None) -> tuple[list, dict]:
     """Train the trunk variants the cells need, then gather each cell's predictions."""
     from persona_tune.train import TRUNK_RECIPE, train
 
     prefix = trunk_prefix(label)
     names = list(train_names) + [c for c in eval_names if c.startswith("prompted-")]
-    variants = write_trunk_configs(run, family, names, prefix, train_overrides)
+    variants = write_trunk_configs(run, family, names, prefix, train_overrides, train_rows)
     results = train(run.root, ",".join(variants), parallel=parallel, recipe=TRUNK_RECIPE) if variants else []
     failed = [r for r in results if r.status == "failed"]
     if failed:
@@ -188,13 +200,15 @@ def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: lis
 def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "scoring",
              eval_overrides: list[str] = (), train_overrides: list[str] = (), n_boot: int = 1000,
              cells: list[str] | None = None, parallel: bool = False, path: str = "stock",
-             label: str | None = None) -> dict:
+             label: str | None = None, train_rows: str | None = None) -> dict:
     from persona_tune.evaluation.baselines import run_baselines
     from persona_tune.evaluation.report import write_report
     from persona_tune.train import train
 
     if path not in PATHS:
         raise ConfigError(f"--path must be one of {', '.join(PATHS)}, got {path!r}")
+    if train_rows is not None and (path != "trunk" or not (train_rows == "all" or str(train_rows).isdigit())):
+        raise ConfigError(f"--train-rows takes a number of rows or 'all' with --path trunk, got {train_rows!r}")
     if label is not None:
         check_name(label, "--label")
     run = RunFolder(run_dir)
@@ -209,7 +223,7 @@ def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "sc
         if mode != "scoring":
             raise ConfigError("--path trunk evaluates in scoring mode only; use the stock path for paper mode")
         results, statuses = run_trunk(run, family, personas, train_names, eval_names, label,
-                                      [*train_overrides, *steps], n_boot, parallel)
+                                      [*train_overrides, *steps], n_boot, parallel, train_rows)
     else:
         write_grid_configs(run, family, train_overrides)
         results = train(run.root, ",".join(train_names), parallel=parallel, overrides=steps) if train_names else []
@@ -239,6 +253,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on cached lower-layer outputs, a rating head; scoring mode)")
     parser.add_argument("--label", default=None,
                         help="(--path trunk) name for this set of --train-set overrides: cells become trunk-LABEL-<cell>")
+    parser.add_argument("--train-rows", default=None, metavar="N|all",
+                        help="(--path trunk) training rows: N for single_min/max (each persona: its share of N), or "
+                             "all; default: the paper's sizes (single_min/max: the smallest/largest persona's rows)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of every training config (repeatable)")
@@ -249,7 +266,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
     out = run_grid(args.run, args.family, args.max_steps, args.mode, args.eval_overrides, args.train_overrides,
-                   args.n_boot, cells, args.parallel, args.path, args.label)
+                   args.n_boot, cells, args.parallel, args.path, args.label, args.train_rows)
     for variant, status in out["trained"].items():
         print(f"train {variant}: {status}")
     for variant, status in out["evaluated"].items():
