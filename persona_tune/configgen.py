@@ -144,9 +144,11 @@ def apply_overrides(cfg, overrides: list[str], source) -> "DictConfig":  # noqa:
         value = OmegaConf.from_dotlist([item]) if text else OmegaConf.create()
         new = OmegaConf.select(value, key, default=None)
         old = OmegaConf.select(cfg, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
+        # The frozen-trunk recipe (configs with adapted_layers) also runs 0 epochs: the closed-form head alone.
+        least = 0 if key == "epochs" and "adapted_layers" in cfg else 1
         if _type_mismatch(old, new) or (key.rpartition(".")[2] in POSITIVE_INT_KEYS and new is not None
-                                        and not (type(new) is int and new >= 1)):
-            want = "a whole number >= 1" if key.rpartition(".")[2] in POSITIVE_INT_KEYS else type(old).__name__
+                                        and not (type(new) is int and new >= least)):
+            want = f"a whole number >= {least}" if key.rpartition(".")[2] in POSITIVE_INT_KEYS else type(old).__name__
             raise ConfigError(f"{key} must be {want}, got {text!r} (in {item!r})")
         cfg = OmegaConf.merge(cfg, value)
     return cfg
@@ -171,8 +173,8 @@ def render_config(template: Path, settings: dict, overrides: list[str]) -> str:
     from omegaconf.errors import OmegaConfBaseException
 
     cfg = OmegaConf.load(template)
-    for key, value in settings.items():
-        cfg[key] = value
+    for key, value in settings.items():  # dotted keys reach nested ones (e.g. head.init)
+        OmegaConf.update(cfg, key, value, merge=True)
     cfg = apply_overrides(cfg, overrides, f"the template {template}")
     try:  # every interpolation must resolve, or the recipe would fail later
         OmegaConf.to_container(cfg, resolve=True)

@@ -122,8 +122,9 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
         variant = f"{prefix}{name}"
         settings = {"run_dir": str(run.root), "persona": spec["persona"], "subsample": spec["subsample"],
                     "memory": MEMORY_TAGS[tag], "output_dir": str(run.adapters_dir / variant)}
-        extra = parse_overrides(["epochs=0", "head.init=none"]) if base == "prompted" else None
-        text = render_config(template, settings, parsed if extra is None else _merged(parsed, extra))
+        if base == "prompted":  # the base model: nothing trained, no head
+            settings |= {"epochs": 0, "head.init": "none"}
+        text = render_config(template, settings, parsed)
         header = (f"# {variant}: written by `persona-tune grid --path trunk` from {family}_trunk/{template.stem}"
                   f" ({spec['n_train_rows']} training rows).\n# Run: tune run lora_frozen_trunk --config "
                   f"{run.configs_dir / (variant + '.yaml')}\n")
@@ -135,12 +136,6 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
             atomic_write_text(target, header + text)
         written.append(variant)
     return written
-
-
-def _merged(a, b):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.merge(a, b)
 
 
 def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: int) -> None:
