@@ -9,9 +9,10 @@ evaluate it on the run's test rows from the same kind of cache.
 Steps (persona_tune.trunk has the pieces and explains the design):
 1. setup: the base model through the config's checkpointer and LoRA builder; the split at the top
    ``adapted_layers`` layers; LoRA of those layers and the rating head are the only trainable weights.
-2. rows: the variant's training rows (persona, subsample, memory, prompt template, as
-   persona_tune.datasets builds them) and the test rows (``eval.max_rows`` drawn over all users with
-   ``eval.seed``, then this variant's users, so every cell of a run scores the same rows).
+2. rows: the training rows (``subsample`` rows drawn over all users with ``seed``, then this
+   variant's ``persona``; memory and prompt template as persona_tune.datasets builds them) and the
+   test rows (``eval.max_rows`` drawn over all users with ``eval.seed``, then the persona's users):
+   variants of a run with the same numbers see the same rows.
 3. trunk cache: the lower layers run once per prompt prefix and row, into ``trunk_cache.dir``
    (shared by every variant of the run; rows already there are not recomputed).
 4. head: ``head.init: closed_form`` fits the rating head on the frozen features of the training rows.
@@ -120,14 +121,14 @@ class FrozenTrunkRecipe:
     def rows(self, split: str) -> pd.DataFrame:
         cfg = self.cfg
         common = dict(memory=cfg.memory, template=cfg.prompt_template, state_numbers=bool(cfg.state_numbers))
-        if split == "train":
-            rows = load_prompt_rows(cfg.run_dir, split="train", persona=cfg.persona, subsample=cfg.subsample,
-                                    seed=cfg.seed, **common)
-        else:
-            rows = load_prompt_rows(cfg.run_dir, split="test", subsample=cfg.eval.max_rows, seed=cfg.eval.seed,
-                                    **common)
-            if cfg.persona is not None:
-                rows = rows[rows["persona"] == int(cfg.persona)].reset_index(drop=True)
+        # Rows are drawn over all users, then this variant's persona kept: every variant of a run that
+        # asks for the same number of rows sees the same rows (and the trunk cache already holds them).
+        subsample, seed = (cfg.subsample, cfg.seed) if split == "train" else (cfg.eval.max_rows, cfg.eval.seed)
+        rows = load_prompt_rows(cfg.run_dir, split=split, subsample=subsample, seed=seed, **common)
+        if cfg.persona is not None:
+            rows = rows[rows["persona"] == int(cfg.persona)].reset_index(drop=True)
+            if rows.empty:
+                raise PersonaTuneError(f"persona {cfg.persona} has no {split} rows in {cfg.run_dir}")
         rows["prompt"] = [encode_prompt(self.fit, p, self.answer) for p in rows["parts"]]
         return rows.drop(columns=["parts"])
 

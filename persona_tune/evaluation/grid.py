@@ -98,7 +98,8 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
                         train_rows: str | None = None) -> list[str]:
     """RUN/configs/<prefix><variant>-<tag>.yaml for the frozen-trunk recipe; `prompted-<tag>` is the
     base model (no training, no head). ``train_rows``: "all" (every training row of the variant's
-    users) or N (single_*: N rows over all users; persona_k: its share of N); None: the paper's sizes.
+    users) or N (N rows drawn over all users; persona_k trains on its users' share of those N rows);
+    None: the paper's sizes.
     A config whose text changed is rewritten and its adapter's train_summary.json removed, so `train`
     redoes it."""
     from persona_tune.train import SUMMARY
@@ -111,9 +112,9 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
     for spec in variants.values():
         if train_rows == "all":
             spec.update(subsample=None, n_train_rows=total if spec["persona"] is None else spec["n_train_rows"])
-        elif train_rows is not None:
-            n = int(train_rows) if spec["persona"] is None else round(int(train_rows) * spec["n_train_rows"] / total)
-            spec.update(subsample=n, n_train_rows=n)
+        elif train_rows is not None:  # the trunk recipe draws subsample rows over all users, then the persona's
+            share = int(train_rows) if spec["persona"] is None else round(int(train_rows) * spec["n_train_rows"] / total)
+            spec.update(subsample=int(train_rows), n_train_rows=share)
     written = []
     for name in names:
         base, tag = name.rsplit("-", 1)
