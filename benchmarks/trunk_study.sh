@@ -16,27 +16,25 @@ for stage in $STAGES; do case $stage in
 main)
   # The base model (no adapter, no head).
   "${GRID[@]}" --cells prompted-ms
-  # Learning curve, M_s: theta_single on N training rows drawn over all users; at 4,000 rows also the
-  # closed-form head alone (no LoRA training); with all rows theta_single and theta_persona.
-  for n in 1000 4000; do
-    "${GRID[@]}" --label n$n --cells single_max-ms --train-rows $n
-  done
-  "${GRID[@]}" --label n4000-probe --cells single_max-ms --train-rows 4000 --train-set epochs=0
-  "${GRID[@]}" --label nall --cells single_max-ms,persona-ms --train-rows all
+  # 1,000 training rows (M_s, compact prompt with the stated numbers, top 4 layers):
+  # the LM alone (head on the final features), and the head that also reads the stated numbers;
+  # each with LoRA training (2 epochs) and as its closed-form start alone (0 epochs).
+  "${GRID[@]}" --label n1000 --train-rows 1000 --cells single_max-ms
+  "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_max-ms,persona-ms \
+      --train-set head.prior=stated --train-set eval.paper_rows=200
+  "${GRID[@]}" --label n1000-probe --train-rows 1000 --cells single_max-ms --train-set epochs=0
+  "${GRID[@]}" --label n1000-prior-probe --train-rows 1000 --cells single_max-ms --train-set epochs=0 \
+      --train-set head.prior=stated
+  # 4,000 training rows: the learning curve's next point.
+  "${GRID[@]}" --label n4000 --train-rows 4000 --cells single_max-ms
+  "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells single_max-ms --train-set head.prior=stated
   ;;
 ablations)
-  # At 4,000 rows (M_s): the objective, the head's start, the adapted layers, the prompt.
-  "${GRID[@]}" --label n4000-ce --cells single_max-ms --train-rows 4000 --train-set objective=ce
-  "${GRID[@]}" --label n4000-zerohead --cells single_max-ms --train-rows 4000 --train-set head.init=zero
-  "${GRID[@]}" --label n4000-nohead-ce --cells single_max-ms --train-rows 4000 --train-set head.init=none \
+  # At 1,000 rows, the LM alone: the paper's objective, and the paper's model (no head, cross-entropy).
+  "${GRID[@]}" --label n1000-ce --train-rows 1000 --cells single_max-ms --train-set objective=ce
+  "${GRID[@]}" --label n1000-nohead-ce --train-rows 1000 --cells single_max-ms --train-set head.init=none \
       --train-set objective=ce
-  "${GRID[@]}" --label n4000-nonumbers --cells single_max-ms --train-rows 4000 --train-set state_numbers=false
-  "${GRID[@]}" --label n4000-top8 --cells single_max-ms --train-rows 4000 --train-set adapted_layers=8
-  # Memory: M_s+M_l, the base model and at 1,000 and 4,000 rows.
-  "${GRID[@]}" --cells prompted-msml
-  for n in 1000 4000; do
-    "${GRID[@]}" --label n$n --cells single_max-msml --train-rows $n
-  done
+  "${GRID[@]}" --label n1000-zerohead --train-rows 1000 --cells single_max-ms --train-set head.init=zero
   ;;
 report)
   persona-tune report --run "$RUN" --json-out docs/results/ml1m-smollm2.json

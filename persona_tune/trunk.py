@@ -51,6 +51,7 @@ from persona_tune.runfolder import atomic_path, atomic_write_json
 HEAD_FILE = "rating_head.pt"  # beside adapter_model.pt in epoch_N/
 OBJECTIVES = ("ce", "mse", "ce+mse")
 HEAD_INITS = ("closed_form", "zero", "none")
+HEAD_PRIORS = ("none", "stated")
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -175,16 +176,46 @@ class TrunkCache:
 
 
 class RatingHead(nn.Module):
-    """A learned linear correction to the logits of the five rating tokens (see the module docstring)."""
+    """A learned linear correction to the logits of the five rating tokens (see the module docstring).
 
-    def __init__(self, dim: int, rating_ids: Sequence[int]):
+    With ``n_prior`` > 0 the correction also reads each row's stated numbers (prior_features: the
+    prior item average + user offset, and the item average), as given in the prompt: ``head.prior:
+    stated``. Missing numbers (an item nobody rated) take the training rows' mean (``prior_fill``).
+    """
+
+    def __init__(self, dim: int, rating_ids: Sequence[int], n_prior: int = 0):
         super().__init__()
         self.register_buffer("rating_ids", torch.tensor(list(rating_ids), dtype=torch.long), persistent=False)
         self.weight = nn.Parameter(torch.zeros(len(rating_ids), dim))
         self.bias = nn.Parameter(torch.zeros(len(rating_ids)))
+        self.prior_weight = nn.Parameter(torch.zeros(len(rating_ids), n_prior))
+        self.register_buffer("prior_fill", torch.zeros(n_prior))
 
-    def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return logits.index_add(1, self.rating_ids, h @ self.weight.T + self.bias)
+    @property
+    def n_prior(self) -> int:
+        return self.prior_weight.shape[1]
+
+    def forward(self, h: torch.Tensor, logits: torch.Tensor, priors: torch.Tensor | None = None) -> torch.Tensor:
+        delta = h @ self.weight.T + self.bias
+        if self.n_prior:
+            if priors is None or priors.shape != (h.shape[0], self.n_prior):
+                raise ConfigError(f"this rating head reads the stated numbers of each row ({self.n_prior} per row); "
+                                  "evaluate it with prompts that state them (state_numbers: True)")
+            priors = torch.where(torch.isnan(priors), self.prior_fill.to(priors.dtype), priors)
+            delta = delta + priors.to(h.dtype) @ self.prior_weight.T
+        return logits.index_add(1, self.rating_ids, delta.to(logits.dtype))
+
+
+N_PRIOR = 2
+
+
+def prior_features(parts: Sequence) -> np.ndarray:
+    """[n, 2] per row from its PromptParts: (item average + user offset, item average); NaN when unstated."""
+    out = np.full((len(parts), N_PRIOR), np.nan)
+    for i, p in enumerate(parts):
+        if p.item_avg is not None:
+            out[i] = (p.item_avg + (p.user_offset or 0.0), p.item_avg)
+    return out
 
 
 @dataclass
@@ -237,27 +268,29 @@ class HeadedOutput(nn.Module):
         self.inner = output
         self.head = head
         self.enabled = True  # generation turns it off after the answer token (it rates the answer only)
+        self.row_priors: torch.Tensor | None = None  # the batch's stated numbers, for a head that reads them
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.inner(h)
         if not self.enabled:
             return logits
-        flat = self.head(h.reshape(-1, h.shape[-1]), logits.reshape(-1, logits.shape[-1]).float())
+        flat = self.head(h.reshape(-1, h.shape[-1]), logits.reshape(-1, logits.shape[-1]).float(), self.row_priors)
         return flat.to(logits.dtype).reshape(logits.shape)
 
 
 def load_rating_head(path: str | Path, dim: int) -> RatingHead:
     """A saved rating_head.pt (weight, bias; rating_ids are stored beside them)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    head = RatingHead(dim, state["rating_ids"].tolist())
+    n_prior = state["prior_weight"].shape[1] if "prior_weight" in state else 0
+    head = RatingHead(dim, state["rating_ids"].tolist(), n_prior)
     head.load_state_dict({k: v for k, v in state.items() if k != "rating_ids"})
     return head
 
 
-def top_forward(model: nn.Module, split: int, trees: Trees,
-                head: RatingHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def top_forward(model: nn.Module, split: int, trees: Trees, head: RatingHead | None = None,
+                priors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The adapted layers over a batch of trees; returns (logits [n, V] at each row's answer position,
-    the normed features [n, D] there), rows in the order of ``trees.answers``."""
+    the normed features [n, D] there), rows in the order of ``trees.answers`` (``priors`` too)."""
     h = trees.states
     for layer in model.layers[split:]:
         h = layer(h, mask=trees.mask, input_pos=trees.positions)
@@ -265,7 +298,7 @@ def top_forward(model: nn.Module, split: int, trees: Trees,
     h = model.norm(h[at[:, 0], at[:, 1]])
     logits = model.output(h).float()
     if head is not None:
-        logits = head(h, logits)
+        logits = head(h, logits, priors)
     return logits, h
 
 
@@ -301,15 +334,16 @@ def tree_batches(users: Sequence[int], rows_per_tree: int, trees_per_step: int, 
 
 @torch.no_grad()
 def features_and_logits(model: nn.Module, split: int, load_trees, steps: Sequence[Sequence[Sequence[int]]],
-                        n_rows: int, rating_ids: torch.Tensor,
-                        head: RatingHead | None = None) -> tuple[np.ndarray, np.ndarray]:
+                        n_rows: int, rating_ids: torch.Tensor, head: RatingHead | None = None,
+                        priors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Normed answer-position features [n, D], and per row the logits of the five rating tokens plus,
     as a sixth column, the log of the rest of the vocabulary's mass [n, 6]. ``load_trees(step)``
     makes the Trees of one step of ``steps`` (tree_batches without shuffling)."""
     f = z = None
     for step in steps:
-        out, h = top_forward(model, split, load_trees(step), head)
         idx = [r for tree in step for r in tree]
+        out, h = top_forward(model, split, load_trees(step), head,
+                             None if priors is None else torch.from_numpy(priors[idx]))
         if f is None:
             f = np.zeros((n_rows, h.shape[1]), dtype=np.float32)
             z = np.zeros((n_rows, 6), dtype=np.float64)
@@ -322,27 +356,41 @@ def features_and_logits(model: nn.Module, split: int, load_trees, steps: Sequenc
 
 
 def fit_head_closed_form(head: RatingHead, output_weight: torch.Tensor, features: np.ndarray, ratings: np.ndarray,
-                         base: np.ndarray, users: np.ndarray, l2_grid: Sequence[float] = (0.01, 0.1, 1.0),
-                         digit_mass: float = 0.9, seed: int = 0) -> dict:
+                         base: np.ndarray, users: np.ndarray, l2_grid: Sequence[float] = (1.0, 100.0, 10000.0),
+                         digit_mass: float = 0.9, seed: int = 0, priors: np.ndarray | None = None,
+                         prior_scale: float = 10.0) -> dict:
     """Set the head so that the rating tokens' logits equal a multinomial logistic regression of the
-    rating on the features, shifted so the five carry about ``digit_mass`` of the next-token mass.
+    rating on the features (and the stated numbers, for a head that reads them), shifted so the five
+    carry about ``digit_mass`` of the next-token mass.
 
-    The L2 weight (sklearn's C = 1 / l2) is chosen by the RMSE of the expected rating on a fifth of
-    the users held out; the final fit uses every row. ``base``: features_and_logits' [n, 6] logits.
+    Features are standardized; the stated numbers are scaled up by ``prior_scale`` after that, so
+    their L2 penalty is ``prior_scale``² times weaker than the features' (two well-known numbers
+    against hundreds of weak directions). The L2 weight (sklearn's C = 1 / l2) is chosen by the RMSE
+    of the expected rating on a fifth of the users held out; the final fit uses every row.
+    ``base``: features_and_logits' [n, 6] logits of the base model.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
 
     ratings = ratings.astype(int)
-    scaler = StandardScaler().fit(features)
-    x = scaler.transform(features)
+    columns = [features.astype(np.float64)]
+    if head.n_prior:
+        fill = np.nanmean(priors, axis=0)
+        priors = np.where(np.isnan(priors), fill, priors)
+        columns.append(priors)
+        with torch.no_grad():
+            head.prior_fill.copy_(torch.from_numpy(fill))
+    z = np.hstack(columns)
+    mean, scale = z.mean(0), z.std(0) + 1e-8
+    if head.n_prior:
+        scale[-head.n_prior:] /= prior_scale
+    x = (z - mean) / scale
     rng = np.random.default_rng(seed)
     unique = np.unique(users)
     held = np.isin(users, rng.choice(unique, size=max(1, len(unique) // 5), replace=False)) if len(unique) > 4 \
         else np.zeros(len(users), dtype=bool)
 
     def fit(c: float, mask: np.ndarray) -> LogisticRegression:
-        return LogisticRegression(C=c, max_iter=300).fit(x[mask], ratings[mask])
+        return LogisticRegression(C=c, max_iter=500).fit(x[mask], ratings[mask])
 
     def rmse(model: LogisticRegression, mask: np.ndarray) -> float:
         expected = model.predict_proba(x[mask]) @ model.classes_.astype(float)
@@ -363,14 +411,16 @@ def fit_head_closed_form(head: RatingHead, output_weight: torch.Tensor, features
             intercept[cls - 1] = model.intercept_[0] * (k * 2 - 1) / 2
         else:
             coef[cls - 1], intercept[cls - 1] = model.coef_[k], model.intercept_[k]
-    weight = coef / scaler.scale_  # on raw features
-    bias = intercept - weight @ scaler.mean_
-    target = features.astype(np.float64) @ weight.T + bias  # [n, 5]
+    weight = coef / scale  # on raw features and numbers
+    bias = intercept - weight @ mean
+    target = z @ weight.T + bias  # [n, 5]
     lse_target = np.logaddexp.reduce(target, axis=1)
     shift = float(np.median(base[:, 5] - lse_target) + math.log(digit_mass / (1 - digit_mass)))
+    dim = features.shape[1]
     rating_rows = output_weight[head.rating_ids].double().numpy()
     with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(weight - rating_rows).to(head.weight.dtype))
+        head.weight.copy_(torch.from_numpy(weight[:, :dim] - rating_rows).to(head.weight.dtype))
         head.bias.copy_(torch.from_numpy(bias + shift).to(head.bias.dtype))
+        if head.n_prior:
+            head.prior_weight.copy_(torch.from_numpy(weight[:, dim:]).to(head.prior_weight.dtype))
     return {"l2": l2, "validation_rmse": scores, "train_rmse": rmse(model, np.ones(len(ratings), dtype=bool))}
-

@@ -24,7 +24,8 @@ Steps (persona_tune.trunk has the pieces and explains the design):
 6. save: ``epoch_N/adapter_model.pt`` (torchtune's LoRA state, every layer; the frozen layers' LoRA
    stays zero) and ``epoch_N/rating_head.pt``.
 7. evaluate: scoring mode (the five rating tokens' probabilities at the answer position) on the
-   test rows; ``predictions.parquet`` in ``output_dir`` with the columns of persona_eval.
+   test rows from the cache, and the paper's mode (generate, then the regex) on ``eval.paper_rows``
+   of them through the whole model; ``predictions.parquet`` in ``output_dir`` with persona_eval's columns.
 """
 
 import hashlib
@@ -43,19 +44,31 @@ from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 
 from persona_tune.datasets import FitToLength
 from persona_tune.errors import PersonaTuneError
-from persona_tune.evaluation.predict import PROB_COLUMNS, RATING_VALUES, answer_tokens, encode_prompt
-from persona_tune.prompts import load_prompt_rows
+from persona_tune.evaluation.predict import (
+    PROB_COLUMNS,
+    RATING_VALUES,
+    GenerationConfig,
+    RatingPredictor,
+    answer_tokens,
+    encode_prompt,
+    predict_rows,
+)
+from persona_tune.prompts import load_prompt_rows, subsample_per_user
 from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_parquet, file_sha256
 from persona_tune.trunk import (
     HEAD_FILE,
     HEAD_INITS,
+    HEAD_PRIORS,
+    N_PRIOR,
     OBJECTIVES,
+    HeadedOutput,
     RatingHead,
     TrunkCache,
     check_choice,
     features_and_logits,
     fit_head_closed_form,
     make_trees,
+    prior_features,
     rating_loss,
     split_layer,
     top_forward,
@@ -81,6 +94,10 @@ class FrozenTrunkRecipe:
         training.set_seed(seed=cfg.seed)
         self.objective = check_choice("objective", cfg.objective, OBJECTIVES)
         self.head_init = check_choice("head.init", cfg.head.init, HEAD_INITS)
+        self.head_prior = check_choice("head.prior", cfg.head.get("prior", "none"), HEAD_PRIORS)
+        if self.head_prior == "stated" and (self.head_init == "none" or not cfg.state_numbers):
+            raise PersonaTuneError("head.prior: stated needs a head (head.init) and prompts that state the numbers "
+                                   "(state_numbers: True)")
         self.run = RunFolder(cfg.run_dir)
         self.output_dir = Path(cfg.output_dir)
         self.progress = bool(cfg.get("progress", True))
@@ -108,7 +125,8 @@ class FrozenTrunkRecipe:
             p.requires_grad_(True)
         self.head = None
         if self.head_init != "none":
-            self.head = RatingHead(self.model.norm.scale.shape[0], self.answer.rating_ids).to(self._device)
+            n_prior = N_PRIOR if self.head_prior == "stated" else 0
+            self.head = RatingHead(self.model.norm.scale.shape[0], self.answer.rating_ids, n_prior).to(self._device)
             self.trainable |= {f"head.{k}": p for k, p in self.head.named_parameters()}
 
         files = [Path(cfg.checkpointer.checkpoint_dir) / f for f in cfg.checkpointer.checkpoint_files]
@@ -130,7 +148,7 @@ class FrozenTrunkRecipe:
             if rows.empty:
                 raise PersonaTuneError(f"persona {cfg.persona} has no {split} rows in {cfg.run_dir}")
         rows["prompt"] = [encode_prompt(self.fit, p, self.answer) for p in rows["parts"]]
-        return rows.drop(columns=["parts"])
+        return rows
 
     # ------------------------------------------------------------------ 3. trunk cache
     def build_cache(self, rows: pd.DataFrame, what: str) -> None:
@@ -154,10 +172,15 @@ class FrozenTrunkRecipe:
         return tree_batches(rows["user_id"].tolist(), int(self.cfg.rows_per_tree), int(self.cfg.trees_per_step),
                             int(self.cfg.seed), epoch, shuffle)
 
+    def priors(self, rows: pd.DataFrame) -> np.ndarray | None:
+        """The rows' stated numbers, for a head that reads them (head.prior: stated)."""
+        return prior_features(list(rows["parts"])) if self.head is not None and self.head.n_prior else None
+
     def read_out(self, rows: pd.DataFrame):
         """Features and rating logits of every row (features_and_logits), in row order."""
         return features_and_logits(self.model, self.split, lambda step: self.trees(rows, step),
-                                   self.steps(rows, shuffle=False), len(rows), self.rating_ids, head=self.head)
+                                   self.steps(rows, shuffle=False), len(rows), self.rating_ids, head=self.head,
+                                   priors=self.priors(rows))
 
     # ------------------------------------------------------------------ 4. head
     def init_head(self, train: pd.DataFrame) -> dict:
@@ -172,7 +195,7 @@ class FrozenTrunkRecipe:
             else self.model.output.weight
         info = fit_head_closed_form(self.head, output_weight.detach(), features, train["rating"].to_numpy(),
                                     base, train["user_id"].to_numpy(), l2_grid=tuple(self.cfg.head.l2_grid),
-                                    seed=self.cfg.seed)
+                                    seed=self.cfg.seed, priors=self.priors(train))
         info["seconds"] = round(time.perf_counter() - start, 2)
         log.info(f"rating head fitted in closed form: {info}")
         return {"init": self.head_init, **info}
@@ -224,14 +247,16 @@ class FrozenTrunkRecipe:
 
         save_every = int(cfg.get("save_every_n_steps") or 0)
         losses = []
+        priors = self.priors(train)
         while epoch < epochs and params:
             self.model.train()
             batches = self.steps(train, epoch)[:per_epoch]
             for i in range(step, len(batches)):
                 start = time.perf_counter()
                 trees = self.trees(train, batches[i])
-                logits, _ = top_forward(self.model, self.split, trees, self.head)
                 rows = [r for tree in batches[i] for r in tree]
+                logits, _ = top_forward(self.model, self.split, trees, self.head,
+                                        None if priors is None else torch.from_numpy(priors[rows]))
                 ratings = torch.tensor(train["rating"].to_numpy()[rows], dtype=torch.long)
                 loss = rating_loss(logits, ratings, self.rating_ids, self.objective)
                 loss.backward()
@@ -286,12 +311,31 @@ class FrozenTrunkRecipe:
         out["rating_mass"] = torch.exp(torch.logsumexp(digits, dim=-1) - every).numpy()
         out["prediction"] = out["expected_rating"]
         out["n_prompt_tokens"] = [len(p) for p in test["prompt"]]
+        if int(self.cfg.eval.get("paper_rows") or 0) > 0:
+            out = pd.concat([out, self.evaluate_paper(test, list(out.columns))], ignore_index=True)
         seconds = time.perf_counter() - start
         log.info(f"evaluated {len(out)} test rows in {seconds:.1f}s: RMSE "
                  f"{np.sqrt(np.mean((out['prediction'] - out['rating']) ** 2)):.4f}, "
                  f"sd of predictions {out['prediction'].std():.3f}")
         self.eval_seconds = seconds
         return out
+
+    def evaluate_paper(self, test: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+        """The paper's mode on ``eval.paper_rows`` of the test rows: the whole model (LoRA and, on the
+        answer token, the rating head) generates ``eval.generation.max_new_tokens`` tokens; the regex
+        parser reads the rating (persona_tune.evaluation.predict)."""
+        rows = subsample_per_user(test, int(self.cfg.eval.paper_rows), int(self.cfg.eval.seed))
+        predictor = RatingPredictor(self.model, self.tokenizer, device=self._device,
+                                    max_seq_len=self.cfg.tokenizer.get("max_seq_len"), progress=self.progress)
+        generation = GenerationConfig(**OmegaConf.to_container(self.cfg.eval.generation, resolve=True))
+        output = self.model.output
+        if self.head is not None:
+            self.model.output = HeadedOutput(output, self.head)
+        try:
+            paper = predict_rows(predictor, rows.drop(columns=["prompt"]), ["paper"], generation)
+        finally:
+            self.model.output = output
+        return paper[columns]
 
     def cleanup(self) -> None:
         self.metric_logger.close()
@@ -319,7 +363,8 @@ def recipe_main(cfg: DictConfig) -> None:
         predictions = recipe.evaluate(test)
         atomic_write_parquet(predictions, recipe.output_dir / PREDICTIONS)
         atomic_write_json(recipe.output_dir / "trunk_summary.json", {
-            "train_rows": 0 if train is None else len(train), "test_rows": len(test), "split_layer": recipe.split,
+            "train_rows": 0 if train is None else len(train), "test_rows": len(test),
+            "paper_rows": int((predictions["mode"] == "paper").sum()), "split_layer": recipe.split,
             "adapted_layers": int(cfg.adapted_layers), "steps": result["steps"], "head": result["head"],
             "cache_dir": str(recipe.cache.dir), "cache_bytes": recipe.cache.size_bytes(),
             "cache": recipe.cache_stats, "eval_seconds": round(recipe.eval_seconds, 2),

@@ -86,7 +86,7 @@ def grid(run, tiny, *args) -> subprocess.CompletedProcess:
 
 def test_grid_trunk_trains_with_tune_run_evaluates_and_invalidates(tiny, tmp_path):
     run = make_persona_run(tmp_path, n_users=6, k=2)
-    out = grid(run, tiny, "--cells", "prompted-ms,single_max-ms")
+    out = grid(run, tiny, "--cells", "prompted-ms,single_max-ms", "--train-set", "eval.paper_rows=4")
     assert "train trunk-single_max-ms: trained" in out.stdout and "eval  trunk-single_max-ms: done" in out.stdout
     adapter = run / "adapters" / "trunk-single_max-ms"
     assert {p.name for p in (adapter / "epoch_1").iterdir()} == {"adapter_model.pt", "rating_head.pt"}
@@ -99,17 +99,21 @@ def test_grid_trunk_trains_with_tune_run_evaluates_and_invalidates(tiny, tmp_pat
     assert summary["split_layer"] == 1 and summary["cache_bytes"] > 0 and summary["steps"] == 4
     preds = pd.read_parquet(run / "eval" / "trunk-single_max-ms" / "predictions.parquet")
     base = pd.read_parquet(run / "eval" / "trunk-prompted-ms" / "predictions.parquet")
-    assert len(preds) == len(base) and preds["prediction"].between(1, 5).all()  # the same test rows
+    scoring = preds[preds["mode"] == "scoring"]
+    assert len(scoring) == len(base[base["mode"] == "scoring"]) and scoring["prediction"].between(1, 5).all()
+    paper = preds[preds["mode"] == "paper"]  # the whole model generates; the head rates the first token
+    assert 0 < len(paper) <= 6 and paper["raw_text"].str.len().gt(0).all() and summary["paper_rows"] == len(paper)
     cells = json.loads((run / "eval" / "results.json").read_text())["cells"]
     assert {c["name"] for c in cells} == {"trunk-prompted-ms", "trunk-single_max-ms"}
     for cell in cells:
         assert set(cell["paired"]) == {"global_mean", "user_mean", "item_mean", "bias"}
         assert all(p["lo"] <= p["diff"] <= p["hi"] for p in cell["paired"].values())
     # The same command again: nothing is retrained and the test rows' trunk outputs are reused.
-    again = grid(run, tiny, "--cells", "single_max-ms")
+    again = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "eval.paper_rows=4")
     assert "train trunk-single_max-ms: skipped" in again.stdout
     # Another prompt template changes the config: it is retrained, on newly computed trunk outputs.
-    changed = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "prompt_template=paper")
+    changed = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "eval.paper_rows=4",
+                   "--train-set", "prompt_template=paper")
     assert "train trunk-single_max-ms: trained" in changed.stdout
     summary = json.loads((adapter / "trunk_summary.json").read_text())
     assert summary["cache"]["train"]["rows_computed"] >= summary["train_rows"] > 0

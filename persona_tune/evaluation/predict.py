@@ -354,6 +354,7 @@ class RatingPredictor:
     share_prefix: bool = True  # run each user's shared prompt prefix once
     progress: bool = True
     stats: PredictStats = field(default_factory=PredictStats)
+    row_priors: np.ndarray | None = None  # per prompt, for a rating head that reads the stated numbers
 
     def __post_init__(self):
         self.answer = answer_tokens(self.tokenizer)
@@ -386,6 +387,8 @@ class RatingPredictor:
                     self.stats.tokens_processed += len(prefixes[g])
                     self.stats.forward_passes += bool(prefixes[g])
             kv = [cached[g] for g in batch.groups]
+            if self.row_priors is not None:  # a rating head that reads each row's stated numbers
+                self.model.output.row_priors = torch.from_numpy(self.row_priors[batch.rows])
             self.stats.tokens_processed += decode_batch(
                 self.model, kv, batch.suffixes, step_for(batch), max_new_tokens, self.device
             )
@@ -568,6 +571,11 @@ def predict_rows(predictor: RatingPredictor, rows: pd.DataFrame, modes: Sequence
     """
     prompts = predictor.encode(rows["parts"])
     groups = rows["user_id"].tolist()
+    head = getattr(getattr(predictor.model, "output", None), "head", None)
+    if getattr(head, "n_prior", 0):  # a frozen-trunk rating head that reads the rows' stated numbers
+        from persona_tune.trunk import prior_features
+
+        predictor.row_priors = prior_features(list(rows["parts"]))
     base = rows.drop(columns=["parts"]).reset_index(drop=True)
     base["n_prompt_tokens"] = [len(p) for p in prompts]
     blocks = []
