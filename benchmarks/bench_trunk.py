@@ -155,7 +155,7 @@ def main() -> int:
 
         def score_cell():
             with torch.no_grad():
-                for step in tree_batches(test_users, 8, 4, seed=0, shuffle=False):
+                for step in tree_batches(test_users, 64, 1, seed=0, shuffle=False):  # as the recipe's eval
                     trees = make_trees([cache.tree(test_users[t[0]], [test_prompts[i] for i in t]) for t in step])
                     top_forward(model, split, trees, head)
 

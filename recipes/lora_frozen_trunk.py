@@ -168,9 +168,10 @@ class FrozenTrunkRecipe:
         prompts, users = rows["prompt"], rows["user_id"]
         return make_trees([self.cache.tree(users.iat[t[0]], [prompts.iat[i] for i in t], self._dtype) for t in step])
 
-    def steps(self, rows: pd.DataFrame, epoch: int = 0, shuffle: bool = True) -> list[list[list[int]]]:
-        return tree_batches(rows["user_id"].tolist(), int(self.cfg.rows_per_tree), int(self.cfg.trees_per_step),
-                            int(self.cfg.seed), epoch, shuffle)
+    def steps(self, rows: pd.DataFrame, epoch: int = 0, shuffle: bool = True,
+              rows_per_tree: int | None = None) -> list[list[list[int]]]:
+        return tree_batches(rows["user_id"].tolist(), rows_per_tree or int(self.cfg.rows_per_tree),
+                            int(self.cfg.trees_per_step), int(self.cfg.seed), epoch, shuffle)
 
     def priors(self, rows: pd.DataFrame) -> np.ndarray | None:
         """The rows' stated numbers, for a head that reads them (head.prior: stated)."""
@@ -178,8 +179,10 @@ class FrozenTrunkRecipe:
 
     def read_out(self, rows: pd.DataFrame):
         """Features and rating logits of every row (features_and_logits), in row order."""
+        # No gradients here: bigger trees (eval.rows_per_tree, default 64) run each user's prefix fewer times.
+        steps = self.steps(rows, shuffle=False, rows_per_tree=int(self.cfg.eval.get("rows_per_tree", 64)))
         return features_and_logits(self.model, self.split, lambda step: self.trees(rows, step),
-                                   self.steps(rows, shuffle=False), len(rows), self.rating_ids, head=self.head,
+                                   steps, len(rows), self.rating_ids, head=self.head,
                                    priors=self.priors(rows))
 
     # ------------------------------------------------------------------ 4. head
