@@ -178,3 +178,30 @@ def test_paired_rmse_diff_by_hand():
     assert same["diff"] == same["lo"] == same["hi"] == 0.0
     gap = paired_rmse_diff(df.assign(b=np.nan), "a", "b")
     assert gap["n"] == 0 and np.isnan(gap["diff"])
+
+
+def test_a_head_that_reads_the_stated_numbers():
+    from persona_tune.prompts import PromptParts
+    from persona_tune.trunk import N_PRIOR, prior_features
+
+    parts = [PromptParts(item="a", item_avg=3.5, user_offset=-0.5), PromptParts(item="b")]
+    np.testing.assert_array_equal(prior_features(parts)[0], [3.0, 3.5])
+    assert np.isnan(prior_features(parts)[1]).all()
+    rng = np.random.default_rng(1)
+    n, dim = 800, 8
+    features = rng.normal(size=(n, dim)).astype(np.float32)  # noise: the rating follows the numbers only
+    prior = rng.uniform(1.5, 4.5, size=n)
+    priors = np.c_[prior, prior + rng.normal(scale=0.1, size=n)]
+    ratings = np.clip(np.round(prior + rng.normal(scale=0.6, size=n)), 1, 5).astype(int)
+    priors[:5] = np.nan  # unstated numbers take the training mean
+    head = RatingHead(dim, [0, 1, 2, 3, 4], N_PRIOR)
+    info = fit_head_closed_form(head, torch.zeros(5, dim), features, ratings, np.zeros((n, 6)),
+                                np.repeat(np.arange(40), n // 40), l2_grid=(1.0, 100.0), priors=priors)
+    assert head.prior_weight.abs().sum() > 0 and info["train_rmse"] < 0.8
+    np.testing.assert_allclose(head.prior_fill.numpy(), np.nanmean(priors, axis=0))
+    with torch.no_grad():
+        out = head(torch.from_numpy(features), torch.zeros(n, 5), torch.from_numpy(priors))
+    expected = torch.softmax(out.double(), dim=-1).numpy() @ np.arange(1, 6)
+    assert np.corrcoef(expected[5:], prior[5:])[0, 1] > 0.9
+    with pytest.raises(ConfigError, match="stated numbers"):
+        head(torch.from_numpy(features), torch.zeros(n, 5))
