@@ -7,7 +7,7 @@
 set -euo pipefail
 RUN=${1:-runs/ml1m}
 shift || true
-STAGES=${*:-"main ablations"}
+STAGES=${*:-"main ablations more report"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 GRID=(persona-tune grid --run "$RUN" --family smollm2 --path trunk --n-boot 1000)
 # Every cell scores the same 2,000 test rows (eval.max_rows, drawn over all users with eval.seed 0).
@@ -16,25 +16,30 @@ for stage in $STAGES; do case $stage in
 main)
   # The base model (no adapter, no head).
   "${GRID[@]}" --cells prompted-ms
-  # 1,000 training rows (M_s, compact prompt with the stated numbers, top 4 layers):
-  # the LM alone (head on the final features), and the head that also reads the stated numbers;
-  # each with LoRA training (2 epochs) and as its closed-form start alone (0 epochs).
+  # 1,000 training rows (M_s, compact prompt with the stated numbers, top 4 layers): the LM alone
+  # (the head reads the final features), and the head that also reads the stated numbers; each with
+  # LoRA training (2 epochs), and its closed-form start alone (0 epochs).
   "${GRID[@]}" --label n1000 --train-rows 1000 --cells single_max-ms
   "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_max-ms,persona-ms \
       --train-set head.prior=stated --train-set eval.paper_rows=200
   "${GRID[@]}" --label n1000-probe --train-rows 1000 --cells single_max-ms --train-set epochs=0
   "${GRID[@]}" --label n1000-prior-probe --train-rows 1000 --cells single_max-ms --train-set epochs=0 \
       --train-set head.prior=stated
-  # 4,000 training rows: the learning curve's next point.
-  "${GRID[@]}" --label n4000 --train-rows 4000 --cells single_max-ms
-  "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells single_max-ms --train-set head.prior=stated
+  # The learning curve below and above: 250 and 4,000 rows.
+  "${GRID[@]}" --label n250 --train-rows 250 --cells single_max-ms
+  "${GRID[@]}" --label n250-prior --train-rows 250 --cells single_max-ms --train-set head.prior=stated
   ;;
 ablations)
-  # At 1,000 rows, the LM alone: the paper's objective, and the paper's model (no head, cross-entropy).
+  # At 1,000 rows, the LM alone: the paper's objective, the paper's model (no head, cross-entropy),
+  # and a head that starts at zero.
   "${GRID[@]}" --label n1000-ce --train-rows 1000 --cells single_max-ms --train-set objective=ce
   "${GRID[@]}" --label n1000-nohead-ce --train-rows 1000 --cells single_max-ms --train-set head.init=none \
       --train-set objective=ce
   "${GRID[@]}" --label n1000-zerohead --train-rows 1000 --cells single_max-ms --train-set head.init=zero
+  ;;
+more)
+  "${GRID[@]}" --label n4000 --train-rows 4000 --cells single_max-ms
+  "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells single_max-ms --train-set head.prior=stated
   ;;
 report)
   persona-tune report --run "$RUN" --json-out docs/results/ml1m-smollm2.json
