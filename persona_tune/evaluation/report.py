@@ -307,6 +307,56 @@ def plot_training_size(run: RunFolder, out: Path) -> Path | None:
     return out / "training_size.png"
 
 
+def learning_curve_points(run: RunFolder, cells: list[dict]) -> dict[str, list[tuple[int, dict]]]:
+    """Frozen-trunk cells in series by what they are, each point (training rows, paired cell), e.g.
+    "single_max-ms" for trunk-n250-, trunk-n1000-... The label's n<rows> part places the point."""
+    import re
+
+    by_name = {c["name"]: c for c in cells if c["mode"] == "scoring"}
+    series: dict[str, list[tuple[int, dict]]] = {}
+    for path in sorted(run.eval_dir.glob("trunk*/metrics.json")):
+        data = json.loads(path.read_text())
+        name = path.parent.name
+        trunk = data.get("trunk") or {}
+        rows = sum(v.get("train_rows", 0) for v in trunk.get("variants", {}).values())
+        if name not in by_name or not rows:
+            continue
+        key = re.sub(r"^trunk-(n\d+-)?", "", name)
+        key = re.sub(r"-?n\d+", "", key) or name
+        series.setdefault(key, []).append((rows, by_name[name]))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in series.items()}
+
+
+def plot_learning_curve(run: RunFolder, out: Path, cells: list[dict]) -> Path | None:
+    """RMSE against training rows for the frozen-trunk cells, with the classical baselines on the same
+    rows (the paper's Figure 3 at this scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = learning_curve_points(run, cells)
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for key, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1]["rmse"] for p in pts], marker="o", label=key)
+    reference = next(iter(series.values()))[0][1]
+    for name, style in (("global_mean", ":"), ("user_mean", "--"), ("item_mean", "-."), ("bias", "-")):
+        value = reference["rmse"] - reference["paired"][name]["diff"]
+        ax.axhline(value, color="grey", linestyle=style, linewidth=1)
+        ax.annotate(BASELINE_NAMES[name].split(" (")[0], (ax.get_xlim()[0], value), fontsize=7, va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("training rows")
+    ax.set_ylabel(f"RMSE on the same {reference['rows']} test rows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Frozen-trunk agents: learning curve")
+    _savefig(fig, out / "learning_curve.png")
+    plt.close(fig)
+    return out / "learning_curve.png"
+
+
 def plot_calibration(run: RunFolder, out: Path) -> Path | None:
     """Mean predicted rating (and its spread) per true rating, per variant and mode."""
     import matplotlib
@@ -401,6 +451,8 @@ def write_report(run_dir, json_out: str | Path | None = None) -> str:
     plots = {name: fn(run, plots_dir) for name, fn in
              (("training_size", plot_training_size), ("elbow", copy_elbow), ("calibration", plot_calibration),
               ("training_curves", plot_training_curves))}
+    paired = paired_cells(run)
+    plots["learning_curve"] = plot_learning_curve(run, plots_dir, paired)
     plots = {k: str(v.relative_to(run.eval_dir)) for k, v in plots.items() if v is not None}
     table = markdown_table(results)
     signal = diagnostics(run)
@@ -414,7 +466,6 @@ def write_report(run_dir, json_out: str | Path | None = None) -> str:
                "Pearson r of each agent's predictions with the truth and with the baselines' predictions on the "
                "same rows. An agent that reads the user's average from M_s follows the user mean; one that reads "
                "the item's historical average follows the item mean.", "", diagnostics_table(signal), ""]
-    paired = paired_cells(run)
     if paired:
         md += ["## Paired comparisons with the classical baselines", "",
                "RMSE(agent) − RMSE(baseline) on each cell's own rows, with a 95% CI from a paired bootstrap over "
