@@ -43,5 +43,8 @@ more)
   ;;
 report)
   persona-tune report --run "$RUN" --json-out docs/results/ml1m-smollm2.json
+  cp "$RUN/eval/report.md" docs/results-ml1m-trunk.md
+  cp "$RUN/eval/plots/learning_curve.png" docs/results-ml1m-learning-curve.png
+  cp "$RUN/eval/plots/calibration.png" docs/results-ml1m-trunk-calibration.png
   ;;
 esac; done

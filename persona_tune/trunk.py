@@ -278,6 +278,16 @@ class HeadedOutput(nn.Module):
         return flat.to(logits.dtype).reshape(logits.shape)
 
 
+def swap_output(model: nn.Module, output) -> object:
+    """Put ``output`` in place of ``model.output`` and return the old one. torchtune's TiedLinear (tied
+    embeddings, e.g. SmolLM2) is not a Module, so plain assignment cannot switch between the two."""
+    old = model.output
+    model._modules.pop("output", None)
+    model.__dict__.pop("output", None)
+    setattr(model, "output", output)
+    return old
+
+
 def load_rating_head(path: str | Path, dim: int) -> RatingHead:
     """A saved rating_head.pt (weight, bias; rating_ids are stored beside them)."""
     state = torch.load(path, map_location="cpu", weights_only=True)

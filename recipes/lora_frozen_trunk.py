@@ -71,6 +71,7 @@ from persona_tune.trunk import (
     prior_features,
     rating_loss,
     split_layer,
+    swap_output,
     top_forward,
     tree_batches,
 )
@@ -333,11 +334,11 @@ class FrozenTrunkRecipe:
         generation = GenerationConfig(**OmegaConf.to_container(self.cfg.eval.generation, resolve=True))
         output = self.model.output
         if self.head is not None:
-            self.model.output = HeadedOutput(output, self.head)
+            swap_output(self.model, HeadedOutput(output, self.head))
         try:
             paper = predict_rows(predictor, rows.drop(columns=["prompt"]), ["paper"], generation)
         finally:
-            self.model.output = output
+            swap_output(self.model, output)
         return paper[columns]
 
     def cleanup(self) -> None:

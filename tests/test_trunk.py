@@ -205,3 +205,23 @@ def test_a_head_that_reads_the_stated_numbers():
     assert np.corrcoef(expected[5:], prior[5:])[0, 1] > 0.9
     with pytest.raises(ConfigError, match="stated numbers"):
         head(torch.from_numpy(features), torch.zeros(n, 5))
+
+
+def test_swap_output_handles_tied_embeddings():
+    from torchtune.models.llama3_2 import llama3_2
+
+    from persona_tune.trunk import swap_output
+
+    torch.manual_seed(0)
+    model = llama3_2(vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=16, max_seq_len=32,
+                     intermediate_dim=32, tie_word_embeddings=True)  # output is a TiedLinear, not a Module
+    tied = model.output
+    x = torch.randint(0, 64, (1, 5))
+    before = model(x)
+    head = RatingHead(16, [1, 2, 3, 4, 5])
+    with torch.no_grad():
+        head.bias.fill_(2.0)
+    assert swap_output(model, HeadedOutput(tied, head)) is tied
+    assert torch.allclose(model(x)[..., 1:6], before[..., 1:6] + 2.0, atol=1e-5)
+    swap_output(model, tied)
+    assert model.output is tied and torch.allclose(model(x), before)

@@ -42,10 +42,10 @@ class ModelLoader:
         key = f"{adapter_path}|{merge}"
         if key == self.current:
             return self.model
-        from persona_tune.trunk import HEAD_FILE, HeadedOutput, load_rating_head
+        from persona_tune.trunk import HEAD_FILE, HeadedOutput, load_rating_head, swap_output
 
         if isinstance(self.model.output, HeadedOutput):  # the previous adapter's rating head
-            self.model.output = self.model.output.inner
+            swap_output(self.model, self.model.output.inner)
         missing, unexpected = self.model.load_state_dict(self.base_state, strict=False)
         if unexpected or set(missing) - self.adapter_keys:
             raise ConfigError(
@@ -74,7 +74,7 @@ class ModelLoader:
             head_file = Path(adapter_path).with_name(HEAD_FILE)
             if head_file.is_file():  # a frozen-trunk adapter's rating head (persona_tune.trunk)
                 head = load_rating_head(head_file, self.model.norm.scale.shape[0]).to(self.device, self.dtype)
-                self.model.output = HeadedOutput(self.model.output, head)
+                swap_output(self.model, HeadedOutput(self.model.output, head))
         self.model.to(self.device).eval()
         self.current = key
         return self.model
