@@ -44,6 +44,7 @@ from persona_tune.datasets import FitToLength
 from persona_tune.errors import PersonaTuneError
 from persona_tune.evaluation.predict import PROB_COLUMNS, RATING_VALUES, answer_tokens, encode_prompt
 from persona_tune.prompts import load_prompt_rows
+from persona_tune.runfolder import ITEMS, PREDICTIONS, RATINGS_TEST, RATINGS_TRAIN, TORCHTUNE_CONFIG, TRUNK_SUMMARY
 from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_parquet, file_sha256
 from persona_tune.trunk import (
     HEAD_FILE,
@@ -64,7 +65,6 @@ from persona_tune.trunk import (
 log = utils.get_logger("INFO")
 
 STATE_FILE = "recipe_state.pt"
-PREDICTIONS = "predictions.parquet"
 ADAPTER_FILE = "adapter_model.pt"
 RUNTIME_KEYS = ("num_threads", "progress", "output_dir", "metric_logger", "save_every_n_steps")
 
@@ -87,7 +87,7 @@ class FrozenTrunkRecipe:
 
     # ------------------------------------------------------------------ 1. setup
     def setup(self, cfg: DictConfig) -> None:
-        self.run.require("ratings_train.parquet", "ratings_test.parquet", "items.parquet")
+        self.run.require(RATINGS_TRAIN, RATINGS_TEST, ITEMS)
         checkpointer = config.instantiate(cfg.checkpointer)
         base_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
         with training.set_default_dtype(self._dtype), self._device:
@@ -303,7 +303,7 @@ def recipe_main(cfg: DictConfig) -> None:
     try:
         recipe.setup(cfg=cfg)
         recipe.output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, recipe.output_dir / "torchtune_config.yaml")
+        OmegaConf.save(cfg, recipe.output_dir / TORCHTUNE_CONFIG)
         recipe.cache_stats = {}
         untrained = int(cfg.epochs) == 0 and recipe.head_init != "closed_form"  # e.g. the prompted base model
         train = recipe.rows("train") if not untrained else None
@@ -317,7 +317,7 @@ def recipe_main(cfg: DictConfig) -> None:
         recipe.build_cache(test, "test")
         predictions = recipe.evaluate(test)
         atomic_write_parquet(predictions, recipe.output_dir / PREDICTIONS)
-        atomic_write_json(recipe.output_dir / "trunk_summary.json", {
+        atomic_write_json(recipe.output_dir / TRUNK_SUMMARY, {
             "train_rows": 0 if train is None else len(train), "test_rows": len(test), "split_layer": recipe.split,
             "adapted_layers": int(cfg.adapted_layers), "steps": result["steps"], "head": result["head"],
             "cache_dir": str(recipe.cache.dir), "cache_bytes": recipe.cache.size_bytes(),

@@ -52,3 +52,20 @@ def tiny(tmp_path_factory) -> Path:
     from persona_tune.models.tiny import write_tiny_phi3
 
     return write_tiny_phi3(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, tiny model folder) the evaluation tests share, built once per session
+    (tests/fixtures_runs.py: build_eval_run)."""
+    from tests.fixtures_runs import build_eval_run
+
+    return build_eval_run(tmp_path_factory.mktemp("eval_run"))
+
+
+@pytest.fixture(scope="session")
+def ready_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder after personas with tiny configs, tiny model folder) for the training tests, once per session."""
+    from tests.fixtures_runs import build_ready_run
+
+    return build_ready_run(tmp_path_factory.getbasetemp())

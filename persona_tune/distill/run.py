@@ -31,7 +31,18 @@ from persona_tune.distill.reflect import BatchItem, Prompts, load_prompts, step_
 from persona_tune.distill.store import RequestStore, request_key
 from persona_tune.distill.traits import compute_traits, render_traits_text
 from persona_tune.errors import ConfigError, DataError, LLMError
-from persona_tune.runfolder import RunFolder, atomic_write_parquet, atomic_write_text
+from persona_tune.runfolder import (
+    DISTILL_FAILURES,
+    DISTILL_REQUESTS,
+    ITEMS,
+    MEMORIES,
+    PROFILES,
+    RATINGS_TRAIN,
+    TRAITS,
+    RunFolder,
+    atomic_write_parquet,
+    atomic_write_text,
+)
 
 log = logging.getLogger(__name__)
 BACKENDS = ("offline", "openai")
@@ -41,8 +52,8 @@ MEMORY_COLUMNS = ["user_id", "item_id", "rating", "timestamp", "explanation", "b
 TRAIN_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 ITEM_COLUMNS = ["item_id", "title", "year", "genres", "hist_avg", "text"]
 TRANSPORT_KEYS = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout", "backoff_base", "backoff_max")
-INPUTS = ("ratings_train.parquet", "items.parquet")
-OUTPUTS = ("distill/profiles.parquet", "distill/memories.parquet", "distill/traits.parquet")
+INPUTS = (RATINGS_TRAIN, ITEMS)
+OUTPUTS = (PROFILES, MEMORIES, TRAITS)
 RETRY_TEMPERATURE = 0.7  # a retried generation samples at least this hot, with a new seed
 
 
@@ -106,9 +117,9 @@ def _require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
 
 def load_inputs(run: RunFolder, users: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train rows (time order per user; first ``users`` user ids if given) and the items table."""
-    run.require("ratings_train.parquet", "items.parquet")
-    train = run.read_table("ratings_train.parquet")
-    items = run.read_table("items.parquet")
+    run.require(RATINGS_TRAIN, ITEMS)
+    train = run.read_ratings("train")
+    items = run.read_items()
     _require_columns(train, TRAIN_COLUMNS, run.ratings_train)
     _require_columns(items, ITEM_COLUMNS, run.items)
     bad = ~train["rating"].isin([1, 2, 3, 4, 5])
@@ -326,11 +337,11 @@ def write_outputs(run: RunFolder, profiles: pd.DataFrame, memories: pd.DataFrame
     for column in ("user_id", "item_id", "rating", "timestamp"):
         memories[column] = memories[column].astype("int64")
     profiles["user_id"] = profiles["user_id"].astype("int64")
-    out = run.stage_dir("distill", create=True)
-    atomic_write_parquet(traits, out / "traits.parquet")
-    atomic_write_parquet(profiles, out / "profiles.parquet")
-    atomic_write_parquet(memories, out / "memories.parquet")
-    atomic_write_text(out / "failures.jsonl", "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
+    run.stage_dir("distill", create=True)
+    atomic_write_parquet(traits, run.path(TRAITS))
+    atomic_write_parquet(profiles, run.path(PROFILES))
+    atomic_write_parquet(memories, run.path(MEMORIES))
+    atomic_write_text(run.path(DISTILL_FAILURES), "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
 
 
 def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per_1k: tuple[float, float] | None = None) -> dict:
@@ -373,7 +384,7 @@ def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per
             api_key=resolve_api_key(cfg.api_key_env), timeout=cfg.timeout, max_retries=cfg.max_retries,
             backoff_base=cfg.backoff_base, backoff_max=cfg.backoff_max, concurrency=cfg.concurrency,
         )
-        with RequestStore(run.stage_dir("distill", create=True) / "requests.sqlite") as store:
+        with RequestStore(run.path(DISTILL_REQUESTS)) as store:
             async def go():
                 client = ChatClient(settings, rng=random.Random(cfg.seed))
                 try:
@@ -492,7 +503,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print("distill: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     if summary["users_failed"]:
-        failures = Path(args.run) / "distill" / "failures.jsonl"
+        failures = RunFolder(args.run).path(DISTILL_FAILURES)
         first = json.loads(failures.read_text(encoding="utf-8").splitlines()[0])
         print(f"distill: {summary['users_failed']} user(s) failed (first, user {first['user_id']}: {first['reason']}); "
               f"all in {failures}; re-run to retry them (answered calls are not repeated)", file=sys.stderr)

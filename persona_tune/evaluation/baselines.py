@@ -28,7 +28,7 @@ import torch
 
 from persona_tune.errors import DataError
 from persona_tune.evaluation.metrics import grouped_metrics
-from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet
+from persona_tune.runfolder import ITEMS, METRICS, PREDICTIONS, RunFolder, atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def global_mean(items: pd.DataFrame) -> float:
     avg = items["hist_avg"].to_numpy(dtype=float)
     known = counts > 0
     if not known.any():
-        raise DataError("no item has a non-test rating (hist_count is 0 everywhere)", path="items.parquet")
+        raise DataError("no item has a non-test rating (hist_count is 0 everywhere)", path=ITEMS)
     return float((avg[known] * counts[known]).sum() / counts[known].sum())
 
 
@@ -151,21 +151,20 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
     """Predict every baseline for RUN's test rows; write eval/baselines/predictions.parquet + metrics.json."""
     cfg = cfg or BaselineConfig()
     run = RunFolder(run_dir)
-    train = run.read_table("ratings_train.parquet")
-    test = run.read_table("ratings_test.parquet")
-    items = run.read_table("items.parquet", columns=["item_id", "hist_avg", "hist_count"])
+    train = run.read_ratings("train")
+    test = run.read_ratings("test")
+    items = run.read_items(columns=["item_id", "hist_avg", "hist_count"])
     if cfg.mf_reg is None:
         cfg = replace(cfg, mf_reg=choose_mf_reg(train, items, cfg))
     preds = predict_baselines(train, test, items, cfg)
-    persona_file = run.path("personas/assignments.parquet")
-    persona = pd.read_parquet(persona_file).set_index("user_id")["persona"] if persona_file.exists() else None
+    assignments = run.read_assignments(missing_ok=True)
+    persona = assignments.set_index("user_id")["persona"] if assignments is not None else None
     preds.insert(0, "persona", preds["user_id"].map(persona).fillna(-1).astype("int64") if persona is not None else -1)
-    profiles_file = run.path("distill/profiles.parquet")
-    profiles = pd.read_parquet(profiles_file) if profiles_file.exists() else None
+    profiles = run.read_profiles(missing_ok=True)
 
-    out_dir = run.eval_dir / "baselines"
+    out_dir = run.baselines_dir
     columns = ["persona", "user_id", "item_id", "rating", *PREDICTORS]
-    atomic_write_parquet(preds[columns], out_dir / "predictions.parquet")
+    atomic_write_parquet(preds[columns], out_dir / PREDICTIONS)
     metrics = {
         "kind": "baselines",
         "global_mean_rating": global_mean(items),
@@ -174,7 +173,7 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
             name: grouped_metrics(preds, name, profiles=profiles, n_boot=n_boot, seed=seed) for name in PREDICTORS
         },
     }
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / METRICS, metrics)
     run.record_stage("baselines", {**asdict(cfg), "n_boot": n_boot, "seed": seed})
     return metrics
 

@@ -546,18 +546,10 @@ def merge_lora_in_place(model: torch.nn.Module) -> int:
 
 # ---------------------------------------------------------------- rows in, predictions out
 
-MODES = ("scoring", "paper")
 PREDICTION_COLUMNS = [
     "mode", "raw_text", "parsed_rating", "expected_rating", "argmax_rating", *PROB_COLUMNS,
     "rating_mass", "prediction",
 ]
-
-
-def check_modes(mode: str) -> list[str]:
-    modes = list(MODES) if mode == "both" else [mode]
-    if any(m not in MODES for m in modes):
-        raise ConfigError(f"mode must be scoring, paper or both, got {mode!r}")
-    return modes
 
 
 def predict_rows(predictor: RatingPredictor, rows: pd.DataFrame, modes: Sequence[str], gen: GenerationConfig) -> pd.DataFrame:
