@@ -43,6 +43,7 @@ from persona_tune.runfolder import (
     atomic_write_parquet,
     atomic_write_text,
 )
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 BACKENDS = ("offline", "openai")
@@ -57,32 +58,58 @@ OUTPUTS = (PROFILES, MEMORIES, TRAITS)
 RETRY_TEMPERATURE = 0.7  # a retried generation samples at least this hot, with a new seed
 
 
+def parse_trait_cuts(text: str) -> dict[str, tuple[float, float]]:
+    """--trait-cuts: a JSON object of [low, high] pairs."""
+    try:
+        return {k: tuple(v) for k, v in json.loads(text).items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"--trait-cuts is not a JSON object of [low, high] pairs: {e}") from None
+
+
+LLM = "openai backend"  # the CLI's argument group of the LLM backend's options
+
+
 @dataclass
 class DistillConfig:
-    backend: str = "offline"
-    users: int | None = None  # first N users (by user_id) only
-    trait_cuts: dict[str, tuple[float, float]] | None = None
-    # LLM backend
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    batch_size: int = 10
-    max_words: int = 2000
-    max_attempts: int = 3  # generations per step before the step (and its user) is rejected
-    max_retries: int = 6  # transport retries per request (429 / 5xx / timeouts)
-    timeout: float = 120.0
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    temperature: float = 0.3
-    max_tokens: int | None = None
-    max_profile_words: int = 400
-    response_format: str = "json_schema"
-    seed: int = 0
-    prompt_dir: str | None = None
-    progress: bool = True
+    """The `distill` stage's options; its CLI arguments are generated from these fields (persona_tune/stage.py)."""
 
-    def check(self) -> None:
+    backend: str = field(default="offline", metadata={
+        "choices": BACKENDS, "help": "offline: rule-based text from each user's statistics, no LLM; "
+                                     "openai: the paper's self-reflection through an OpenAI-compatible server"})
+    users: int | None = field(default=None, metadata={"help": "distil the first N users (by user_id) only"})
+    trait_cuts: dict[str, tuple[float, float]] | None = field(default=None, metadata={
+        "parse": parse_trait_cuts,
+        "help": 'fixed trait cut points as JSON, e.g. \'{"activity": [60, 120], "conformity": [0.6, 1.2], '
+                '"diversity": [5, 7]}\' (default: percentiles over this run\'s users)'})
+    # LLM backend
+    base_url: str | None = field(default=None, metadata={
+        "group": LLM, "help": "server URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL)"})
+    model: str | None = field(default=None, metadata={"group": LLM, "help": "model name the server serves"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "group": LLM, "help": "environment variable that holds the API key"})
+    concurrency: int = field(default=8, metadata={"group": LLM, "help": "requests in flight at most"})
+    batch_size: int = field(default=10, metadata={"group": LLM, "help": "ratings per reflection step"})
+    max_words: int = field(default=2000, metadata={"group": LLM, "help": "reject generations longer than this"})
+    max_attempts: int = field(default=3, metadata={
+        "group": LLM, "help": "generations per step before the step (and its user) is rejected"})
+    max_retries: int = field(default=6, metadata={"group": LLM, "help": "retries per request on 429/5xx/timeouts"})
+    timeout: float = field(default=120.0, metadata={"group": LLM, "help": "seconds per request"})
+    backoff_base: float = field(default=0.5, metadata={"group": LLM, "help": "first retry delay, seconds (doubles)"})
+    backoff_max: float = field(default=30.0, metadata={"group": LLM, "help": "longest retry delay, seconds"})
+    temperature: float = field(default=0.3, metadata={
+        "group": LLM, "help": "sampling temperature of the first generation of a step (retries sample hotter)"})
+    max_tokens: int | None = field(default=None, metadata={"group": LLM, "help": "completion token limit per request"})
+    max_profile_words: int = field(default=400, metadata={"group": LLM, "help": "profile length asked for"})
+    response_format: str = field(default="json_schema", metadata={
+        "group": LLM, "choices": RESPONSE_FORMATS,
+        "help": "structured output to ask for; falls back to the next one if the server refuses it"})
+    seed: int = field(default=0, metadata={
+        "group": LLM, "help": "request seed (servers that honour it answer reproducibly) and the retry jitter's"})
+    prompt_dir: str | None = field(default=None, metadata={
+        "group": LLM, "help": "folder with replacement prompt templates (same file names)"})
+    progress: bool = field(default=True, metadata={"flag": "--no-progress", "help": "no progress bar"})
+
+    def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.response_format not in RESPONSE_FORMATS:
@@ -346,7 +373,7 @@ def write_outputs(run: RunFolder, profiles: pd.DataFrame, memories: pd.DataFrame
 
 def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per_1k: tuple[float, float] | None = None) -> dict:
     """The stage's core. Returns the summary (also recorded in the manifest)."""
-    cfg.check()
+    cfg.validate()
     started = time.perf_counter()
     inputs = run.checksums(*INPUTS)
     record = run.stage_record("distill")
@@ -428,63 +455,17 @@ def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per
 # ---------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = DistillConfig()
     parser.add_argument("--run", required=True, help="run folder written by `persona-tune prepare`")
-    parser.add_argument("--backend", choices=BACKENDS, default=d.backend,
-                        help="offline: rule-based text from each user's statistics, no LLM; "
-                             "openai: the paper's self-reflection through an OpenAI-compatible server")
-    parser.add_argument("--users", type=int, default=None, help="distil the first N users (by user_id) only")
-    parser.add_argument("--trait-cuts", default=None,
-                        help='fixed trait cut points as JSON, e.g. \'{"activity": [60, 120], "conformity": [0.6, 1.2], '
-                             '"diversity": [5, 7]}\' (default: percentiles over this run\'s users)')
-    g = parser.add_argument_group("openai backend")
-    g.add_argument("--base-url", default=None, help="server URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL)")
-    g.add_argument("--model", default=None, help="model name the server serves")
-    g.add_argument("--api-key-env", default=d.api_key_env, help="environment variable that holds the API key")
-    g.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight at most")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="ratings per reflection step")
-    g.add_argument("--max-words", type=int, default=d.max_words, help="reject generations longer than this")
-    g.add_argument("--max-attempts", type=int, default=d.max_attempts,
-                   help="generations per step before the step (and its user) is rejected")
-    g.add_argument("--max-retries", type=int, default=d.max_retries, help="retries per request on 429/5xx/timeouts")
-    g.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request")
-    g.add_argument("--backoff-base", type=float, default=d.backoff_base, help="first retry delay, seconds (doubles)")
-    g.add_argument("--backoff-max", type=float, default=d.backoff_max, help="longest retry delay, seconds")
-    g.add_argument("--temperature", type=float, default=d.temperature,
-                   help="sampling temperature of the first generation of a step (retries sample hotter)")
-    g.add_argument("--max-tokens", type=int, default=None, help="completion token limit per request")
-    g.add_argument("--max-profile-words", type=int, default=d.max_profile_words, help="profile length asked for")
-    g.add_argument("--response-format", choices=RESPONSE_FORMATS, default=d.response_format,
-                   help="structured output to ask for; falls back to the next one if the server refuses it")
-    g.add_argument("--seed", type=int, default=d.seed,
-                   help="request seed (servers that honour it answer reproducibly) and the retry jitter's")
-    g.add_argument("--prompt-dir", default=None, help="folder with replacement prompt templates (same file names)")
-    g.add_argument("--dry-run", action="store_true", help="print the number of calls and a token estimate, then exit")
-    g.add_argument("--price-per-1k", type=float, nargs="+", default=None, metavar="PRICE",
-                   help="with --dry-run: price per 1k prompt tokens [and per 1k completion tokens]")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    cuts = None
-    if args.trait_cuts:
-        try:
-            cuts = {k: tuple(v) for k, v in json.loads(args.trait_cuts).items()}
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ConfigError(f"--trait-cuts is not a JSON object of [low, high] pairs: {e}") from None
-    return DistillConfig(
-        backend=args.backend, users=args.users, trait_cuts=cuts, base_url=args.base_url, model=args.model,
-        api_key_env=args.api_key_env, concurrency=args.concurrency, batch_size=args.batch_size,
-        max_words=args.max_words, max_attempts=args.max_attempts, max_retries=args.max_retries,
-        timeout=args.timeout, backoff_base=args.backoff_base, backoff_max=args.backoff_max,
-        temperature=args.temperature, max_tokens=args.max_tokens, max_profile_words=args.max_profile_words,
-        response_format=args.response_format, seed=args.seed, prompt_dir=args.prompt_dir,
-        progress=not args.no_progress,
-    )
+    groups = add_config_arguments(parser, DistillConfig, skip=("progress",), type_metavars=False)
+    groups[LLM].add_argument("--dry-run", action="store_true",
+                             help="print the number of calls and a token estimate, then exit")
+    groups[LLM].add_argument("--price-per-1k", type=float, nargs="+", default=None, metavar="PRICE",
+                             help="with --dry-run: price per 1k prompt tokens [and per 1k completion tokens]")
+    add_config_arguments(parser, DistillConfig, only=("progress",))
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(DistillConfig, args)
     price = None
     if args.price_per_1k:
         if len(args.price_per_1k) > 2:

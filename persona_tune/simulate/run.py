@@ -29,7 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from persona_tune.errors import ConfigError
-from persona_tune.names import MEMORY_MODES
+from persona_tune.names import FAMILIES, MEMORY_MODES
 from persona_tune.runfolder import (
     ASSIGNMENTS,
     EMBEDDINGS_META,
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 CLASSICAL = "classical"  # the simulator name of the bias-baseline rater
 SCORE_COLUMNS = ["user_id", "item_id", "persona", "expected_rating", "p_like", *PROB_COLUMNS, "rating_mass",
                  "n_prompt_tokens"]
-FAMILY_CHOICES = ("phi3", "smollm2", "tiny")
+FAMILY_CHOICES = FAMILIES
 
 
 @dataclass
