@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -39,6 +40,7 @@ from persona_tune.runfolder import (
     atomic_write_parquet,
     atomic_write_text,
 )
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,34 @@ def load_profile_vectors(run: RunFolder) -> tuple[np.ndarray, np.ndarray]:
     return ids, vectors
 
 
+def _k_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k must be 'auto' or an integer, got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"--k must be >= 1, got {k}")
+    return k
+
+
+@dataclass
+class PersonasConfig:
+    """The `personas` stage's options (its CLI arguments are generated from them)."""
+
+    k: int | str = field(default="auto", metadata={"type": _k_arg, "help": "number of personas, or 'auto' for the elbow"})
+    k_max: int = field(default=10, metadata={"help": "largest K tried by the elbow"})
+    seed: int = field(default=0, metadata={"help": "KMeans seed"})
+    n_init: int = field(default=10, metadata={"help": "KMeans restarts per K"})
+    top_words: int = field(default=10, metadata={"help": "distinctive words listed per persona"})
+
+
+def run(run: RunFolder, cfg: PersonasConfig) -> dict:
+    """The `personas` stage: cluster the profile vectors; returns summary.json's content."""
+    return run_personas(run.root, **asdict(cfg))
+
+
 def run_personas(
     run_dir, k: int | str = "auto", k_max: int = 10, seed: int = 0, n_init: int = 10, top_words: int = 10
 ) -> dict:
@@ -234,30 +264,12 @@ def run_personas(
     return summary
 
 
-def _k_arg(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--k must be 'auto' or an integer, got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"--k must be >= 1, got {k}")
-    return k
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder")
-    parser.add_argument("--k", type=_k_arg, default="auto", help="number of personas, or 'auto' for the elbow")
-    parser.add_argument("--k-max", type=int, default=10, help="largest K tried by the elbow")
-    parser.add_argument("--seed", type=int, default=0, help="KMeans seed")
-    parser.add_argument("--n-init", type=int, default=10, help="KMeans restarts per K")
-    parser.add_argument("--top-words", type=int, default=10, help="distinctive words listed per persona")
+    add_config_arguments(parser, PersonasConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    summary = run_personas(
-        args.run, k=args.k, k_max=args.k_max, seed=args.seed, n_init=args.n_init, top_words=args.top_words
-    )
+    summary = run(RunFolder(args.run), config_from_args(PersonasConfig, args))
     print(_summary_markdown(summary), end="")
     return 0

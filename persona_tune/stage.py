@@ -18,8 +18,10 @@ A field ``foo_bar`` becomes ``--foo-bar``; its type (int, float, str, bool, Opti
 tuple/list of those) gives the argparse type; a bool field becomes ``--foo-bar/--no-foo-bar``;
 ``metadata={"help": ..., "choices": ..., "cli": False}`` adds help, choices, or keeps it off the CLI.
 More metadata, for a CLI that predates its Config: ``"group"`` (the argument group's title),
-``"flag": "--no-foo"`` (a True-by-default bool set False by that one flag), ``"parse"`` (the CLI
-value is a string that ``parse`` turns into the field's value; it raises ConfigError).
+``"flag": "--no-foo"`` (a True-by-default bool set False by that one flag; ``"flag": "--foo"``, a
+False-by-default one set True), ``"parse"`` (the CLI
+value is a string that ``parse`` turns into the field's value; it raises ConfigError), ``"type"``
+(argparse's type callable, for a field of a union type such as ``int | str``).
 """
 
 from __future__ import annotations
@@ -82,10 +84,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, s
         if "group" in f.metadata:
             target = groups.get(f.metadata["group"]) or groups.setdefault(
                 f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
-        kind, optional, sequence = _unwrap(hints[f.name])
-        if "parse" in f.metadata:
+        if "type" in f.metadata:  # its own argparse type, e.g. an int or 'auto'
+            kind, optional, sequence = f.metadata["type"], False, False
+        elif "parse" in f.metadata:
             kind, optional, sequence = str, True, False
-        if kind not in _SCALARS:
+        else:
+            kind, optional, sequence = _unwrap(hints[f.name])
+        if "type" not in f.metadata and kind not in _SCALARS:
             raise TypeError(f"{config_cls.__name__}.{f.name}: {kind} has no CLI form; set metadata cli=False")
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         default = getattr(defaults, f.name)
@@ -97,10 +102,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, s
             if flag.startswith("--no-"):  # sets the field False; argparse keeps the negation in dest no_<name>
                 kwargs.update(dest=_negated(f.name), default=False)
                 target.add_argument(flag, action="store_true", **kwargs)
+            elif "flag" in f.metadata:  # a plain switch: the field is True when the flag is given
+                target.add_argument(flag, action="store_true", **kwargs)
             else:
                 target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        kwargs["type"] = _parse_scalar(kind, flag)
+        kwargs["type"] = kind if "type" in f.metadata else _parse_scalar(kind, flag)
         if sequence:
             kwargs["nargs"] = "+"
         elif optional and type_metavars:

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from persona_tune.runfolder import (
     atomic_write_json,
     atomic_write_text,
 )
+from persona_tune.stage import add_config_arguments, config_from_args
 
 # Thakur et al. 2024, Table 1 (their split of ML-1M, 200 users): base, adapter, memories, RMSE, MAE, URR %.
 PAPER_TABLE_1 = [
@@ -443,13 +445,25 @@ def write_report(run_dir, json_out: str | Path | None = None) -> str:
     return table
 
 
+@dataclass
+class ReportConfig:
+    """The `report` stage's options (its CLI arguments are generated from them)."""
+
+    json_out: str | None = field(default=None, metadata={
+        "help": "also write results.json here (e.g. docs/results/ml1m-smollm2.json)"})
+
+
+def run(run: RunFolder, cfg: ReportConfig) -> str:
+    """The `report` stage: report.md, results.json and plots/ from RUN/eval; returns the markdown table."""
+    return write_report(run.root, cfg.json_out)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (after `persona-tune eval` / `baselines`)")
-    parser.add_argument("--json-out", default=None,
-                        help="also write results.json here (e.g. docs/results/ml1m-smollm2.json)")
+    add_config_arguments(parser, ReportConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    print(write_report(args.run, args.json_out))
+    print(run(RunFolder(args.run), config_from_args(ReportConfig, args)))
     print(f"\nwrote {RunFolder(args.run).path(REPORT)} and {RunFolder(args.run).path(RESULTS).name}")
     return 0

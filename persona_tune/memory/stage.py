@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -50,6 +50,7 @@ from persona_tune.runfolder import (
     atomic_write_parquet,
     file_sha256,
 )
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -286,34 +287,43 @@ def run_embed(
     return summary
 
 
+@dataclass
+class EmbedConfig:
+    """The `embed` stage's options (its CLI arguments are generated from them)."""
+
+    backend: str = field(default="local", metadata={"choices": BACKENDS, "help": "embedding backend"})
+    model: str | None = field(default=None, metadata={"help": f"embedding model (defaults: {DEFAULT_MODELS})"})
+    k: int = field(default=1, metadata={"help": "memories retrieved per row (top-k)"})
+    delta: float = field(default=DEFAULT_DELTA, metadata={"help": "minimum cosine similarity"})
+    query: str = field(default="user+item", metadata={"choices": QUERY_FORMS, "help": "what the query embeds"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": f"texts per request (defaults: {DEFAULT_BATCH_SIZES})"})
+    base_url: str | None = field(default=None, metadata={
+        "help": "openai backend: endpoint (default $OPENAI_BASE_URL)"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "openai backend: environment variable holding the key"})
+    device: str = field(default="cpu", metadata={"help": "local backend: torch device"})
+    force: bool = field(default=False, metadata={"flag": "--force", "help": "recompute vectors even if current ones exist"})
+
+    def embedder_kwargs(self) -> dict:
+        """The backend's own settings (the API key read from ``api_key_env``)."""
+        if self.backend == "openai":
+            return {"base_url": self.base_url, "api_key": os.environ.get(self.api_key_env)}
+        return {"device": self.device} if self.backend == "local" else {}
+
+
+def run(run: RunFolder, cfg: EmbedConfig) -> dict:
+    """The `embed` stage: vectors and retrieved memories; returns the summary recorded in the manifest."""
+    return run_embed(run.root, backend=cfg.backend, model=cfg.model, k=cfg.k, delta=cfg.delta, query=cfg.query,
+                     batch_size=cfg.batch_size, force=cfg.force, embedder_kwargs=cfg.embedder_kwargs())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder")
-    parser.add_argument("--backend", choices=BACKENDS, default="local", help="embedding backend")
-    parser.add_argument("--model", default=None, help=f"embedding model (defaults: {DEFAULT_MODELS})")
-    parser.add_argument("--k", type=int, default=1, help="memories retrieved per row (top-k)")
-    parser.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="minimum cosine similarity")
-    parser.add_argument("--query", choices=QUERY_FORMS, default="user+item", help="what the query embeds")
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help=f"texts per request (defaults: {DEFAULT_BATCH_SIZES})"
-    )
-    parser.add_argument("--base-url", default=None, help="openai backend: endpoint (default $OPENAI_BASE_URL)")
-    parser.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY", help="openai backend: environment variable holding the key"
-    )
-    parser.add_argument("--device", default="cpu", help="local backend: torch device")
-    parser.add_argument("--force", action="store_true", help="recompute vectors even if current ones exist")
+    add_config_arguments(parser, EmbedConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    kwargs = {}
-    if args.backend == "openai":
-        kwargs["base_url"] = args.base_url
-        kwargs["api_key"] = os.environ.get(args.api_key_env)
-    if args.backend == "local":
-        kwargs["device"] = args.device
-    summary = run_embed(
-        args.run, backend=args.backend, model=args.model, k=args.k, delta=args.delta, query=args.query,
-        batch_size=args.batch_size, force=args.force, embedder_kwargs=kwargs,
-    )
+    summary = run(RunFolder(args.run), config_from_args(EmbedConfig, args))
     print(json.dumps(summary, indent=2))
     return 0
