@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_tune.errors import ConfigError, DataError
 from persona_tune.names import DEFAULT_MEMORY, FAMILIES, MEMORY_MODES, check_memory_mode
 from persona_tune.resources import template_dir
 from persona_tune.runfolder import ASSIGNMENTS, RATINGS_TRAIN, RunFolder, atomic_write_text, check_name
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -252,20 +254,33 @@ def generate_configs(
     return targets
 
 
+@dataclass
+class ConfigsConfig:
+    """The `configs` stage's options (its CLI arguments are generated from them)."""
+
+    family: str = field(default="phi3", metadata={
+        "choices": FAMILIES, "help": "model family: phi3 (the paper's Phi-3-mini), smollm2 (CPU-sized), tiny (tests)"})
+    memory: str = field(default=DEFAULT_MEMORY, metadata={
+        "choices": (DEFAULT_MEMORY, *(m for m in MEMORY_MODES if m != DEFAULT_MEMORY)),  # the default first
+        "help": "prompt memory: profile (ms), profile + retrieved explanation (ms+ml), explanation (ml)"})
+    force: bool = field(default=False, metadata={"flag": "--force", "help": "overwrite existing configs"})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--set", "append": True, "metavar": "KEY=VALUE",
+        "help": "override a config key in every generated file (repeatable), e.g. --set optimizer.lr=1e-4"})
+
+
+def run(run: RunFolder, cfg: ConfigsConfig) -> dict[str, Path]:
+    """The `configs` stage: RUN/configs/<variant>.yaml for every persona and single_min/single_max."""
+    return generate_configs(run.root, cfg.family, cfg.memory, list(cfg.overrides), cfg.force)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run folder (after `persona-tune personas`)")
-    parser.add_argument("--family", choices=FAMILIES, default="phi3",
-                        help="model family: phi3 (the paper's Phi-3-mini), smollm2 (CPU-sized), tiny (tests)")
-    parser.add_argument("--memory", choices=[DEFAULT_MEMORY, *(m for m in MEMORY_MODES if m != DEFAULT_MEMORY)],
-                        default=DEFAULT_MEMORY,
-                        help="prompt memory: profile (ms), profile + retrieved explanation (ms+ml), explanation (ml)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing configs")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key in every generated file (repeatable), e.g. --set optimizer.lr=1e-4")
+    add_config_arguments(parser, ConfigsConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    targets = generate_configs(args.run, args.family, args.memory, args.overrides, args.force)
+    targets = run(RunFolder(args.run), config_from_args(ConfigsConfig, args))
     for name, path in targets.items():
         print(f"{name:<12} {path}")
     return 0

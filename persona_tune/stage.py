@@ -21,7 +21,8 @@ More metadata, for a CLI that predates its Config: ``"group"`` (the argument gro
 ``"flag": "--no-foo"`` (a True-by-default bool set False by that one flag; ``"flag": "--foo"``, a
 False-by-default one set True), ``"parse"`` (the CLI
 value is a string that ``parse`` turns into the field's value; it raises ConfigError), ``"type"``
-(argparse's type callable, for a field of a union type such as ``int | str``).
+(argparse's type callable, for a field of a union type such as ``int | str``), ``"metavar"``, and for
+a tuple field ``"append"`` (a repeatable flag) or ``"positional"`` (the words after ``--``).
 """
 
 from __future__ import annotations
@@ -108,10 +109,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, s
                 target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         kwargs["type"] = kind if "type" in f.metadata else _parse_scalar(kind, flag)
-        if sequence:
+        if sequence and f.metadata.get("positional"):  # `cmd ... -- a b c`
+            kwargs.pop("dest")
+            target.add_argument(f.name, nargs="*", metavar=f.metadata.get("metavar"),
+                                **{k: v for k, v in kwargs.items() if k != "default"})  # argparse's default: []
+            continue
+        if sequence and f.metadata.get("append"):  # a repeatable flag
+            kwargs.update(action="append", default=list(default))
+        elif sequence:
             kwargs["nargs"] = "+"
         elif optional and type_metavars:
             kwargs["metavar"] = kind.__name__.upper()
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
         target.add_argument(flag, **kwargs)
     return groups
 

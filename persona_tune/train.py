@@ -47,6 +47,7 @@ from persona_tune.runfolder import (
     check_name,
     file_lock,
 )
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -420,23 +421,36 @@ def summary_table(run: RunFolder, results: list[VariantResult]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+@dataclass
+class TrainConfig:
+    """The `train` stage's options (its CLI arguments are generated from them)."""
+
+    personas: str = field(default="all", metadata={
+        "help": "variants to train: all, or a comma list of persona ids and names (0,1,single_min)"})
+    nproc: int = field(default=1, metadata={"help": "processes per variant (>1: lora_finetune_distributed)"})
+    parallel: bool = field(default=False, metadata={
+        "flag": "--parallel", "help": "train several variants at once over the available GPUs (or CPU cores)"})
+    recipe: str | None = field(default=None, metadata={
+        "help": f"torchtune recipe (default: {SINGLE_DEVICE_RECIPE}, or {DISTRIBUTED_RECIPE} with --nproc > 1; "
+                f"{TRUNK_RECIPE} for configs written by `grid --path trunk`)"})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "positional": True, "metavar": "KEY=VALUE",
+        "help": "config overrides for every `tune run`, after `--`: -- optimizer.lr=1e-4"})
+    echo: bool = field(default=False, metadata={"cli": False})  # stream each `tune run`'s output
+
+
+def run(run: RunFolder, cfg: TrainConfig) -> list[VariantResult]:
+    """The `train` stage: train every selected variant (skipping finished ones); one result per variant."""
+    return train(run.root, cfg.personas, cfg.nproc, cfg.parallel, cfg.recipe, cfg.overrides, echo=cfg.echo)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run folder (after `persona-tune configs`)")
-    parser.add_argument("--personas", default="all",
-                        help="variants to train: all, or a comma list of persona ids and names (0,1,single_min)")
-    parser.add_argument("--nproc", type=int, default=1, help="processes per variant (>1: lora_finetune_distributed)")
-    parser.add_argument("--parallel", action="store_true",
-                        help="train several variants at once over the available GPUs (or CPU cores)")
-    parser.add_argument("--recipe", default=None,
-                        help=f"torchtune recipe (default: {SINGLE_DEVICE_RECIPE}, or {DISTRIBUTED_RECIPE} with --nproc > 1; "
-                             f"{TRUNK_RECIPE} for configs written by `grid --path trunk`)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides for every `tune run`, after `--`: -- optimizer.lr=1e-4")
+    add_config_arguments(parser, TrainConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    results = train(args.run, args.personas, args.nproc, args.parallel, args.recipe, args.overrides,
-                    echo=args.verbose)
+    results = run(RunFolder(args.run), config_from_args(TrainConfig, args, echo=args.verbose))
     print(summary_table(RunFolder(args.run), results))
     failed = [r for r in results if r.status == "failed"]
     for r in failed:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ import torch
 from persona_tune.errors import DataError
 from persona_tune.evaluation.metrics import grouped_metrics
 from persona_tune.runfolder import ITEMS, METRICS, PREDICTIONS, RunFolder, atomic_write_json, atomic_write_parquet
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,21 @@ class BaselineConfig:
     lambda_item: float = 25.0
     lambda_user: float = 10.0
     mf_rank: int = 8
-    mf_reg: float | None = None
+    mf_reg: float | None = field(default=None, metadata={
+        "help": f"MF L2 weight (default: chosen from {MF_REGS} on a validation slice)"})
     mf_epochs: int = 300
     mf_lr: float = 0.02
     seed: int = 0
+
+
+@dataclass
+class BaselinesConfig(BaselineConfig):
+    """The `baselines` stage's options: the fit (BaselineConfig) and the bootstrap (CLI generated from them)."""
+
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples (users) for the CIs"})
+
+    def fit(self) -> BaselineConfig:
+        return BaselineConfig(**{f.name: getattr(self, f.name) for f in fields(BaselineConfig)})
 
 
 def global_mean(items: pd.DataFrame) -> float:
@@ -178,21 +190,18 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
     return metrics
 
 
+def run(run: RunFolder, cfg: BaselinesConfig) -> dict:
+    """The `baselines` stage: every classical baseline on the run's test rows; returns metrics.json's content."""
+    return run_baselines(run.root, cfg.fit(), n_boot=cfg.n_boot, seed=cfg.seed)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder")
-    defaults = BaselineConfig()
-    for field, value in asdict(defaults).items():
-        if field == "mf_reg":
-            parser.add_argument("--mf-reg", type=float, default=None,
-                                help=f"MF L2 weight (default: chosen from {MF_REGS} on a validation slice)")
-            continue
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (users) for the CIs")
+    add_config_arguments(parser, BaselinesConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = BaselineConfig(**{f: getattr(args, f) for f in asdict(BaselineConfig())})
-    metrics = run_baselines(args.run, cfg, n_boot=args.n_boot, seed=cfg.seed)
+    metrics = run(RunFolder(args.run), config_from_args(BaselinesConfig, args))
     for name in PREDICTORS:
         m = metrics["predictors"][name]["overall"]
         print(f"{name:<12} RMSE {m['rmse']:.3f} [{m['ci']['rmse'][0]:.3f}, {m['ci']['rmse'][1]:.3f}]  "
