@@ -21,7 +21,7 @@ More metadata, for a CLI that predates its Config: ``"group"`` (the argument gro
 ``"flag": "--no-foo"`` (a True-by-default bool set False by that one flag; ``"flag": "--foo"``, a
 False-by-default one set True), ``"parse"`` (the CLI
 value is a string that ``parse`` turns into the field's value; it raises ConfigError), ``"type"``
-(argparse's type callable, for a field of a union type such as ``int | str``), ``"metavar"``, and for
+(argparse's type callable, for a field of a union type such as ``int | str``), ``"metavar"``, ``"required"``, and for
 a tuple field ``"append"`` (a repeatable flag) or ``"positional"`` (the words after ``--``).
 """
 
@@ -98,6 +98,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, s
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help")}
         if "choices" in f.metadata:
             kwargs["choices"] = list(f.metadata["choices"])
+        if f.metadata.get("required"):
+            kwargs["required"] = True
         if kind is bool and not sequence and not optional:
             kwargs.pop("choices", None)
             if flag.startswith("--no-"):  # sets the field False; argparse keeps the negation in dest no_<name>

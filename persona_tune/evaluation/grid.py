@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -55,6 +56,7 @@ from persona_tune.runfolder import (
     atomic_write_text,
     check_name,
 )
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -238,32 +240,48 @@ def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "sc
     return {"trained": {r.variant: r.status for r in results}, "evaluated": statuses, "table": table}
 
 
+@dataclass
+class GridConfig:
+    """The `grid` stage's options (its CLI arguments are generated from them)."""
+
+    family: str | None = field(default=None, metadata={
+        "required": True, "choices": ("smollm2", "tiny", "phi3"), "help": "model family"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps per epoch cap for training"})
+    cells: str | None = field(default=None, metadata={
+        "help": "comma list of eval cells to run (default: all), e.g. prompted-msml,persona-msml,single_max-msml,single_max-ms"})
+    parallel: bool = field(default=False, metadata={
+        "flag": "--parallel", "help": "train several adapters at once over the GPUs (or CPU cores)"})
+    mode: str = field(default="scoring", metadata={"choices": ("scoring", "paper", "both"), "help": "eval mode"})
+    path: str = field(default="stock", metadata={
+        "choices": PATHS, "help": "stock: torchtune's LoRA recipes + persona_eval; trunk: lora_frozen_trunk (top layers "
+                                  "on cached lower-layer outputs, a rating head; scoring mode)"})
+    label: str | None = field(default=None, metadata={
+        "help": "(--path trunk) name for this set of --train-set overrides: cells become trunk-LABEL-<cell>"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
+    train_overrides: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--train-set", "append": True, "metavar": "KEY=VALUE",
+        "help": "override a key of every training config (repeatable)"})
+    eval_overrides: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--eval-set", "append": True, "metavar": "KEY=VALUE",
+        "help": "override a key of every eval config (repeatable), e.g. --eval-set max_rows=50"})
+
+    def cell_list(self) -> list[str] | None:
+        return [c.strip() for c in self.cells.split(",") if c.strip()] if self.cells else None
+
+
+def run(run: RunFolder, cfg: GridConfig) -> dict:
+    """The `grid` stage: configs, training and eval of every cell, then the report; returns what ran and the table."""
+    return run_grid(run.root, cfg.family, cfg.max_steps, cfg.mode, list(cfg.eval_overrides), list(cfg.train_overrides),
+                    cfg.n_boot, cfg.cell_list(), cfg.parallel, cfg.path, cfg.label)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (after `persona-tune personas`)")
-    parser.add_argument("--family", required=True, choices=["smollm2", "tiny", "phi3"], help="model family")
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per epoch cap for training")
-    parser.add_argument("--cells", default=None,
-                        help="comma list of eval cells to run (default: all), e.g. "
-                             "prompted-msml,persona-msml,single_max-msml,single_max-ms")
-    parser.add_argument("--parallel", action="store_true",
-                        help="train several adapters at once over the GPUs (or CPU cores)")
-    parser.add_argument("--mode", default="scoring", choices=["scoring", "paper", "both"], help="eval mode")
-    parser.add_argument("--path", default="stock", choices=PATHS,
-                        help="stock: torchtune's LoRA recipes + persona_eval; trunk: lora_frozen_trunk (top layers "
-                             "on cached lower-layer outputs, a rating head; scoring mode)")
-    parser.add_argument("--label", default=None,
-                        help="(--path trunk) name for this set of --train-set overrides: cells become trunk-LABEL-<cell>")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
-    parser.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of every training config (repeatable)")
-    parser.add_argument("--eval-set", dest="eval_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of every eval config (repeatable), e.g. --eval-set max_rows=50")
+    add_config_arguments(parser, GridConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
-    out = run_grid(args.run, args.family, args.max_steps, args.mode, args.eval_overrides, args.train_overrides,
-                   args.n_boot, cells, args.parallel, args.path, args.label)
+    out = run(RunFolder(args.run), config_from_args(GridConfig, args))
     for variant, status in out["trained"].items():
         print(f"train {variant}: {status}")
     for variant, status in out["evaluated"].items():

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import subprocess
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,6 +40,7 @@ from persona_tune.runfolder import (
     atomic_write_text,
     check_name,
 )
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -211,24 +213,40 @@ def evaluate(run_dir, variants: list[str], family: str | None = None, memory: st
     return {v: evaluate_variant(run, v, cfg, force, adapters[v]) for v, cfg in configs.items()}
 
 
+@dataclass
+class EvalConfig:
+    """The `eval` stage's options (its CLI arguments are generated from them)."""
+
+    variants: str = field(default="persona,single_min,single_max", metadata={
+        "help": "comma list: persona, single_min, single_max, prompted, any trained variant; "
+                "suffix -ms/-msml/-ml for the grid's memory modes"})
+    mode: str = field(default="scoring", metadata={
+        "choices": ("scoring", "paper", "both"),
+        "help": "scoring: probability-weighted rating; paper: generate 4 tokens and parse"})
+    family: str | None = field(default=None, metadata={
+        "choices": FAMILIES, "help": "model family (default: the one `persona-tune configs` recorded)"})
+    memory: str = field(default="ms+ml", metadata={
+        "choices": tuple(TAG_OF), "help": "memory mode of `prompted` (adapters use their training memory)"})
+    force: bool = field(default=False, metadata={"flag": "--force", "help": "re-run variants whose results are current"})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "positional": True, "metavar": "KEY=VALUE", "help": "eval config overrides, after `--`"})
+
+    def variant_list(self) -> list[str]:
+        return [v.strip() for v in self.variants.split(",") if v.strip()]
+
+
+def run(run: RunFolder, cfg: EvalConfig) -> dict[str, str]:
+    """The `eval` stage: `tune run persona_eval` per variant unless current; variant -> 'done' or 'skipped'."""
+    return evaluate(run.root, cfg.variant_list(), cfg.family, cfg.memory, cfg.mode, list(cfg.overrides), cfg.force)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (after `persona-tune train`)")
-    parser.add_argument("--variants", default="persona,single_min,single_max",
-                        help="comma list: persona, single_min, single_max, prompted, any trained variant; "
-                             "suffix -ms/-msml/-ml for the grid's memory modes")
-    parser.add_argument("--mode", default="scoring", choices=["scoring", "paper", "both"],
-                        help="scoring: probability-weighted rating; paper: generate 4 tokens and parse")
-    parser.add_argument("--family", choices=FAMILIES, default=None,
-                        help="model family (default: the one `persona-tune configs` recorded)")
-    parser.add_argument("--memory", default="ms+ml", choices=list(TAG_OF),
-                        help="memory mode of `prompted` (adapters use their training memory)")
-    parser.add_argument("--force", action="store_true", help="re-run variants whose results are current")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval config overrides, after `--`")
+    add_config_arguments(parser, EvalConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    results = evaluate(args.run, variants, args.family, args.memory, args.mode, args.overrides, args.force)
+    results = run(RunFolder(args.run), config_from_args(EvalConfig, args))
     for variant, status in results.items():
         print(f"{variant:<16} {status:<8} {RunFolder(args.run).eval_metrics(variant)}")
     return 0
