@@ -452,6 +452,11 @@ def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per
     return summary
 
 
+def run(run: RunFolder, cfg: DistillConfig) -> dict:
+    """The `distill` stage (the stage shape): :func:`distill` without a dry run."""
+    return distill(run, cfg)
+
+
 # ---------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
