@@ -13,18 +13,17 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torchtune import config
 
+from benchmarks.naive_loop import naive_generate
 from persona_tune.datasets import persona_dataset
 from persona_tune.evaluation.predict import (
     PROB_COLUMNS,
     GenerationConfig,
     RatingPredictor,
     answer_tokens,
-    merge_lora_in_place,
-    naive_generate,
     plan_batches,
 )
+from persona_tune.evaluation.loading import merge_lora_in_place
 from persona_tune.models.tiny import lora_tiny_phi3, tiny_phi3_tokenizer
 from persona_tune.prompts import load_prompt_rows
 from tests.fixtures_runs import LORA

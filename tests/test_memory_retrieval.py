@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from persona_tune.cli import main as cli_main
-from persona_tune.distill.run import distill
 from persona_tune.errors import ConfigError, DataError, StageMissingError
 from persona_tune.memory.embeddings import l2_normalise
 from persona_tune.memory.retrieval import RETRIEVED_COLUMNS, retrieve
