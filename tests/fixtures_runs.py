@@ -2,20 +2,40 @@
 
 Other stages' tests start from ``make_prepared_run(tmp_path)``. It takes well under a second.
 The later stages' run folders build on it; conftest.py shares the costly ones (``eval_run``,
-``ready_run``) as session fixtures.
+``ready_run``) as session fixtures. ``require_shared`` finds the data sets in ../shared.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from persona_tune.data.loaders import load_ratings
 from persona_tune.data.prepare import Protocol, prepare
 from persona_tune.data.synthetic import SynthConfig, write_synthetic
 from persona_tune.runfolder import ASSIGNMENTS, RunFolder, atomic_write_parquet
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout
+
+
+def _shared_root() -> Path:
+    return Path(os.environ.get("PERSONA_TUNE_SHARED", REPO.parent / "shared")).resolve()
+
+
+def require_shared(relpath: str = "data") -> Path:
+    """Return ../shared/<relpath>; skip when absent, but fail under CI=true where it must exist."""
+    path = _shared_root() / relpath
+    if not path.exists():
+        reason = f"{path} is absent (set PERSONA_TUNE_SHARED or place shared/ beside the repo)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    return path
+
 
 # LoRA settings of the stand-in adapters (write_adapter) on the tiny model.
 LORA = dict(lora_attn_modules=["q_proj", "k_proj"], lora_rank=8, lora_alpha=16)
