@@ -36,7 +36,7 @@ from persona_tune.distill.client import ChatClient, ClientSettings  # noqa: E402
 from persona_tune.distill.reflect import BatchItem, load_prompts, step_messages, step_schema  # noqa: E402
 from persona_tune.distill.run import DistillConfig, distill, estimate_plan, load_inputs, plan_batches  # noqa: E402
 from persona_tune.distill.store import Answer, RequestStore, request_key  # noqa: E402
-from persona_tune.runfolder import RunFolder  # noqa: E402
+from persona_tune.runfolder import PROFILES, RunFolder  # noqa: E402
 
 SHARED = Path(os.environ.get("PERSONA_TUNE_SHARED", REPO.parent / "shared"))
 
@@ -159,7 +159,7 @@ def bench_protocol_run(url: str, root: Path) -> dict:
     t3 = time.perf_counter()
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr)
-    (run / "distill" / "profiles.parquet").unlink()  # unfinished outputs: every answer replayed from the store
+    folder.path(PROFILES).unlink()  # unfinished outputs: every answer replayed from the store
     t4 = time.perf_counter()
     replayed = distill(folder, cfg)
     t5 = time.perf_counter()

@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from persona_tune.cli import main as cli_main
-from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, naive_generate
+from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor
 from persona_tune.prompts import load_prompt_rows
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.naive_loop import naive_generate  # noqa: E402 (the paper's loop, the reference)
 
 
 def make_run(root: Path, n_users: int, seed: int) -> Path:

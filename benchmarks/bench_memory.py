@@ -67,8 +67,9 @@ def bench_build(run: Path, tok, tmp: Path, sample: int | None, seed: int = 0) ->
     from persona_tune.datasets import persona_dataset
     from persona_tune.memory.stage import run_embed
     from persona_tune.prompts import load_prompt_rows, render_messages
+    from persona_tune.runfolder import RunFolder
 
-    meta = json.loads((run / "memory" / "embeddings.json").read_text())
+    meta = RunFolder(run).read_embeddings_meta()
     t0 = time.perf_counter()
     run_embed(run, backend=meta["backend"], model=meta["model"], k=meta["k"], delta=meta["delta"], query=meta["query"])
     t_retrieve = time.perf_counter() - t0
@@ -117,16 +118,16 @@ def bench_build(run: Path, tok, tmp: Path, sample: int | None, seed: int = 0) ->
 
 
 def bench_retrieval(run: Path, dim: int = 384, seed: int = 0) -> dict:
-    import pandas as pd
-
     from persona_tune.memory.embeddings import l2_normalise
     from persona_tune.memory.retrieval import retrieve
     from persona_tune.memory.stage import query_rows
+    from persona_tune.runfolder import ITEM_IDS, MEMORY_IDS, PROFILE_IDS, RunFolder
 
-    rows = query_rows(__import__("persona_tune.runfolder").runfolder.RunFolder(run))
-    memories = pd.read_parquet(run / "memory" / "memory_ids.parquet")
-    item_ids = pd.read_parquet(run / "memory" / "item_ids.parquet")["item_id"].to_numpy()
-    profile_ids = pd.read_parquet(run / "memory" / "profile_ids.parquet")["user_id"].to_numpy()
+    folder = RunFolder(run)
+    rows = query_rows(folder)
+    memories = folder.read_table(MEMORY_IDS)
+    item_ids = folder.read_table(ITEM_IDS)["item_id"].to_numpy()
+    profile_ids = folder.read_table(PROFILE_IDS)["user_id"].to_numpy()
     rng = np.random.default_rng(seed)
     items = l2_normalise(rng.standard_normal((len(item_ids), dim), dtype=np.float32))
     profiles = l2_normalise(rng.standard_normal((len(profile_ids), dim), dtype=np.float32))

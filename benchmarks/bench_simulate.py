@@ -46,7 +46,7 @@ def main() -> int:
     stamps = [json.loads(p.read_text()) for p in sorted((eval_dir / "parts").glob("persona_*.json"))]
     eval_rows, eval_s = sum(s["rows"] for s in stamps), sum(s["seconds"] for s in stamps)
 
-    preds = pd.read_parquet(eval_dir / "predictions.parquet")
+    preds = pd.read_parquet(run.eval_predictions(args.variant))
     preds = preds[preds["mode"] == "scoring"]
     recs = preds[["user_id", "item_id"]].assign(recommender="eval-rows")
     recs["rank"] = recs.groupby("user_id").cumcount() + 1

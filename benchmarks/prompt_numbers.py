@@ -43,12 +43,12 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help="score only the rows of this predictions file (relative to RUN)")
     args = parser.parse_args()
     run = RunFolder(args.run)
-    test = run.read_table("ratings_test.parquet")
+    test = run.read_ratings("test")
     if args.rows:
         rows = pd.read_parquet(run.root / args.rows, columns=["user_id", "item_id"]).drop_duplicates()
         test = test.merge(rows, on=["user_id", "item_id"])
-    items = run.read_table("items.parquet", columns=["item_id", "hist_avg"])
-    data = test.merge(stated_numbers(run.read_table("distill/profiles.parquet")), on="user_id").merge(items, on="item_id")
+    items = run.read_items(columns=["item_id", "hist_avg"])
+    data = test.merge(stated_numbers(run.read_profiles()), on="user_id").merge(items, on="item_id")
     mu = float(data["hist_avg"].mean())
     rules = {
         "the user's stated average": data["stated_average"],

@@ -20,7 +20,6 @@ item's text is embedded with the run's embedding backend to retrieve memories.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -31,9 +30,10 @@ from torchtune import training, utils
 
 from persona_tune.errors import ConfigError, DataError
 from persona_tune.evaluation.loading import ModelLoader, adapter_path
-from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, check_modes, predict_rows
-from persona_tune.prompts import PromptParts, check_memory_mode
-from persona_tune.runfolder import RunFolder
+from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, predict_rows
+from persona_tune.names import PROFILE_MEMORIES, RETRIEVED_MEMORIES, check_memory_mode, check_modes
+from persona_tune.prompts import PromptBuilder
+from persona_tune.runfolder import ASSIGNMENTS, ITEMS, MEMORIES, MEMORY_VECTORS, PROFILES, RATINGS_TRAIN, RunFolder
 
 
 class UserAgent:
@@ -44,7 +44,7 @@ class UserAgent:
         self.mode = check_modes(mode)[0] if mode != "both" else "both"
         self.run = RunFolder(cfg.run_dir)
         self.memory = check_memory_mode(cfg.memory)
-        self.run.require("items.parquet", "ratings_train.parquet")
+        self.run.require(ITEMS, RATINGS_TRAIN)
         device = utils.get_device(device=cfg.device)
         self.loader = ModelLoader(cfg, device, training.get_dtype(cfg.dtype, device=device))
         batching = OmegaConf.to_container(cfg.batching, resolve=True) | {"progress": False}
@@ -66,22 +66,20 @@ class UserAgent:
     # ---------------------------------------------------------------- tables
     def _load_tables(self) -> None:
         run = self.run
-        items = run.read_table("items.parquet", columns=["item_id", "text"])
-        self.item_text = items.set_index("item_id")["text"]
-        assignments = run.path("personas/assignments.parquet")
-        self.persona_of = (pd.read_parquet(assignments).set_index("user_id")["persona"] if assignments.exists()
+        items = run.read_items(columns=["item_id", "text"])
+        self.item_text = items.set_index("item_id")["text"]  # what a new item's text is embedded like
+        self.prompts = PromptBuilder(run, self.memory, self.cfg.get("prompt_template", "paper"),
+                                     bool(self.cfg.get("state_numbers", False)))
+        self.persona_of = (run.read_assignments().set_index("user_id")["persona"] if run.path(ASSIGNMENTS).exists()
                            else pd.Series(dtype="int64"))
-        self.profiles = None
-        if self.memory in ("ms", "ms+ml"):
-            self.profiles = run.read_table("distill/profiles.parquet").set_index("user_id")
         self.vectors = None
-        if self.memory in ("ms+ml", "ml"):
+        if self.memory in RETRIEVED_MEMORIES:
             from persona_tune.memory.stage import load_vectors
 
-            run.require("memory/memory_vectors.npy", "distill/memories.parquet")
-            self.embed_meta = json.loads((run.memory_dir / "embeddings.json").read_text())
+            run.require(MEMORY_VECTORS, MEMORIES)
+            self.embed_meta = run.read_embeddings_meta()
             self.vectors = load_vectors(run)
-            explanations = run.read_table("distill/memories.parquet", columns=["user_id", "item_id", "explanation"])
+            explanations = run.read_memories(columns=["user_id", "item_id", "explanation"])
             self.explanation = explanations.set_index(["user_id", "item_id"])["explanation"]
             self._embedder = None
 
@@ -89,7 +87,7 @@ class UserAgent:
         if user_id in self.persona_of.index:
             return int(self.persona_of[user_id])
         if "{persona}" in str(self.cfg.adapter_dir or ""):
-            raise DataError(f"user {user_id} has no persona in this run", path=self.run.path("personas/assignments.parquet"))
+            raise DataError(f"user {user_id} has no persona in this run", path=self.run.path(ASSIGNMENTS))
         return -1
 
     # ---------------------------------------------------------------- prompts
@@ -135,7 +133,7 @@ class UserAgent:
         for r in found.itertuples():
             text = self.explanation.get((r.user_id, r.memory_item_id))
             if text is not None:
-                by_row.setdefault((r.user_id, r.item_id), []).append((self.item_text[r.memory_item_id], text))
+                by_row.setdefault((r.user_id, r.item_id), []).append((self.prompts.item_text[r.memory_item_id], text))
         return [tuple(by_row.get((u, i), ())) for u, i in zip(user_ids, item_ids)]
 
     def prompt_rows(self, user_ids: Sequence[int], items: Sequence) -> pd.DataFrame:
@@ -144,14 +142,12 @@ class UserAgent:
         user_ids = [int(u) for u in user_ids]
         memories = (self._memories(user_ids, item_ids, texts) if self.vectors is not None
                     else [()] * len(user_ids))
-        parts = []
-        for u, text, mem in zip(user_ids, texts, memories):
-            profile = traits = ""
-            if self.profiles is not None:
-                if u not in self.profiles.index:
-                    raise DataError(f"user {u} has no profile (M_s)", path=self.run.path("distill/profiles.parquet"))
-                profile, traits = self.profiles.at[u, "profile"], self.profiles.at[u, "traits_text"]
-            parts.append(PromptParts(item=text, profile=profile, traits=traits, memories=mem))
+        if self.memory in PROFILE_MEMORIES:
+            missing = next((u for u in user_ids if u not in self.prompts.profile), None)
+            if missing is not None:
+                raise DataError(f"user {missing} has no profile (M_s)", path=self.run.path(PROFILES))
+        texts = [text if i < 0 else self.prompts.item_text[i] for i, text in zip(item_ids, texts)]
+        parts = self.prompts.parts(user_ids, item_ids, item_texts=texts, memories=memories)
         return pd.DataFrame({"user_id": user_ids, "item_id": item_ids,
                              "persona": [self.persona(u) for u in user_ids], "parts": parts})
 

@@ -14,35 +14,23 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_tune.errors import ConfigError, DataError
-from persona_tune.runfolder import RunFolder, atomic_write_text, check_name
+from persona_tune.names import DEFAULT_MEMORY, FAMILIES, MEMORY_MODES, check_memory_mode
+from persona_tune.resources import template_dir
+from persona_tune.runfolder import ASSIGNMENTS, RATINGS_TRAIN, RunFolder, atomic_write_text, check_name
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("phi3", "smollm2", "tiny")
-MEMORY_MODES = ("ms+ml", "ms", "ml")
-ASSIGNMENTS = "personas/assignments.parquet"
-CONFIG_INPUTS = ("ratings_train.parquet", ASSIGNMENTS)  # what the generated configs depend on
-
-
-def template_dir(family: str, kind: str = "persona") -> Path:
-    """configs/<family>_<kind>/ (kind: persona, the stock recipes; trunk, lora_frozen_trunk) from the
-    installed wheel or the source checkout."""
-    from persona_tune._hook import resource_dirs
-
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
-    configs_dir = resource_dirs()[0]
-    if configs_dir is None or not (configs_dir / f"{family}_{kind}").is_dir():
-        raise ConfigError(f"the {family}_{kind} config templates are not installed with persona-tune")
-    return configs_dir / f"{family}_{kind}"
+CONFIG_INPUTS = (RATINGS_TRAIN, ASSIGNMENTS)  # what the generated configs depend on
 
 
 def persona_sizes(run: RunFolder):
     """One row per persona: persona, n_users, n_train_rows (the user's rows in ratings_train)."""
-    assignments = run.read_table(ASSIGNMENTS)
+    assignments = run.read_assignments()
     path = run.path(ASSIGNMENTS)
     missing = {"user_id", "persona"} - set(assignments.columns)
     if missing:
@@ -59,7 +47,7 @@ def persona_sizes(run: RunFolder):
         row = int((persona < 0).to_numpy().argmax())
         raise DataError(f"persona ids must be >= 0, got {persona.iloc[row]}", path, line=row + 1)
 
-    train = run.read_table("ratings_train.parquet", columns=["user_id"])
+    train = run.read_ratings("train", columns=["user_id"])
     rows_per_user = train.groupby("user_id").size()
     assignments = assignments.assign(n_train_rows=assignments["user_id"].map(rows_per_user).fillna(0).astype("int64"))
     sizes = (
@@ -70,7 +58,7 @@ def persona_sizes(run: RunFolder):
     )
     empty = sizes[sizes["n_train_rows"] == 0]
     if not empty.empty:
-        raise DataError(f"persona {int(empty['persona'].iloc[0])} has no training rows in ratings_train.parquet", path)
+        raise DataError(f"persona {int(empty['persona'].iloc[0])} has no training rows in {RATINGS_TRAIN}", path)
     return sizes
 
 
@@ -183,6 +171,38 @@ def render_config(template: Path, settings: dict, overrides: list[str]) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
+def variant_template(templates: Path, name: str) -> Path:
+    """The family's template of variant ``name``: persona_0 is the pattern for personas beyond the shipped ones."""
+    template = templates / f"{name}.yaml"
+    if not template.is_file():
+        template = templates / ("persona_0.yaml" if name.startswith("persona_") else f"{name}.yaml")
+    return template
+
+
+def variant_config_text(run: RunFolder, variant: str, template: Path, spec: dict, memory: str, overrides,
+                        settings: dict | None = None) -> str:
+    """The config of one trained variant: the template with the contract keys (FIXED_KEYS), other
+    ``settings`` (dotted keys allowed) and then ``overrides``."""
+    settings = {
+        "run_dir": str(run.root),
+        "persona": spec["persona"],
+        "subsample": spec["subsample"],
+        "memory": memory,
+        "output_dir": str(run.adapter_dir(variant)),
+        **(settings or {}),
+    }
+    return render_config(template, settings, overrides)
+
+
+def write_variant_config(run: RunFolder, variant: str, template: Path, spec: dict, memory: str, overrides,
+                         header: str) -> Path:
+    """Write RUN/configs/<variant>.yaml: ``header`` (comment lines) and :func:`variant_config_text`."""
+    target = run.config_file(variant)
+    atomic_write_text(target, header + variant_config_text(run, variant, template, spec, memory, overrides))
+    log.info("wrote %s", target)
+    return target
+
+
 def generate_configs(
     run_dir: str | Path,
     family: str = "phi3",
@@ -192,16 +212,15 @@ def generate_configs(
 ) -> dict[str, Path]:
     """Write RUN/configs/<variant>.yaml for every persona and single_min/single_max; return name -> path."""
     run = RunFolder(run_dir)
-    run.require("ratings_train.parquet", ASSIGNMENTS)
-    if memory not in MEMORY_MODES:
-        raise ConfigError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+    run.require(*CONFIG_INPUTS)
+    check_memory_mode(memory)
     templates = template_dir(family)
     parse_overrides(list(overrides))
     variants = plan_variants(persona_sizes(run))
     params = {"family": family, "memory": memory, "overrides": list(overrides)}
     inputs = run.checksums(*CONFIG_INPUTS)
 
-    targets = {name: run.configs_dir / f"{name}.yaml" for name in variants}
+    targets = {name: run.config_file(name) for name in variants}
     record = run.stage_record("configs") or {}
     if (record.get("params", {}).get("overrides") == params["overrides"]
             and {k: record["params"].get(k) for k in ("family", "memory")} == {"family": family, "memory": memory}
@@ -218,51 +237,55 @@ def generate_configs(
                           "pass --force to rewrite them")
     # Variants an earlier run generated that this plan has not (e.g. persona_2 after fewer personas).
     for stale in sorted(set(record.get("variants", {})) - set(variants)):
-        (run.configs_dir / f"{check_name(stale)}.yaml").unlink(missing_ok=True)
-        log.warning("removed %s: no longer one of the generated variants", run.configs_dir / f"{stale}.yaml")
+        run.config_file(stale).unlink(missing_ok=True)
+        log.warning("removed %s: no longer one of the generated variants", run.config_file(stale))
 
     for name, spec in variants.items():
-        template = templates / f"{name}.yaml"
-        if not template.is_file():  # more personas than shipped templates: persona_0 is the pattern
-            template = templates / ("persona_0.yaml" if name.startswith("persona_") else f"{name}.yaml")
-        settings = {
-            "run_dir": str(run.root),
-            "persona": spec["persona"],
-            "subsample": spec["subsample"],
-            "memory": memory,
-            "output_dir": str(run.adapters_dir / name),
-        }
+        template = variant_template(templates, name)
         header = (
             f"# {name}: generated by `persona-tune configs` from {family}_persona/{template.stem} "
             f"({spec['n_train_rows']} training rows).\n"
             f"# Run: tune run lora_finetune_single_device --config {targets[name]}\n"
             f"#  or: tune run --nproc_per_node 2 lora_finetune_distributed --config {targets[name]}\n"
         )
-        atomic_write_text(targets[name], header + render_config(template, settings, list(overrides)))
-        log.info("wrote %s", targets[name])
+        write_variant_config(run, name, template, spec, memory, list(overrides), header)
 
     run.record_stage(
         "configs",
         {**params, "force": force},
         inputs=inputs,
-        variants={name: {**spec, "config": f"configs/{name}.yaml"} for name, spec in variants.items()},
+        variants={name: {**spec, "config": run.config_relpath(name)} for name, spec in variants.items()},
     )
     return targets
 
 
+@dataclass
+class ConfigsConfig:
+    """The `configs` stage's options (its CLI arguments are generated from them)."""
+
+    family: str = field(default="phi3", metadata={
+        "choices": FAMILIES, "help": "model family: phi3 (the paper's Phi-3-mini), smollm2 (CPU-sized), tiny (tests)"})
+    memory: str = field(default=DEFAULT_MEMORY, metadata={
+        "choices": (DEFAULT_MEMORY, *(m for m in MEMORY_MODES if m != DEFAULT_MEMORY)),  # the default first
+        "help": "prompt memory: profile (ms), profile + retrieved explanation (ms+ml), explanation (ml)"})
+    force: bool = field(default=False, metadata={"flag": "--force", "help": "overwrite existing configs"})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--set", "append": True, "metavar": "KEY=VALUE",
+        "help": "override a config key in every generated file (repeatable), e.g. --set optimizer.lr=1e-4"})
+
+
+def run(run: RunFolder, cfg: ConfigsConfig) -> dict[str, Path]:
+    """The `configs` stage: RUN/configs/<variant>.yaml for every persona and single_min/single_max."""
+    return generate_configs(run.root, cfg.family, cfg.memory, list(cfg.overrides), cfg.force)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run folder (after `persona-tune personas`)")
-    parser.add_argument("--family", choices=FAMILIES, default="phi3",
-                        help="model family: phi3 (the paper's Phi-3-mini), smollm2 (CPU-sized), tiny (tests)")
-    parser.add_argument("--memory", choices=MEMORY_MODES, default="ms+ml",
-                        help="prompt memory: profile (ms), profile + retrieved explanation (ms+ml), explanation (ml)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing configs")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key in every generated file (repeatable), e.g. --set optimizer.lr=1e-4")
+    add_config_arguments(parser, ConfigsConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    targets = generate_configs(args.run, args.family, args.memory, args.overrides, args.force)
+    targets = run(RunFolder(args.run), config_from_args(ConfigsConfig, args))
     for name, path in targets.items():
         print(f"{name:<12} {path}")
     return 0

@@ -39,7 +39,7 @@ def recipe_dirs() -> list[Path]:
     spec = importlib.util.find_spec("torchtune")
     if spec is not None and spec.origin:
         dirs.append(Path(spec.origin).resolve().parent.parent / "recipes")
-    from persona_tune._hook import resource_dirs
+    from persona_tune.resources import resource_dirs
 
     ours = resource_dirs()[1]
     if ours is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from persona_tune import cli
 from persona_tune.errors import PersonaTuneError
-from persona_tune.runfolder import RunFolder
+from persona_tune.runfolder import PLOTS, REPORT, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     stage("embed", ["--run", str(run.root), "--backend", args.embedder])
     stage("personas", ["--run", str(run.root), "--k", str(args.k), "--k-max", str(args.k_max), "--seed", str(args.seed)])
     models = model_overrides(args)
-    if not (run.configs_dir / "persona_0.yaml").is_file():
+    if not run.config_file("persona_0").is_file():
         stage("configs", ["--run", str(run.root), "--family", args.model] + [a for o in models for a in ("--set", o)])
     stage("train", ["--run", str(run.root), "--personas", "all", "--",
                     f"max_steps_per_epoch={args.max_steps}", f"epochs={args.epochs}"])
@@ -141,5 +141,5 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     root = run_demo(args)
     print(f"\nDemo finished in {time.perf_counter() - started:.0f} s. Run folder: {root}")
-    print(f"Report: {root / 'eval' / 'report.md'}   plots: {root / 'eval' / 'plots'}")
+    print(f"Report: {RunFolder(root).path(REPORT)}   plots: {RunFolder(root).path(PLOTS)}")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -21,12 +22,29 @@ from sklearn.cluster import KMeans
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from persona_tune.errors import ConfigError, DataError
-from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_parquet, atomic_write_text
+from persona_tune.runfolder import (
+    ASSIGNMENTS,
+    ELBOW,
+    ELBOW_PLOT,
+    EMBEDDINGS_META,
+    PERSONAS_SUMMARY,
+    PERSONAS_SUMMARY_MD,
+    PROFILE_IDS,
+    PROFILE_VECTORS,
+    PROFILES,
+    RATINGS_TEST,
+    RATINGS_TRAIN,
+    RunFolder,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_parquet,
+    atomic_write_text,
+)
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
-INPUTS = ("ratings_train.parquet", "ratings_test.parquet", "distill/profiles.parquet",
-          "memory/profile_vectors.npy", "memory/profile_ids.parquet", "memory/embeddings.json")
+INPUTS = (RATINGS_TRAIN, RATINGS_TEST, PROFILES, PROFILE_VECTORS, PROFILE_IDS, EMBEDDINGS_META)
 ELBOW_RULE = "kneedle: max distance below the chord from K=1 to K=k_max, on K and inertia scaled to [0, 1]"
 
 
@@ -124,14 +142,41 @@ def _summary_markdown(summary: dict) -> str:
 
 def load_profile_vectors(run: RunFolder) -> tuple[np.ndarray, np.ndarray]:
     """(user_ids, float32 [n_users, d]): the profile vectors written by `embed`."""
-    run.require("memory/profile_vectors.npy")
-    ids = run.read_table("memory/profile_ids.parquet")["user_id"].to_numpy(np.int64)
-    vectors = np.load(run.path("memory/profile_vectors.npy"))
+    vectors = run.read_vectors(PROFILE_VECTORS)
+    ids = run.read_table(PROFILE_IDS)["user_id"].to_numpy(np.int64)
     if len(ids) != len(vectors):
         raise DataError(
-            f"{len(vectors)} vectors but {len(ids)} ids in profile_ids.parquet", run.path("memory/profile_vectors.npy")
+            f"{len(vectors)} vectors but {len(ids)} ids in {run.path(PROFILE_IDS).name}", run.path(PROFILE_VECTORS)
         )
     return ids, vectors
+
+
+def _k_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k must be 'auto' or an integer, got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"--k must be >= 1, got {k}")
+    return k
+
+
+@dataclass
+class PersonasConfig:
+    """The `personas` stage's options (its CLI arguments are generated from them)."""
+
+    k: int | str = field(default="auto", metadata={"type": _k_arg, "help": "number of personas, or 'auto' for the elbow"})
+    k_max: int = field(default=10, metadata={"help": "largest K tried by the elbow"})
+    seed: int = field(default=0, metadata={"help": "KMeans seed"})
+    n_init: int = field(default=10, metadata={"help": "KMeans restarts per K"})
+    top_words: int = field(default=10, metadata={"help": "distinctive words listed per persona"})
+
+
+def run(run: RunFolder, cfg: PersonasConfig) -> dict:
+    """The `personas` stage: cluster the profile vectors; returns summary.json's content."""
+    return run_personas(run.root, **asdict(cfg))
 
 
 def run_personas(
@@ -139,23 +184,22 @@ def run_personas(
 ) -> dict:
     """The `personas` stage. Returns summary.json's content."""
     run = RunFolder(run_dir)
-    run.require("ratings_train.parquet", "ratings_test.parquet", "distill/profiles.parquet")
+    run.require(RATINGS_TRAIN, RATINGS_TEST, PROFILES)
     params = {"k": k, "k_max": k_max, "seed": seed, "n_init": n_init, "top_words": top_words}
     inputs = run.checksums(*INPUTS)
     record = run.stage_record("personas") or {}
-    out = run.personas_dir
-    if record.get("params") == params and record.get("inputs") == inputs and (out / "summary.json").is_file() \
-            and (out / "assignments.parquet").is_file():
+    if record.get("params") == params and record.get("inputs") == inputs and run.path(PERSONAS_SUMMARY).is_file() \
+            and run.path(ASSIGNMENTS).is_file():
         log.info("personas are finished with the same options and inputs: skipped (nothing written)")
-        return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        return json.loads(run.path(PERSONAS_SUMMARY).read_text(encoding="utf-8"))
     user_ids, vectors = load_profile_vectors(run)
     from persona_tune.memory.stage import warn_missing_users
 
-    warn_missing_users(run, "memory/profile_ids.parquet", "distill", "they get no persona")
+    warn_missing_users(run, PROFILE_IDS, "distill", "they get no persona")
     n = len(user_ids)
     if n == 0:
-        raise ConfigError(f"{run.path('memory/profile_vectors.npy')} holds no profiles: nothing to cluster")
-    out = run.stage_dir("personas", create=True)
+        raise ConfigError(f"{run.path(PROFILE_VECTORS)} holds no profiles: nothing to cluster")
+    run.stage_dir("personas", create=True)
 
     elbow = None
     if k == "auto":
@@ -164,31 +208,30 @@ def run_personas(
         inertias = inertia_curve(vectors, k_max, seed, n_init)
         chosen = elbow_k(inertias)
         elbow = {"inertia": {str(key): v for key, v in inertias.items()}, "chosen_k": chosen, "rule": ELBOW_RULE}
-        atomic_write_json(out / "elbow.json", elbow)
-        plot_elbow(inertias, chosen, out / "elbow.png")
+        atomic_write_json(run.path(ELBOW), elbow)
+        plot_elbow(inertias, chosen, run.path(ELBOW_PLOT))
         k_rule = "elbow"
     else:
         chosen = int(k)
         if not 1 <= chosen <= n:
             raise ConfigError(f"--k must be between 1 and the number of users ({n}), got {chosen}")
         k_rule = "fixed"
-        for stale in ("elbow.json", "elbow.png"):  # from an earlier --k auto run
-            (out / stale).unlink(missing_ok=True)
+        for stale in (ELBOW, ELBOW_PLOT):  # from an earlier --k auto run
+            run.path(stale).unlink(missing_ok=True)
     labels = relabel_by_size(kmeans(vectors, chosen, seed, n_init).labels_)
     assignments = pd.DataFrame({"user_id": user_ids.astype("int64"), "persona": labels.astype("int64")})
     assignments = assignments.sort_values("user_id", ignore_index=True)
-    atomic_write_parquet(assignments, out / "assignments.parquet")
+    atomic_write_parquet(assignments, run.path(ASSIGNMENTS))
 
-    profiles = run.read_table("distill/profiles.parquet", columns=["user_id", "profile"]).set_index("user_id")
+    profiles = run.read_profiles(columns=["user_id", "profile"]).set_index("user_id")
     texts = profiles["profile"].reindex(user_ids).fillna("").tolist()
     words = distinctive_words(texts, labels, top_words)
-    train = run.read_table("ratings_train.parquet", columns=["user_id"])
-    test = run.read_table("ratings_test.parquet", columns=["user_id"])
+    train = run.read_ratings("train", columns=["user_id"])
+    test = run.read_ratings("test", columns=["user_id"])
     persona_of = assignments.set_index("user_id")["persona"]
     train_rows = train["user_id"].map(persona_of).value_counts()
     test_rows = test["user_id"].map(persona_of).value_counts()
-    meta_path = run.path("memory/embeddings.json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = run.read_embeddings_meta() if run.path(EMBEDDINGS_META).is_file() else {}
     summary = {
         "k": chosen,
         "k_rule": k_rule,
@@ -208,8 +251,8 @@ def run_personas(
             for p in range(chosen)
         ],
     }
-    atomic_write_json(out / "summary.json", summary)
-    atomic_write_text(out / "summary.md", _summary_markdown(summary))
+    atomic_write_json(run.path(PERSONAS_SUMMARY), summary)
+    atomic_write_text(run.path(PERSONAS_SUMMARY_MD), _summary_markdown(summary))
     run.record_stage(
         "personas",
         params,
@@ -221,30 +264,12 @@ def run_personas(
     return summary
 
 
-def _k_arg(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--k must be 'auto' or an integer, got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"--k must be >= 1, got {k}")
-    return k
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder")
-    parser.add_argument("--k", type=_k_arg, default="auto", help="number of personas, or 'auto' for the elbow")
-    parser.add_argument("--k-max", type=int, default=10, help="largest K tried by the elbow")
-    parser.add_argument("--seed", type=int, default=0, help="KMeans seed")
-    parser.add_argument("--n-init", type=int, default=10, help="KMeans restarts per K")
-    parser.add_argument("--top-words", type=int, default=10, help="distinctive words listed per persona")
+    add_config_arguments(parser, PersonasConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    summary = run_personas(
-        args.run, k=args.k, k_max=args.k_max, seed=args.seed, n_init=args.n_init, top_words=args.top_words
-    )
+    summary = run(RunFolder(args.run), config_from_args(PersonasConfig, args))
     print(_summary_markdown(summary), end="")
     return 0

@@ -28,9 +28,9 @@ import pandas as pd
 from torchtune.data import Message
 
 from persona_tune.errors import ConfigError
-from persona_tune.runfolder import RunFolder
+from persona_tune.names import PROFILE_MEMORIES, RETRIEVED_MEMORIES, check_memory_mode
+from persona_tune.runfolder import ASSIGNMENTS, RunFolder
 
-MEMORY_MODES = ("ms", "ms+ml", "ml")
 TEMPLATES = ("paper", "compact")
 RATINGS = ("1", "2", "3", "4", "5")
 
@@ -70,12 +70,6 @@ class PromptParts:
     item_avg: float | None = None  # stated before the answer when not None (state_numbers)
     user_offset: float | None = None
     terse: bool = False  # the length policy dropped the paper template's boilerplate
-
-
-def check_memory_mode(memory: str) -> str:
-    if memory not in MEMORY_MODES:
-        raise ConfigError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
-    return memory
 
 
 def check_template(template: str) -> str:
@@ -215,6 +209,55 @@ def subsample_per_user(rows: pd.DataFrame, target: int, seed: int = 0) -> pd.Dat
     return pd.concat(parts, ignore_index=True)
 
 
+class PromptBuilder:
+    """The one place the pieces of a prompt are put together from a run's tables: item texts (compact
+    ones for the compact template), the user's profile, traits and trait levels (memory ms or ms+ml),
+    and the stated numbers. :func:`load_prompt_rows` (training and eval) and ``UserAgent`` use it, so
+    their prompts are the same."""
+
+    def __init__(self, run: RunFolder, memory: str, template: str = "paper", state_numbers: bool = False):
+        self.memory, self.template = check_memory_mode(memory), check_template(template)
+        # Dicts of Python strings: every row that shows the same profile, traits, item or memory holds a
+        # reference to one string object, so 490k rows stay small (a pandas .map copies each string).
+        item_table = run.read_items()
+        self.item_text = _as_dict(item_table.assign(text=compact_item_texts(item_table)) if template == "compact"
+                                  else item_table, "item_id", "text")
+        self.profile, self.traits, self.levels = {}, {}, {}
+        if memory in PROFILE_MEMORIES:
+            table = run.read_profiles()
+            self.profile, self.traits = _as_dict(table, "user_id", "profile"), _as_dict(table, "user_id", "traits_text")
+            if {"activity", "conformity", "diversity"} <= set(table.columns):
+                self.levels = dict(zip(table["user_id"].tolist(), (
+                    f"activity {a}, conformity {c}, diversity {d}"
+                    for a, c, d in zip(table["activity"], table["conformity"], table["diversity"]))))
+        self.hist = self.offsets = None
+        if state_numbers:
+            self.hist = dict(zip(item_table["item_id"].tolist(), item_table["hist_avg"].tolist()))
+            self.offsets = user_offsets(run.read_ratings("train", columns=["user_id", "item_id", "rating"]), self.hist)
+
+    def parts(self, user_ids: Sequence[int], item_ids: Sequence[int], item_texts: Sequence[str] | None = None,
+              memories: Sequence[tuple] | None = None) -> list[PromptParts]:
+        """The PromptParts of each (user, item); ``item_texts`` for items the run does not have (else the
+        run's text of each item), ``memories`` the retrieved (item text, M_l) pairs of each row."""
+        n = len(user_ids)
+        item_texts = [self.item_text[i] for i in item_ids] if item_texts is None else item_texts
+        memories = [()] * n if memories is None else memories
+        profile = traits = levels = [""] * n
+        if self.memory in PROFILE_MEMORIES:
+            profile = [self.profile.get(u) or "" for u in user_ids]
+            traits = [self.traits.get(u) or "" for u in user_ids]
+            levels = [self.levels.get(u, "") for u in user_ids]
+        item_avg = user_offset = [None] * n
+        if self.hist is not None:
+            item_avg = [None if pd.isna(self.hist.get(i)) else float(self.hist[i]) for i in item_ids]
+            user_offset = [self.offsets.get(u, 0.0) for u in user_ids]
+        return [
+            PromptParts(item=i, profile=p, traits=t, memories=m, template=self.template, trait_levels=lv,
+                        item_avg=a, user_offset=o)
+            for i, p, t, m, lv, a, o in zip(item_texts, profile, traits, memories, levels, item_avg, user_offset)
+        ]
+
+
 def load_prompt_rows(
     run_dir: str | Path,
     split: str = "train",
@@ -237,19 +280,17 @@ def load_prompt_rows(
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     run = RunFolder(run_dir)
-    ratings_file = "ratings_train.parquet" if split == "train" else "ratings_test.parquet"
-    rows = run.read_table(ratings_file)
+    rows = run.read_ratings(split)
     if users is not None:
         rows = rows[rows["user_id"].isin(list(users))]
 
-    assignments_file = "personas/assignments.parquet"
-    if (run.root / assignments_file).exists():
-        assignments = run.read_table(assignments_file)
+    if run.path(ASSIGNMENTS).exists():
+        assignments = run.read_assignments()
         rows = rows.merge(assignments, on="user_id", how="left")
         rows["persona"] = rows["persona"].fillna(-1).astype("int64")
     else:
         if persona is not None:
-            run.require(assignments_file)
+            run.require(ASSIGNMENTS)
         rows["persona"] = -1
     if persona is not None:
         rows = rows[rows["persona"] == int(persona)]
@@ -259,46 +300,13 @@ def load_prompt_rows(
     if subsample is not None:
         rows = subsample_per_user(rows, int(subsample), seed)
 
-    # Dicts of Python strings: every row that shows the same profile, traits, item or memory holds a
-    # reference to one string object, so 490k rows stay small (a pandas .map copies each string).
-    item_table = run.read_table("items.parquet")
-    items = _as_dict(item_table.assign(text=compact_item_texts(item_table)) if template == "compact" else item_table,
-                     "item_id", "text")
+    prompts = PromptBuilder(run, memory, template, state_numbers)
     user_ids, item_ids = rows["user_id"].tolist(), rows["item_id"].tolist()
-    item_text = [items[i] for i in item_ids]
-
-    profile = traits = levels = [""] * len(rows)
-    if memory in ("ms", "ms+ml"):
-        table = run.read_table("distill/profiles.parquet")
-        profiles, trait_texts = _as_dict(table, "user_id", "profile"), _as_dict(table, "user_id", "traits_text")
-        profile = [profiles.get(u) or "" for u in user_ids]
-        traits = [trait_texts.get(u) or "" for u in user_ids]
-        if {"activity", "conformity", "diversity"} <= set(table.columns):
-            level_of = dict(zip(table["user_id"].tolist(), (
-                f"activity {a}, conformity {c}, diversity {d}"
-                for a, c, d in zip(table["activity"], table["conformity"], table["diversity"]))))
-            levels = [level_of.get(u, "") for u in user_ids]
-
-    item_avg = user_offset = [None] * len(rows)
-    if state_numbers:
-        hist = dict(zip(item_table["item_id"].tolist(), item_table["hist_avg"].tolist()))
-        offsets = user_offsets(run.read_table("ratings_train.parquet", columns=["user_id", "item_id", "rating"]), hist)
-        item_avg = [None if pd.isna(hist.get(i)) else float(hist[i]) for i in item_ids]
-        user_offset = [offsets.get(u, 0.0) for u in user_ids]
-
-    memories = [()] * len(rows)
-    if memory in ("ms+ml", "ml"):
-        by_row = _retrieved_memories(run, split, items)
+    memories = None
+    if memory in RETRIEVED_MEMORIES:
+        by_row = _retrieved_memories(run, split, prompts.item_text)
         memories = [by_row.get(key, ()) for key in zip(user_ids, item_ids)]
-
-    rows["parts"] = pd.Series(
-        [
-            PromptParts(item=i, profile=p, traits=t, memories=m, template=template, trait_levels=lv,
-                        item_avg=a, user_offset=o)
-            for i, p, t, m, lv, a, o in zip(item_text, profile, traits, memories, levels, item_avg, user_offset)
-        ],
-        index=rows.index, dtype=object,
-    )
+    rows["parts"] = pd.Series(prompts.parts(user_ids, item_ids, memories=memories), index=rows.index, dtype=object)
     return rows
 
 
@@ -334,9 +342,9 @@ def _as_dict(table: pd.DataFrame, key: str, value: str) -> dict:
 
 def _retrieved_memories(run: RunFolder, split: str, items: dict[int, str]) -> dict[tuple[int, int], tuple]:
     """(user_id, item_id) -> ((memory item text, M_l explanation), ...) in rank order."""
-    retrieved = run.read_table("memory/retrieved.parquet")
+    retrieved = run.read_retrieved()
     retrieved = retrieved[retrieved["split"] == split].sort_values(["user_id", "item_id", "rank"])
-    table = run.read_table("distill/memories.parquet", columns=["user_id", "item_id", "explanation"])
+    table = run.read_memories(columns=["user_id", "item_id", "explanation"])
     explanations = dict(zip(zip(table["user_id"].tolist(), table["item_id"].tolist()), table["explanation"].tolist()))
     by_row: dict[tuple[int, int], tuple[tuple[str, str], ...]] = {}
     # Plain lists: a pandas groupby costs ~0.4 ms per row here (hours at 490k rows).

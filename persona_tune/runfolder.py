@@ -33,29 +33,68 @@ def _umask() -> int:
 
 _FILE_MODE = 0o666 & ~_umask()
 
-# Which stage writes which file, so a missing input names the command that makes it.
-PRODUCERS = {
-    "ratings_train.parquet": "prepare",
-    "ratings_test.parquet": "prepare",
-    "items.parquet": "prepare",
-    "users.parquet": "prepare",
-    "distill/profiles.parquet": "distill",
-    "distill/memories.parquet": "distill",
-    "distill/traits.parquet": "distill",
-    "memory/profile_vectors.npy": "embed",
-    "memory/memory_vectors.npy": "embed",
-    "memory/retrieved.parquet": "embed",
-    "memory/embeddings.json": "embed",
-    "memory/profile_ids.parquet": "embed",
-    "memory/memory_ids.parquet": "embed",
-    "memory/item_vectors.npy": "embed",
-    "memory/item_ids.parquet": "embed",
-    "personas/assignments.parquet": "personas",
-}
-ASSIGNMENTS = "personas/assignments.parquet"
+# The run-folder contract: one constant per file that one stage writes and another reads, relative
+# to the run folder (docs/architecture.md has the table: producer, readers, accessor).
+RATINGS_TRAIN = "ratings_train.parquet"
+RATINGS_TEST = "ratings_test.parquet"
+ITEMS = "items.parquet"
+USERS = "users.parquet"
 PROFILES = "distill/profiles.parquet"
 MEMORIES = "distill/memories.parquet"
+TRAITS = "distill/traits.parquet"
+DISTILL_FAILURES = "distill/failures.jsonl"
+DISTILL_REQUESTS = "distill/requests.sqlite"  # the LLM backend's answers, replayed on a re-run
+PROFILE_VECTORS = "memory/profile_vectors.npy"
+MEMORY_VECTORS = "memory/memory_vectors.npy"
+RETRIEVED = "memory/retrieved.parquet"
 EMBEDDINGS_META = "memory/embeddings.json"
+PROFILE_IDS = "memory/profile_ids.parquet"
+MEMORY_IDS = "memory/memory_ids.parquet"
+ITEM_VECTORS = "memory/item_vectors.npy"
+ITEM_IDS = "memory/item_ids.parquet"
+EMBEDDINGS_CACHE = "memory/embeddings.sqlite"
+ASSIGNMENTS = "personas/assignments.parquet"
+PERSONAS_SUMMARY = "personas/summary.json"
+PERSONAS_SUMMARY_MD = "personas/summary.md"
+ELBOW = "personas/elbow.json"
+ELBOW_PLOT = "personas/elbow.png"
+RESULTS = "eval/results.json"
+REPORT = "eval/report.md"
+PLOTS = "eval/plots"
+TRUNK_CACHE = "trunk_cache"  # the frozen-trunk recipe's activations (configs/*_trunk: trunk_cache.dir)
+RATINGS = {"train": RATINGS_TRAIN, "test": RATINGS_TEST}
+
+# File names inside one variant's folder: configs/<variant>.yaml, adapters/<variant>/...,
+# eval/<name>/..., simulate/<name>/... (RunFolder.config_file, adapter_dir, eval_variant_dir).
+PREDICTIONS = "predictions.parquet"
+METRICS = "metrics.json"
+TRAIN_SUMMARY = "train_summary.json"
+TRUNK_SUMMARY = "trunk_summary.json"
+TORCHTUNE_CONFIG = "torchtune_config.yaml"  # adapters/<variant>/: the resolved config of the training run
+EVAL_INPUTS = "eval_inputs.json"
+EVAL_CONFIG = "eval_config.yaml"
+EVAL_LOG = "eval.log"
+BASELINES = "baselines"  # eval/baselines/: the classical baselines' predictions and metrics
+
+# Which stage writes which file, so a missing input names the command that makes it.
+PRODUCERS = {
+    RATINGS_TRAIN: "prepare",
+    RATINGS_TEST: "prepare",
+    ITEMS: "prepare",
+    USERS: "prepare",
+    PROFILES: "distill",
+    MEMORIES: "distill",
+    TRAITS: "distill",
+    PROFILE_VECTORS: "embed",
+    MEMORY_VECTORS: "embed",
+    RETRIEVED: "embed",
+    EMBEDDINGS_META: "embed",
+    PROFILE_IDS: "embed",
+    MEMORY_IDS: "embed",
+    ITEM_VECTORS: "embed",
+    ITEM_IDS: "embed",
+    ASSIGNMENTS: "personas",
+}
 
 
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -183,6 +222,17 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _table_reader(relpath: str, doc: str):
+    """A RunFolder method that reads ``relpath``: ``(columns=None, missing_ok=False)``; with ``missing_ok``,
+    None when the file does not exist, else a missing file names the command that writes it."""
+
+    def read(self: "RunFolder", columns: list[str] | None = None, missing_ok: bool = False):
+        return self.read_table(relpath, columns, missing_ok)
+
+    read.__doc__ = doc
+    return read
+
+
 class RunFolder:
     """Paths and manifest of one run folder. Cheap to construct; touches no file until asked."""
 
@@ -242,8 +292,52 @@ class RunFolder:
         return self.root / "eval"
 
     @property
+    def trunk_cache_dir(self) -> Path:
+        return self.root / TRUNK_CACHE
+
+    @property
     def simulate_dir(self) -> Path:
         return self.root / "simulate"
+
+    # Per-variant files (names checked, so none points outside the run folder).
+    def config_file(self, variant: str) -> Path:
+        """configs/<variant>.yaml, written by `configs` (or `grid`), read by `train` and `eval`."""
+        return self.configs_dir / f"{check_name(variant)}.yaml"
+
+    def config_relpath(self, variant: str) -> str:
+        return f"configs/{check_name(variant)}.yaml"
+
+    def adapter_dir(self, variant: str) -> Path:
+        """adapters/<variant>/: the checkpoints, train_summary.json and peft/ of one trained variant."""
+        return self.adapters_dir / check_name(variant)
+
+    def train_summary(self, variant: str) -> Path:
+        return self.adapter_dir(variant) / TRAIN_SUMMARY
+
+    def eval_variant_dir(self, name: str) -> Path:
+        """eval/<name>/: eval_config.yaml, predictions.parquet, metrics.json of one evaluated variant."""
+        return self.eval_dir / check_name(name)
+
+    def eval_predictions(self, name: str) -> Path:
+        return self.eval_variant_dir(name) / PREDICTIONS
+
+    def eval_metrics(self, name: str) -> Path:
+        return self.eval_variant_dir(name) / METRICS
+
+    def eval_prediction_files(self, baselines: bool = True) -> list[Path]:
+        """eval/*/predictions.parquet, sorted; without ``baselines``, the agents' only."""
+        return [p for p in sorted(self.eval_dir.glob(f"*/{PREDICTIONS}")) if baselines or p.parent.name != BASELINES]
+
+    def eval_metric_files(self) -> list[Path]:
+        return sorted(self.eval_dir.glob(f"*/{METRICS}"))
+
+    @property
+    def baselines_dir(self) -> Path:
+        return self.eval_dir / BASELINES
+
+    @property
+    def baseline_predictions(self) -> Path:
+        return self.baselines_dir / PREDICTIONS
 
     def simulation(self, name: str) -> "SimulationFolder":
         """RUN/simulate/<name>/: the files of one `persona-tune simulate` run."""
@@ -298,11 +392,41 @@ class RunFolder:
         now = self.checksums(*relpaths)
         return sorted(rel for rel in set(recorded) | set(now) if recorded.get(rel) != now.get(rel))
 
-    def read_table(self, relpath: str, columns: list[str] | None = None):
+    def read_table(self, relpath: str, columns: list[str] | None = None, missing_ok: bool = False):
+        """A Parquet file of the run; with ``missing_ok``, None when it does not exist."""
         import pandas as pd
 
+        if missing_ok and not (self.root / relpath).exists():
+            return None
         self.require(relpath)
         return pd.read_parquet(self.root / relpath, columns=columns)
+
+    # Typed readers: each requires its file (a missing one names the command that writes it).
+    def read_ratings(self, split: str, columns: list[str] | None = None):
+        """ratings_train.parquet (``split="train"``) or ratings_test.parquet (``"test"``)."""
+        if split not in RATINGS:
+            raise ValueError(f"split must be one of {sorted(RATINGS)}, not {split!r}")
+        return self.read_table(RATINGS[split], columns)
+
+    read_items = _table_reader(ITEMS, "items.parquet: one row per item, with its prompt text and history.")
+    read_users = _table_reader(USERS, "users.parquet: one row per sampled user, with the rating counts.")
+    read_profiles = _table_reader(PROFILES, "distill/profiles.parquet: one profile (M_s) and trait levels per user.")
+    read_memories = _table_reader(MEMORIES, "distill/memories.parquet: one explanation (M_l) per train (user, item).")
+    read_traits = _table_reader(TRAITS, "distill/traits.parquet: the trait values behind the levels.")
+    read_retrieved = _table_reader(RETRIEVED, "memory/retrieved.parquet: the memories retrieved for each row.")
+    read_assignments = _table_reader(ASSIGNMENTS, "personas/assignments.parquet: user_id -> persona.")
+
+    def read_embeddings_meta(self) -> dict:
+        """memory/embeddings.json: the embedding backend, model and dimension."""
+        self.require(EMBEDDINGS_META)
+        return json.loads((self.root / EMBEDDINGS_META).read_text(encoding="utf-8"))
+
+    def read_vectors(self, relpath: str):
+        """One of the memory/*_vectors.npy arrays."""
+        import numpy as np
+
+        self.require(relpath)
+        return np.load(self.root / relpath)
 
     # Manifest.
     def read_manifest(self) -> dict:
@@ -368,11 +492,11 @@ class SimulationFolder:
 
     @property
     def predictions(self) -> Path:  # every recs row rated by each simulator, with the truth where known
-        return self.root / "predictions.parquet"
+        return self.root / PREDICTIONS
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.json"
+        return self.root / METRICS
 
     @property
     def parts_dir(self) -> Path:  # the agent's scores, chunk by chunk, each with its fingerprint

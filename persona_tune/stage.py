@@ -17,6 +17,12 @@ arguments generated from the Config so no field is listed twice.
 A field ``foo_bar`` becomes ``--foo-bar``; its type (int, float, str, bool, Optional of those,
 tuple/list of those) gives the argparse type; a bool field becomes ``--foo-bar/--no-foo-bar``;
 ``metadata={"help": ..., "choices": ..., "cli": False}`` adds help, choices, or keeps it off the CLI.
+More metadata, for a CLI that predates its Config: ``"group"`` (the argument group's title),
+``"flag": "--no-foo"`` (a True-by-default bool set False by that one flag; ``"flag": "--foo"``, a
+False-by-default one set True), ``"parse"`` (the CLI
+value is a string that ``parse`` turns into the field's value; it raises ConfigError), ``"type"``
+(argparse's type callable, for a field of a union type such as ``int | str``), ``"metavar"``, ``"required"``, and for
+a tuple field ``"append"`` (a repeatable flag) or ``"positional"`` (the words after ``--``).
 """
 
 from __future__ import annotations
@@ -62,36 +68,80 @@ def _parse_scalar(kind: type, name: str):
     return kind
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """One ``--option`` per field of the dataclass ``config_cls`` (see the module docstring)."""
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, skip: tuple[str, ...] = (),
+                         only: tuple[str, ...] | None = None, type_metavars: bool = True,
+                         groups: dict | None = None) -> dict:
+    """One ``--option`` per field of the dataclass ``config_cls`` (see the module docstring), or per
+    field of ``only``. Optional fields show their type as metavar (``--users INT``) unless not
+    ``type_metavars`` (argparse's ``--users USERS``). Returns the argument groups by title (pass them
+    back in ``groups`` to add to them)."""
     hints = typing.get_type_hints(config_cls)
     defaults = config_cls()
+    groups = {} if groups is None else groups
     for f in dataclasses.fields(config_cls):
-        if f.name in skip or not f.metadata.get("cli", True):
+        if f.name in skip or (only is not None and f.name not in only) or not f.metadata.get("cli", True):
             continue
-        kind, optional, sequence = _unwrap(hints[f.name])
-        if kind not in _SCALARS:
+        target = parser
+        if "group" in f.metadata:
+            target = groups.get(f.metadata["group"]) or groups.setdefault(
+                f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        if "type" in f.metadata:  # its own argparse type, e.g. an int or 'auto'
+            kind, optional, sequence = f.metadata["type"], False, False
+        elif "parse" in f.metadata:
+            kind, optional, sequence = str, True, False
+        else:
+            kind, optional, sequence = _unwrap(hints[f.name])
+        if "type" not in f.metadata and kind not in _SCALARS:
             raise TypeError(f"{config_cls.__name__}.{f.name}: {kind} has no CLI form; set metadata cli=False")
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         default = getattr(defaults, f.name)
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata.get("help")}
         if "choices" in f.metadata:
             kwargs["choices"] = list(f.metadata["choices"])
+        if f.metadata.get("required"):
+            kwargs["required"] = True
         if kind is bool and not sequence and not optional:
             kwargs.pop("choices", None)
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            if flag.startswith("--no-"):  # sets the field False; argparse keeps the negation in dest no_<name>
+                kwargs.update(dest=_negated(f.name), default=False)
+                target.add_argument(flag, action="store_true", **kwargs)
+            elif "flag" in f.metadata:  # a plain switch: the field is True when the flag is given
+                target.add_argument(flag, action="store_true", **kwargs)
+            else:
+                target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        kwargs["type"] = _parse_scalar(kind, flag)
-        if sequence:
+        kwargs["type"] = kind if "type" in f.metadata else _parse_scalar(kind, flag)
+        if sequence and f.metadata.get("positional"):  # `cmd ... -- a b c`
+            kwargs.pop("dest")
+            target.add_argument(f.name, nargs="*", metavar=f.metadata.get("metavar"),
+                                **{k: v for k, v in kwargs.items() if k != "default"})  # argparse's default: []
+            continue
+        if sequence and f.metadata.get("append"):  # a repeatable flag
+            kwargs.update(action="append", default=list(default))
+        elif sequence:
             kwargs["nargs"] = "+"
-        elif optional:
+        elif optional and type_metavars:
             kwargs["metavar"] = kind.__name__.upper()
-        parser.add_argument(flag, **kwargs)
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
+        target.add_argument(flag, **kwargs)
+    return groups
+
+
+def _negated(name: str) -> str:
+    return f"no_{name}"
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace, **extra: Any):
     """The Config from parsed arguments (fields absent from ``args`` keep their defaults), validated."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)}
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+            if "parse" in f.metadata and values[f.name] is not None:
+                values[f.name] = f.metadata["parse"](values[f.name])
+        elif hasattr(args, _negated(f.name)):
+            values[f.name] = not getattr(args, _negated(f.name))
     hints = typing.get_type_hints(config_cls)
     for name, value in values.items():
         if isinstance(value, list) and typing.get_origin(_strip_optional(hints[name])) is tuple:

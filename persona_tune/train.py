@@ -32,7 +32,22 @@ from pathlib import Path
 
 from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
-from persona_tune.runfolder import RunFolder, atomic_write_json, check_name, file_lock
+from persona_tune.resources import tune_executable
+from persona_tune.runfolder import (
+    ASSIGNMENTS,
+    ITEMS,
+    MEMORIES,
+    PROFILES,
+    RATINGS_TRAIN,
+    RETRIEVED,
+    TORCHTUNE_CONFIG,
+    TRAIN_SUMMARY,
+    RunFolder,
+    atomic_write_json,
+    check_name,
+    file_lock,
+)
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +55,12 @@ SINGLE_DEVICE_RECIPE = "lora_finetune_single_device"
 DISTRIBUTED_RECIPE = "lora_finetune_distributed"
 TRUNK_RECIPE = "lora_frozen_trunk"
 RESUMING_RECIPES = (TRUNK_RECIPE,)  # recipes that resume from their own state in output_dir
-SUMMARY = "train_summary.json"
+SUMMARY = TRAIN_SUMMARY  # the old name
 TRAIN_LOG = "train.log"
 _STEP_LINE = re.compile(r"^Step (\d+) \| (.*)$")
 _CONTRACT_KEYS = ("output_dir",)  # set by `train` itself: the run folder's file contract
 # What a trained adapter depends on besides its config; recorded in train_summary.json.
-TRAIN_INPUTS = ("ratings_train.parquet", "items.parquet", "personas/assignments.parquet",
-                "distill/profiles.parquet", "distill/memories.parquet", "memory/retrieved.parquet")
+TRAIN_INPUTS = (RATINGS_TRAIN, ITEMS, ASSIGNMENTS, PROFILES, MEMORIES, RETRIEVED)
 
 
 @dataclass
@@ -109,12 +123,12 @@ def check_overrides(overrides: list[str]) -> list[str]:
 def variant_inputs(run: RunFolder, variant: str, shared: dict[str, str] | None = None) -> dict[str, str]:
     """Checksums of what variant's adapter is trained from (``shared``: TRAIN_INPUTS', computed once)."""
     shared = run.checksums(*TRAIN_INPUTS) if shared is None else shared
-    return {**shared, **run.checksums(f"configs/{variant}.yaml")}
+    return {**shared, **run.checksums(run.config_relpath(variant))}
 
 
 def stale_inputs(run: RunFolder, variant: str, shared: dict[str, str] | None = None) -> list[str]:
     """The inputs that changed since variant's adapter was trained ([] when current or not trained)."""
-    summary_file = run.adapters_dir / variant / SUMMARY
+    summary_file = run.train_summary(variant)
     if not summary_file.is_file():
         return []
     recorded = json.loads(summary_file.read_text(encoding="utf-8")).get("inputs")
@@ -135,7 +149,7 @@ def check_variant_config(run: RunFolder, variant: str, overrides: list[str]) -> 
     """Fail before `tune run` starts: overrides must fit the config and the base model must exist."""
     from omegaconf import OmegaConf
 
-    path = run.configs_dir / f"{variant}.yaml"
+    path = run.config_file(variant)
     cfg = apply_overrides(OmegaConf.load(path), overrides, path)
     model_dir = OmegaConf.select(cfg, "checkpointer.checkpoint_dir", default=None, throw_on_resolution_failure=False)
     if model_dir and not Path(model_dir).is_dir():
@@ -152,17 +166,6 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the process group is still killed on normal exits
         pass
-
-
-def tune_executable() -> str:
-    """The `tune` next to this Python (same venv), else the one on PATH."""
-    beside = Path(sys.executable).with_name("tune")
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("tune")
-    if found is None:
-        raise ConfigError("the `tune` command (torchtune) is not installed in this environment")
-    return found
 
 
 def tune_command(config: Path, output_dir: Path, recipe: str, nproc: int, overrides: list[str]) -> list[str]:
@@ -195,7 +198,7 @@ def metrics_log(output_dir: Path, since: float = 0.0) -> Path | None:
     from omegaconf import OmegaConf
 
     log_dir = output_dir / "logs"
-    resolved = output_dir / "torchtune_config.yaml"
+    resolved = output_dir / TORCHTUNE_CONFIG
     if resolved.is_file():
         cfg = OmegaConf.load(resolved)
         log_dir = Path(OmegaConf.select(cfg, "metric_logger.log_dir", default=str(log_dir)))
@@ -215,7 +218,7 @@ def export_variant_peft(output_dir: Path, adapter: Path) -> Path:
 
     from persona_tune.peft_export import export_peft
 
-    cfg = OmegaConf.load(output_dir / "torchtune_config.yaml")
+    cfg = OmegaConf.load(output_dir / TORCHTUNE_CONFIG)
     model = cfg.model
     targets = list(model.lora_attn_modules)
     if model.get("apply_lora_to_mlp", False):
@@ -278,12 +281,12 @@ def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrid
                   env: dict | None = None, echo: bool = False, lock_fd: int | None = None,
                   inputs: dict[str, str] | None = None) -> VariantResult:
     """Run one variant's `tune run`, parse its metrics, export PEFT, write train_summary.json."""
-    output_dir = run.adapters_dir / variant
+    output_dir = run.adapter_dir(variant)
     inputs = variant_inputs(run, variant) if inputs is None else inputs
     if output_dir.exists() and recipe not in RESUMING_RECIPES:  # an unfinished attempt: start afresh
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    command = tune_command(run.configs_dir / f"{variant}.yaml", output_dir, recipe, nproc, overrides)
+    command = tune_command(run.config_file(variant), output_dir, recipe, nproc, overrides)
     log_file = output_dir / TRAIN_LOG
     with open(log_file, "a", encoding="utf-8") as f:
         f.write("$ " + " ".join(command) + "\n")
@@ -313,7 +316,7 @@ def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrid
     peft_dir = export_variant_peft(output_dir, adapter)
     summary = summarize(variant, output_dir, read_metrics(metrics_file), seconds, command, adapter, peft_dir)
     summary["inputs"] = inputs
-    atomic_write_json(output_dir / SUMMARY, summary)
+    atomic_write_json(output_dir / TRAIN_SUMMARY, summary)
     return VariantResult(variant, "trained", seconds, summary)
 
 
@@ -349,7 +352,7 @@ def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: 
     shared = run.checksums(*TRAIN_INPUTS)
     todo = []
     for v in variants:
-        if not (run.adapters_dir / v / SUMMARY).is_file():
+        if not run.train_summary(v).is_file():
             todo.append(v)
         elif changed := stale_inputs(run, v, shared):
             log.warning("%s was trained on other inputs (%s changed): retraining it", v, ", ".join(changed))
@@ -407,8 +410,8 @@ def summary_table(run: RunFolder, results: list[VariantResult]) -> str:
     rows = [("variant", "status", "steps", "first loss", "last loss", "seconds", "adapter")]
     for r in results:
         s = r.summary
-        if r.status == "skipped" and (run.adapters_dir / r.variant / SUMMARY).is_file():
-            s = json.loads((run.adapters_dir / r.variant / SUMMARY).read_text(encoding="utf-8"))
+        if r.status == "skipped" and run.train_summary(r.variant).is_file():
+            s = json.loads(run.train_summary(r.variant).read_text(encoding="utf-8"))
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
         rows.append((
             r.variant, r.status, str(s.get("steps", "-")), fmt(s.get("first_loss")), fmt(s.get("last_loss")),
@@ -418,23 +421,36 @@ def summary_table(run: RunFolder, results: list[VariantResult]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+@dataclass
+class TrainConfig:
+    """The `train` stage's options (its CLI arguments are generated from them)."""
+
+    personas: str = field(default="all", metadata={
+        "help": "variants to train: all, or a comma list of persona ids and names (0,1,single_min)"})
+    nproc: int = field(default=1, metadata={"help": "processes per variant (>1: lora_finetune_distributed)"})
+    parallel: bool = field(default=False, metadata={
+        "flag": "--parallel", "help": "train several variants at once over the available GPUs (or CPU cores)"})
+    recipe: str | None = field(default=None, metadata={
+        "help": f"torchtune recipe (default: {SINGLE_DEVICE_RECIPE}, or {DISTRIBUTED_RECIPE} with --nproc > 1; "
+                f"{TRUNK_RECIPE} for configs written by `grid --path trunk`)"})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "positional": True, "metavar": "KEY=VALUE",
+        "help": "config overrides for every `tune run`, after `--`: -- optimizer.lr=1e-4"})
+    echo: bool = field(default=False, metadata={"cli": False})  # stream each `tune run`'s output
+
+
+def run(run: RunFolder, cfg: TrainConfig) -> list[VariantResult]:
+    """The `train` stage: train every selected variant (skipping finished ones); one result per variant."""
+    return train(run.root, cfg.personas, cfg.nproc, cfg.parallel, cfg.recipe, cfg.overrides, echo=cfg.echo)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run folder (after `persona-tune configs`)")
-    parser.add_argument("--personas", default="all",
-                        help="variants to train: all, or a comma list of persona ids and names (0,1,single_min)")
-    parser.add_argument("--nproc", type=int, default=1, help="processes per variant (>1: lora_finetune_distributed)")
-    parser.add_argument("--parallel", action="store_true",
-                        help="train several variants at once over the available GPUs (or CPU cores)")
-    parser.add_argument("--recipe", default=None,
-                        help=f"torchtune recipe (default: {SINGLE_DEVICE_RECIPE}, or {DISTRIBUTED_RECIPE} with --nproc > 1; "
-                             f"{TRUNK_RECIPE} for configs written by `grid --path trunk`)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides for every `tune run`, after `--`: -- optimizer.lr=1e-4")
+    add_config_arguments(parser, TrainConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    results = train(args.run, args.personas, args.nproc, args.parallel, args.recipe, args.overrides,
-                    echo=args.verbose)
+    results = run(RunFolder(args.run), config_from_args(TrainConfig, args, echo=args.verbose))
     print(summary_table(RunFolder(args.run), results))
     failed = [r for r in results if r.status == "failed"]
     for r in failed:

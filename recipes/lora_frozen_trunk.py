@@ -54,6 +54,7 @@ from persona_tune.evaluation.predict import (
     predict_rows,
 )
 from persona_tune.prompts import load_prompt_rows, subsample_per_user
+from persona_tune.runfolder import ITEMS, PREDICTIONS, RATINGS_TEST, RATINGS_TRAIN, TORCHTUNE_CONFIG, TRUNK_SUMMARY
 from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_parquet, file_sha256
 from persona_tune.trunk import (
     HEAD_FILE,
@@ -79,7 +80,6 @@ from persona_tune.trunk import (
 log = utils.get_logger("INFO")
 
 STATE_FILE = "recipe_state.pt"
-PREDICTIONS = "predictions.parquet"
 ADAPTER_FILE = "adapter_model.pt"
 RUNTIME_KEYS = ("num_threads", "progress", "output_dir", "metric_logger", "save_every_n_steps")
 
@@ -106,7 +106,7 @@ class FrozenTrunkRecipe:
 
     # ------------------------------------------------------------------ 1. setup
     def setup(self, cfg: DictConfig) -> None:
-        self.run.require("ratings_train.parquet", "ratings_test.parquet", "items.parquet")
+        self.run.require(RATINGS_TRAIN, RATINGS_TEST, ITEMS)
         checkpointer = config.instantiate(cfg.checkpointer)
         base_state = checkpointer.load_checkpoint()[training.MODEL_KEY]
         with training.set_default_dtype(self._dtype), self._device:
@@ -352,7 +352,7 @@ def recipe_main(cfg: DictConfig) -> None:
     try:
         recipe.setup(cfg=cfg)
         recipe.output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, recipe.output_dir / "torchtune_config.yaml")
+        OmegaConf.save(cfg, recipe.output_dir / TORCHTUNE_CONFIG)
         recipe.cache_stats = {}
         untrained = int(cfg.epochs) == 0 and recipe.head_init != "closed_form"  # e.g. the prompted base model
         train = recipe.rows("train") if not untrained else None
@@ -366,7 +366,7 @@ def recipe_main(cfg: DictConfig) -> None:
         recipe.build_cache(test, "test")
         predictions = recipe.evaluate(test)
         atomic_write_parquet(predictions, recipe.output_dir / PREDICTIONS)
-        atomic_write_json(recipe.output_dir / "trunk_summary.json", {
+        atomic_write_json(recipe.output_dir / TRUNK_SUMMARY, {
             "train_rows": 0 if train is None else len(train), "test_rows": len(test),
             "paper_rows": int((predictions["mode"] == "paper").sum()), "split_layer": recipe.split,
             "adapted_layers": int(cfg.adapted_layers), "steps": result["steps"], "head": result["head"],

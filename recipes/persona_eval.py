@@ -39,9 +39,20 @@ from persona_tune.errors import PersonaTuneError
 from persona_tune.evaluation.baselines import global_mean
 from persona_tune.evaluation.loading import ModelLoader, adapter_path
 from persona_tune.evaluation.metrics import grouped_metrics, train_rows_per_persona, variant_metrics
-from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, check_modes, predict_rows
+from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, predict_rows
+from persona_tune.names import check_modes
 from persona_tune.prompts import load_prompt_rows
-from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, file_sha256
+from persona_tune.runfolder import (
+    ASSIGNMENTS,
+    ITEMS,
+    METRICS,
+    PREDICTIONS,
+    RATINGS_TEST,
+    RunFolder,
+    atomic_write_json,
+    atomic_write_parquet,
+    file_sha256,
+)
 
 log = utils.get_logger("INFO")
 
@@ -67,7 +78,7 @@ class PersonaEvalRecipe:
         self.cfg = cfg
 
     def setup(self, cfg: DictConfig) -> None:
-        self.run.require("ratings_test.parquet", "items.parquet")
+        self.run.require(RATINGS_TEST, ITEMS)
         self.loader = ModelLoader(cfg, self._device, self._dtype)
         self.predictor = RatingPredictor(
             self.loader.model, self.loader.tokenizer, device=self._device,
@@ -78,12 +89,12 @@ class PersonaEvalRecipe:
         """The personas to evaluate: cfg.personas, else all of personas/assignments.parquet (-1 = no personas)."""
         if self.cfg.get("personas") is not None:
             return [int(p) for p in self.cfg.personas]
-        assignments = self.run.path("personas/assignments.parquet")
-        if not assignments.exists():
+        assignments = self.run.read_assignments(columns=["persona"], missing_ok=True)
+        if assignments is None:
             if "{persona}" in str(self.cfg.adapter_dir or ""):
-                self.run.require("personas/assignments.parquet")
+                self.run.require(ASSIGNMENTS)
             return [-1]
-        return sorted(pd.read_parquet(assignments)["persona"].unique().tolist())
+        return sorted(assignments["persona"].unique().tolist())
 
     def fingerprint(self, persona: int, adapter: Path | None) -> str:
         """What a persona's predictions depend on; a part with another fingerprint is recomputed."""
@@ -91,7 +102,7 @@ class PersonaEvalRecipe:
                 "model", "dtype", "prompt_template", "state_numbers")
         spec = {k: OmegaConf.to_container(self.cfg, resolve=True).get(k) for k in keys}
         spec["adapter"] = None if adapter is None else [str(adapter), file_sha256(adapter)]
-        spec["inputs"] = {f: file_sha256(self.run.path(f)) for f in ("ratings_test.parquet", "items.parquet")}
+        spec["inputs"] = {f: file_sha256(self.run.path(f)) for f in (RATINGS_TEST, ITEMS)}
         spec["persona"] = persona
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -127,8 +138,8 @@ class PersonaEvalRecipe:
         personas = self.personas()
         parts = [self.evaluate_persona(p) for p in personas]
         predictions = pd.concat(parts, ignore_index=True)
-        atomic_write_parquet(predictions, self.output_dir / "predictions.parquet")
-        atomic_write_json(self.output_dir / "metrics.json", self.metrics(predictions, personas))
+        atomic_write_parquet(predictions, self.output_dir / PREDICTIONS)
+        atomic_write_json(self.output_dir / METRICS, self.metrics(predictions, personas))
         self.run.record_stage(f"eval/{self.cfg.variant}", OmegaConf.to_container(self.cfg, resolve=True))
         for mode, block in predictions.groupby("mode"):
             m = grouped_metrics(block, "prediction", n_boot=0)["overall"]
@@ -138,9 +149,8 @@ class PersonaEvalRecipe:
         m = self.cfg.metrics
         fill_value = m.get("fill_value")
         if fill_value == "global_mean":  # the mean of every non-test rating (as the global-mean baseline)
-            fill_value = global_mean(self.run.read_table("items.parquet", columns=["hist_avg", "hist_count"]))
-        profiles_file = self.run.path("distill/profiles.parquet")
-        profiles = pd.read_parquet(profiles_file) if profiles_file.exists() else None
+            fill_value = global_mean(self.run.read_items(columns=["hist_avg", "hist_count"]))
+        profiles = self.run.read_profiles(missing_ok=True)
         info = {"variant": self.cfg.variant, "memory": self.cfg.memory, "adapter_dir": self.cfg.adapter_dir,
                 "model_component": self.cfg.model._component_, "model_dir": str(self.cfg.model_dir),
                 "per_persona_adapter": "{persona}" in str(self.cfg.adapter_dir or ""),

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _shared_root() -> Path:
-    return Path(os.environ.get("PERSONA_TUNE_SHARED", REPO.parent / "shared")).resolve()
-
-
-def require_shared(relpath: str = "data") -> Path:
-    """Return ../shared/<relpath>; skip when absent, but fail under CI=true where it must exist."""
-    path = _shared_root() / relpath
-    if not path.exists():
-        reason = f"{path} is absent (set PERSONA_TUNE_SHARED or place shared/ beside the repo)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but {reason}")
-        pytest.skip(reason)
-    return path
+from tests.fixtures_runs import REPO, require_shared
 
 
 @pytest.fixture
@@ -52,3 +36,20 @@ def tiny(tmp_path_factory) -> Path:
     from persona_tune.models.tiny import write_tiny_phi3
 
     return write_tiny_phi3(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, tiny model folder) the evaluation tests share, built once per session
+    (tests/fixtures_runs.py: build_eval_run)."""
+    from tests.fixtures_runs import build_eval_run
+
+    return build_eval_run(tmp_path_factory.mktemp("eval_run"))
+
+
+@pytest.fixture(scope="session")
+def ready_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder after personas with tiny configs, tiny model folder) for the training tests, once per session."""
+    from tests.fixtures_runs import build_ready_run
+
+    return build_ready_run(tmp_path_factory.getbasetemp())

@@ -1,18 +1,46 @@
 """Run folders for tests: a small synthetic ML-1M-format log, prepared with the paper's protocol.
 
 Other stages' tests start from ``make_prepared_run(tmp_path)``. It takes well under a second.
+The later stages' run folders build on it; conftest.py shares the costly ones (``eval_run``,
+``ready_run``) as session fixtures. ``require_shared`` finds the data sets in ../shared.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from persona_tune.data.loaders import load_ratings
 from persona_tune.data.prepare import Protocol, prepare
 from persona_tune.data.synthetic import SynthConfig, write_synthetic
+from persona_tune.runfolder import ASSIGNMENTS, RunFolder, atomic_write_parquet
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout
+
+
+def _shared_root() -> Path:
+    return Path(os.environ.get("PERSONA_TUNE_SHARED", REPO.parent / "shared")).resolve()
+
+
+def require_shared(relpath: str = "data") -> Path:
+    """Return ../shared/<relpath>; skip when absent, but fail under CI=true where it must exist."""
+    path = _shared_root() / relpath
+    if not path.exists():
+        reason = f"{path} is absent (set PERSONA_TUNE_SHARED or place shared/ beside the repo)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)
+    return path
+
+
+# LoRA settings of the stand-in adapters (write_adapter) on the tiny model.
+LORA = dict(lora_attn_modules=["q_proj", "k_proj"], lora_rank=8, lora_alpha=16)
+# Short prompts (the dataset drops memories and trims the profile to fit) keep each training step cheap.
+FAST = ["tokenizer.max_seq_len=384", "epochs=1"]
 
 
 def make_prepared_run(root: Path, n_users: int = 12, seed: int = 0) -> Path:
@@ -28,6 +56,33 @@ def make_prepared_run(root: Path, n_users: int = 12, seed: int = 0) -> Path:
     protocol = Protocol(min_ratings=int(counts.min()), max_ratings=int(counts.max()), n_users=n_users, seed=seed)
     prepare(log, root / "run", protocol)
     return root / "run"
+
+
+def make_distilled_run(root, n_users: int = 12, seed: int = 0):
+    """A prepared synthetic run, distilled with the offline backend (no LLM)."""
+    from persona_tune.distill.run import DistillConfig, distill
+
+    run = make_prepared_run(root, n_users=n_users, seed=seed)
+    distill(RunFolder(run), DistillConfig(backend="offline", progress=False))
+    return run
+
+
+def make_embedded_run(root, n_users: int = 12, seed: int = 0, **embed_kwargs):
+    """``make_distilled_run`` with hash embeddings and retrieval (``embed_kwargs``: run_embed's options)."""
+    from persona_tune.memory.stage import run_embed
+
+    run = make_distilled_run(root, n_users, seed)
+    run_embed(run, **({"backend": "hash"} | embed_kwargs))
+    return run
+
+
+def with_personas(root: Path, n_personas: int = 2) -> Path:
+    """A prepared run with users assigned round-robin to personas (configgen needs nothing else)."""
+    run = make_prepared_run(root)
+    users = RunFolder(run).read_users(columns=["user_id"])["user_id"].sort_values().to_numpy()
+    assignments = pd.DataFrame({"user_id": users, "persona": [i % n_personas for i in range(len(users))]})
+    atomic_write_parquet(assignments.astype("int64"), RunFolder(run).path(ASSIGNMENTS))
+    return run
 
 
 def make_persona_run(root: Path, n_users: int = 8, seed: int = 0, k: int = 2) -> Path:
@@ -52,3 +107,57 @@ def bias_baseline(fit: pd.DataFrame, test: pd.DataFrame, reg: float = 5.0) -> np
     b_u = g.sum() / (g.count() + reg)
     pred = mu + test["item_id"].map(b_i).fillna(0.0) + test["user_id"].map(b_u).fillna(0.0)
     return pred.clip(1, 5).to_numpy()
+
+
+def write_adapter(path: Path, seed: int, scale: float = 0.3, model_cfg=None) -> Path:
+    """A LoRA adapter in torchtune's adapter_model.pt layout, for ``model_cfg`` (default: LORA on the tiny model)."""
+    import torch
+    from torchtune import config
+    from torchtune.modules.peft import get_adapter_params
+
+    from persona_tune.models.tiny import lora_tiny_phi3
+
+    torch.manual_seed(seed)
+    model = config.instantiate(model_cfg) if model_cfg is not None else lora_tiny_phi3(**LORA)
+    state = {name: torch.randn_like(p) * scale for name, p in get_adapter_params(model).items()}
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / "adapter_model.pt")
+    return path / "adapter_model.pt"
+
+
+def build_eval_run(root: Path) -> tuple[Path, Path]:
+    """(run folder, tiny model folder): ``make_persona_run`` (K=2) with the tiny family's training configs
+    (`persona-tune configs --family tiny`) and stand-in adapters in RUN/adapters/persona_{0,1}/epoch_1/."""
+    from omegaconf import OmegaConf
+
+    from persona_tune.cli import main as cli_main
+    from persona_tune.models.tiny import write_tiny_phi3
+
+    run = make_persona_run(root, n_users=8, seed=0, k=2)
+    tiny = write_tiny_phi3(root / "tiny", seed=0)
+    assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--set", f"model_dir={tiny / 'model'}"]) == 0
+    model_cfg = OmegaConf.load(RunFolder(run).config_file("persona_0")).model  # what training would use
+    for k in (0, 1):
+        write_adapter(RunFolder(run).adapter_dir(f"persona_{k}") / "epoch_1", seed=k, model_cfg=model_cfg)
+    return run, tiny
+
+
+def build_ready_run(base: Path) -> tuple[Path, Path]:
+    """(run folder after prepare, distill, embed, personas and tiny configs; tiny model folder).
+
+    Built once under ``base``; later callers reuse it.
+    """
+    from persona_tune import cli
+    from persona_tune.configgen import generate_configs
+    from persona_tune.models.tiny import write_tiny_phi3
+
+    run, tiny, done = base / "ready" / "run", base / "tiny", base / "ready.done"
+    if done.exists():
+        return run, tiny
+    make_prepared_run(base / "ready", n_users=12, seed=0)
+    for argv in (["distill", "--backend", "offline"], ["embed", "--backend", "hash"], ["personas", "--k", "2"]):
+        assert cli.main([argv[0], "--run", str(run), *argv[1:]]) == 0, argv
+    write_tiny_phi3(tiny, seed=0)
+    generate_configs(run, family="tiny", overrides=[f"model_dir={tiny / 'model'}"])
+    done.touch()
+    return run, tiny

@@ -5,20 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from persona_tune.agent import UserAgent
 from persona_tune.errors import DataError
 from persona_tune.evaluation.loading import adapter_path
 from persona_tune.evaluation.predict import PROB_COLUMNS, predict_rows
 from persona_tune.prompts import load_prompt_rows
-from tests.test_eval_predict import eval_run
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    torch.set_num_threads(1)
-    run, _ = eval_run(tmp_path_factory)
+def agent(one_torch_thread, eval_run):
+    run, _ = eval_run
     return UserAgent.from_run(run, variant="persona", family="tiny", overrides=["num_threads=1"])
 
 

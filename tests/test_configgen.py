@@ -15,19 +15,10 @@ from persona_tune.configgen import FAMILIES, generate_configs
 from persona_tune.runfolder import check_name
 from persona_tune.errors import ConfigError, DataError, StageMissingError
 from persona_tune.runfolder import RunFolder, atomic_write_parquet
-from tests.fixtures_runs import make_prepared_run
+from tests.fixtures_runs import make_prepared_run, with_personas
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = [f"persona_{k}" for k in range(4)] + ["single_min", "single_max"]
-
-
-def with_personas(root: Path, n_personas: int = 2) -> Path:
-    """A prepared run with users assigned round-robin to personas (configgen needs nothing else)."""
-    run = make_prepared_run(root)
-    users = pd.read_parquet(run / "users.parquet")["user_id"].sort_values().to_numpy()
-    assignments = pd.DataFrame({"user_id": users, "persona": [i % n_personas for i in range(len(users))]})
-    atomic_write_parquet(assignments.astype("int64"), run / "personas" / "assignments.parquet")
-    return run
 
 
 def expected_sizes(run: Path) -> dict[int, int]:

@@ -13,7 +13,7 @@ import pytest
 from persona_tune.data.loaders import load_ml100k, load_ml1m
 from persona_tune.data.metadata import attach_metadata, load_metadata
 from persona_tune.data.prepare import Protocol, prepare
-from tests.conftest import require_shared
+from tests.fixtures_runs import require_shared
 from tests.fixtures_runs import bias_baseline
 
 pytestmark = pytest.mark.integration

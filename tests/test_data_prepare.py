@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import numpy as np
 import pandas as pd
@@ -27,10 +26,8 @@ def synth_dir(tmp_path_factory):
     return write_synthetic(tmp_path_factory.mktemp("synth") / "data", SynthConfig(n_users=120, n_items=300, seed=3))
 
 
-def test_make_prepared_run_is_fast_and_follows_the_contract(tmp_path):
-    start = time.perf_counter()
+def test_make_prepared_run_follows_the_contract(tmp_path):
     run = RunFolder(make_prepared_run(tmp_path, n_users=12, seed=0))
-    assert time.perf_counter() - start < 2.0
     train, test = pd.read_parquet(run.ratings_train), pd.read_parquet(run.ratings_test)
     items, users = pd.read_parquet(run.items), pd.read_parquet(run.users)
     for df in (train, test):

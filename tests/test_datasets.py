@@ -18,8 +18,8 @@ from persona_tune.errors import ConfigError
 from persona_tune.models.tiny import tiny_phi3_tokenizer, write_tiny_phi3
 from persona_tune.personas import run_personas
 from persona_tune.prompts import MEMORY_INTRO, PROFILE_INTRO, TASK, TERSE_TASK, load_prompt_rows, render_messages
-from tests.conftest import require_shared
-from tests.test_memory_retrieval import make_embedded_run
+from tests.fixtures_runs import require_shared
+from tests.fixtures_runs import make_embedded_run
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,6 +15,21 @@ import pytest
 from persona_tune.errors import PersonaTuneError
 
 pytestmark = pytest.mark.slow
+
+# sha256 of each predictions file of the demo below (as CSV), recorded on the code before the stage and
+# run-folder refactor (issue 15): a refactor must not change a single prediction.
+REFERENCE = Path(__file__).parent / "data" / "demo_predictions.sha256.json"
+
+
+def predictions_digest(path: Path) -> str:
+    return hashlib.sha256(pd.read_parquet(path).to_csv(index=False).encode()).hexdigest()
+
+
+def train_table(stdout: str) -> dict[str, str]:
+    """variant -> status from the `persona-tune train` section of the demo's output."""
+    lines = stdout.split("=== persona-tune train", 1)[1].split("=== train:", 1)[0].splitlines()
+    return {line.split()[0]: line.split()[1] for line in lines
+            if line.startswith(("persona_", "single_")) and len(line.split()) > 1}
 
 
 def _demo(run, *extra, env=None):
@@ -59,11 +76,18 @@ def test_demo_runs_every_stage_prints_the_table_and_resumes(tmp_path):
     assert "θ_persona" in first.stdout
     assert "plots:" in first.stdout.splitlines()[-1]
 
+    # The same predictions, byte for byte, as before the refactor of issue 15 (fixed seed, one thread).
+    reference = json.loads(REFERENCE.read_text())
+    assert {rel: predictions_digest(run / rel) for rel in reference} == reference
+
     # A second run reuses what is done: no adapter is trained again.
+    expected = {"persona_0", "persona_1", "single_min", "single_max"}
+    assert set(train_table(first.stdout)) == expected and set(train_table(first.stdout).values()) == {"trained"}
     second = _demo(run)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "trained" not in [line.split()[1] for line in second.stdout.splitlines()
-                             if line.startswith(("persona_", "single_")) and len(line.split()) > 1]
+    statuses = train_table(second.stdout)
+    assert set(statuses) == expected  # the table is there and parsed, so the next line cannot pass vacuously
+    assert "trained" not in statuses.values(), statuses
 
 
 def test_demo_auto_uses_ml1m_from_the_download_cache(tmp_path, shared_data):

@@ -14,17 +14,16 @@ from persona_tune.evaluation.grid import grid_cells, select_cells, write_grid_co
 from persona_tune.evaluation.run import build_eval_config, split_variant
 from persona_tune.models.tiny import write_tiny_phi3
 from persona_tune.runfolder import RunFolder
-from tests.fixtures_runs import make_persona_run
-from tests.test_eval_predict import eval_run, write_adapter
+from tests.fixtures_runs import make_persona_run, write_adapter
 
 OPTS = ["--", "max_rows=4", "metrics.n_boot=50", "num_threads=1", "batching.progress=False"]
 
 
 @pytest.mark.slow
 @pytest.mark.recipe
-def test_eval_baselines_report(tmp_path_factory, capsys, monkeypatch):
+def test_eval_baselines_report(capsys, monkeypatch, eval_run):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    run, _ = eval_run(tmp_path_factory)
+    run, _ = eval_run
     write_adapter(run / "adapters" / "single_max" / "epoch_0", seed=5,
                   model_cfg=OmegaConf.load(run / "configs" / "single_max.yaml").model)
     variants = "persona,single_max,prompted"
@@ -59,8 +58,8 @@ def test_eval_baselines_report(tmp_path_factory, capsys, monkeypatch):
         assert lo <= row["rmse"] <= hi
 
 
-def test_variant_names_and_eval_config(tmp_path_factory):
-    run, _ = eval_run(tmp_path_factory)
+def test_variant_names_and_eval_config(eval_run):
+    run, _ = eval_run
     assert split_variant("persona-msml") == ("persona", "msml")
     assert split_variant("single_max") == ("single_max", None)
     cfg = build_eval_config(RunFolder(run), "prompted-ml", "tiny", "ms+ml", "both")
@@ -72,8 +71,8 @@ def test_variant_names_and_eval_config(tmp_path_factory):
         build_eval_config(RunFolder(run), "persona-ms", "tiny", "ms+ml", "scoring")
 
 
-def test_grid_plan_and_configs(tmp_path_factory):
-    run, tiny = eval_run(tmp_path_factory)
+def test_grid_plan_and_configs(eval_run):
+    run, tiny = eval_run
     train, evals = grid_cells([0, 1])
     assert evals == ["prompted-ms", "prompted-msml", "prompted-ml", "single_min-ms", "single_max-ms", "persona-ms",
                      "single_min-msml", "single_max-msml", "persona-msml"]

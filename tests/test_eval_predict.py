@@ -1,6 +1,6 @@
 """The prediction core: answer tokens, train == eval prompts, prefix-cached batching == one row at a time.
 
-Also holds ``eval_run``, the run folder the other evaluation tests share: a prepared synthetic run
+Uses ``eval_run`` (conftest.py), the run folder the evaluation tests share: a prepared synthetic run
 after distill (offline), embed (hash) and personas (K=2), the tiny Phi-3, and one torchtune-format
 LoRA adapter per persona (random weights, the keys torchtune's LoRA recipes save).
 """
@@ -8,66 +8,30 @@ LoRA adapter per persona (random weights, the keys torchtune's LoRA recipes save
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torchtune import config
-from torchtune.modules.peft import get_adapter_params
 
-from persona_tune.cli import main as cli_main
+from benchmarks.naive_loop import naive_generate
 from persona_tune.datasets import persona_dataset
 from persona_tune.evaluation.predict import (
     PROB_COLUMNS,
     GenerationConfig,
     RatingPredictor,
     answer_tokens,
-    merge_lora_in_place,
-    naive_generate,
     plan_batches,
 )
-from persona_tune.models.tiny import lora_tiny_phi3, tiny_phi3_tokenizer, write_tiny_phi3
+from persona_tune.evaluation.loading import merge_lora_in_place
+from persona_tune.models.tiny import lora_tiny_phi3, tiny_phi3_tokenizer
 from persona_tune.prompts import load_prompt_rows
-from tests.fixtures_runs import make_persona_run
-
-LORA = dict(lora_attn_modules=["q_proj", "k_proj"], lora_rank=8, lora_alpha=16)
-_RUNS: dict = {}
-
-
-def write_adapter(path: Path, seed: int, scale: float = 0.3, model_cfg=None) -> Path:
-    """A LoRA adapter in torchtune's adapter_model.pt layout, for ``model_cfg`` (default: LORA on the tiny model)."""
-    torch.manual_seed(seed)
-    model = config.instantiate(model_cfg) if model_cfg is not None else lora_tiny_phi3(**LORA)
-    state = {name: torch.randn_like(p) * scale for name, p in get_adapter_params(model).items()}
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path / "adapter_model.pt")
-    return path / "adapter_model.pt"
-
-
-def eval_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(run folder, tiny model folder), built once per test session.
-
-    RUN/configs/ holds the tiny family's training configs (`persona-tune configs --family tiny`);
-    RUN/adapters/persona_{0,1}/epoch_1/adapter_model.pt stand in for trained adapters.
-    """
-    if "run" not in _RUNS:
-        root = tmp_path_factory.mktemp("eval_run")
-        run = make_persona_run(root, n_users=8, seed=0, k=2)
-        tiny = write_tiny_phi3(root / "tiny", seed=0)
-        assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--set", f"model_dir={tiny / 'model'}"]) == 0
-        model_cfg = OmegaConf.load(run / "configs" / "persona_0.yaml").model  # what training would use
-        for k in (0, 1):
-            write_adapter(run / "adapters" / f"persona_{k}" / "epoch_1", seed=k, model_cfg=model_cfg)
-        _RUNS["run"] = (run, tiny)
-    return _RUNS["run"]
+from tests.fixtures_runs import LORA
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.set_num_threads(1)
-    run, tiny = eval_run(tmp_path_factory)
+def setup(one_torch_thread, eval_run):
+    run, tiny = eval_run
     tokenizer = tiny_phi3_tokenizer(str(tiny / "tokenizer" / "tokenizer.model"), max_seq_len=2048)
     from torchtune.training import MODEL_KEY, FullModelHFCheckpointer
 

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 
 from persona_tune.evaluation.baselines import global_mean
-from tests.test_eval_predict import eval_run
 
 REPO = Path(__file__).resolve().parent.parent
 TUNE = str(Path(sys.executable).with_name("tune"))
@@ -31,8 +30,8 @@ def tune_eval(run: Path, tiny: Path, *overrides: str, launcher=(TUNE, "run", "pe
 
 @pytest.mark.slow
 @pytest.mark.recipe
-def test_recipe_both_modes_and_resume(tmp_path_factory):
-    run, tiny = eval_run(tmp_path_factory)
+def test_recipe_both_modes_and_resume(tmp_path_factory, eval_run):
+    run, tiny = eval_run
     tune_eval(run, tiny, "mode=both", "max_rows=12", cwd=tmp_path_factory.mktemp("cwd"))
     out = run / "eval" / "persona"
     preds = pd.read_parquet(out / "predictions.parquet")

@@ -27,8 +27,7 @@ from persona_tune.distill.run import DistillConfig, distill
 from persona_tune.errors import ConfigError, DataError, LLMError, StageMissingError
 from persona_tune.evaluation.run import check_adapters, results_key
 from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, file_lock
-from tests.fixtures_runs import make_prepared_run
-from tests.test_configgen import with_personas
+from tests.fixtures_runs import make_prepared_run, with_personas
 
 REPO = Path(__file__).resolve().parent.parent
 

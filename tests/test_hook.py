@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from persona_tune import cpu_distributed
-from persona_tune._hook import LORA_RECIPES, persona_configs, resource_dirs
+from persona_tune._hook import LORA_RECIPES, persona_configs
+from persona_tune.resources import resource_dirs
 
 REPO = Path(__file__).resolve().parent.parent
 TUNE = str(Path(sys.executable).with_name("tune"))
@@ -123,7 +124,7 @@ def test_unrelated_process_is_untouched(tmp_path):
     assert out["init_module"] == "torch.distributed.distributed_c10d"
     assert out["patched"] is False
     assert not [m for m in out["loaded"] if m.startswith("torchtune")]
-    assert set(out["loaded"]) <= {"persona_tune._hook", "persona_tune.cpu_distributed"}  # both stdlib-only
+    assert set(out["loaded"]) <= {"persona_tune._hook", "persona_tune.cpu_distributed", "persona_tune.resources"}  # stdlib-only
 
 
 def test_recipe_process_gets_gloo_and_cpu_memory_stats(recipe_process):
@@ -186,7 +187,7 @@ def test_wheel_ships_configs_and_pth(tmp_path):
         [sys.executable, "-S", "-c", textwrap.dedent(f"""
             import site, sys
             site.addsitedir({str(target)!r})
-            from persona_tune._hook import resource_dirs, PostImportFinder
+            from persona_tune._hook import PostImportFinder; from persona_tune.resources import resource_dirs
             print(resource_dirs()[0], isinstance(sys.meta_path[0], PostImportFinder))
         """)],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,

@@ -16,7 +16,7 @@ from persona_tune.memory.embeddings import (
 from persona_tune.memory.stage import run_embed
 from persona_tune.runfolder import RunFolder
 from persona_tune.testing.fake_openai_server import FakeOpenAIServer, embed_text
-from tests.test_memory_retrieval import make_distilled_run
+from tests.fixtures_runs import make_distilled_run
 
 TEXTS = [
     "I rated Alien as 5 because I love scary science fiction with monsters in space.",

@@ -9,26 +9,12 @@ import pandas as pd
 import pytest
 
 from persona_tune.cli import main as cli_main
-from persona_tune.distill.run import DistillConfig, distill
 from persona_tune.errors import ConfigError, DataError, StageMissingError
 from persona_tune.memory.embeddings import l2_normalise
 from persona_tune.memory.retrieval import RETRIEVED_COLUMNS, retrieve
 from persona_tune.memory.stage import run_embed
 from persona_tune.runfolder import RunFolder
-from tests.fixtures_runs import make_prepared_run
-
-
-def make_distilled_run(root, n_users: int = 12, seed: int = 0):
-    """A prepared synthetic run, distilled with the offline backend (no LLM)."""
-    run = make_prepared_run(root, n_users=n_users, seed=seed)
-    distill(RunFolder(run), DistillConfig(backend="offline", progress=False))
-    return run
-
-
-def make_embedded_run(root, n_users: int = 12, seed: int = 0, **embed_kwargs):
-    run = make_distilled_run(root, n_users, seed)
-    run_embed(run, **({"backend": "hash"} | embed_kwargs))
-    return run
+from tests.fixtures_runs import make_distilled_run, make_embedded_run, make_prepared_run
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from persona_tune.cli import main as cli_main
 from persona_tune.errors import ConfigError
 from persona_tune.personas import distinctive_words, elbow_k, inertia_curve, relabel_by_size, run_personas
 from persona_tune.runfolder import RunFolder
-from tests.test_memory_retrieval import make_embedded_run
+from tests.fixtures_runs import make_embedded_run
 
 
 def blobs(k: int, n_per: int = 40, dim: int = 64, seed: int = 0) -> np.ndarray:

@@ -25,7 +25,7 @@ from persona_tune.prompts import (
     user_text,
 )
 from persona_tune.runfolder import RunFolder
-from tests.test_memory_retrieval import make_embedded_run
+from tests.fixtures_runs import make_embedded_run
 
 PARTS = PromptParts(
     item="Fargo (1996), Crime|Drama|Thriller.",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO
+from tests.fixtures_runs import REPO
 from tests.fixtures_runs import make_persona_run
 
 pytestmark = [pytest.mark.recipe, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

@@ -16,43 +16,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from persona_tune import cli
-from persona_tune._hook import resource_dirs
-from persona_tune.configgen import generate_configs
+from persona_tune.resources import resource_dirs
 from persona_tune.train import final_adapter, metrics_log, read_metrics
-from tests.fixtures_runs import make_prepared_run
+from tests.fixtures_runs import FAST
 
 pytestmark = [pytest.mark.recipe, pytest.mark.slow]
 
 TUNE = str(Path(sys.executable).with_name("tune"))
-# Short prompts (the dataset drops memories and trims the profile to fit) keep each step cheap.
-FAST = ["tokenizer.max_seq_len=384", "epochs=1"]
-
-
-def build_ready_run(base: Path) -> tuple[Path, Path]:
-    """(run folder after prepare, distill, embed, personas and tiny configs; tiny model folder).
-
-    Built once under ``base``; later callers (other test modules too) reuse it.
-    """
-    run, tiny, done = base / "ready" / "run", base / "tiny", base / "ready.done"
-    if done.exists():
-        return run, tiny
-    from persona_tune.models.tiny import write_tiny_phi3
-
-    make_prepared_run(base / "ready", n_users=12, seed=0)
-    for argv in (["distill", "--backend", "offline"], ["embed", "--backend", "hash"], ["personas", "--k", "2"]):
-        assert cli.main([argv[0], "--run", str(run), *argv[1:]]) == 0, argv
-    write_tiny_phi3(tiny, seed=0)
-    generate_configs(run, family="tiny", overrides=[f"model_dir={tiny / 'model'}"])
-    done.touch()
-    return run, tiny
-
-
-@pytest.fixture(scope="session")
-def ready_run(tmp_path_factory) -> tuple[Path, Path]:
-    return build_ready_run(tmp_path_factory.getbasetemp())
-
-
 def tune_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_TUNE_")}
     # One intra-op thread per process: on a shared 2-core CI box torch's default (all cores) made a

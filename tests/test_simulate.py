@@ -152,7 +152,7 @@ def test_rate_slate_is_rate_in_slate_order(sim_run):
     from persona_tune.agent import UserAgent
 
     agent = UserAgent.from_run(sim_run, variant="prompted", family="tiny", memory="ms+ml")
-    user = int(agent.profiles.index[0])
+    user = int(next(iter(agent.prompts.profile)))
     items = agent.item_text.index[:3].tolist()
     slate = agent.rate_slate(user, items)
     assert slate["rank"].tolist() == [1, 2, 3] and slate["item_id"].tolist() == items

@@ -11,7 +11,7 @@ import pytest
 
 from persona_tune.cli import main as cli_main
 from persona_tune.runfolder import RunFolder
-from tests.conftest import require_shared
+from tests.fixtures_runs import require_shared
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from persona_tune import cli, train
 from persona_tune.errors import ConfigError, StageMissingError
 from persona_tune.runfolder import RunFolder
-from tests.test_recipes_train import FAST, build_ready_run
+from tests.fixtures_runs import FAST
 
 DISK_LOG = """\
 Step 1 | loss:7.125 lr:0.0097 tokens_per_second_per_gpu:9.0 
@@ -95,10 +95,10 @@ def test_failed_tune_run_is_reported_and_retried(tmp_path, monkeypatch, capsys):
     assert not (run.adapters_dir / "persona_0" / train.SUMMARY).exists()
 
 
-def test_train_cli_end_to_end_and_resume(tmp_path_factory, capsys, monkeypatch):
+def test_train_cli_end_to_end_and_resume(capsys, monkeypatch, ready_run):
     """Real `tune run` for single_min on the tiny model; then a re-run skips it."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see tests/test_recipes_train.py
-    run_dir, tiny = build_ready_run(tmp_path_factory.getbasetemp())
+    run_dir, tiny = ready_run
     args = ["train", "--run", str(run_dir), "--personas", "single_min", "--", "max_steps_per_epoch=3", *FAST]
     assert cli.main(args) == 0
     out = capsys.readouterr().out

@@ -40,22 +40,6 @@ def disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def resource_dirs() -> tuple[Path | None, Path | None]:  # noqa: F821
-    """Where the configs and recipes folders are: inside an installed wheel, or in a source checkout."""
-    from pathlib import Path
-
-    package = Path(__file__).resolve().parent.parent
-    found = []
-    for wheel_name, source_name in (("_configs", "configs"), ("_recipes", "recipes")):
-        for candidate in (package / wheel_name, package.parent / source_name):
-            if candidate.is_dir():
-                found.append(candidate)
-                break
-        else:
-            found.append(None)
-    return found[0], found[1]
-
-
 def persona_configs(configs_dir: Path | None) -> dict[str, list[tuple[str, Path]]]:  # noqa: F821
     """recipe name -> [(config name, absolute path)] for every configs/<family>/<name>.yaml."""
     by_recipe: dict[str, list[tuple[str, Path]]] = {}
@@ -73,6 +57,8 @@ def persona_configs(configs_dir: Path | None) -> dict[str, list[tuple[str, Path]
 
 def register(registry) -> None:
     """Add our configs and recipes to ``torchtune._recipe_registry`` (idempotent)."""
+    from persona_tune.resources import resource_dirs
+
     configs_dir, recipes_dir = resource_dirs()
     by_recipe = persona_configs(configs_dir)
     recipes = {recipe.name: recipe for recipe in registry._ALL_RECIPES}

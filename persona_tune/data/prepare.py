@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from persona_tune.data.loaders import DUPLICATE_POLICIES, RatingLog, load_rating
 from persona_tune.data.metadata import DEFAULT_SUMMARY_WORDS, attach_metadata, load_metadata
 from persona_tune.errors import ConfigError
 from persona_tune.runfolder import RunFolder, atomic_write_parquet, file_sha256
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -202,50 +203,81 @@ def prepare(log_: RatingLog, out: str | Path, protocol: Protocol = Protocol(), *
     return run
 
 
+_D = Protocol()
+DATASETS = ("ml-1m", "ml-100k", "synthetic", "generic")
+
+
+@dataclass
+class PrepareConfig:
+    """The `prepare` stage's options: the input log and the protocol (its CLI arguments are generated from them)."""
+
+    dataset: str | None = field(default=None, metadata={
+        "required": True, "choices": DATASETS,
+        "help": "input format (synthetic = the ML-1M-format output of `persona-tune synth`)"})
+    data_dir: Path | None = field(default=None, metadata={"type": Path, "help": "folder of the dataset's files"})
+    ratings_file: str | None = field(default=None, metadata={
+        "help": "ratings file name in --data-dir or a path (e.g. ratings.partial-users0001-2999.dat; required for generic)"})
+    items_file: str | None = field(default=None, metadata={
+        "help": "generic only: item table (CSV/TSV/Parquet) with item, title, year, genres, summary, cast columns "
+                "(mapped by --columns)"})
+    columns: str | None = field(default=None, metadata={
+        "help": "generic only: column mapping, e.g. user=uid,item=iid,rating=stars,timestamp=ts"})
+    meta_file: Path | None = field(default=None, metadata={
+        "type": Path, "help": "item metadata (summary, cast): JSON {item_id: abstract or {summary, cast}} such as "
+                              "ml1m_dbpedia_abstracts.json, or CSV/Parquet with item_id, summary, cast"})
+    summary_words: int = field(default=DEFAULT_SUMMARY_WORDS, metadata={
+        "help": "truncate summaries to this many words (0: no limit)"})
+    min_ratings: int = field(default=_D.min_ratings, metadata={"help": "keep users with at least this many ratings"})
+    max_ratings: int = field(default=_D.max_ratings, metadata={"help": "... and at most this many"})
+    n_users: int = field(default=_D.n_users, metadata={"help": "users to sample among the eligible ones"})
+    seed: int = field(default=_D.seed, metadata={"help": "seed of the user sample"})
+    train_frac: float = field(default=_D.train_frac, metadata={
+        "help": "share of each user's ratings (oldest first) for training"})
+    duplicates: str = field(default="error", metadata={
+        "choices": DUPLICATE_POLICIES,
+        "help": "duplicate (user, item) ratings: fail, or keep the one with the latest timestamp"})
+    force: bool = field(default=False, metadata={
+        "flag": "--force", "help": "overwrite the data of a run folder whose later stages used another protocol or input"})
+    item_noun: str = field(default="movie", metadata={
+        "help": "the noun of item texts ('The movie X was released ...')"})
+
+    def validate(self) -> None:
+        if self.dataset != "generic" and (self.items_file or self.columns):
+            raise ConfigError("--items-file and --columns apply to --dataset generic only")
+
+    def protocol(self) -> Protocol:
+        return Protocol(min_ratings=self.min_ratings, max_ratings=self.max_ratings, n_users=self.n_users,
+                        seed=self.seed, train_frac=self.train_frac)
+
+
+_INPUT_FIELDS = ("dataset", "data_dir", "ratings_file", "items_file", "columns", "meta_file", "summary_words")
+
+
+def run(run: RunFolder, cfg: PrepareConfig) -> dict:
+    """The `prepare` stage: load the log, apply the protocol, write the run folder; returns the manifest's counts."""
+    _out_folder(run.root)  # before loading a large log
+    log_ = load_ratings(cfg.dataset, cfg.data_dir, ratings_file=cfg.ratings_file, items_file=cfg.items_file,
+                        columns=cfg.columns, duplicates=cfg.duplicates)
+    extra, meta_params = {}, None
+    if cfg.meta_file is not None:
+        meta = load_metadata(cfg.meta_file, summary_words=cfg.summary_words)
+        log_.items = attach_metadata(log_.items, meta, cfg.meta_file)
+        extra[str(cfg.meta_file.resolve())] = file_sha256(cfg.meta_file)
+        meta_params = {"file": str(cfg.meta_file), "summary_words": cfg.summary_words}
+    folder = prepare(log_, run.root, cfg.protocol(), duplicates=cfg.duplicates, extra_inputs=extra,
+                     item_noun=cfg.item_noun, meta_params=meta_params, force=cfg.force)
+    return folder.read_manifest()["counts"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Protocol()
-    parser.add_argument("--dataset", required=True, choices=["ml-1m", "ml-100k", "synthetic", "generic"],
-                        help="input format (synthetic = the ML-1M-format output of `persona-tune synth`)")
-    parser.add_argument("--data-dir", type=Path, help="folder of the dataset's files")
-    parser.add_argument("--ratings-file", help="ratings file name in --data-dir or a path "
-                        "(e.g. ratings.partial-users0001-2999.dat; required for generic)")
-    parser.add_argument("--items-file", help="generic only: item table (CSV/TSV/Parquet) with item, title, "
-                        "year, genres, summary, cast columns (mapped by --columns)")
-    parser.add_argument("--columns", help="generic only: column mapping, e.g. user=uid,item=iid,rating=stars,timestamp=ts")
-    parser.add_argument("--meta-file", type=Path, help="item metadata (summary, cast): JSON {item_id: abstract or "
-                        "{summary, cast}} such as ml1m_dbpedia_abstracts.json, or CSV/Parquet with item_id, summary, cast")
-    parser.add_argument("--summary-words", type=int, default=DEFAULT_SUMMARY_WORDS,
-                        help="truncate summaries to this many words (0: no limit)")
+    add_config_arguments(parser, PrepareConfig, only=_INPUT_FIELDS, type_metavars=False)
     parser.add_argument("--out", required=True, type=Path, help="run folder to write")
-    parser.add_argument("--min-ratings", type=int, default=d.min_ratings, help="keep users with at least this many ratings")
-    parser.add_argument("--max-ratings", type=int, default=d.max_ratings, help="... and at most this many")
-    parser.add_argument("--n-users", type=int, default=d.n_users, help="users to sample among the eligible ones")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the user sample")
-    parser.add_argument("--train-frac", type=float, default=d.train_frac, help="share of each user's ratings (oldest first) for training")
-    parser.add_argument("--duplicates", choices=DUPLICATE_POLICIES, default="error",
-                        help="duplicate (user, item) ratings: fail, or keep the one with the latest timestamp")
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite the data of a run folder whose later stages used another protocol or input")
-    parser.add_argument("--item-noun", default="movie", help="the noun of item texts ('The movie X was released ...')")
+    add_config_arguments(parser, PrepareConfig, skip=_INPUT_FIELDS, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.dataset != "generic" and (args.items_file or args.columns):
-        raise ConfigError("--items-file and --columns apply to --dataset generic only")
-    _out_folder(args.out)  # before loading a large log
-    log_ = load_ratings(args.dataset, args.data_dir, ratings_file=args.ratings_file, items_file=args.items_file,
-                        columns=args.columns, duplicates=args.duplicates)
-    extra, meta_params = {}, None
-    if args.meta_file is not None:
-        meta = load_metadata(args.meta_file, summary_words=args.summary_words)
-        log_.items = attach_metadata(log_.items, meta, args.meta_file)
-        extra[str(args.meta_file.resolve())] = file_sha256(args.meta_file)
-        meta_params = {"file": str(args.meta_file), "summary_words": args.summary_words}
-    protocol = Protocol(min_ratings=args.min_ratings, max_ratings=args.max_ratings, n_users=args.n_users,
-                        seed=args.seed, train_frac=args.train_frac)
-    run = prepare(log_, args.out, protocol, duplicates=args.duplicates, extra_inputs=extra,
-                  item_noun=args.item_noun, meta_params=meta_params, force=args.force)
-    c = run.read_manifest()["counts"]
-    print(f"{run.root}: {c['users']} users ({c['eligible_users']} eligible), "
+    folder = RunFolder(args.out)
+    c = run(folder, config_from_args(PrepareConfig, args))
+    print(f"{folder.root}: {c['users']} users ({c['eligible_users']} eligible), "
           f"{c['train_rows']} train / {c['test_rows']} test rows, {c['items']} items")
     return 0

@@ -10,11 +10,8 @@ re-run after a crash, Ctrl-C or kill -9 resumes without repeating an answered ca
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
-import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,56 +19,89 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
-from persona_tune.distill import offline
-from persona_tune.distill.client import ChatClient, ClientSettings, EndpointError, UnsupportedParameter
-from persona_tune.distill.offline import display_title
-from persona_tune.distill.reflect import BatchItem, Prompts, load_prompts, step_messages, step_schema, validate_step
-from persona_tune.distill.store import RequestStore, request_key
-from persona_tune.distill.traits import compute_traits, render_traits_text
-from persona_tune.errors import ConfigError, DataError, LLMError
-from persona_tune.runfolder import RunFolder, atomic_write_parquet, atomic_write_text
+from persona_tune.distill import llm, offline
+from persona_tune.distill.llm import MEMORY_FIELDS, PROFILE_FIELDS, RESPONSE_FORMATS
+from persona_tune.distill.llm import estimate_plan, plan_batches  # noqa: F401 (their old home)
+from persona_tune.distill.traits import compute_traits
+from persona_tune.errors import ConfigError, DataError
+from persona_tune.runfolder import (
+    DISTILL_FAILURES,
+    ITEMS,
+    MEMORIES,
+    PROFILES,
+    RATINGS_TRAIN,
+    TRAITS,
+    RunFolder,
+    atomic_write_parquet,
+    atomic_write_text,
+)
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 BACKENDS = ("offline", "openai")
-RESPONSE_FORMATS = ("json_schema", "json_object", "text")
-PROFILE_COLUMNS = ["user_id", "profile", "activity", "conformity", "diversity", "traits_text", "backend", "model", "prompt_version"]
-MEMORY_COLUMNS = ["user_id", "item_id", "rating", "timestamp", "explanation", "backend", "model", "prompt_version"]
+PROVENANCE_COLUMNS = ["backend", "model", "prompt_version"]
+PROFILE_COLUMNS = [*PROFILE_FIELDS, *PROVENANCE_COLUMNS]
+MEMORY_COLUMNS = [*MEMORY_FIELDS, *PROVENANCE_COLUMNS]
 TRAIN_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 ITEM_COLUMNS = ["item_id", "title", "year", "genres", "hist_avg", "text"]
 TRANSPORT_KEYS = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout", "backoff_base", "backoff_max")
-INPUTS = ("ratings_train.parquet", "items.parquet")
-OUTPUTS = ("distill/profiles.parquet", "distill/memories.parquet", "distill/traits.parquet")
-RETRY_TEMPERATURE = 0.7  # a retried generation samples at least this hot, with a new seed
+INPUTS = (RATINGS_TRAIN, ITEMS)
+OUTPUTS = (PROFILES, MEMORIES, TRAITS)
+
+
+def parse_trait_cuts(text: str) -> dict[str, tuple[float, float]]:
+    """--trait-cuts: a JSON object of [low, high] pairs."""
+    try:
+        return {k: tuple(v) for k, v in json.loads(text).items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"--trait-cuts is not a JSON object of [low, high] pairs: {e}") from None
+
+
+LLM = "openai backend"  # the CLI's argument group of the LLM backend's options
 
 
 @dataclass
 class DistillConfig:
-    backend: str = "offline"
-    users: int | None = None  # first N users (by user_id) only
-    trait_cuts: dict[str, tuple[float, float]] | None = None
-    # LLM backend
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    batch_size: int = 10
-    max_words: int = 2000
-    max_attempts: int = 3  # generations per step before the step (and its user) is rejected
-    max_retries: int = 6  # transport retries per request (429 / 5xx / timeouts)
-    timeout: float = 120.0
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    temperature: float = 0.3
-    max_tokens: int | None = None
-    max_profile_words: int = 400
-    response_format: str = "json_schema"
-    seed: int = 0
-    prompt_dir: str | None = None
-    progress: bool = True
+    """The `distill` stage's options; its CLI arguments are generated from these fields (persona_tune/stage.py)."""
 
-    def check(self) -> None:
+    backend: str = field(default="offline", metadata={
+        "choices": BACKENDS, "help": "offline: rule-based text from each user's statistics, no LLM; "
+                                     "openai: the paper's self-reflection through an OpenAI-compatible server"})
+    users: int | None = field(default=None, metadata={"help": "distil the first N users (by user_id) only"})
+    trait_cuts: dict[str, tuple[float, float]] | None = field(default=None, metadata={
+        "parse": parse_trait_cuts,
+        "help": 'fixed trait cut points as JSON, e.g. \'{"activity": [60, 120], "conformity": [0.6, 1.2], '
+                '"diversity": [5, 7]}\' (default: percentiles over this run\'s users)'})
+    # LLM backend
+    base_url: str | None = field(default=None, metadata={
+        "group": LLM, "help": "server URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL)"})
+    model: str | None = field(default=None, metadata={"group": LLM, "help": "model name the server serves"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "group": LLM, "help": "environment variable that holds the API key"})
+    concurrency: int = field(default=8, metadata={"group": LLM, "help": "requests in flight at most"})
+    batch_size: int = field(default=10, metadata={"group": LLM, "help": "ratings per reflection step"})
+    max_words: int = field(default=2000, metadata={"group": LLM, "help": "reject generations longer than this"})
+    max_attempts: int = field(default=3, metadata={
+        "group": LLM, "help": "generations per step before the step (and its user) is rejected"})
+    max_retries: int = field(default=6, metadata={"group": LLM, "help": "retries per request on 429/5xx/timeouts"})
+    timeout: float = field(default=120.0, metadata={"group": LLM, "help": "seconds per request"})
+    backoff_base: float = field(default=0.5, metadata={"group": LLM, "help": "first retry delay, seconds (doubles)"})
+    backoff_max: float = field(default=30.0, metadata={"group": LLM, "help": "longest retry delay, seconds"})
+    temperature: float = field(default=0.3, metadata={
+        "group": LLM, "help": "sampling temperature of the first generation of a step (retries sample hotter)"})
+    max_tokens: int | None = field(default=None, metadata={"group": LLM, "help": "completion token limit per request"})
+    max_profile_words: int = field(default=400, metadata={"group": LLM, "help": "profile length asked for"})
+    response_format: str = field(default="json_schema", metadata={
+        "group": LLM, "choices": RESPONSE_FORMATS,
+        "help": "structured output to ask for; falls back to the next one if the server refuses it"})
+    seed: int = field(default=0, metadata={
+        "group": LLM, "help": "request seed (servers that honour it answer reproducibly) and the retry jitter's"})
+    prompt_dir: str | None = field(default=None, metadata={
+        "group": LLM, "help": "folder with replacement prompt templates (same file names)"})
+    progress: bool = field(default=True, metadata={"flag": "--no-progress", "help": "no progress bar"})
+
+    def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.response_format not in RESPONSE_FORMATS:
@@ -106,9 +136,9 @@ def _require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
 
 def load_inputs(run: RunFolder, users: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train rows (time order per user; first ``users`` user ids if given) and the items table."""
-    run.require("ratings_train.parquet", "items.parquet")
-    train = run.read_table("ratings_train.parquet")
-    items = run.read_table("items.parquet")
+    run.require(RATINGS_TRAIN, ITEMS)
+    train = run.read_ratings("train")
+    items = run.read_items()
     _require_columns(train, TRAIN_COLUMNS, run.ratings_train)
     _require_columns(items, ITEM_COLUMNS, run.items)
     bad = ~train["rating"].isin([1, 2, 3, 4, 5])
@@ -130,190 +160,6 @@ def load_inputs(run: RunFolder, users: int | None = None) -> tuple[pd.DataFrame,
     return train, items
 
 
-def plan_batches(train: pd.DataFrame, items: pd.DataFrame, batch_size: int) -> dict[int, list[list[BatchItem]]]:
-    """user_id -> chronological batches of at most ``batch_size`` rated items."""
-    info = items.set_index("item_id")
-    titles = {i: display_title(t, y) for i, t, y in zip(info.index, info["title"], info["year"])}
-    texts = info["text"].fillna("").astype(str).to_dict()
-    plan: dict[int, list[list[BatchItem]]] = {}
-    entries = [BatchItem(i, r, titles[i], texts[i]) for i, r in zip(train["item_id"].tolist(), train["rating"].tolist())]
-    users = train["user_id"].tolist()  # train is sorted by user, then time (load_inputs)
-    start = 0
-    for end in range(1, len(users) + 1):
-        if end == len(users) or users[end] != users[start]:
-            rows = entries[start:end]
-            plan[users[start]] = [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
-            start = end
-    return plan
-
-
-# ---------------------------------------------------------------- LLM backend
-
-@dataclass
-class Tally:
-    calls: int = 0  # requests answered by the server in this run
-    cached: int = 0  # answers replayed from the store
-    rejected: int = 0  # generations that failed validation
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    users_done: int = 0
-    users_failed: int = 0
-
-
-class StepRejected(Exception):
-    pass
-
-
-@dataclass
-class LLMDistiller:
-    """Runs the self-reflection chains of many users concurrently against one endpoint."""
-
-    config: DistillConfig
-    prompts: Prompts
-    store: RequestStore
-    client: ChatClient
-    tally: Tally = field(default_factory=Tally)
-    response_format: str = "json_schema"
-    known: dict = field(default_factory=dict)  # stored answers, by key
-    inflight: dict = field(default_factory=dict)  # key -> future of the request in flight
-
-    def __post_init__(self) -> None:
-        self.known = self.store.answers()
-
-    def _params(self, batch: list[BatchItem], attempt: int) -> dict:
-        cfg = self.config
-        params: dict[str, Any] = {
-            "temperature": cfg.temperature if attempt == 0 else max(cfg.temperature, RETRY_TEMPERATURE),
-            "seed": cfg.seed + attempt,
-        }
-        if cfg.max_tokens is not None:
-            params["max_tokens"] = cfg.max_tokens
-        schema = step_schema(batch)
-        if self.response_format == "json_schema":
-            params["response_format"] = {"type": "json_schema", "json_schema": {"name": "distill_step", "schema": schema}}
-        elif self.response_format == "json_object":
-            params["response_format"] = {"type": "json_object", "schema": schema}
-        return params
-
-    async def _answer(self, messages: list[dict], batch: list[BatchItem], attempt: int, user_id: int, step: int):
-        while True:
-            params = self._params(batch, attempt)
-            key_params = {**params, "attempt": attempt}
-            key = request_key(self.config.model, messages, key_params)
-            cached = self.known.get(key)
-            if cached is not None:
-                self.tally.cached += 1
-                return cached
-            try:
-                pending = self.inflight.get(key)
-                if pending is not None:  # the same request from another user, in flight: share its answer
-                    answer = await asyncio.shield(pending)
-                    self.tally.cached += 1
-                    return answer
-                answer = await self._call(key, messages, params, key_params, user_id, step, attempt)
-            except UnsupportedParameter as e:
-                used = params.get("response_format", {}).get("type", "text")
-                if used != self.response_format:
-                    continue  # another user's request already fell back: try again in the new format
-                if used == "text":
-                    raise
-                # The server refused the structured-output request: fall back one level, for all users.
-                fallback = RESPONSE_FORMATS[RESPONSE_FORMATS.index(used) + 1]
-                log.warning("server refused response_format %s (%s); falling back to %s", used, e, fallback)
-                self.response_format = fallback
-                continue
-            return answer
-
-    async def _call(self, key: str, messages: list[dict], params: dict, key_params: dict,
-                    user_id: int, step: int, attempt: int):
-        future = asyncio.get_running_loop().create_future()
-        self.inflight[key] = future
-        try:
-            answer = await self.client.chat(messages, params)
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: no "exception was never retrieved" warning without waiters
-            raise
-        finally:
-            del self.inflight[key]
-        self.store.put(key, model=self.config.model, request={"messages": messages, "params": key_params},
-                       answer=answer, user_id=user_id, step=step, attempt=attempt)
-        self.known[key] = answer
-        future.set_result(answer)
-        self.tally.calls += 1
-        self.tally.prompt_tokens += answer.prompt_tokens
-        self.tally.completion_tokens += answer.completion_tokens
-        return answer
-
-    async def distill_user(self, user_id: int, batches: list[list[BatchItem]], bar: tqdm | None) -> tuple[str, dict[int, str]]:
-        profile: str | None = None
-        explanations: dict[int, str] = {}
-        for step, batch in enumerate(batches):
-            messages = step_messages(self.prompts, profile, batch, self.config.max_profile_words)
-            reasons = []
-            for attempt in range(self.config.max_attempts):
-                answer = await self._answer(messages, batch, attempt, user_id, step)
-                result, reason = validate_step(answer.content, batch, self.config.max_words)
-                if result is not None:
-                    break
-                self.tally.rejected += 1
-                reasons.append(f"attempt {attempt + 1}: {reason}")
-            else:
-                raise StepRejected(f"step {step + 1}/{len(batches)} rejected after {self.config.max_attempts} "
-                                   f"generations: " + "; ".join(reasons))
-            profile = result.profile
-            explanations.update(result.explanations)
-            if bar is not None:
-                bar.update(1)
-        return profile or "", explanations
-
-    async def run(self, plan: dict[int, list[list[BatchItem]]]) -> tuple[dict[int, tuple[str, dict[int, str]]], list[dict]]:
-        results: dict[int, tuple[str, dict[int, str]]] = {}
-        failures: list[dict] = []
-        total = sum(len(b) for b in plan.values())
-        with tqdm(total=total, desc="distill steps", unit="step", disable=not self.config.progress,
-                  file=sys.stderr) as bar:
-            async def one(user_id: int, batches):
-                try:
-                    results[user_id] = await self.distill_user(user_id, batches, bar)
-                    self.tally.users_done += 1
-                except EndpointError:
-                    raise
-                except (StepRejected, LLMError) as e:
-                    failures.append({"user_id": user_id, "reason": str(e)})
-                    self.tally.users_failed += 1
-                bar.set_postfix(done=self.tally.users_done, failed=self.tally.users_failed, cached=self.tally.cached)
-
-            await asyncio.gather(*(one(u, b) for u, b in plan.items()))
-        failures.sort(key=lambda f: f["user_id"])
-        return results, failures
-
-
-def resolve_api_key(env_name: str) -> str:
-    key = os.environ.get(env_name)
-    if key:
-        return key
-    # Local servers (llama.cpp, vLLM, Ollama) ignore the key, but the client insists on one.
-    log.info("$%s is not set: sending a placeholder key (fine for local servers)", env_name)
-    return "not-needed"
-
-
-def estimate_plan(plan: dict[int, list[list[BatchItem]]], prompts: Prompts, cfg: DistillConfig) -> dict:
-    """Calls and a rough token count (4 characters per token) before anything is spent."""
-    chars_per_token = 4.0
-    profile_chars = cfg.max_profile_words * 6
-    prompt_tokens = completion_tokens = 0.0
-    calls = 0
-    for batches in plan.values():
-        for step, batch in enumerate(batches):
-            messages = step_messages(prompts, "x" * profile_chars if step else None, batch, cfg.max_profile_words)
-            prompt_tokens += sum(len(m["content"]) for m in messages) / chars_per_token
-            completion_tokens += (len(batch) * 200 + profile_chars) / chars_per_token
-            calls += 1
-    return {"users": len(plan), "calls": calls, "prompt_tokens": int(prompt_tokens),
-            "completion_tokens": int(completion_tokens)}
-
-
 # ---------------------------------------------------------------- outputs
 
 def write_outputs(run: RunFolder, profiles: pd.DataFrame, memories: pd.DataFrame, traits: pd.DataFrame,
@@ -326,16 +172,16 @@ def write_outputs(run: RunFolder, profiles: pd.DataFrame, memories: pd.DataFrame
     for column in ("user_id", "item_id", "rating", "timestamp"):
         memories[column] = memories[column].astype("int64")
     profiles["user_id"] = profiles["user_id"].astype("int64")
-    out = run.stage_dir("distill", create=True)
-    atomic_write_parquet(traits, out / "traits.parquet")
-    atomic_write_parquet(profiles, out / "profiles.parquet")
-    atomic_write_parquet(memories, out / "memories.parquet")
-    atomic_write_text(out / "failures.jsonl", "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
+    run.stage_dir("distill", create=True)
+    atomic_write_parquet(traits, run.path(TRAITS))
+    atomic_write_parquet(profiles, run.path(PROFILES))
+    atomic_write_parquet(memories, run.path(MEMORIES))
+    atomic_write_text(run.path(DISTILL_FAILURES), "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
 
 
 def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per_1k: tuple[float, float] | None = None) -> dict:
     """The stage's core. Returns the summary (also recorded in the manifest)."""
-    cfg.check()
+    cfg.validate()
     started = time.perf_counter()
     inputs = run.checksums(*INPUTS)
     record = run.stage_record("distill")
@@ -355,57 +201,10 @@ def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per
         failures: list[dict] = []
         summary: dict[str, Any] = {"users_done": len(profiles), "users_failed": 0, "calls": 0, "cached": 0}
     else:
-        if not cfg.model:
-            raise ConfigError("--backend openai needs --model (the model name the server serves)")
-        if not (cfg.base_url or os.environ.get("OPENAI_BASE_URL")) and not dry_run:
-            raise ConfigError("--backend openai needs --base-url (or $OPENAI_BASE_URL): the server's URL, e.g. "
-                              "http://127.0.0.1:8000/v1 for a local server or https://api.openai.com/v1")
-        prompts = load_prompts(cfg.prompt_dir)
-        plan = plan_batches(train, items, cfg.batch_size)
+        llm.check_endpoint(cfg, dry_run)
         if dry_run:
-            estimate = estimate_plan(plan, prompts, cfg)
-            if price_per_1k is not None:
-                estimate["cost"] = round(estimate["prompt_tokens"] / 1000 * price_per_1k[0]
-                                         + estimate["completion_tokens"] / 1000 * price_per_1k[1], 4)
-            return estimate
-        settings = ClientSettings(
-            base_url=cfg.base_url or os.environ.get("OPENAI_BASE_URL"), model=cfg.model,
-            api_key=resolve_api_key(cfg.api_key_env), timeout=cfg.timeout, max_retries=cfg.max_retries,
-            backoff_base=cfg.backoff_base, backoff_max=cfg.backoff_max, concurrency=cfg.concurrency,
-        )
-        with RequestStore(run.stage_dir("distill", create=True) / "requests.sqlite") as store:
-            async def go():
-                client = ChatClient(settings, rng=random.Random(cfg.seed))
-                try:
-                    distiller = LLMDistiller(cfg, prompts, store, client, response_format=cfg.response_format)
-                    return distiller, *(await distiller.run(plan))
-                finally:
-                    await client.close()
-
-            distiller, results, failures = asyncio.run(go())
-            stored = store.totals()
-        tally = distiller.tally
-        trait_levels = traits.set_index("user_id")
-        profile_rows, memory_rows = [], []
-        for user_id, (profile, explanations) in sorted(results.items()):
-            t = trait_levels.loc[user_id]
-            profile_rows.append({"user_id": user_id, "profile": profile, "activity": t["activity"],
-                                 "conformity": t["conformity"], "diversity": t["diversity"],
-                                 "traits_text": render_traits_text(t["activity"], t["conformity"], t["diversity"])})
-        done = train[train["user_id"].isin(list(results))]
-        for r in done.itertuples(index=False):
-            memory_rows.append({"user_id": r.user_id, "item_id": r.item_id, "rating": r.rating,
-                                "timestamp": r.timestamp, "explanation": results[r.user_id][1][r.item_id]})
-        profiles = pd.DataFrame(profile_rows, columns=PROFILE_COLUMNS[:6])
-        memories = pd.DataFrame(memory_rows, columns=MEMORY_COLUMNS[:5])
-        provenance = {"backend": "openai", "model": cfg.model, "prompt_version": prompts.version}
-        summary = {"users_done": tally.users_done, "users_failed": tally.users_failed, "calls": tally.calls,
-                   "cached": tally.cached, "rejected_generations": tally.rejected,
-                   "transport_errors": distiller.client.transport_errors,
-                   "prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
-                   "store_requests": stored["requests"], "store_prompt_tokens": stored["prompt_tokens"],
-                   "store_completion_tokens": stored["completion_tokens"],
-                   "response_format": distiller.response_format}
+            return llm.dry_run_estimate(train, items, cfg, price_per_1k)
+        profiles, memories, failures, provenance, summary = llm.distill_llm(run, train, items, traits, cfg)
 
     write_outputs(run, profiles, memories, traits, failures, provenance)
     summary["memories"] = len(memories)
@@ -414,66 +213,25 @@ def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per
     return summary
 
 
+def run(run: RunFolder, cfg: DistillConfig) -> dict:
+    """The `distill` stage (the stage shape): :func:`distill` without a dry run."""
+    return distill(run, cfg)
+
+
 # ---------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = DistillConfig()
     parser.add_argument("--run", required=True, help="run folder written by `persona-tune prepare`")
-    parser.add_argument("--backend", choices=BACKENDS, default=d.backend,
-                        help="offline: rule-based text from each user's statistics, no LLM; "
-                             "openai: the paper's self-reflection through an OpenAI-compatible server")
-    parser.add_argument("--users", type=int, default=None, help="distil the first N users (by user_id) only")
-    parser.add_argument("--trait-cuts", default=None,
-                        help='fixed trait cut points as JSON, e.g. \'{"activity": [60, 120], "conformity": [0.6, 1.2], '
-                             '"diversity": [5, 7]}\' (default: percentiles over this run\'s users)')
-    g = parser.add_argument_group("openai backend")
-    g.add_argument("--base-url", default=None, help="server URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL)")
-    g.add_argument("--model", default=None, help="model name the server serves")
-    g.add_argument("--api-key-env", default=d.api_key_env, help="environment variable that holds the API key")
-    g.add_argument("--concurrency", type=int, default=d.concurrency, help="requests in flight at most")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="ratings per reflection step")
-    g.add_argument("--max-words", type=int, default=d.max_words, help="reject generations longer than this")
-    g.add_argument("--max-attempts", type=int, default=d.max_attempts,
-                   help="generations per step before the step (and its user) is rejected")
-    g.add_argument("--max-retries", type=int, default=d.max_retries, help="retries per request on 429/5xx/timeouts")
-    g.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request")
-    g.add_argument("--backoff-base", type=float, default=d.backoff_base, help="first retry delay, seconds (doubles)")
-    g.add_argument("--backoff-max", type=float, default=d.backoff_max, help="longest retry delay, seconds")
-    g.add_argument("--temperature", type=float, default=d.temperature,
-                   help="sampling temperature of the first generation of a step (retries sample hotter)")
-    g.add_argument("--max-tokens", type=int, default=None, help="completion token limit per request")
-    g.add_argument("--max-profile-words", type=int, default=d.max_profile_words, help="profile length asked for")
-    g.add_argument("--response-format", choices=RESPONSE_FORMATS, default=d.response_format,
-                   help="structured output to ask for; falls back to the next one if the server refuses it")
-    g.add_argument("--seed", type=int, default=d.seed,
-                   help="request seed (servers that honour it answer reproducibly) and the retry jitter's")
-    g.add_argument("--prompt-dir", default=None, help="folder with replacement prompt templates (same file names)")
-    g.add_argument("--dry-run", action="store_true", help="print the number of calls and a token estimate, then exit")
-    g.add_argument("--price-per-1k", type=float, nargs="+", default=None, metavar="PRICE",
-                   help="with --dry-run: price per 1k prompt tokens [and per 1k completion tokens]")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    cuts = None
-    if args.trait_cuts:
-        try:
-            cuts = {k: tuple(v) for k, v in json.loads(args.trait_cuts).items()}
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ConfigError(f"--trait-cuts is not a JSON object of [low, high] pairs: {e}") from None
-    return DistillConfig(
-        backend=args.backend, users=args.users, trait_cuts=cuts, base_url=args.base_url, model=args.model,
-        api_key_env=args.api_key_env, concurrency=args.concurrency, batch_size=args.batch_size,
-        max_words=args.max_words, max_attempts=args.max_attempts, max_retries=args.max_retries,
-        timeout=args.timeout, backoff_base=args.backoff_base, backoff_max=args.backoff_max,
-        temperature=args.temperature, max_tokens=args.max_tokens, max_profile_words=args.max_profile_words,
-        response_format=args.response_format, seed=args.seed, prompt_dir=args.prompt_dir,
-        progress=not args.no_progress,
-    )
+    groups = add_config_arguments(parser, DistillConfig, skip=("progress",), type_metavars=False)
+    groups[LLM].add_argument("--dry-run", action="store_true",
+                             help="print the number of calls and a token estimate, then exit")
+    groups[LLM].add_argument("--price-per-1k", type=float, nargs="+", default=None, metavar="PRICE",
+                             help="with --dry-run: price per 1k prompt tokens [and per 1k completion tokens]")
+    add_config_arguments(parser, DistillConfig, only=("progress",))
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = config_from_args(DistillConfig, args)
     price = None
     if args.price_per_1k:
         if len(args.price_per_1k) > 2:
@@ -492,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print("distill: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     if summary["users_failed"]:
-        failures = Path(args.run) / "distill" / "failures.jsonl"
+        failures = RunFolder(args.run).path(DISTILL_FAILURES)
         first = json.loads(failures.read_text(encoding="utf-8").splitlines()[0])
         print(f"distill: {summary['users_failed']} user(s) failed (first, user {first['user_id']}: {first['reason']}); "
               f"all in {failures}; re-run to retry them (answered calls are not repeated)", file=sys.stderr)

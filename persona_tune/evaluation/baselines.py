@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,8 @@ import torch
 
 from persona_tune.errors import DataError
 from persona_tune.evaluation.metrics import grouped_metrics
-from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet
+from persona_tune.runfolder import ITEMS, METRICS, PREDICTIONS, RunFolder, atomic_write_json, atomic_write_parquet
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,21 @@ class BaselineConfig:
     lambda_item: float = 25.0
     lambda_user: float = 10.0
     mf_rank: int = 8
-    mf_reg: float | None = None
+    mf_reg: float | None = field(default=None, metadata={
+        "help": f"MF L2 weight (default: chosen from {MF_REGS} on a validation slice)"})
     mf_epochs: int = 300
     mf_lr: float = 0.02
     seed: int = 0
+
+
+@dataclass
+class BaselinesConfig(BaselineConfig):
+    """The `baselines` stage's options: the fit (BaselineConfig) and the bootstrap (CLI generated from them)."""
+
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples (users) for the CIs"})
+
+    def fit(self) -> BaselineConfig:
+        return BaselineConfig(**{f.name: getattr(self, f.name) for f in fields(BaselineConfig)})
 
 
 def global_mean(items: pd.DataFrame) -> float:
@@ -52,7 +64,7 @@ def global_mean(items: pd.DataFrame) -> float:
     avg = items["hist_avg"].to_numpy(dtype=float)
     known = counts > 0
     if not known.any():
-        raise DataError("no item has a non-test rating (hist_count is 0 everywhere)", path="items.parquet")
+        raise DataError("no item has a non-test rating (hist_count is 0 everywhere)", path=ITEMS)
     return float((avg[known] * counts[known]).sum() / counts[known].sum())
 
 
@@ -151,21 +163,20 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
     """Predict every baseline for RUN's test rows; write eval/baselines/predictions.parquet + metrics.json."""
     cfg = cfg or BaselineConfig()
     run = RunFolder(run_dir)
-    train = run.read_table("ratings_train.parquet")
-    test = run.read_table("ratings_test.parquet")
-    items = run.read_table("items.parquet", columns=["item_id", "hist_avg", "hist_count"])
+    train = run.read_ratings("train")
+    test = run.read_ratings("test")
+    items = run.read_items(columns=["item_id", "hist_avg", "hist_count"])
     if cfg.mf_reg is None:
         cfg = replace(cfg, mf_reg=choose_mf_reg(train, items, cfg))
     preds = predict_baselines(train, test, items, cfg)
-    persona_file = run.path("personas/assignments.parquet")
-    persona = pd.read_parquet(persona_file).set_index("user_id")["persona"] if persona_file.exists() else None
+    assignments = run.read_assignments(missing_ok=True)
+    persona = assignments.set_index("user_id")["persona"] if assignments is not None else None
     preds.insert(0, "persona", preds["user_id"].map(persona).fillna(-1).astype("int64") if persona is not None else -1)
-    profiles_file = run.path("distill/profiles.parquet")
-    profiles = pd.read_parquet(profiles_file) if profiles_file.exists() else None
+    profiles = run.read_profiles(missing_ok=True)
 
-    out_dir = run.eval_dir / "baselines"
+    out_dir = run.baselines_dir
     columns = ["persona", "user_id", "item_id", "rating", *PREDICTORS]
-    atomic_write_parquet(preds[columns], out_dir / "predictions.parquet")
+    atomic_write_parquet(preds[columns], out_dir / PREDICTIONS)
     metrics = {
         "kind": "baselines",
         "global_mean_rating": global_mean(items),
@@ -174,26 +185,23 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
             name: grouped_metrics(preds, name, profiles=profiles, n_boot=n_boot, seed=seed) for name in PREDICTORS
         },
     }
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / METRICS, metrics)
     run.record_stage("baselines", {**asdict(cfg), "n_boot": n_boot, "seed": seed})
     return metrics
 
 
+def run(run: RunFolder, cfg: BaselinesConfig) -> dict:
+    """The `baselines` stage: every classical baseline on the run's test rows; returns metrics.json's content."""
+    return run_baselines(run.root, cfg.fit(), n_boot=cfg.n_boot, seed=cfg.seed)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder")
-    defaults = BaselineConfig()
-    for field, value in asdict(defaults).items():
-        if field == "mf_reg":
-            parser.add_argument("--mf-reg", type=float, default=None,
-                                help=f"MF L2 weight (default: chosen from {MF_REGS} on a validation slice)")
-            continue
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (users) for the CIs")
+    add_config_arguments(parser, BaselinesConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = BaselineConfig(**{f: getattr(args, f) for f in asdict(BaselineConfig())})
-    metrics = run_baselines(args.run, cfg, n_boot=args.n_boot, seed=cfg.seed)
+    metrics = run(RunFolder(args.run), config_from_args(BaselinesConfig, args))
     for name in PREDICTORS:
         m = metrics["predictors"][name]["overall"]
         print(f"{name:<12} RMSE {m['rmse']:.3f} [{m['ci']['rmse'][0]:.3f}, {m['ci']['rmse'][1]:.3f}]  "

@@ -26,19 +26,43 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass, field
 
 import pandas as pd
 
-from persona_tune.configgen import parse_overrides, persona_sizes, plan_variants, render_config, template_dir
+from persona_tune.configgen import (
+    parse_overrides,
+    persona_sizes,
+    plan_variants,
+    variant_config_text,
+    variant_template,
+    write_variant_config,
+)
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
-from persona_tune.evaluation.run import MEMORY_TAGS, TAG_OF, evaluate
-from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, atomic_write_text, check_name
+from persona_tune.evaluation.run import evaluate
+from persona_tune.names import MEMORY_MODES, MEMORY_TAGS, TAG_OF
+from persona_tune.resources import template_dir
+from persona_tune.runfolder import (
+    ASSIGNMENTS,
+    METRICS,
+    PREDICTIONS,
+    RATINGS_TEST,
+    RATINGS_TRAIN,
+    TORCHTUNE_CONFIG,
+    TRUNK_SUMMARY,
+    RunFolder,
+    atomic_write_json,
+    atomic_write_parquet,
+    atomic_write_text,
+    check_name,
+)
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
 PATHS = ("stock", "trunk")
 TRAINED_MEMORIES = ("ms", "ms+ml")
-PROMPTED_MEMORIES = ("ms", "ms+ml", "ml")
+PROMPTED_MEMORIES = MEMORY_MODES
 
 
 def grid_cells(personas: list[int]) -> tuple[list[str], list[str]]:
@@ -79,14 +103,11 @@ def write_grid_configs(run: RunFolder, family: str, overrides: list[str] = ()) -
         for name, spec in variants.items():
             variant = f"{name}-{TAG_OF[memory]}"
             names.append(variant)
-            target = run.configs_dir / f"{variant}.yaml"
-            if target.exists():
+            if run.config_file(variant).exists():
                 continue
-            template = templates / (f"{name}.yaml" if (templates / f"{name}.yaml").is_file() else "persona_0.yaml")
-            settings = {"run_dir": str(run.root), "persona": spec["persona"], "subsample": spec["subsample"],
-                        "memory": memory, "output_dir": str(run.adapters_dir / variant)}
+            template = variant_template(templates, name)
             header = f"# {variant}: written by `persona-tune grid` from {family}_persona/{template.stem} ({spec['n_train_rows']} training rows).\n"
-            atomic_write_text(target, header + render_config(template, settings, parsed))
+            write_variant_config(run, variant, template, spec, memory, parsed, header)
     return names
 
 
@@ -99,11 +120,8 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
     """RUN/configs/<prefix><variant>-<tag>.yaml for the frozen-trunk recipe; `prompted-<tag>` is the
     base model (no training, no head). ``train_rows``: "all" (every training row of the variant's
     users) or N (N rows drawn over all users; persona_k trains on its users' share of those N rows);
-    None: the paper's sizes.
-    A config whose text changed is rewritten and its adapter's train_summary.json removed, so `train`
-    redoes it."""
-    from persona_tune.train import SUMMARY
-
+    None: the paper's sizes. A config whose text changed is rewritten and its adapter's
+    train_summary.json removed, so `train` redoes it."""
     templates = template_dir(family, "trunk")
     parsed = parse_overrides(list(overrides))
     sizes = persona_sizes(run)
@@ -121,19 +139,16 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
         spec = {"persona": None, "subsample": None, "n_train_rows": 0} if base == "prompted" else variants[base]
         template = templates / (f"{base}.yaml" if (templates / f"{base}.yaml").is_file() else "persona_0.yaml")
         variant = f"{prefix}{name}"
-        settings = {"run_dir": str(run.root), "persona": spec["persona"], "subsample": spec["subsample"],
-                    "memory": MEMORY_TAGS[tag], "output_dir": str(run.adapters_dir / variant)}
-        if base == "prompted":  # the base model: nothing trained, no head
-            settings |= {"epochs": 0, "head.init": "none"}
-        text = render_config(template, settings, parsed)
+        untrained = {"epochs": 0, "head.init": "none"} if base == "prompted" else {}  # the base model, no head
+        text = variant_config_text(run, variant, template, spec, MEMORY_TAGS[tag], parsed, untrained)
         header = (f"# {variant}: written by `persona-tune grid --path trunk` from {family}_trunk/{template.stem}"
                   f" ({spec['n_train_rows']} training rows).\n# Run: tune run lora_frozen_trunk --config "
-                  f"{run.configs_dir / (variant + '.yaml')}\n")
-        target = run.configs_dir / f"{variant}.yaml"
+                  f"{run.config_file(variant)}\n")
+        target = run.config_file(variant)
         if not target.is_file() or target.read_text(encoding="utf-8") != header + text:
             if target.is_file():
                 log.warning("%s: settings changed, the adapter is retrained", variant)
-                (run.adapters_dir / variant / SUMMARY).unlink(missing_ok=True)
+                run.train_summary(variant).unlink(missing_ok=True)
             atomic_write_text(target, header + text)
         written.append(variant)
     return written
@@ -145,14 +160,14 @@ def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: i
 
     from persona_tune.evaluation.metrics import train_rows_per_persona, variant_metrics
 
-    files = [run.adapters_dir / v / "predictions.parquet" for v in variants]
+    files = [run.adapter_dir(v) / PREDICTIONS for v in variants]
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise StageMissingError(f"{missing[0]} is missing: the trunk recipe writes it when it finishes")
     predictions = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    cfg = OmegaConf.load(run.adapters_dir / variants[0] / "torchtune_config.yaml")
-    summaries = {v: (run.adapters_dir / v / "trunk_summary.json") for v in variants}
-    info = {"variant": cell, "memory": cfg.memory, "adapter_dir": str(run.adapters_dir / variants[0]),
+    cfg = OmegaConf.load(run.adapter_dir(variants[0]) / TORCHTUNE_CONFIG)
+    summaries = {v: run.adapter_dir(v) / TRUNK_SUMMARY for v in variants}
+    info = {"variant": cell, "memory": cfg.memory, "adapter_dir": str(run.adapter_dir(variants[0])),
             "model_component": cfg.model._component_, "model_dir": str(cfg.model_dir),
             "per_persona_adapter": len(variants) > 1, "path": "trunk",
             "trunk": {"adapted_layers": int(cfg.adapted_layers), "objective": cfg.objective,
@@ -161,14 +176,12 @@ def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: i
                       "lora_attn_modules": list(cfg.model.lora_attn_modules),
                       "variants": {v: json.loads(p.read_text()) for v, p in summaries.items()
                                    if p.is_file()}}}
-    profiles_file = run.path("distill/profiles.parquet")
-    profiles = pd.read_parquet(profiles_file) if profiles_file.exists() else None
+    profiles = run.read_profiles(missing_ok=True)
     personas = sorted(predictions["persona"].unique().tolist())
     metrics = variant_metrics(predictions, info, profiles=profiles,
                               train_rows_per_persona=train_rows_per_persona(run, personas), n_boot=n_boot)
-    out = run.eval_dir / cell
-    atomic_write_parquet(predictions, out / "predictions.parquet")
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_parquet(predictions, run.eval_predictions(cell))
+    atomic_write_json(run.eval_metrics(cell), metrics)
 
 
 def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: list[str], eval_names: list[str],
@@ -208,7 +221,7 @@ def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "sc
     if label is not None:
         check_name(label, "--label")
     run = RunFolder(run_dir)
-    run.require("ratings_train.parquet", "ratings_test.parquet", "personas/assignments.parquet")
+    run.require(RATINGS_TRAIN, RATINGS_TEST, ASSIGNMENTS)
     personas = sorted(persona_sizes(run)["persona"].tolist())
     train_names, eval_names = select_cells(personas, cells)
     run.record_stage(f"grid/{trunk_prefix(label)[:-1]}" if path == "trunk" else "grid",
@@ -228,41 +241,57 @@ def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "sc
             raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
         statuses = evaluate(run.root, eval_names, family=family, mode=mode,
                             overrides=[*eval_overrides, f"metrics.n_boot={n_boot}"])
-    if not (run.eval_dir / "baselines" / "metrics.json").is_file():
+    if not (run.baselines_dir / METRICS).is_file():
         run_baselines(run.root, n_boot=n_boot)
     table = write_report(run.root)
     return {"trained": {r.variant: r.status for r in results}, "evaluated": statuses, "table": table}
 
 
+@dataclass
+class GridConfig:
+    """The `grid` stage's options (its CLI arguments are generated from them)."""
+
+    family: str | None = field(default=None, metadata={
+        "required": True, "choices": ("smollm2", "tiny", "phi3"), "help": "model family"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps per epoch cap for training"})
+    cells: str | None = field(default=None, metadata={
+        "help": "comma list of eval cells to run (default: all), e.g. prompted-msml,persona-msml,single_max-msml,single_max-ms"})
+    parallel: bool = field(default=False, metadata={
+        "flag": "--parallel", "help": "train several adapters at once over the GPUs (or CPU cores)"})
+    mode: str = field(default="scoring", metadata={"choices": ("scoring", "paper", "both"), "help": "eval mode"})
+    path: str = field(default="stock", metadata={
+        "choices": PATHS, "help": "stock: torchtune's LoRA recipes + persona_eval; trunk: lora_frozen_trunk (top layers "
+                                  "on cached lower-layer outputs, a rating head; scoring mode)"})
+    label: str | None = field(default=None, metadata={
+        "help": "(--path trunk) name for this set of --train-set overrides: cells become trunk-LABEL-<cell>"})
+    train_rows: str | None = field(default=None, metadata={
+        "metavar": "N|all", "help": "(--path trunk) training rows: N drawn over all users (each persona: its users' "
+                                    "share of them), or all; default: the paper's sizes"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
+    train_overrides: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--train-set", "append": True, "metavar": "KEY=VALUE",
+        "help": "override a key of every training config (repeatable)"})
+    eval_overrides: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--eval-set", "append": True, "metavar": "KEY=VALUE",
+        "help": "override a key of every eval config (repeatable), e.g. --eval-set max_rows=50"})
+
+    def cell_list(self) -> list[str] | None:
+        return [c.strip() for c in self.cells.split(",") if c.strip()] if self.cells else None
+
+
+def run(run: RunFolder, cfg: GridConfig) -> dict:
+    """The `grid` stage: configs, training and eval of every cell, then the report; returns what ran and the table."""
+    return run_grid(run.root, cfg.family, cfg.max_steps, cfg.mode, list(cfg.eval_overrides), list(cfg.train_overrides),
+                    cfg.n_boot, cfg.cell_list(), cfg.parallel, cfg.path, cfg.label, cfg.train_rows)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (after `persona-tune personas`)")
-    parser.add_argument("--family", required=True, choices=["smollm2", "tiny", "phi3"], help="model family")
-    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps per epoch cap for training")
-    parser.add_argument("--cells", default=None,
-                        help="comma list of eval cells to run (default: all), e.g. "
-                             "prompted-msml,persona-msml,single_max-msml,single_max-ms")
-    parser.add_argument("--parallel", action="store_true",
-                        help="train several adapters at once over the GPUs (or CPU cores)")
-    parser.add_argument("--mode", default="scoring", choices=["scoring", "paper", "both"], help="eval mode")
-    parser.add_argument("--path", default="stock", choices=PATHS,
-                        help="stock: torchtune's LoRA recipes + persona_eval; trunk: lora_frozen_trunk (top layers "
-                             "on cached lower-layer outputs, a rating head; scoring mode)")
-    parser.add_argument("--label", default=None,
-                        help="(--path trunk) name for this set of --train-set overrides: cells become trunk-LABEL-<cell>")
-    parser.add_argument("--train-rows", default=None, metavar="N|all",
-                        help="(--path trunk) training rows: N for single_min/max (each persona: its share of N), or "
-                             "all; default: the paper's sizes (single_min/max: the smallest/largest persona's rows)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
-    parser.add_argument("--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of every training config (repeatable)")
-    parser.add_argument("--eval-set", dest="eval_overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of every eval config (repeatable), e.g. --eval-set max_rows=50")
+    add_config_arguments(parser, GridConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None
-    out = run_grid(args.run, args.family, args.max_steps, args.mode, args.eval_overrides, args.train_overrides,
-                   args.n_boot, cells, args.parallel, args.path, args.label, args.train_rows)
+    out = run(RunFolder(args.run), config_from_args(GridConfig, args))
     for variant, status in out["trained"].items():
         print(f"train {variant}: {status}")
     for variant, status in out["evaluated"].items():

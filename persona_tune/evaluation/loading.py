@@ -19,7 +19,6 @@ from torchtune.modules.peft import LoRALinear, get_adapter_params
 from torchtune.training.checkpointing._utils import get_largest_iter_folder
 
 from persona_tune.errors import ConfigError, StageMissingError
-from persona_tune.evaluation.predict import merge_lora_in_place
 
 ADAPTER_FILE = "adapter_model.pt"
 
@@ -92,3 +91,23 @@ def adapter_path(adapter_dir: str | None, persona: int, epoch: int | None = None
     if path is None or not path.is_file():
         raise StageMissingError(f"no {ADAPTER_FILE} under {root}/{folder or 'epoch_N'}: has `persona-tune train` finished?")
     return path
+
+
+def merge_lora_in_place(model: torch.nn.Module) -> int:
+    """Fold every LoRA into its base weight (W += alpha/r * B A) and switch the LoRA path off.
+
+    Returns the number of merged modules. Raises ConfigError for DoRA or a quantised base.
+    """
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            if getattr(module, "_quantize_base", False):
+                raise ConfigError(f"{name}: cannot merge a LoRA into a quantised base; set merge_adapter: False")
+            with torch.no_grad():
+                delta = module.lora_b.weight @ module.lora_a.weight
+                module.weight.add_((module.alpha / module.rank) * delta.to(module.weight.dtype))
+            module.disabled = True
+            n += 1
+        elif type(module).__name__ == "DoRALinear":
+            raise ConfigError(f"{name}: DoRA adapters are evaluated unmerged; set merge_adapter: False")
+    return n

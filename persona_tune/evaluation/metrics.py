@@ -190,9 +190,9 @@ def variant_metrics(predictions: pd.DataFrame, info: dict, *, profiles: pd.DataF
 
 def train_rows_per_persona(run, personas) -> dict:
     """{persona: training rows of its users} from a run folder (empty without personas)."""
-    assignments = run.path("personas/assignments.parquet")
-    if not assignments.exists():
+    assignments = run.read_assignments(missing_ok=True)
+    if assignments is None:
         return {}
-    persona_of = pd.read_parquet(assignments).set_index("user_id")["persona"]
-    counts = run.read_table("ratings_train.parquet", columns=["user_id"])["user_id"].map(persona_of).value_counts()
+    persona_of = assignments.set_index("user_id")["persona"]
+    counts = run.read_ratings("train", columns=["user_id"])["user_id"].map(persona_of).value_counts()
     return {str(p): int(counts.get(p, 0)) for p in personas}

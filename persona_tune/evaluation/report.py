@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,20 @@ import pandas as pd
 
 from persona_tune.errors import StageMissingError
 from persona_tune.evaluation.metrics import metrics_with_ci, paired_rmse_diff
-from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_text
+from persona_tune.names import MEMORY_LABELS
+from persona_tune.runfolder import (
+    ELBOW_PLOT,
+    PLOTS,
+    PREDICTIONS,
+    REPORT,
+    RESULTS,
+    TRAIN_SUMMARY,
+    RunFolder,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+)
+from persona_tune.stage import add_config_arguments, config_from_args
 
 # Thakur et al. 2024, Table 1 (their split of ML-1M, 200 users): base, adapter, memories, RMSE, MAE, URR %.
 PAPER_TABLE_1 = [
@@ -39,7 +53,6 @@ PAPER_TABLE_1 = [
     ("Phi-3-Mini", "θ_persona", "M_s", 1.292, 0.937, 2.29),
     ("Phi-3-Mini", "θ_persona", "M_s+M_l", 1.171, 0.881, 1.77),
 ]
-MEMORY_NAMES = {"ms": "M_s", "ms+ml": "M_s+M_l", "ml": "M_l"}
 BASELINE_NAMES = {"global_mean": "global mean", "user_mean": "user mean (own train rows)",
                   "item_mean": "item mean (all non-test ratings)", "bias": "user+item bias baseline",
                   "mf": "matrix factorisation (bias + rank-8)"}
@@ -93,8 +106,7 @@ def _row(metrics: dict) -> dict:
 
 def _agent_rows(run: RunFolder) -> pd.DataFrame | None:
     """The (user_id, item_id) rows any agent variant was evaluated on, or None when there is none."""
-    frames = [pd.read_parquet(p, columns=["user_id", "item_id"]) for p in sorted(run.eval_dir.glob("*/predictions.parquet"))
-              if p.parent.name != "baselines"]
+    frames = [pd.read_parquet(p, columns=["user_id", "item_id"]) for p in run.eval_prediction_files(baselines=False)]
     return pd.concat(frames).drop_duplicates(ignore_index=True) if frames else None
 
 
@@ -102,10 +114,10 @@ def collect(run: RunFolder) -> dict:
     """Rows of the agents' table and the baselines' table from RUN/eval/*/metrics.json."""
     agents, baselines = [], []
     agent_rows = _agent_rows(run)
-    for path in sorted(run.eval_dir.glob("*/metrics.json")):
+    for path in run.eval_metric_files():
         data = json.loads(path.read_text())
         if data.get("kind") == "baselines":
-            preds = pd.read_parquet(path.with_name("predictions.parquet"))
+            preds = pd.read_parquet(path.with_name(PREDICTIONS))
             if agent_rows is not None and len(agent_rows) < len(preds):
                 # The agents ran on a subset (max_rows): score the baselines on exactly those rows.
                 preds = preds.merge(agent_rows, on=["user_id", "item_id"])
@@ -121,7 +133,7 @@ def collect(run: RunFolder) -> dict:
                 "variant": data["variant"], "mode": mode,
                 "base_model": base_model_name(data.get("model_component", "")),
                 "adapter": adapter_label(data),
-                "memories": MEMORY_NAMES.get(data["memory"], data["memory"]),
+                "memories": MEMORY_LABELS.get(data["memory"], data["memory"]),
                 "unparsable_rule": data.get("unparsable_rule"), **_row(block["prediction"]),
             })
     keys = list(BASELINE_NAMES)
@@ -166,13 +178,11 @@ DIAGNOSTIC_BASELINES = ("user_mean", "item_mean", "bias")
 
 def diagnostics(run: RunFolder) -> list[dict]:
     """Per agent variant and mode: prediction mean/sd vs the truth's, and Pearson r with the truth and baselines."""
-    baseline_file = run.eval_dir / "baselines" / "predictions.parquet"
+    baseline_file = run.baseline_predictions
     base = pd.read_parquet(baseline_file, columns=["user_id", "item_id", *DIAGNOSTIC_BASELINES]) \
         if baseline_file.is_file() else None
     rows = []
-    for path in sorted(run.eval_dir.glob("*/predictions.parquet")):
-        if path.parent.name == "baselines":
-            continue
+    for path in run.eval_prediction_files(baselines=False):
         preds = pd.read_parquet(path, columns=["user_id", "item_id", "rating", "mode", "prediction"])
         if base is not None:
             preds = preds.merge(base, on=["user_id", "item_id"], how="left")
@@ -213,14 +223,12 @@ def paired_cells(run: RunFolder, n_boot: int = 1000, seed: int = 0) -> list[dict
     """Per agent cell and mode, on its own rows: RMSE, MAE, Pearson r with the truth, sd of the
     predictions, and RMSE(agent) - RMSE(baseline) for each classical baseline with a paired
     bootstrap CI over users (both RMSEs on the same resampled rows)."""
-    baseline_file = run.eval_dir / "baselines" / "predictions.parquet"
+    baseline_file = run.baseline_predictions
     if not baseline_file.is_file():
         return []
     base = pd.read_parquet(baseline_file, columns=["user_id", "item_id", *PAIRED_BASELINES])
     cells = []
-    for path in sorted(run.eval_dir.glob("*/predictions.parquet")):
-        if path.parent.name == "baselines":
-            continue
+    for path in run.eval_prediction_files(baselines=False):
         preds = pd.read_parquet(path, columns=["user_id", "item_id", "rating", "mode", "prediction"])
         for mode, group in preds.groupby("mode", sort=True):
             rows = group.merge(base, on=["user_id", "item_id"], how="inner").dropna(subset=["prediction"])
@@ -278,7 +286,7 @@ def plot_training_size(run: RunFolder, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     series = []
-    for path in sorted(run.eval_dir.glob("*/metrics.json")):
+    for path in run.eval_metric_files():
         data = json.loads(path.read_text())
         if not data.get("per_persona_adapter") or not data.get("train_rows"):
             continue
@@ -365,13 +373,11 @@ def plot_calibration(run: RunFolder, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     frames = []
-    for path in sorted(run.eval_dir.glob("*/predictions.parquet")):
-        if path.parent.name == "baselines":
-            continue
+    for path in run.eval_prediction_files(baselines=False):
         df = pd.read_parquet(path, columns=["rating", "prediction", "mode"])
         df["label"] = path.parent.name + " [" + df["mode"] + "]"
         frames.append(df)
-    baseline = run.eval_dir / "baselines" / "predictions.parquet"
+    baseline = run.baseline_predictions
     if baseline.is_file():
         b = pd.read_parquet(baseline, columns=["rating", "bias"]).rename(columns={"bias": "prediction"})
         b["label"] = "bias baseline"
@@ -398,7 +404,7 @@ def plot_calibration(run: RunFolder, out: Path) -> Path | None:
 def plot_training_curves(run: RunFolder, out: Path) -> Path | None:
     """Training loss per optimizer step of every trained adapter (raw, and a running mean)."""
     curves = {}
-    for path in sorted(run.adapters_dir.glob("*/train_summary.json")):
+    for path in sorted(run.adapters_dir.glob(f"*/{TRAIN_SUMMARY}")):
         losses = json.loads(path.read_text()).get("losses") or []
         if losses:
             curves[path.parent.name] = pd.Series(losses, index=range(1, len(losses) + 1), dtype=float)
@@ -426,19 +432,19 @@ def plot_training_curves(run: RunFolder, out: Path) -> Path | None:
 
 
 def copy_elbow(run: RunFolder, out: Path) -> Path | None:
-    src = run.personas_dir / "elbow.png"
+    src = run.path(ELBOW_PLOT)
     if not src.is_file():
         return None
-    with atomic_path(out / "elbow.png") as tmp:
+    with atomic_path(out / src.name) as tmp:
         shutil.copyfile(src, tmp)
-    return out / "elbow.png"
+    return out / src.name
 
 
 def write_report(run_dir, json_out: str | Path | None = None) -> str:
     """Write report.md, results.json and plots/ (and a copy of results.json to ``json_out``); return
     the markdown table."""
     run = RunFolder(run_dir)
-    if not run.eval_dir.is_dir() or not any(run.eval_dir.glob("*/metrics.json")):
+    if not run.eval_dir.is_dir() or not run.eval_metric_files():
         raise StageMissingError(f"no results in {run.eval_dir}: run `persona-tune eval --run {run.root}` "
                                 f"and/or `persona-tune baselines --run {run.root}` first")
     from persona_tune.evaluation.run import stale_results
@@ -447,7 +453,7 @@ def write_report(run_dir, json_out: str | Path | None = None) -> str:
         raise StageMissingError(f"the results of {', '.join(stale)} in {run.eval_dir} come from adapters retrained "
                                 f"since: re-run `persona-tune eval --run {run.root} --variants {','.join(stale)}`")
     results = collect(run)
-    plots_dir = run.eval_dir / "plots"
+    plots_dir = run.path(PLOTS)
     plots = {name: fn(run, plots_dir) for name, fn in
              (("training_size", plot_training_size), ("elbow", copy_elbow), ("calibration", plot_calibration),
               ("training_curves", plot_training_curves))}
@@ -479,24 +485,36 @@ def write_report(run_dir, json_out: str | Path | None = None) -> str:
     if plots:
         md += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     plots |= {k: str(v.relative_to(run.eval_dir)) for k, v in simulation_plots.items()}
-    atomic_write_text(run.eval_dir / "report.md", "\n".join(md))
-    atomic_write_json(run.eval_dir / "results.json", {
+    atomic_write_text(run.path(REPORT), "\n".join(md))
+    atomic_write_json(run.path(RESULTS), {
         **results, "cells": paired, "plots": plots, "diagnostics": signal,
         "paper_table_1": [dict(zip(("base_model", "adapter", "memories", "rmse", "mae", "urr_percent"), r))
                           for r in PAPER_TABLE_1]})
     if json_out is not None:
-        atomic_write_text(json_out, (run.eval_dir / "results.json").read_text(encoding="utf-8"))
-    run.record_stage("report", {}, outputs=["eval/report.md", "eval/results.json", *[f"eval/{p}" for p in plots.values()]])
+        atomic_write_text(json_out, run.path(RESULTS).read_text(encoding="utf-8"))
+    run.record_stage("report", {}, outputs=[REPORT, RESULTS, *[str((run.eval_dir / p).relative_to(run.root)) for p in plots.values()]])
     return table
+
+
+@dataclass
+class ReportConfig:
+    """The `report` stage's options (its CLI arguments are generated from them)."""
+
+    json_out: str | None = field(default=None, metadata={
+        "help": "also write results.json here (e.g. docs/results/ml1m-smollm2.json)"})
+
+
+def run(run: RunFolder, cfg: ReportConfig) -> str:
+    """The `report` stage: report.md, results.json and plots/ from RUN/eval; returns the markdown table."""
+    return write_report(run.root, cfg.json_out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (after `persona-tune eval` / `baselines`)")
-    parser.add_argument("--json-out", default=None,
-                        help="also write results.json here (e.g. docs/results/ml1m-smollm2.json)")
+    add_config_arguments(parser, ReportConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    print(write_report(args.run, args.json_out))
-    print(f"\nwrote {RunFolder(args.run).eval_dir / 'report.md'} and results.json")
+    print(run(RunFolder(args.run), config_from_args(ReportConfig, args)))
+    print(f"\nwrote {RunFolder(args.run).path(REPORT)} and {RunFolder(args.run).path(RESULTS).name}")
     return 0

@@ -21,24 +21,31 @@ import json
 import logging
 import os
 import subprocess
-import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
 from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
-from persona_tune.evaluation.predict import check_modes
-from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_text, check_name
+from persona_tune.names import FAMILIES, MEMORY_TAGS, TAG_OF, check_modes
+from persona_tune.resources import eval_template, tune_executable
+from persona_tune.runfolder import (
+    EVAL_CONFIG,
+    EVAL_INPUTS,
+    EVAL_LOG,
+    METRICS,
+    RATINGS_TEST,
+    RunFolder,
+    atomic_write_json,
+    atomic_write_text,
+    check_name,
+)
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
-MEMORY_TAGS = {"ms": "ms", "msml": "ms+ml", "ml": "ml"}
-TAG_OF = {v: k for k, v in MEMORY_TAGS.items()}
-FAMILIES = ("phi3", "smollm2", "tiny")
 # Keys that change how fast the recipe runs or what it prints, not its results.
 RUNTIME_KEYS = ("num_threads", "batching.progress")
-EVAL_INPUTS = "eval_inputs.json"
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
@@ -47,18 +54,6 @@ def split_variant(name: str) -> tuple[str, str | None]:
     if sep and tag in MEMORY_TAGS:
         return base, tag
     return name, None
-
-
-def eval_template(family: str) -> Path:
-    from persona_tune._hook import resource_dirs
-
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
-    configs_dir = resource_dirs()[0]
-    path = configs_dir / f"{family}_persona" / "eval.yaml" if configs_dir else None
-    if path is None or not path.is_file():
-        raise ConfigError(f"the {family}_persona/eval.yaml config is not installed with persona-tune")
-    return path
 
 
 def run_family(run: RunFolder, family: str | None) -> str:
@@ -89,18 +84,18 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
         cfg.adapter_dir = None
         cfg.memory = MEMORY_TAGS[tag] if tag else memory
         # The base model the run trains on: from any of its training configs (else the template's).
-        candidates = [run.configs_dir / f"persona_0{suffix}.yaml", run.configs_dir / "persona_0.yaml",
+        candidates = [run.config_file(f"persona_0{suffix}"), run.config_file("persona_0"),
                       *sorted(run.configs_dir.glob("*.yaml"))]
         train_file = next((p for p in candidates if p.is_file()), None)
         if train_file is not None:
             _copy_model(cfg, OmegaConf.load(train_file))
     else:
         train_name = f"persona_0{suffix}" if base == "persona" else variant
-        train_file = run.configs_dir / f"{train_name}.yaml"
+        train_file = run.config_file(train_name)
         if not train_file.is_file():
             raise StageMissingError(f"{train_file} is missing: write it with `persona-tune configs` (or `grid`) and train it")
         train_cfg = OmegaConf.load(train_file)
-        cfg.adapter_dir = str(run.adapters_dir / (f"persona_{{persona}}{suffix}" if base == "persona" else variant))
+        cfg.adapter_dir = str(run.adapters_dir / (f"persona_{{persona}}{suffix}" if base == "persona" else check_name(variant)))
         cfg.memory = train_cfg.memory
         for key in ("prompt_template", "state_numbers"):  # top level (trunk configs) or the dataset's
             value = train_cfg.get(key, train_cfg.get("dataset", {}).get(key))
@@ -108,7 +103,7 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
                 cfg[key] = value
         _copy_model(cfg, train_cfg)
     cfg = apply_overrides(cfg, list(overrides), eval_template(family))
-    cfg.output_dir = str(run.eval_dir / variant)
+    cfg.output_dir = str(run.eval_variant_dir(variant))
     return cfg
 
 
@@ -123,11 +118,6 @@ def _copy_model(cfg: DictConfig, train_cfg: DictConfig) -> None:
         cfg.checkpointer[key] = train_cfg.checkpointer[key]
 
 
-def tune_executable() -> str:
-    beside = Path(sys.executable).with_name("tune")
-    return str(beside) if beside.is_file() else "tune"
-
-
 def adapter_variants(run: RunFolder, variant: str) -> list[str]:
     """The trained variants (RUN/adapters/<name>) that ``variant`` evaluates."""
     base, tag = split_variant(variant)
@@ -135,7 +125,7 @@ def adapter_variants(run: RunFolder, variant: str) -> list[str]:
     if base == "prompted":
         return []
     if base == "persona":
-        personas = sorted(run.read_table("personas/assignments.parquet", columns=["persona"])["persona"].unique())
+        personas = sorted(run.read_assignments(columns=["persona"])["persona"].unique())
         return [f"persona_{int(k)}{suffix}" for k in personas]
     return [variant]
 
@@ -148,7 +138,7 @@ def check_adapters(run: RunFolder, variants: list[str]) -> dict[str, dict[str, s
     missing, stale, used = [], [], {}
     for variant in variants:
         names = adapter_variants(run, variant)
-        files = {n: final_adapter(run.adapters_dir / n) for n in names}
+        files = {n: final_adapter(run.adapter_dir(n)) for n in names}
         missing += [n for n, f in files.items() if f is None]
         stale += [f"{n} ({', '.join(changed)} changed)" for n in names if (changed := stale_inputs(run, n, shared))]
         used[variant] = run.checksums(*(str(f.relative_to(run.root)) for f in files.values() if f is not None))
@@ -176,10 +166,10 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
                      adapters: dict[str, str] | None = None) -> str:
     """Run the recipe for one variant unless its results are current; returns 'done' or 'skipped'.
     ``adapters``: checksums of the train summaries of the adapters it evaluates."""
-    out = run.eval_dir / variant
-    config_file = out / "eval_config.yaml"
+    out = run.eval_variant_dir(variant)
+    config_file = out / EVAL_CONFIG
     text = OmegaConf.to_yaml(cfg)
-    metrics = out / "metrics.json"
+    metrics = out / METRICS
     inputs = {"config": results_key(cfg), "adapters": adapters or {}}
     inputs_file = out / EVAL_INPUTS
     # inputs_file is written only after the recipe succeeded (and removed before it starts).
@@ -191,11 +181,11 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
     inputs_file.unlink(missing_ok=True)
     cmd = [tune_executable(), "run", "persona_eval", "--config", str(config_file)]
     log.info("%s: %s", variant, " ".join(cmd))
-    with open(out / "eval.log", "w", encoding="utf-8") as logf:
+    with open(out / EVAL_LOG, "w", encoding="utf-8") as logf:
         proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy())
     if proc.returncode != 0:
-        tail = (out / "eval.log").read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-        raise PersonaTuneError(f"evaluating {variant} failed (exit {proc.returncode}); end of {out / 'eval.log'}:\n"
+        tail = (out / EVAL_LOG).read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        raise PersonaTuneError(f"evaluating {variant} failed (exit {proc.returncode}); end of {out / EVAL_LOG}:\n"
                                + "\n".join(tail))
     atomic_write_json(inputs_file, inputs)
     return "done"
@@ -214,7 +204,7 @@ def stale_results(run: RunFolder) -> list[str]:
 def evaluate(run_dir, variants: list[str], family: str | None = None, memory: str = "ms+ml", mode: str = "scoring",
              overrides: list[str] = (), force: bool = False) -> dict[str, str]:
     run = RunFolder(run_dir)
-    run.require("ratings_test.parquet")
+    run.require(RATINGS_TEST)
     variants = [check_name(v) for v in variants]
     check_modes(mode)
     family = run_family(run, family)
@@ -223,24 +213,40 @@ def evaluate(run_dir, variants: list[str], family: str | None = None, memory: st
     return {v: evaluate_variant(run, v, cfg, force, adapters[v]) for v, cfg in configs.items()}
 
 
+@dataclass
+class EvalConfig:
+    """The `eval` stage's options (its CLI arguments are generated from them)."""
+
+    variants: str = field(default="persona,single_min,single_max", metadata={
+        "help": "comma list: persona, single_min, single_max, prompted, any trained variant; "
+                "suffix -ms/-msml/-ml for the grid's memory modes"})
+    mode: str = field(default="scoring", metadata={
+        "choices": ("scoring", "paper", "both"),
+        "help": "scoring: probability-weighted rating; paper: generate 4 tokens and parse"})
+    family: str | None = field(default=None, metadata={
+        "choices": FAMILIES, "help": "model family (default: the one `persona-tune configs` recorded)"})
+    memory: str = field(default="ms+ml", metadata={
+        "choices": tuple(TAG_OF), "help": "memory mode of `prompted` (adapters use their training memory)"})
+    force: bool = field(default=False, metadata={"flag": "--force", "help": "re-run variants whose results are current"})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "positional": True, "metavar": "KEY=VALUE", "help": "eval config overrides, after `--`"})
+
+    def variant_list(self) -> list[str]:
+        return [v.strip() for v in self.variants.split(",") if v.strip()]
+
+
+def run(run: RunFolder, cfg: EvalConfig) -> dict[str, str]:
+    """The `eval` stage: `tune run persona_eval` per variant unless current; variant -> 'done' or 'skipped'."""
+    return evaluate(run.root, cfg.variant_list(), cfg.family, cfg.memory, cfg.mode, list(cfg.overrides), cfg.force)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (after `persona-tune train`)")
-    parser.add_argument("--variants", default="persona,single_min,single_max",
-                        help="comma list: persona, single_min, single_max, prompted, any trained variant; "
-                             "suffix -ms/-msml/-ml for the grid's memory modes")
-    parser.add_argument("--mode", default="scoring", choices=["scoring", "paper", "both"],
-                        help="scoring: probability-weighted rating; paper: generate 4 tokens and parse")
-    parser.add_argument("--family", choices=FAMILIES, default=None,
-                        help="model family (default: the one `persona-tune configs` recorded)")
-    parser.add_argument("--memory", default="ms+ml", choices=list(TAG_OF),
-                        help="memory mode of `prompted` (adapters use their training memory)")
-    parser.add_argument("--force", action="store_true", help="re-run variants whose results are current")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval config overrides, after `--`")
+    add_config_arguments(parser, EvalConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    results = evaluate(args.run, variants, args.family, args.memory, args.mode, args.overrides, args.force)
+    results = run(RunFolder(args.run), config_from_args(EvalConfig, args))
     for variant, status in results.items():
-        print(f"{variant:<16} {status:<8} {RunFolder(args.run).eval_dir / variant / 'metrics.json'}")
+        print(f"{variant:<16} {status:<8} {RunFolder(args.run).eval_metrics(variant)}")
     return 0

@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -30,17 +30,32 @@ from persona_tune.memory.embeddings import (
 )
 from persona_tune.memory.retrieval import QUERY_FORMS, retrieve
 from persona_tune.runfolder import (
+    EMBEDDINGS_CACHE,
+    EMBEDDINGS_META,
+    ITEM_IDS,
+    ITEM_VECTORS,
+    ITEMS,
+    MEMORIES,
+    MEMORY_IDS,
+    MEMORY_VECTORS,
+    PROFILE_IDS,
+    PROFILE_VECTORS,
+    PROFILES,
+    RATINGS_TEST,
+    RATINGS_TRAIN,
+    RETRIEVED,
     RunFolder,
     atomic_path,
     atomic_write_json,
     atomic_write_parquet,
     file_sha256,
 )
+from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DELTA = 0.3
-INPUTS = ("items.parquet", "distill/profiles.parquet", "distill/memories.parquet")
+INPUTS = (ITEMS, PROFILES, MEMORIES)
 
 
 @dataclass
@@ -63,13 +78,13 @@ def memory_text_note() -> str:
 
 def load_memories(run: RunFolder) -> pd.DataFrame:
     """distill/memories.parquet, checked: one memory per (user, item), and only for train rows."""
-    path = run.path("distill/memories.parquet")
-    memories = run.read_table("distill/memories.parquet", columns=["user_id", "item_id", "explanation"])
+    path = run.path(MEMORIES)
+    memories = run.read_memories(columns=["user_id", "item_id", "explanation"])
     dup = memories.duplicated(["user_id", "item_id"])
     if dup.any():
         first = int(np.flatnonzero(dup.to_numpy())[0])
         raise DataError("duplicate memory for one (user_id, item_id)", path, line=first + 1)
-    train = run.read_table("ratings_train.parquet", columns=["user_id", "item_id"])
+    train = run.read_ratings("train", columns=["user_id", "item_id"])
     inside = pd.MultiIndex.from_frame(memories[["user_id", "item_id"]]).isin(
         pd.MultiIndex.from_frame(train[["user_id", "item_id"]])
     )
@@ -87,17 +102,17 @@ def compute_vectors(
     run: RunFolder, embedder, batch_size: int, cache: EmbeddingCache | None = None
 ) -> MemoryVectors:
     """Embed items, profiles and memories of a run (pure: writes nothing but the cache)."""
-    profiles = run.read_table("distill/profiles.parquet", columns=["user_id", "profile"])
+    profiles = run.read_profiles(columns=["user_id", "profile"])
     memories = load_memories(run)
-    items = run.read_table("items.parquet", columns=["item_id", "text"])
+    items = run.read_items(columns=["item_id", "text"])
     rated = pd.concat([query_rows(run)["item_id"], memories["item_id"]]).unique()
     items = items[items["item_id"].isin(rated)].reset_index(drop=True)  # only items a row or memory needs
     item_pos = pd.Index(items["item_id"]).get_indexer(memories["item_id"])
     if (item_pos < 0).any():
         first = int(np.flatnonzero(item_pos < 0)[0])
         raise DataError(
-            f"memory item_id {int(memories['item_id'].iloc[first])} is not in items.parquet",
-            run.path("distill/memories.parquet"),
+            f"memory item_id {int(memories['item_id'].iloc[first])} is not in {ITEMS}",
+            run.path(MEMORIES),
             line=first + 1,
         )
 
@@ -125,27 +140,26 @@ def _save_npy(path, array: np.ndarray) -> None:
 
 
 def save_vectors(run: RunFolder, vectors: MemoryVectors) -> None:
-    d = run.stage_dir("memory", create=True)
-    _save_npy(d / "item_vectors.npy", vectors.item_vectors)
-    atomic_write_parquet(pd.DataFrame({"item_id": vectors.item_ids}), d / "item_ids.parquet")
-    _save_npy(d / "profile_vectors.npy", vectors.profile_vectors)
-    atomic_write_parquet(pd.DataFrame({"user_id": vectors.profile_ids}), d / "profile_ids.parquet")
-    _save_npy(d / "memory_vectors.npy", vectors.memory_vectors)
-    atomic_write_parquet(vectors.memory_ids, d / "memory_ids.parquet")
+    run.stage_dir("memory", create=True)
+    _save_npy(run.path(ITEM_VECTORS), vectors.item_vectors)
+    atomic_write_parquet(pd.DataFrame({"item_id": vectors.item_ids}), run.path(ITEM_IDS))
+    _save_npy(run.path(PROFILE_VECTORS), vectors.profile_vectors)
+    atomic_write_parquet(pd.DataFrame({"user_id": vectors.profile_ids}), run.path(PROFILE_IDS))
+    _save_npy(run.path(MEMORY_VECTORS), vectors.memory_vectors)
+    atomic_write_parquet(vectors.memory_ids, run.path(MEMORY_IDS))
 
 
 def load_vectors(run: RunFolder) -> MemoryVectors:
-    d = run.memory_dir
-    meta = json.loads((d / "embeddings.json").read_text())
+    meta = run.read_embeddings_meta()
     return MemoryVectors(
         model=meta["model"],
         dim=int(meta["dim"]),
-        item_ids=pd.read_parquet(d / "item_ids.parquet")["item_id"].to_numpy(np.int64),
-        item_vectors=np.load(d / "item_vectors.npy"),
-        profile_ids=pd.read_parquet(d / "profile_ids.parquet")["user_id"].to_numpy(np.int64),
-        profile_vectors=np.load(d / "profile_vectors.npy"),
-        memory_ids=pd.read_parquet(d / "memory_ids.parquet"),
-        memory_vectors=np.load(d / "memory_vectors.npy"),
+        item_ids=run.read_table(ITEM_IDS)["item_id"].to_numpy(np.int64),
+        item_vectors=run.read_vectors(ITEM_VECTORS),
+        profile_ids=run.read_table(PROFILE_IDS)["user_id"].to_numpy(np.int64),
+        profile_vectors=run.read_vectors(PROFILE_VECTORS),
+        memory_ids=run.read_table(MEMORY_IDS),
+        memory_vectors=run.read_vectors(MEMORY_VECTORS),
     )
 
 
@@ -155,7 +169,7 @@ def _input_hashes(run: RunFolder) -> dict[str, str]:
 
 def warn_missing_users(run: RunFolder, relpath: str, stage: str, consequence: str) -> int:
     """WARNING with counts when ``relpath`` covers fewer users than ratings_train; returns how many miss."""
-    users = run.read_table("ratings_train.parquet", columns=["user_id"])["user_id"].nunique()
+    users = run.read_ratings("train", columns=["user_id"])["user_id"].nunique()
     covered = run.read_table(relpath, columns=["user_id"])["user_id"].nunique()
     missing = users - covered
     if missing > 0:
@@ -165,23 +179,23 @@ def warn_missing_users(run: RunFolder, relpath: str, stage: str, consequence: st
 
 
 def vectors_are_current(run: RunFolder, backend: str, model: str) -> bool:
-    meta_path = run.path("memory/embeddings.json")
+    meta_path = run.path(EMBEDDINGS_META)
     if not meta_path.is_file():
         return False
     meta = json.loads(meta_path.read_text())
-    files = ("item_vectors.npy", "profile_vectors.npy", "memory_vectors.npy")
+    files = (ITEM_VECTORS, PROFILE_VECTORS, MEMORY_VECTORS)
     return (
         meta.get("backend") == backend
         and meta.get("model") == model
         and meta.get("inputs") == _input_hashes(run)
-        and all((run.memory_dir / f).is_file() for f in files)
+        and all(run.path(f).is_file() for f in files)
     )
 
 
 def query_rows(run: RunFolder) -> pd.DataFrame:
     """Every train and test row: split, user_id, item_id."""
-    train = run.read_table("ratings_train.parquet", columns=["user_id", "item_id"]).assign(split="train")
-    test = run.read_table("ratings_test.parquet", columns=["user_id", "item_id"]).assign(split="test")
+    train = run.read_ratings("train", columns=["user_id", "item_id"]).assign(split="train")
+    test = run.read_ratings("test", columns=["user_id", "item_id"]).assign(split="test")
     return pd.concat([train, test], ignore_index=True)[["split", "user_id", "item_id"]]
 
 
@@ -210,27 +224,24 @@ def run_embed(
     model = model or DEFAULT_MODELS[backend]
     batch_size = batch_size or DEFAULT_BATCH_SIZES[backend]
     run = RunFolder(run_dir)
-    run.require(
-        "ratings_train.parquet", "ratings_test.parquet", "items.parquet",
-        "distill/profiles.parquet", "distill/memories.parquet",
-    )
+    run.require(RATINGS_TRAIN, RATINGS_TEST, ITEMS, PROFILES, MEMORIES)
     params = {"backend": backend, "model": model, "query": query, "k": k, "delta": delta, "batch_size": batch_size}
-    inputs = run.checksums("ratings_train.parquet", "ratings_test.parquet", *INPUTS)
+    inputs = run.checksums(RATINGS_TRAIN, RATINGS_TEST, *INPUTS)
     record = run.stage_record("embed") or {}
     if (not force and {key: record.get("params", {}).get(key) for key in params} == params
-            and record.get("inputs") == inputs and run.path("memory/retrieved.parquet").is_file()
+            and record.get("inputs") == inputs and run.path(RETRIEVED).is_file()
             and vectors_are_current(run, backend, model)):
         log.info("embed is finished with the same options and inputs: skipped (nothing written)")
         return record["counts"]
-    warn_missing_users(run, "distill/profiles.parquet", "distill", "they get no memories and no persona")
+    warn_missing_users(run, PROFILES, "distill", "they get no memories and no persona")
     if not force and vectors_are_current(run, backend, model):
         log.info("vectors for %s/%s are up to date in %s; re-running retrieval only", backend, model, run.memory_dir)
         vectors = load_vectors(run)
     else:
         # embeddings.json marks a complete set of vectors: drop it before any vector changes.
-        run.path("memory/embeddings.json").unlink(missing_ok=True)
+        run.path(EMBEDDINGS_META).unlink(missing_ok=True)
         embedder = build_embedder(backend, model, **(embedder_kwargs or {}))
-        cache = EmbeddingCache(run.path("memory/embeddings.sqlite")) if backend != "hash" else None
+        cache = EmbeddingCache(run.path(EMBEDDINGS_CACHE)) if backend != "hash" else None
         try:
             vectors = compute_vectors(run, embedder, batch_size, cache)
         finally:
@@ -243,7 +254,7 @@ def run_embed(
         rows, vectors.memory_ids, vectors.memory_vectors, vectors.item_ids, vectors.item_vectors,
         k=k, delta=delta, query=query, profile_ids=vectors.profile_ids, profile_vectors=vectors.profile_vectors,
     )
-    atomic_write_parquet(retrieved, run.path("memory/retrieved.parquet"))
+    atomic_write_parquet(retrieved, run.path(RETRIEVED))
 
     with_memory = retrieved[retrieved["rank"] == 0].groupby("split").size()
     per_split = rows.groupby("split").size()
@@ -258,7 +269,7 @@ def run_embed(
         "vectors": memory_text_note(),
         "inputs": _input_hashes(run),
     }
-    atomic_write_json(run.path("memory/embeddings.json"), meta)
+    atomic_write_json(run.path(EMBEDDINGS_META), meta)
     summary = {
         "n_items": len(vectors.item_ids),
         "n_profiles": len(vectors.profile_ids),
@@ -276,34 +287,43 @@ def run_embed(
     return summary
 
 
+@dataclass
+class EmbedConfig:
+    """The `embed` stage's options (its CLI arguments are generated from them)."""
+
+    backend: str = field(default="local", metadata={"choices": BACKENDS, "help": "embedding backend"})
+    model: str | None = field(default=None, metadata={"help": f"embedding model (defaults: {DEFAULT_MODELS})"})
+    k: int = field(default=1, metadata={"help": "memories retrieved per row (top-k)"})
+    delta: float = field(default=DEFAULT_DELTA, metadata={"help": "minimum cosine similarity"})
+    query: str = field(default="user+item", metadata={"choices": QUERY_FORMS, "help": "what the query embeds"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": f"texts per request (defaults: {DEFAULT_BATCH_SIZES})"})
+    base_url: str | None = field(default=None, metadata={
+        "help": "openai backend: endpoint (default $OPENAI_BASE_URL)"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "openai backend: environment variable holding the key"})
+    device: str = field(default="cpu", metadata={"help": "local backend: torch device"})
+    force: bool = field(default=False, metadata={"flag": "--force", "help": "recompute vectors even if current ones exist"})
+
+    def embedder_kwargs(self) -> dict:
+        """The backend's own settings (the API key read from ``api_key_env``)."""
+        if self.backend == "openai":
+            return {"base_url": self.base_url, "api_key": os.environ.get(self.api_key_env)}
+        return {"device": self.device} if self.backend == "local" else {}
+
+
+def run(run: RunFolder, cfg: EmbedConfig) -> dict:
+    """The `embed` stage: vectors and retrieved memories; returns the summary recorded in the manifest."""
+    return run_embed(run.root, backend=cfg.backend, model=cfg.model, k=cfg.k, delta=cfg.delta, query=cfg.query,
+                     batch_size=cfg.batch_size, force=cfg.force, embedder_kwargs=cfg.embedder_kwargs())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder")
-    parser.add_argument("--backend", choices=BACKENDS, default="local", help="embedding backend")
-    parser.add_argument("--model", default=None, help=f"embedding model (defaults: {DEFAULT_MODELS})")
-    parser.add_argument("--k", type=int, default=1, help="memories retrieved per row (top-k)")
-    parser.add_argument("--delta", type=float, default=DEFAULT_DELTA, help="minimum cosine similarity")
-    parser.add_argument("--query", choices=QUERY_FORMS, default="user+item", help="what the query embeds")
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help=f"texts per request (defaults: {DEFAULT_BATCH_SIZES})"
-    )
-    parser.add_argument("--base-url", default=None, help="openai backend: endpoint (default $OPENAI_BASE_URL)")
-    parser.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY", help="openai backend: environment variable holding the key"
-    )
-    parser.add_argument("--device", default="cpu", help="local backend: torch device")
-    parser.add_argument("--force", action="store_true", help="recompute vectors even if current ones exist")
+    add_config_arguments(parser, EmbedConfig, type_metavars=False)
 
 
 def main(args: argparse.Namespace) -> int:
-    kwargs = {}
-    if args.backend == "openai":
-        kwargs["base_url"] = args.base_url
-        kwargs["api_key"] = os.environ.get(args.api_key_env)
-    if args.backend == "local":
-        kwargs["device"] = args.device
-    summary = run_embed(
-        args.run, backend=args.backend, model=args.model, k=args.k, delta=args.delta, query=args.query,
-        batch_size=args.batch_size, force=args.force, embedder_kwargs=kwargs,
-    )
+    summary = run(RunFolder(args.run), config_from_args(EmbedConfig, args))
     print(json.dumps(summary, indent=2))
     return 0

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from persona_tune.runfolder import RunFolder, atomic_path
+from persona_tune.runfolder import METRICS, RunFolder, atomic_path
 
 
 def _num(m: dict | None, digits: int = 3) -> str:
@@ -108,7 +108,7 @@ def plot_ndcg(metrics: dict, path: Path) -> Path | None:
 
 def simulation_section(run: RunFolder, plots_dir: Path) -> tuple[list[str], dict[str, Path]]:
     """Markdown lines of the Simulation section (empty without RUN/simulate/*/metrics.json) and its plots."""
-    files = sorted(run.simulate_dir.glob("*/metrics.json")) if run.simulate_dir.is_dir() else []
+    files = sorted(run.simulate_dir.glob(f"*/{METRICS}")) if run.simulate_dir.is_dir() else []
     md, plots = [], {}
     for path in files:
         metrics = json.loads(path.read_text())

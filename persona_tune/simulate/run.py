@@ -29,11 +29,15 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from persona_tune.errors import ConfigError
+from persona_tune.names import FAMILIES, MEMORY_MODES
 from persona_tune.runfolder import (
     ASSIGNMENTS,
     EMBEDDINGS_META,
+    ITEMS,
     MEMORIES,
     PROFILES,
+    RATINGS_TEST,
+    RATINGS_TRAIN,
     RunFolder,
     SimulationFolder,
     atomic_write_json,
@@ -52,7 +56,7 @@ log = logging.getLogger(__name__)
 CLASSICAL = "classical"  # the simulator name of the bias-baseline rater
 SCORE_COLUMNS = ["user_id", "item_id", "persona", "expected_rating", "p_like", *PROB_COLUMNS, "rating_mass",
                  "n_prompt_tokens"]
-FAMILY_CHOICES = ("phi3", "smollm2", "tiny")
+FAMILY_CHOICES = FAMILIES
 
 
 @dataclass
@@ -66,7 +70,7 @@ class SimulateConfig:
     family: str | None = field(default=None, metadata={
         "choices": FAMILY_CHOICES, "help": "model family (None: the one `persona-tune configs` recorded)"})
     memory: str = field(default="ms+ml", metadata={
-        "choices": ("ms", "ms+ml", "ml"), "help": "memory mode of `prompted` (adapters use their training memory)"})
+        "choices": MEMORY_MODES, "help": "memory mode of `prompted` (adapters use their training memory)"})
     k: int = field(default=10, metadata={"help": "slate length of the reference top-k slates and of nDCG@k"})
     candidates: int = field(default=20, metadata={
         "help": "held-out test items per user to probe and re-rank (a seeded sample; 0 = all)"})
@@ -172,13 +176,13 @@ def agent_fingerprint(run: RunFolder, eval_cfg) -> str:
     adapter_dir = eval_cfg.adapter_dir
     if adapter_dir:
         personas = ([-1] if "{persona}" not in str(adapter_dir)
-                    else sorted(pd.read_parquet(run.path(ASSIGNMENTS))["persona"].unique().tolist()))
+                    else sorted(run.read_assignments(columns=["persona"])["persona"].unique().tolist()))
         for p in personas:
             path = adapter_path(adapter_dir, int(p), eval_cfg.get("adapter_epoch"))
             adapters[str(p)] = file_sha256(path)
     spec["adapter_sha256"] = adapters
-    spec["inputs"] = {f: file_sha256(run.path(f)) for f in ("items.parquet", "ratings_train.parquet", PROFILES,
-                                                                MEMORIES, EMBEDDINGS_META, ASSIGNMENTS)
+    spec["inputs"] = {f: file_sha256(run.path(f)) for f in (ITEMS, RATINGS_TRAIN, PROFILES, MEMORIES,
+                                                                EMBEDDINGS_META, ASSIGNMENTS)
                       if run.path(f).is_file()}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -271,10 +275,10 @@ def _score_missing(run, sim, cfg, eval_cfg, fingerprint, todo) -> dict:
 def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
     """Rate every recs and probe row with the agent and the classical simulator; write RUN/simulate/<name>/."""
     cfg.validate()
-    run.require("ratings_train.parquet", "ratings_test.parquet", "items.parquet")
-    train = run.read_table("ratings_train.parquet")
-    test = run.read_table("ratings_test.parquet")
-    items = run.read_table("items.parquet", columns=["item_id", "hist_avg", "hist_count"])
+    run.require(RATINGS_TRAIN, RATINGS_TEST, ITEMS)
+    train = run.read_ratings("train")
+    test = run.read_ratings("test")
+    items = run.read_items(columns=["item_id", "hist_avg", "hist_count"])
     item_ids = np.sort(items["item_id"].to_numpy())
     train_users = np.sort(train["user_id"].unique())
 
