@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eval import load_model, make_run, timed  # noqa: E402
 
-from persona_tune.datasets import FitToLength  # noqa: E402
+from persona_tune.prompts import FitToLength  # noqa: E402
 from persona_tune.evaluation.predict import answer_tokens, encode_prompt  # noqa: E402
 from persona_tune.prompts import load_prompt_rows  # noqa: E402
 from persona_tune.trunk import (  # noqa: E402

@@ -22,25 +22,15 @@ counts. Works with any torchtune ModelTokenizer (Phi-3, Llama 3.2 / SmolLM2, the
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Mapping
 
-from torchtune.data import Message
 from torchtune.datasets import PackedDataset, SFTDataset
 from torchtune.datasets._sft import SFTTransform
 from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from persona_tune.errors import ConfigError
-from persona_tune.prompts import PromptParts, fit_to_length, load_prompt_rows, render_messages
-
-
-def persona_messages(parts: PromptParts, rating: int, train_on_input: bool = False) -> list[Message]:
-    """The row's messages; with ``train_on_input`` the system and user turns are trained on too."""
-    messages = render_messages(parts, rating)
-    if train_on_input:
-        messages = [Message(role=m.role, content=m.content, masked=False) for m in messages]
-    return messages
+from persona_tune.prompts import FitToLength, load_prompt_rows, persona_messages
 
 
 class PersonaMessages(Transform):
@@ -52,32 +42,6 @@ class PersonaMessages(Transform):
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
         parts, rating = sample["parts"], int(sample["rating"])
         return {"messages": persona_messages(parts, rating, self.train_on_input), "parts": parts, "rating": rating}
-
-
-class FitToLength(Transform):
-    """Model transform: tokenize with ``tokenizer``; a prompt over ``max_seq_len`` is shrunk first.
-
-    Tokenizes once with a non-truncating copy of the tokenizer; only prompts that do not fit are
-    re-rendered (prompts.fit_to_length) and tokenized again.
-    """
-
-    def __init__(self, tokenizer: ModelTokenizer, max_seq_len: int | None, train_on_input: bool = False):
-        self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
-        self.train_on_input = train_on_input
-        self._untruncated = copy.copy(tokenizer)
-        self._untruncated.max_seq_len = None
-
-    def _tokenize(self, parts: PromptParts, rating: int) -> dict[str, Any]:
-        return self._untruncated({"messages": persona_messages(parts, rating, self.train_on_input)})
-
-    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
-        parts, rating = sample["parts"], sample["rating"]
-        out = self._untruncated({"messages": sample["messages"]})
-        if self.max_seq_len is not None and len(out["tokens"]) > self.max_seq_len:
-            parts = fit_to_length(parts, lambda p: len(self._tokenize(p, rating)["tokens"]), self.max_seq_len)
-            out = self._tokenize(parts, rating)
-        return {"tokens": out["tokens"], "mask": out["mask"]}
 
 
 class PersonaSFTDataset(SFTDataset):

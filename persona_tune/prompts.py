@@ -9,7 +9,8 @@ compact template: the same facts (trait levels, the profile, the memories, the i
 state_numbers (either template): a line just before the answer states the item's historical average
   and the user's offset from it (mean of rating - hist_avg over the user's train rows).
 
-Length policy (fit_to_length): boilerplate goes before facts. A prompt over the budget first loses
+Length policy (fit_to_length; FitToLength applies it with a model's tokenizer for training,
+evaluation and the frozen-trunk cache alike): boilerplate goes before facts. A prompt over the budget first loses
 the preambles and the long task wording, then memories (last first), then the end of the profile,
 and the trait levels last; the task, the item and the stated numbers are never cut.
 
@@ -19,13 +20,16 @@ prompts are the same text.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from torchtune.data import Message
+from torchtune.modules.transforms import Transform
+from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from persona_tune.errors import ConfigError
 from persona_tune.names import PROFILE_MEMORIES, RETRIEVED_MEMORIES, check_memory_mode
@@ -189,6 +193,40 @@ def fit_to_length(
             f"the task and item text alone need {count_tokens(parts)} tokens, more than max_seq_len={max_tokens}"
         )
     return parts
+
+
+def persona_messages(parts: PromptParts, rating: int, train_on_input: bool = False) -> list[Message]:
+    """The row's messages; with ``train_on_input`` the system and user turns are trained on too."""
+    messages = render_messages(parts, rating)
+    if train_on_input:
+        messages = [Message(role=m.role, content=m.content, masked=False) for m in messages]
+    return messages
+
+
+class FitToLength(Transform):
+    """Model transform: tokenize with ``tokenizer``; a prompt over ``max_seq_len`` is shrunk first.
+
+    Tokenizes once with a non-truncating copy of the tokenizer; only prompts that do not fit are
+    re-rendered (prompts.fit_to_length) and tokenized again.
+    """
+
+    def __init__(self, tokenizer: ModelTokenizer, max_seq_len: int | None, train_on_input: bool = False):
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.train_on_input = train_on_input
+        self._untruncated = copy.copy(tokenizer)
+        self._untruncated.max_seq_len = None
+
+    def _tokenize(self, parts: PromptParts, rating: int) -> dict[str, Any]:
+        return self._untruncated({"messages": persona_messages(parts, rating, self.train_on_input)})
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]:
+        parts, rating = sample["parts"], sample["rating"]
+        out = self._untruncated({"messages": sample["messages"]})
+        if self.max_seq_len is not None and len(out["tokens"]) > self.max_seq_len:
+            parts = fit_to_length(parts, lambda p: len(self._tokenize(p, rating)["tokens"]), self.max_seq_len)
+            out = self._tokenize(parts, rating)
+        return {"tokens": out["tokens"], "mask": out["mask"]}
 
 
 def subsample_per_user(rows: pd.DataFrame, target: int, seed: int = 0) -> pd.DataFrame:

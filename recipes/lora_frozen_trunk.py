@@ -42,7 +42,7 @@ from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_params
 from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 
-from persona_tune.datasets import FitToLength
+from persona_tune.prompts import FitToLength
 from persona_tune.errors import PersonaTuneError
 from persona_tune.evaluation.predict import (
     PROB_COLUMNS,

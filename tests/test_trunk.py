@@ -9,12 +9,11 @@ import torch
 from omegaconf import OmegaConf
 from torchtune import config, training
 
-from persona_tune.datasets import FitToLength
 from persona_tune.errors import ConfigError
 from persona_tune.evaluation import predict
 from persona_tune.evaluation.metrics import paired_rmse_diff
 from persona_tune.evaluation.predict import answer_tokens, encode_prompt
-from persona_tune.prompts import load_prompt_rows
+from persona_tune.prompts import FitToLength, load_prompt_rows
 from persona_tune.trunk import (
     HeadedOutput,
     RatingHead,

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from persona_tune.datasets import FitToLength
+from persona_tune.prompts import FitToLength
 from persona_tune.errors import ConfigError
 from persona_tune.prompts import PromptParts, render_messages
 
@@ -74,7 +74,7 @@ def answer_tokens(tokenizer) -> AnswerTokens:
 def encode_prompt(fit: FitToLength, parts: PromptParts, answer: AnswerTokens) -> list[int]:
     """The row's prompt tokens (up to the answer), shrunk to the length limit as training's rows are.
 
-    ``fit`` is the training dataset's model transform (persona_tune.datasets.FitToLength).
+    ``fit`` is the training dataset's model transform (persona_tune.prompts.FitToLength).
     """
     def tokens_for(rating: int) -> list[int]:
         sample = {"messages": render_messages(parts, rating=rating), "parts": parts, "rating": rating}

@@ -35,7 +35,7 @@ import torch
 from torchtune.generation import sample as tt_sample
 from tqdm.auto import tqdm
 
-from persona_tune.datasets import FitToLength
+from persona_tune.prompts import FitToLength
 from persona_tune.evaluation.engine import (  # noqa: F401 (the engine's public names, also from here)
     PROB_COLUMNS,
     RATING_VALUES,
