@@ -128,26 +128,22 @@ class TrunkCache:
                 new = {h: t for h, t in wanted.items() if h not in shard["rows"]}
             else:
                 shard, new = None, everything
+            kv = None  # the prefix's K/V in the lower layers, for this user's suffixes
             if shard is None:
                 prefix = next(iter(everything.values()))[:prefix_len]
                 hidden: list[torch.Tensor] = []
                 kv = prefill_prefix(model, prefix, device, n_layers=split, hidden=hidden) if prefix_len else None
                 shard = {"prefix_tokens": list(prefix), "rows": {},
                          "prefix": (hidden[0] if hidden else torch.zeros(0, model.norm.scale.shape[0])).to(self.dtype).cpu()}
-                shard["_kv"] = kv
-                tokens_run += prefix_len
             elif prefix_len:
                 kv = prefill_prefix(model, shard["prefix_tokens"], device, n_layers=split)
-                shard["_kv"] = kv
-                tokens_run += prefix_len
-            else:
-                shard["_kv"] = None
+            tokens_run += prefix_len
             suffixes = [t[prefix_len:] for t in new.values()]
             hashes = list(new)
             _, batches = plan_batches(suffixes, [0] * len(suffixes), batch_size, token_budget, share_prefix=False)
             for batch in batches:
                 try:
-                    out = run_suffixes(model, [shard["_kv"]] * len(batch.rows), batch.suffixes, 0, device, split)
+                    out = run_suffixes(model, [kv] * len(batch.rows), batch.suffixes, 0, device, split)
                     for b, r in enumerate(batch.rows):
                         shard["rows"][hashes[r]] = (suffixes[r], out.h[b, : len(suffixes[r])].to(self.dtype).cpu())
                     tokens_run += out.h.shape[0] * out.h.shape[1]
@@ -155,7 +151,6 @@ class TrunkCache:
                     _delete_caches(model)
                 bar.update(len(batch.rows))
             computed += len(new)
-            del shard["_kv"]
             with atomic_path(self._path(user)) as tmp:
                 torch.save(shard, tmp)
             self._shards[user] = shard
