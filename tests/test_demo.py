@@ -35,7 +35,7 @@ def train_table(stdout: str) -> dict[str, str]:
 def _demo(run, *extra, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "persona_tune.cli", "demo", "--run", str(run), "--embedder", "hash",
+        [sys.executable, "-m", "persona_tune.cli", "demo", "--run", str(run), "--model", "tiny", "--path", "stock", "--embedder", "hash",
          "--n-users", "10", "--k", "2", "--max-steps", "3", "--eval-rows", "8", *extra],
         capture_output=True, text=True, timeout=1200, env=env,
     )

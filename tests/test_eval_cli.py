@@ -121,3 +121,27 @@ def test_grid_cells_end_to_end(tmp_path, capsys, monkeypatch):
     second = capsys.readouterr().out
     assert "train single_max-ms: skipped" in second and "eval  prompted-msml: skipped" in second
     assert "eval  single_max-ms: skipped" in second
+
+
+def test_trunk_grid_configs_sizes_and_the_untrained_base(eval_run):
+    """`grid --path trunk --train-rows N`: each variant's rows; the prompted cell ignores training and head
+    overrides; a trunk persona cell's eval config points at its per-persona adapters."""
+    from persona_tune.evaluation.grid import trunk_prefix, write_trunk_configs
+    from persona_tune.configgen import persona_sizes
+
+    run, tiny = eval_run
+    sizes = persona_sizes(RunFolder(run)).set_index("persona")["n_train_rows"]
+    total = int(sizes.sum())
+    names = write_trunk_configs(RunFolder(run), "tiny", ["prompted-ms", "persona_0-ms", "single_min-ms", "single_max-ms"],
+                                trunk_prefix("t"), [f"model_dir={tiny / 'model'}", "head.prior=stated", "epochs=3"], "60")
+    assert names == ["trunk-t-prompted-ms", "trunk-t-persona_0-ms", "trunk-t-single_min-ms", "trunk-t-single_max-ms"]
+    cfgs = {n: OmegaConf.load(run / "configs" / f"{n}.yaml") for n in names}
+    assert (cfgs["trunk-t-single_max-ms"].subsample, cfgs["trunk-t-single_max-ms"].persona) == (60, None)
+    assert cfgs["trunk-t-single_min-ms"].subsample == round(60 * int(sizes.min()) / total) < 60
+    assert (cfgs["trunk-t-persona_0-ms"].subsample, cfgs["trunk-t-persona_0-ms"].persona) == (60, 0)
+    assert cfgs["trunk-t-single_max-ms"].head.prior == "stated" and cfgs["trunk-t-single_max-ms"].epochs == 3
+    prompted = cfgs["trunk-t-prompted-ms"]
+    assert (prompted.epochs, prompted.head.init, prompted.head.prior) == (0, "none", "none")
+    assert prompted.model_dir == str(tiny / "model")  # the other overrides still apply
+    cfg = build_eval_config(RunFolder(run), "trunk-t-persona-ms", "tiny", "ms+ml", "scoring")
+    assert cfg.adapter_dir == str(run / "adapters" / "trunk-t-persona_{persona}-ms") and cfg.memory == "ms"

@@ -111,6 +111,9 @@ def write_grid_configs(run: RunFolder, family: str, overrides: list[str] = ()) -
     return names
 
 
+UNTRAINED_KEYS = ("epochs", "head")  # top-level config keys a `prompted-<tag>` trunk cell ignores
+
+
 def trunk_prefix(label: str | None) -> str:
     return f"trunk-{label}-" if label else "trunk-"
 
@@ -119,18 +122,25 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
                         train_rows: str | None = None) -> list[str]:
     """RUN/configs/<prefix><variant>-<tag>.yaml for the frozen-trunk recipe; `prompted-<tag>` is the
     base model (no training, no head). ``train_rows``: "all" (every training row of the variant's
-    users) or N (N rows drawn over all users; persona_k trains on its users' share of those N rows);
-    None: the paper's sizes. A config whose text changed is rewritten and its adapter's
+    users) or N (N rows drawn over all users: persona_k trains on its users' share of those N rows,
+    θ_single(max) on all N, θ_single(min) on as many as the smallest persona's share, drawn over all
+    users); None: the paper's sizes. A config whose text changed is rewritten and its adapter's
     train_summary.json removed, so `train` redoes it."""
     templates = template_dir(family, "trunk")
     parsed = parse_overrides(list(overrides))
     sizes = persona_sizes(run)
     variants = plan_variants(sizes)
     total = int(sizes["n_train_rows"].sum())
-    for spec in variants.values():
+    smallest = int(sizes["n_train_rows"].min())
+    for variant_name, spec in variants.items():
+        if train_rows is None:
+            continue
         if train_rows == "all":
             spec.update(subsample=None, n_train_rows=total if spec["persona"] is None else spec["n_train_rows"])
-        elif train_rows is not None:  # the trunk recipe draws subsample rows over all users, then the persona's
+        elif variant_name == "single_min":  # as many rows as the smallest persona's share, drawn over all users
+            share = round(int(train_rows) * smallest / total)
+            spec.update(subsample=share, n_train_rows=share)
+        else:  # the trunk recipe draws subsample rows over all users, then the persona's
             share = int(train_rows) if spec["persona"] is None else round(int(train_rows) * spec["n_train_rows"] / total)
             spec.update(subsample=int(train_rows), n_train_rows=share)
     written = []
@@ -139,8 +149,11 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
         spec = {"persona": None, "subsample": None, "n_train_rows": 0} if base == "prompted" else variants[base]
         template = templates / (f"{base}.yaml" if (templates / f"{base}.yaml").is_file() else "persona_0.yaml")
         variant = f"{prefix}{name}"
-        untrained = {"epochs": 0, "head.init": "none"} if base == "prompted" else {}  # the base model, no head
-        text = variant_config_text(run, variant, template, spec, MEMORY_TAGS[tag], parsed, untrained)
+        untrained = {"epochs": 0, "head.init": "none", "head.prior": "none"} if base == "prompted" else {}
+        # The base model (no training, no head) takes every override but those of training and the head.
+        cell_overrides = [o for o in parsed if o.lstrip("~").partition("=")[0].split(".")[0] not in UNTRAINED_KEYS] \
+            if base == "prompted" else parsed
+        text = variant_config_text(run, variant, template, spec, MEMORY_TAGS[tag], cell_overrides, untrained)
         header = (f"# {variant}: written by `persona-tune grid --path trunk` from {family}_trunk/{template.stem}"
                   f" ({spec['n_train_rows']} training rows).\n# Run: tune run lora_frozen_trunk --config "
                   f"{run.config_file(variant)}\n")
@@ -266,7 +279,8 @@ class GridConfig:
         "help": "(--path trunk) name for this set of --train-set overrides: cells become trunk-LABEL-<cell>"})
     train_rows: str | None = field(default=None, metadata={
         "metavar": "N|all", "help": "(--path trunk) training rows: N drawn over all users (each persona: its users' "
-                                    "share of them), or all; default: the paper's sizes"})
+                                    "share of them; single_max: all N; single_min: the smallest persona's share), "
+                                    "or all; default: the paper's sizes"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
     train_overrides: tuple[str, ...] = field(default=(), metadata={
         "flag": "--train-set", "append": True, "metavar": "KEY=VALUE",

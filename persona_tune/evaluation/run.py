@@ -90,12 +90,14 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
         if train_file is not None:
             _copy_model(cfg, OmegaConf.load(train_file))
     else:
-        train_name = f"persona_0{suffix}" if base == "persona" else variant
+        per_persona = base == "persona" or base.endswith("-persona")  # persona-ms, trunk-LABEL-persona-ms
+        train_name = f"{base}_0{suffix}" if per_persona else variant
         train_file = run.config_file(train_name)
         if not train_file.is_file():
             raise StageMissingError(f"{train_file} is missing: write it with `persona-tune configs` (or `grid`) and train it")
         train_cfg = OmegaConf.load(train_file)
-        cfg.adapter_dir = str(run.adapters_dir / (f"persona_{{persona}}{suffix}" if base == "persona" else check_name(variant)))
+        cfg.adapter_dir = str(run.adapters_dir / (f"{check_name(base)}_{{persona}}{suffix}" if per_persona
+                                                  else check_name(variant)))
         cfg.memory = train_cfg.memory
         for key in ("prompt_template", "state_numbers"):  # top level (trunk configs) or the dataset's
             value = train_cfg.get(key, train_cfg.get("dataset", {}).get(key))
