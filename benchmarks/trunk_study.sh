@@ -7,7 +7,7 @@
 set -euo pipefail
 RUN=${1:-runs/ml1m}
 shift || true
-STAGES=${*:-"main ablations inputs layers more report"}
+STAGES=${*:-"main ablations inputs memory layers more report"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 GRID=(persona-tune grid --run "$RUN" --family smollm2 --path trunk --n-boot 1000)
 # Every cell scores the same 2,000 test rows (eval.max_rows, drawn over all users with eval.seed 0).
@@ -38,16 +38,20 @@ ablations)
   "${GRID[@]}" --label n1000-zerohead --train-rows 1000 --cells single_max-ms --train-set head.init=zero
   ;;
 inputs)
-  # At 1,000 rows with the prior head: persona vs single (theta_single(min)), memory (M_s + M_l) and the
-  # paper's prompt template. Same trunk cache folder as main (rows keyed by their prompt tokens).
-  "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_min-ms,single_max-msml \
-      --train-set head.prior=stated
+  # At 1,000 rows with the prior head: theta_single(min) (persona vs single) and the paper's prompt
+  # template. Same trunk cache folder as main (rows keyed by their prompt tokens).
+  "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_min-ms --train-set head.prior=stated
   "${GRID[@]}" --label n1000-prior-paper --train-rows 1000 --cells single_max-ms --train-set head.prior=stated \
       --train-set prompt_template=paper
   ;;
+memory)
+  # Memory: M_s + the top-4 retrieved explanations M_l, at 1,000 rows with the prior head.
+  "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_max-msml --train-set head.prior=stated
+  ;;
 layers)
-  # Adapted layers: the top 8 of 30 (the cache splits at layer 22: its own cache folder, so this stage
-  # can run beside the others).
+  # Adapted layers: the top 8 of 30 (the cache splits at layer 22: a cache folder of its own). One
+  # training process per run folder: to run this beside the other stages, use a copy of the run folder
+  # and copy RUN/eval/trunk-n1000-prior-l8-single_max-ms back before `report`.
   "${GRID[@]}" --label n1000-prior-l8 --train-rows 1000 --cells single_max-ms --train-set head.prior=stated \
       --train-set adapted_layers=8
   ;;

@@ -118,7 +118,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     # The trunk path's agents run all 30 SmolLM2 layers per slate row: rank held-out items only, 1:1 probes.
     quick = ["--no-topk", "--negatives", "1"] if args.path == "trunk" else []
     stage("simulate", ["--run", str(run.root), "--variant", agents, "--family", args.model,
-                       "--users", str(args.sim_users), "--candidates", "10", "--n-boot", "200", "--no-progress",
+                       "--users", str(args.sim_users or (4 if args.path == "trunk" else 6)), "--candidates", "10", "--n-boot", "200", "--no-progress",
                        *quick, "--", *models])
     stage("report", ["--run", str(run.root)])
     return run.root
@@ -138,7 +138,7 @@ def train_and_score_stock(run: RunFolder, args: argparse.Namespace, models: list
 
 def train_and_score_trunk(run: RunFolder, args: argparse.Namespace, models: list[str]) -> str:
     """The frozen-trunk path: every cell trained and scored by `grid --path trunk`; returns the agents' variant."""
-    settings = ["head.prior=stated", f"eval.max_rows={args.eval_rows or 300}", *models,
+    settings = ["head.prior=stated", f"eval.max_rows={args.eval_rows or 200}", *models,
                 *([f"epochs={args.epochs}"] if args.epochs else [])]
     stage("grid", ["--run", str(run.root), "--family", args.model, "--path", "trunk", "--label", DEMO_LABEL,
                    "--train-rows", str(args.train_rows), "--cells", "prompted-ms,persona-ms,single_min-ms,single_max-ms",
@@ -163,13 +163,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", default="auto", help="personas: a number or 'auto' (elbow)")
     parser.add_argument("--k-max", type=int, default=6, help="largest K the elbow tries")
     parser.add_argument("--max-steps", type=int, default=60, help="(stock) optimizer steps per epoch per adapter")
-    parser.add_argument("--train-rows", type=int, default=400,
+    parser.add_argument("--train-rows", type=int, default=200,
                         help="(trunk) training rows drawn over all users; each persona trains on its users' share")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per adapter (default: stock 1, trunk 2)")
     parser.add_argument("--eval-rows", type=int, default=None,
-                        help="test rows scored: stock, per persona (default 60); trunk, drawn over all users (300)")
-    parser.add_argument("--sim-users", type=int, default=6,
-                        help="users whose slates `persona-tune simulate` rates (8 reference recommenders)")
+                        help="test rows scored: stock, per persona (default 60); trunk, drawn over all users (200)")
+    parser.add_argument("--sim-users", type=int, default=None,
+                        help="users whose slates `persona-tune simulate` rates (8 reference recommenders; "
+                             "default: stock 6, trunk 4)")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -32,10 +32,11 @@ def train_table(stdout: str) -> dict[str, str]:
             if line.startswith(("persona_", "single_")) and len(line.split()) > 1}
 
 
-def _demo(run, *extra, env=None):
+def _demo(run, *extra, env=None, path="stock"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "persona_tune.cli", "demo", "--run", str(run), "--model", "tiny", "--path", "stock", "--embedder", "hash",
+        [sys.executable, "-m", "persona_tune.cli", "demo", "--run", str(run), "--model", "tiny", "--path", path,
+         "--embedder", "hash",
          "--n-users", "10", "--k", "2", "--max-steps", "3", "--eval-rows", "8", *extra],
         capture_output=True, text=True, timeout=1200, env=env,
     )
@@ -88,6 +89,31 @@ def test_demo_runs_every_stage_prints_the_table_and_resumes(tmp_path):
     statuses = train_table(second.stdout)
     assert set(statuses) == expected  # the table is there and parsed, so the next line cannot pass vacuously
     assert "trained" not in statuses.values(), statuses
+
+
+def test_demo_on_the_frozen_trunk_path_trains_scores_simulates_and_resumes(tmp_path):
+    """`make demo`'s path (`--path trunk`, here on the tiny model): every cell by `grid --path trunk`, the
+    persona agents (top layers + rating head) in simulate, the report; a second run trains nothing."""
+    run = tmp_path / "demo"
+    first = _demo(run, "--n-users", "8", "--k", "2", "--train-rows", "40", "--eval-rows", "24", "--sim-users", "2",
+                  path="trunk")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    cells = {c["name"]: c for c in json.loads((run / "eval" / "results.json").read_text())["cells"]}
+    assert set(cells) == {f"trunk-demo-{c}-ms" for c in ("prompted", "persona", "single_min", "single_max")}
+    assert all(c["rows"] == 24 and set(c["paired"]) == {"global_mean", "user_mean", "item_mean", "bias"}
+               for c in cells.values())
+    for k in (0, 1):  # one adapter and rating head per persona, read back by simulate
+        assert (run / "adapters" / f"trunk-demo-persona_{k}-ms" / "epoch_1" / "rating_head.pt").is_file()
+    summary = json.loads((run / "adapters" / "trunk-demo-single_min-ms" / "trunk_summary.json").read_text())
+    assert 0 < summary["train_rows"] < 40  # the smallest persona's share of the 40 rows
+    sim = json.loads((run / "simulate" / "trunk-demo-persona-ms" / "metrics.json").read_text())
+    assert "trunk-demo-persona-ms" in json.dumps(sim) and "classical" in json.dumps(sim)
+    assert "## Simulation: trunk-demo-persona-ms" in (run / "eval" / "report.md").read_text()
+    assert "user+item bias baseline" in first.stdout and "plots:" in first.stdout.splitlines()[-1]
+    second = _demo(run, "--n-users", "8", "--k", "2", "--train-rows", "40", "--eval-rows", "24", "--sim-users", "2",
+                   path="trunk")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert ": trained" not in second.stdout and "train trunk-demo-single_max-ms: skipped" in second.stdout
 
 
 def test_demo_auto_uses_ml1m_from_the_download_cache(tmp_path, shared_data):

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from persona_tune.cli import main as cli_main
 from persona_tune.errors import ConfigError
 from persona_tune.evaluation.grid import grid_cells, select_cells, write_grid_configs
-from persona_tune.evaluation.run import build_eval_config, split_variant
+from persona_tune.evaluation.run import adapter_variants, build_eval_config, split_variant
 from persona_tune.models.tiny import write_tiny_phi3
 from persona_tune.runfolder import RunFolder
 from tests.fixtures_runs import make_persona_run, write_adapter
@@ -145,3 +145,5 @@ def test_trunk_grid_configs_sizes_and_the_untrained_base(eval_run):
     assert prompted.model_dir == str(tiny / "model")  # the other overrides still apply
     cfg = build_eval_config(RunFolder(run), "trunk-t-persona-ms", "tiny", "ms+ml", "scoring")
     assert cfg.adapter_dir == str(run / "adapters" / "trunk-t-persona_{persona}-ms") and cfg.memory == "ms"
+    assert adapter_variants(RunFolder(run), "trunk-t-persona-ms") == [f"trunk-t-persona_{k}-ms" for k in sizes.index]
+    assert adapter_variants(RunFolder(run), "trunk-t-single_max-ms") == ["trunk-t-single_max-ms"]

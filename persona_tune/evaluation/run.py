@@ -56,6 +56,12 @@ def split_variant(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def per_persona(base: str) -> bool:
+    """Whether a variant's base name stands for one adapter per persona, <base>_<k>: persona (the
+    stock path's θ_persona) or trunk[-LABEL]-persona (the frozen-trunk path's)."""
+    return base == "persona" or base.endswith("-persona")
+
+
 def run_family(run: RunFolder, family: str | None) -> str:
     """--family, else the family `persona-tune configs` (or the grid) recorded in the manifest."""
     if family:
@@ -90,13 +96,12 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
         if train_file is not None:
             _copy_model(cfg, OmegaConf.load(train_file))
     else:
-        per_persona = base == "persona" or base.endswith("-persona")  # persona-ms, trunk-LABEL-persona-ms
-        train_name = f"{base}_0{suffix}" if per_persona else variant
+        train_name = f"{base}_0{suffix}" if per_persona(base) else variant
         train_file = run.config_file(train_name)
         if not train_file.is_file():
             raise StageMissingError(f"{train_file} is missing: write it with `persona-tune configs` (or `grid`) and train it")
         train_cfg = OmegaConf.load(train_file)
-        cfg.adapter_dir = str(run.adapters_dir / (f"{check_name(base)}_{{persona}}{suffix}" if per_persona
+        cfg.adapter_dir = str(run.adapters_dir / (f"{check_name(base)}_{{persona}}{suffix}" if per_persona(base)
                                                   else check_name(variant)))
         cfg.memory = train_cfg.memory
         for key in ("prompt_template", "state_numbers"):  # top level (trunk configs) or the dataset's
@@ -126,9 +131,9 @@ def adapter_variants(run: RunFolder, variant: str) -> list[str]:
     suffix = f"-{tag}" if tag else ""
     if base == "prompted":
         return []
-    if base == "persona":
+    if per_persona(base):
         personas = sorted(run.read_assignments(columns=["persona"])["persona"].unique())
-        return [f"persona_{int(k)}{suffix}" for k in personas]
+        return [f"{base}_{int(k)}{suffix}" for k in personas]
     return [variant]
 
 
