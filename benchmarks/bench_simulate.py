@@ -55,7 +55,7 @@ def main() -> int:
     name = f"bench-{args.variant}"
     shutil.rmtree(run.simulation(name).root, ignore_errors=True)
     code = cli_main(["simulate", "--run", str(run.root), "--variant", args.variant, *family, "--recs", str(recs_file),
-                     "--no-reference", "--no-probes", "--name", name, "--n-boot", "0", "--no-progress",
+                     "--no-reference", "--no-probes", "--name", name, "--n-boot", "1", "--no-progress",
                      "--num-threads", str(args.threads), "--", *args.overrides])
     if code:
         return code

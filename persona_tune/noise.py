@@ -11,6 +11,8 @@ import logging
 KNOWN_NOISE = {
     # torchao 0.15 on torch 2.13: its optional C++ kernels are not used by persona-tune.
     "torchao": ("Skipping import of cpp extensions",),
+    # torchao on a machine without Triton (every CPU-only one): its GPU int-matmul kernels are not used.
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),
 }
 
 

@@ -4,6 +4,7 @@ wrong one; finished stages are skipped untouched; stale downstream work is refus
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import logging
 import os
@@ -376,6 +377,23 @@ def test_torchao_noise_is_silenced():
     record = logging.LogRecord("torchao", logging.WARNING, __file__, 1,
                                "Skipping import of cpp extensions due to incompatible torch version", None, None)
     assert not logging.getLogger("torchao").filter(record)
+    triton = logging.LogRecord("torchao.kernel.intmm", logging.WARNING, __file__, 1,
+                               "Warning: Detected no triton, on systems without Triton certain kernels will not work",
+                               None, None)
+    assert not logging.getLogger("torchao.kernel.intmm").filter(triton)
+    other = logging.LogRecord("torchao.kernel.intmm", logging.WARNING, __file__, 1, "another warning", None, None)
+    assert logging.getLogger("torchao.kernel.intmm").filter(other)  # only the known message is dropped
     proc = subprocess.run([str(Path(sys.executable).with_name("tune")), "ls"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and "Skipping import of cpp extensions" not in proc.stderr + proc.stdout
+    # Importing torchtune's training utilities (as every recipe and the CLI's stages do) logs the Triton
+    # warning on a machine without Triton, unless the filters are installed.
+    def imported(silenced: bool) -> str:
+        code = ("import logging; logging.basicConfig(); from persona_tune.noise import silence_known_noise; "
+                f"{'silence_known_noise(); ' if silenced else ''}import torchtune.training")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}).stderr
+
+    if importlib.util.find_spec("triton") is None:
+        assert "Detected no triton" in imported(silenced=False)
+    assert "Detected no triton" not in imported(silenced=True)
