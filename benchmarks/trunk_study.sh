@@ -7,7 +7,7 @@
 set -euo pipefail
 RUN=${1:-runs/ml1m}
 shift || true
-STAGES=${*:-"main ablations inputs memory layers more report"}
+STAGES=${*:-"main ablations single_min memory layers template more report"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 GRID=(persona-tune grid --run "$RUN" --family smollm2 --path trunk --n-boot 1000)
 # Every cell scores the same 2,000 test rows (eval.max_rows, drawn over all users with eval.seed 0).
@@ -37,10 +37,12 @@ ablations)
       --train-set objective=ce
   "${GRID[@]}" --label n1000-zerohead --train-rows 1000 --cells single_max-ms --train-set head.init=zero
   ;;
-inputs)
-  # At 1,000 rows with the prior head: theta_single(min) (persona vs single) and the paper's prompt
-  # template. Same trunk cache folder as main (rows keyed by their prompt tokens).
+single_min)
+  # Persona vs single: theta_single(min) (the smallest persona's share of the 1,000 rows), prior head.
   "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_min-ms --train-set head.prior=stated
+  ;;
+template)
+  # The paper's prompt template (Appendix C's wording, about twice the tokens), prior head.
   "${GRID[@]}" --label n1000-prior-paper --train-rows 1000 --cells single_max-ms --train-set head.prior=stated \
       --train-set prompt_template=paper
   ;;
