@@ -40,9 +40,14 @@ def test_eval_baselines_report(capsys, monkeypatch, eval_run):
         OmegaConf.load(run / "configs" / "persona_0.yaml").model, {"lora_dropout": 0.0})
 
     assert cli_main(["baselines", "--run", str(run), "--n-boot", "50", "--mf-epochs", "50"]) == 0
-    assert cli_main(["report", "--run", str(run)]) == 0
+    assert cli_main(["report", "--run", str(run), "--compare", "single_max:prompted"]) == 0
     printed = capsys.readouterr().out
     results = json.loads((run / "eval" / "results.json").read_text())
+    [comparison] = [c for c in results["comparisons"] if c["mode"] == "scoring"]
+    assert (comparison["a"], comparison["b"], comparison["rows"]) == ("single_max", "prompted", 8)
+    assert comparison["lo"] <= comparison["diff"] <= comparison["hi"]
+    assert "## Paired comparisons between cells" in (run / "eval" / "report.md").read_text()
+    assert cli_main(["report", "--run", str(run), "--compare", "single_max:nope"]) == 2  # one clear line
     adapters = {r["adapter"] for r in results["agents"]}
     assert {"θ_persona", "θ_single(max)", "none"} <= adapters
     assert [b["key"] for b in results["baselines"]] == ["global_mean", "user_mean", "item_mean", "bias", "mf"]

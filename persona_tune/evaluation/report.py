@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from persona_tune.errors import StageMissingError
+from persona_tune.errors import ConfigError, StageMissingError
 from persona_tune.evaluation.metrics import metrics_with_ci, paired_rmse_diff
 from persona_tune.names import MEMORY_LABELS
 from persona_tune.runfolder import (
@@ -245,6 +245,37 @@ def paired_cells(run: RunFolder, n_boot: int = 1000, seed: int = 0) -> list[dict
     return cells
 
 
+def cell_comparisons(run: RunFolder, pairs: list[str], n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """RMSE(A) − RMSE(B) for each "A:B" pair of eval cells, per mode both have, on the rows both scored,
+    with a paired bootstrap CI over users (an ablation against its reference on the same rows)."""
+    cells = {p.parent.name: p for p in run.eval_prediction_files(baselines=False)}
+    out = []
+    for pair in pairs:
+        a, sep, b = pair.partition(":")
+        if not sep or not a or not b:
+            raise ConfigError(f"--compare takes CELL_A:CELL_B, got {pair!r}")
+        unknown = [c for c in (a, b) if c not in cells]
+        if unknown:
+            raise ConfigError(f"--compare {pair}: no eval cell {unknown[0]!r} in {run.eval_dir}; "
+                              f"the cells are: {', '.join(sorted(cells))}")
+        keys = ["user_id", "item_id", "mode"]
+        both = pd.read_parquet(cells[a], columns=[*keys, "rating", "prediction"]).merge(
+            pd.read_parquet(cells[b], columns=[*keys, "prediction"]), on=keys, suffixes=("_a", "_b"))
+        for mode, rows in both.groupby("mode", sort=True):
+            diff = paired_rmse_diff(rows, "prediction_a", "prediction_b", n_boot=n_boot, seed=seed)
+            out.append({"a": a, "b": b, "mode": mode, "rows": diff.pop("n"), **diff})
+    return out
+
+
+def comparisons_table(comparisons: list[dict]) -> str:
+    lines = ["| A | B | Mode | rows | RMSE(A) − RMSE(B) [95% CI] |", "|---|---|---|---|---|"]
+    for c in comparisons:
+        mark = " (A better)" if c["hi"] < 0 else (" (B better)" if c["lo"] > 0 else "")
+        lines.append(f"| {c['a']} | {c['b']} | {c['mode']} | {c['rows']} | "
+                     f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]{mark} |")
+    return "\n".join(lines)
+
+
 def _finite(x: float) -> float | None:
     return None if x is None or math.isnan(x) else x
 
@@ -440,9 +471,9 @@ def copy_elbow(run: RunFolder, out: Path) -> Path | None:
     return out / src.name
 
 
-def write_report(run_dir, json_out: str | Path | None = None) -> str:
+def write_report(run_dir, json_out: str | Path | None = None, compare: list[str] = ()) -> str:
     """Write report.md, results.json and plots/ (and a copy of results.json to ``json_out``); return
-    the markdown table."""
+    the markdown table. ``compare``: "A:B" pairs of cells compared on their common rows."""
     run = RunFolder(run_dir)
     if not run.eval_dir.is_dir() or not run.eval_metric_files():
         raise StageMissingError(f"no results in {run.eval_dir}: run `persona-tune eval --run {run.root}` "
@@ -452,6 +483,7 @@ def write_report(run_dir, json_out: str | Path | None = None) -> str:
     if stale := stale_results(run):  # never publish numbers of adapters that were retrained since
         raise StageMissingError(f"the results of {', '.join(stale)} in {run.eval_dir} come from adapters retrained "
                                 f"since: re-run `persona-tune eval --run {run.root} --variants {','.join(stale)}`")
+    comparisons = cell_comparisons(run, list(compare))  # bad pairs fail before anything is written
     results = collect(run)
     plots_dir = run.path(PLOTS)
     plots = {name: fn(run, plots_dir) for name, fn in
@@ -477,6 +509,10 @@ def write_report(run_dir, json_out: str | Path | None = None) -> str:
                "RMSE(agent) − RMSE(baseline) on each cell's own rows, with a 95% CI from a paired bootstrap over "
                "users (both RMSEs on the same resampled rows). ✓: the agent is better (CI below 0); ✗: worse.", "",
                paired_table(paired), ""]
+    if comparisons:
+        md += ["## Paired comparisons between cells", "",
+               "RMSE(A) − RMSE(B) on the rows both cells scored, with a 95% CI from a paired bootstrap over users.",
+               "", comparisons_table(comparisons), ""]
     from persona_tune.simulate.report import simulation_section  # the Simulation section (issue 13)
 
     simulation_md, simulation_plots = simulation_section(run, plots_dir)
@@ -487,7 +523,7 @@ def write_report(run_dir, json_out: str | Path | None = None) -> str:
     plots |= {k: str(v.relative_to(run.eval_dir)) for k, v in simulation_plots.items()}
     atomic_write_text(run.path(REPORT), "\n".join(md))
     atomic_write_json(run.path(RESULTS), {
-        **results, "cells": paired, "plots": plots, "diagnostics": signal,
+        **results, "cells": paired, "comparisons": comparisons, "plots": plots, "diagnostics": signal,
         "paper_table_1": [dict(zip(("base_model", "adapter", "memories", "rmse", "mae", "urr_percent"), r))
                           for r in PAPER_TABLE_1]})
     if json_out is not None:
@@ -502,11 +538,14 @@ class ReportConfig:
 
     json_out: str | None = field(default=None, metadata={
         "help": "also write results.json here (e.g. docs/results/ml1m-smollm2.json)"})
+    compare: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--compare", "append": True, "metavar": "CELL_A:CELL_B",
+        "help": "also compare two eval cells on the rows both scored, paired over users (repeatable)"})
 
 
 def run(run: RunFolder, cfg: ReportConfig) -> str:
     """The `report` stage: report.md, results.json and plots/ from RUN/eval; returns the markdown table."""
-    return write_report(run.root, cfg.json_out)
+    return write_report(run.root, cfg.json_out, list(cfg.compare))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,50 @@
+"""`persona-tune report --compare A:B`: two eval cells against each other on the rows both scored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from persona_tune.errors import ConfigError
+from persona_tune.evaluation.report import cell_comparisons, comparisons_table
+from persona_tune.runfolder import RunFolder
+
+
+def write_cell(run, name: str, rows: list[tuple[int, int, int, float]], mode: str = "scoring") -> None:
+    folder = run / "eval" / name
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "prediction"]).assign(mode=mode).to_parquet(
+        folder / "predictions.parquet", index=False)
+
+
+def test_compare_two_cells_on_their_common_rows(tmp_path):
+    # A is off by 1 on every row, B by 2 on the rows they share; B also scored a row A did not.
+    write_cell(tmp_path, "ref", [(1, 10, 4, 3.0), (1, 11, 2, 3.0), (2, 10, 5, 4.0), (3, 12, 3, 4.0)])
+    write_cell(tmp_path, "other", [(1, 10, 4, 2.0), (1, 11, 2, 4.0), (2, 10, 5, 3.0), (3, 12, 3, 5.0), (4, 9, 1, 1.0)])
+    [c] = cell_comparisons(RunFolder(tmp_path), ["ref:other"], n_boot=200)
+    assert (c["a"], c["b"], c["mode"], c["rows"]) == ("ref", "other", "scoring", 4)
+    assert c["diff"] == pytest.approx(1.0 - 2.0)  # RMSE 1 against RMSE 2 on the same 4 rows
+    # Every resample has A at 1 and B at 2 on its rows: the paired CI is the point.
+    assert c["lo"] == pytest.approx(-1.0) and c["hi"] == pytest.approx(-1.0)
+    assert "| ref | other | scoring | 4 | -1.000 [-1.000, -1.000] (A better) |" in comparisons_table([c])
+
+
+def test_compare_ci_follows_the_users(tmp_path):
+    rng = np.random.default_rng(0)
+    truth = rng.integers(1, 6, size=200)
+    users = np.repeat(np.arange(20), 10)
+    a = [(int(u), i, int(t), float(t) + rng.normal(0, 0.5)) for i, (u, t) in enumerate(zip(users, truth))]
+    b = [(int(u), i, int(t), float(t) + rng.normal(0, 0.5)) for i, (u, t) in enumerate(zip(users, truth))]
+    write_cell(tmp_path, "a", a)
+    write_cell(tmp_path, "b", b)
+    [c] = cell_comparisons(RunFolder(tmp_path), ["a:b"], n_boot=500)
+    assert c["lo"] < c["diff"] < c["hi"] and c["lo"] < 0 < c["hi"]  # two equally good predictors
+
+
+def test_compare_rejects_unknown_cells_and_bad_pairs(tmp_path):
+    write_cell(tmp_path, "ref", [(1, 10, 4, 3.0)])
+    with pytest.raises(ConfigError, match="no eval cell 'nope'.*the cells are: ref"):
+        cell_comparisons(RunFolder(tmp_path), ["ref:nope"])
+    with pytest.raises(ConfigError, match="CELL_A:CELL_B"):
+        cell_comparisons(RunFolder(tmp_path), ["ref"])
