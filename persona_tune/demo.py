@@ -116,10 +116,11 @@ def run_demo(args: argparse.Namespace) -> Path:
     else:
         agents = train_and_score_stock(run, args, models)
     # The trunk path's agents run all 30 SmolLM2 layers per slate row: rank held-out items only, 1:1 probes.
-    quick = ["--no-topk", "--negatives", "1"] if args.path == "trunk" else []
-    stage("simulate", ["--run", str(run.root), "--variant", agents, "--family", args.model,
-                       "--users", str(args.sim_users or (4 if args.path == "trunk" else 6)), "--candidates", "10", "--n-boot", "200", "--no-progress",
-                       *quick, "--", *models])
+    trunk = args.path == "trunk"
+    quick = ["--no-topk", "--negatives", "1"] if trunk else []
+    users = args.sim_users or (4 if trunk else 6)
+    stage("simulate", ["--run", str(run.root), "--variant", agents, "--family", args.model, "--users", str(users),
+                       "--candidates", "10", "--n-boot", "200", "--no-progress", *quick, "--", *models])
     stage("report", ["--run", str(run.root)])
     return run.root
 

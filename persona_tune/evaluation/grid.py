@@ -111,7 +111,8 @@ def write_grid_configs(run: RunFolder, family: str, overrides: list[str] = ()) -
     return names
 
 
-UNTRAINED_KEYS = ("epochs", "head")  # top-level config keys a `prompted-<tag>` trunk cell ignores
+# A `prompted-<tag>` trunk cell is the base model: these settings, and no override of their top-level keys.
+UNTRAINED = {"epochs": 0, "head.init": "none", "head.prior": "none"}
 
 
 def trunk_prefix(label: str | None) -> str:
@@ -132,9 +133,7 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
     variants = plan_variants(sizes)
     total = int(sizes["n_train_rows"].sum())
     smallest = int(sizes["n_train_rows"].min())
-    for variant_name, spec in variants.items():
-        if train_rows is None:
-            continue
+    for variant_name, spec in variants.items() if train_rows is not None else ():
         if train_rows == "all":
             spec.update(subsample=None, n_train_rows=total if spec["persona"] is None else spec["n_train_rows"])
         elif variant_name == "single_min":  # as many rows as the smallest persona's share, drawn over all users
@@ -149,10 +148,11 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
         spec = {"persona": None, "subsample": None, "n_train_rows": 0} if base == "prompted" else variants[base]
         template = templates / (f"{base}.yaml" if (templates / f"{base}.yaml").is_file() else "persona_0.yaml")
         variant = f"{prefix}{name}"
-        untrained = {"epochs": 0, "head.init": "none", "head.prior": "none"} if base == "prompted" else {}
-        # The base model (no training, no head) takes every override but those of training and the head.
-        cell_overrides = [o for o in parsed if o.lstrip("~").partition("=")[0].split(".")[0] not in UNTRAINED_KEYS] \
-            if base == "prompted" else parsed
+        untrained, cell_overrides = {}, parsed
+        if base == "prompted":
+            fixed = {key.split(".")[0] for key in UNTRAINED}
+            untrained = UNTRAINED
+            cell_overrides = [o for o in parsed if o.lstrip("~").partition("=")[0].split(".")[0] not in fixed]
         text = variant_config_text(run, variant, template, spec, MEMORY_TAGS[tag], cell_overrides, untrained)
         header = (f"# {variant}: written by `persona-tune grid --path trunk` from {family}_trunk/{template.stem}"
                   f" ({spec['n_train_rows']} training rows).\n# Run: tune run lora_frozen_trunk --config "
