@@ -11,8 +11,10 @@ user inside it. A user's rows share a prompt prefix (the system prompt and the s
 turn): it runs once, and each row adds only its suffix (persona_tune.evaluation.predict's shared
 prefix batching, stopped at the split layer). A row is found by the hash of its prompt tokens, so a
 changed prompt, template, memory or tokenizer is a different row and is computed afresh; a changed
-model is a different folder. Nothing is reused silently. Users are written atomically one by one,
-so a stopped build resumes.
+model is a different folder. Nothing is reused silently. A user's file holds several prefix groups:
+rows of another prompt variant (memory mode, template) that do not start with a stored prefix get a
+group of their own, so variants coexist and each costs only its own rows. Users are written
+atomically one by one, so a stopped build resumes.
 
 The rating head. The logits of the five rating tokens "1".."5" get a learned linear correction
 ``W h + b`` on top of the tied output layer (``h``: the final normed state at the answer position);
@@ -41,6 +43,7 @@ from persona_tune.errors import ConfigError
 from persona_tune.evaluation.predict import (
     RATING_VALUES,
     _delete_caches,
+    common_prefix_len,
     plan_batches,
     prefill_prefix,
     run_suffixes,
@@ -74,7 +77,11 @@ def _row_hash(tokens: Sequence[int]) -> str:
 
 
 class TrunkCache:
-    """Lower-layer outputs of prompts, per user (see the module docstring)."""
+    """Lower-layer outputs of prompts, per user (see the module docstring).
+
+    A user's file: ``{"groups": [{"prefix_tokens", "prefix" [P, D], "rows": {hash: (suffix tokens,
+    suffix states [L, D])}}, ...]}``; a file of the first format (one group at the top level) still reads.
+    """
 
     def __init__(self, root: str | Path, spec: dict, storage_dtype: str = "fp16"):
         self.dtype = STORAGE_DTYPES[check_choice("trunk_cache.dtype", storage_dtype, tuple(STORAGE_DTYPES))]
@@ -82,25 +89,28 @@ class TrunkCache:
         key = hashlib.sha256(json.dumps(self.spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.dir = Path(root) / key
         self._shards: dict[int, dict] = {}
+        self._where: dict[int, dict[str, int]] = {}  # user -> row hash -> group index
 
     def _path(self, user: int) -> Path:
         return self.dir / f"user_{int(user)}.pt"
 
-    def _shard(self, user: int) -> dict | None:
+    def _shard(self, user: int) -> dict:
         if user not in self._shards:
             path = self._path(user)
-            if not path.is_file():
-                return None
-            self._shards[user] = torch.load(path, map_location="cpu", weights_only=True)
+            shard = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {"groups": []}
+            if "groups" not in shard:
+                shard = {"groups": [shard]}
+            self._shards[user] = shard
+            self._where[user] = {h: g for g, group in enumerate(shard["groups"]) for h in group["rows"]}
         return self._shards[user]
+
+    def _group_of(self, user: int, tokens: Sequence[int]) -> int | None:
+        self._shard(user)
+        return self._where[user].get(_row_hash(tokens))
 
     def missing(self, prompts: Sequence[Sequence[int]], users: Sequence[int]) -> int:
         """How many of these rows the cache does not hold yet."""
-        n = 0
-        for tokens, user in zip(prompts, users):
-            shard = self._shard(int(user))
-            n += shard is None or _row_hash(tokens) not in shard["rows"]
-        return n
+        return sum(self._group_of(int(u), t) is None for t, u in zip(prompts, users))
 
     @torch.inference_mode()
     def build(self, model: nn.Module, split: int, prompts: Sequence[Sequence[int]], users: Sequence[int],
@@ -110,64 +120,82 @@ class TrunkCache:
         spec_file = self.dir / "spec.json"
         if not spec_file.is_file():
             atomic_write_json(spec_file, self.spec)
-        by_user: dict[int, list[list[int]]] = {}
+        todo: dict[int, dict[str, list[int]]] = {}
         for tokens, user in zip(prompts, users):
-            by_user.setdefault(int(user), []).append(list(tokens))
-        todo = {u: rows for u, rows in by_user.items() if self.missing(rows, [u] * len(rows))}
+            if self._group_of(int(user), tokens) is None:
+                todo.setdefault(int(user), {})[_row_hash(tokens)] = list(tokens)
         computed = tokens_run = 0
         bar = tqdm(total=sum(len(r) for r in todo.values()), desc="trunk cache", unit="row",
                    disable=not progress or not todo, leave=False)
-        for user, rows in todo.items():
-            shard = self._shard(user)
-            known = {} if shard is None else {h: shard["prefix_tokens"] + s for h, (s, _) in shard["rows"].items()}
-            wanted = {_row_hash(t): t for t in rows}
-            everything = {**known, **wanted}
-            prefix_len = shared_prefix_len(list(everything.values()))
-            if shard is not None and prefix_len >= len(shard["prefix_tokens"]):
-                prefix_len = len(shard["prefix_tokens"])  # the stored prefix still fits: keep its rows
-                new = {h: t for h, t in wanted.items() if h not in shard["rows"]}
-            else:
-                shard, new = None, everything
-            kv = None  # the prefix's K/V in the lower layers, for this user's suffixes
-            if shard is None:
-                prefix = next(iter(everything.values()))[:prefix_len]
+        for user, wanted in todo.items():
+            groups = self._shard(user)["groups"]
+            placed: dict[int, dict[str, list[int]]] = {}  # group index -> its new rows
+            for h, tokens in wanted.items():
+                fits = [g for g, group in enumerate(groups) if _starts_with(tokens, group["prefix_tokens"])]
+                if fits:
+                    placed.setdefault(max(fits, key=lambda g: len(groups[g]["prefix_tokens"])), {})[h] = tokens
+            unplaced = {h: t for h, t in wanted.items() if not any(h in rows for rows in placed.values())}
+            if unplaced:  # another prompt variant: a group of its own, on the prefix its rows share
+                prefix = next(iter(unplaced.values()))[: shared_prefix_len(list(unplaced.values()))]
+                groups.append({"prefix_tokens": list(prefix), "prefix": None, "rows": {}})
+                placed[len(groups) - 1] = unplaced
+            for g, rows in placed.items():
+                group = groups[g]
+                prefix_len = len(group["prefix_tokens"])
                 hidden: list[torch.Tensor] = []
-                kv = prefill_prefix(model, prefix, device, n_layers=split, hidden=hidden) if prefix_len else None
-                shard = {"prefix_tokens": list(prefix), "rows": {},
-                         "prefix": (hidden[0] if hidden else torch.zeros(0, model.norm.scale.shape[0])).to(self.dtype).cpu()}
-            elif prefix_len:
-                kv = prefill_prefix(model, shard["prefix_tokens"], device, n_layers=split)
-            tokens_run += prefix_len
-            suffixes = [t[prefix_len:] for t in new.values()]
-            hashes = list(new)
-            _, batches = plan_batches(suffixes, [0] * len(suffixes), batch_size, token_budget, share_prefix=False)
-            for batch in batches:
-                try:
-                    out = run_suffixes(model, [kv] * len(batch.rows), batch.suffixes, 0, device, split)
-                    for b, r in enumerate(batch.rows):
-                        shard["rows"][hashes[r]] = (suffixes[r], out.h[b, : len(suffixes[r])].to(self.dtype).cpu())
-                    tokens_run += out.h.shape[0] * out.h.shape[1]
-                finally:
-                    _delete_caches(model)
-                bar.update(len(batch.rows))
-            computed += len(new)
+                kv = prefill_prefix(model, group["prefix_tokens"], device, n_layers=split, hidden=hidden) \
+                    if prefix_len else None
+                if group["prefix"] is None:
+                    group["prefix"] = (hidden[0] if hidden else torch.zeros(0, model.norm.scale.shape[0])).to(self.dtype).cpu()
+                tokens_run += prefix_len
+                hashes, suffixes = list(rows), [t[prefix_len:] for t in rows.values()]
+                _, batches = plan_batches(suffixes, [0] * len(suffixes), batch_size, token_budget, share_prefix=False)
+                for batch in batches:
+                    try:
+                        out = run_suffixes(model, [kv] * len(batch.rows), batch.suffixes, 0, device, split)
+                        for b, r in enumerate(batch.rows):
+                            group["rows"][hashes[r]] = (suffixes[r], out.h[b, : len(suffixes[r])].to(self.dtype).cpu())
+                        tokens_run += out.h.shape[0] * out.h.shape[1]
+                    finally:
+                        _delete_caches(model)
+                    bar.update(len(batch.rows))
+                computed += len(rows)
             with atomic_path(self._path(user)) as tmp:
-                torch.save(shard, tmp)
-            self._shards[user] = shard
+                torch.save(self._shards[user], tmp)
+            self._where[user] = {h: g for g, group in enumerate(groups) for h in group["rows"]}
         bar.close()
         return {"rows_computed": computed, "tokens_run": tokens_run, "rows_requested": len(prompts)}
 
     def tree(self, user: int, prompts: Sequence[Sequence[int]],
              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One user's cached prefix states [P, D] and the suffix states [L_i, D] of ``prompts``."""
-        shard = self._shard(int(user))
-        entries = [None if shard is None else shard["rows"].get(_row_hash(t)) for t in prompts]
-        if any(e is None for e in entries):
+        """One user's prefix states [P, D] shared by ``prompts`` and each one's suffix states [L_i, D].
+
+        Rows of different prefix groups are joined on the prefix their groups share: a row's states
+        past it are its group's prefix states followed by its own (the trunk is causal, so a
+        position's state depends only on the tokens up to it)."""
+        user = int(user)
+        where = [self._group_of(user, t) for t in prompts]
+        if any(g is None for g in where):
             raise ConfigError(f"the trunk cache {self.dir} lacks rows of user {user}: build it first")
-        return shard["prefix"].to(dtype), [e[1].to(dtype) for e in entries]
+        groups = self._shard(user)["groups"]
+        used = sorted(set(where))
+        common = len(groups[used[0]]["prefix_tokens"]) if len(used) == 1 else \
+            common_prefix_len([groups[g]["prefix_tokens"] for g in used])
+        suffixes = []
+        for tokens, g in zip(prompts, where):
+            group = groups[g]
+            own = group["rows"][_row_hash(tokens)][1]
+            suffixes.append((torch.cat([group["prefix"][common:], own]) if len(group["prefix_tokens"]) > common
+                             else own).to(dtype))
+        return groups[used[0]]["prefix"][:common].to(dtype), suffixes
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.dir.glob("*.pt")) if self.dir.is_dir() else 0
+
+
+def _starts_with(tokens: Sequence[int], prefix: Sequence[int]) -> bool:
+    """``prefix`` is a proper prefix of ``tokens`` (the row keeps at least its answer position)."""
+    return len(prefix) < len(tokens) and list(tokens[: len(prefix)]) == list(prefix)
 
 
 class RatingHead(nn.Module):

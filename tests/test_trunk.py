@@ -44,13 +44,17 @@ def kit(tiny, tmp_path_factory):
     model.eval()
     tokenizer = config.instantiate(cfg.tokenizer)
     answer, fit = answer_tokens(tokenizer), FitToLength(tokenizer, 2048)
-    rows = load_prompt_rows(run, split="test", template="compact", state_numbers=True).groupby("user_id").head(4)
-    prompts = [encode_prompt(fit, p, answer) for p in rows.parts]
-    return model, answer, prompts, rows["user_id"].tolist()
+
+    def prompts_of(**variant):
+        rows = load_prompt_rows(run, split="test", **variant).groupby("user_id").head(4)
+        return [encode_prompt(fit, p, answer) for p in rows.parts], rows["user_id"].tolist()
+
+    prompts, users = prompts_of(template="compact", state_numbers=True)
+    return model, answer, prompts, users, prompts_of
 
 
 def test_trees_give_the_full_models_logits(kit, tmp_path):
-    model, answer, prompts, users = kit
+    model, answer, prompts, users, _ = kit
     cache = TrunkCache(tmp_path, {"model": "tiny"}, "fp32")
     split = split_layer(model, 1)
     cache.build(model, split, prompts, users, progress=False)
@@ -65,7 +69,7 @@ def test_trees_give_the_full_models_logits(kit, tmp_path):
 
 
 def test_cache_reuses_rows_recomputes_changed_ones_and_resumes(kit, tmp_path, monkeypatch):
-    model, answer, prompts, users = kit
+    model, answer, prompts, users, _ = kit
     split = split_layer(model, 1)
     first = TrunkCache(tmp_path, {"model": "tiny"}, "fp32")
     assert first.build(model, split, prompts, users, progress=False)["rows_computed"] == len(prompts)
@@ -103,6 +107,35 @@ def test_cache_reuses_rows_recomputes_changed_ones_and_resumes(kit, tmp_path, mo
         torch.testing.assert_close(torch.cat([a[0], a[1][0]]), torch.cat([b[0], b[1][0]]))
     with pytest.raises(ConfigError, match="lacks rows"):
         TrunkCache(tmp_path / "empty", {"model": "tiny"}).tree(users[0], [prompts[0]])
+    # A user file of the first format (one prefix group at the top level) still reads.
+    path = resumed._path(users[0])
+    torch.save(torch.load(path, weights_only=True)["groups"][0], path)
+    old = TrunkCache(tmp_path / "stopped", {"model": "tiny"}, "fp32")
+    assert old.missing(prompts, users) == 0
+    torch.testing.assert_close(old.tree(users[0], [prompts[0]])[1][0], resumed.tree(users[0], [prompts[0]])[1][0])
+
+
+def test_prompt_variants_coexist_in_the_cache(kit, tmp_path):
+    """Rows of another memory mode and template get prefix groups of their own: adding them computes
+    only them, keeps the cached rows, and a tree may mix rows of several groups."""
+    model, answer, prompts, users, prompts_of = kit
+    split = split_layer(model, 1)
+    cache = TrunkCache(tmp_path, {"model": "tiny"}, "fp32")
+    cache.build(model, split, prompts, users, progress=False)
+    for variant in ({"memory": "ms", "template": "compact", "state_numbers": True}, {"template": "paper"}):
+        more, more_users = prompts_of(**variant)
+        assert more_users == users and cache.missing(more, users) == len(more)
+        assert cache.build(model, split, more, users, progress=False)["rows_computed"] == len(more)
+        assert cache.missing(prompts, users) == 0 and cache.missing(more, users) == 0
+    reread = TrunkCache(tmp_path, {"model": "tiny"}, "fp32")
+    assert len(reread._shard(users[0])["groups"]) >= 2
+    paper, _ = prompts_of(template="paper")
+    with torch.no_grad():
+        for u in sorted(set(users)):
+            mixed = [p for p, v in zip(prompts, users) if v == u][:2] + [p for p, v in zip(paper, users) if v == u][:2]
+            logits, _ = top_forward(model, split, make_trees([reread.tree(u, mixed)]))
+            for k, p in enumerate(mixed):
+                torch.testing.assert_close(logits[k], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_tree_batches_cover_every_row_once_per_user_tree():

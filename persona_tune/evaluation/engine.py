@@ -41,7 +41,7 @@ def _tokenize(tokenizer, parts: PromptParts, rating: int) -> list[int]:
     return list(untruncated({"messages": render_messages(parts, rating=rating)})["tokens"])
 
 
-def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     first = seqs[0]
     n = min(len(s) for s in seqs)
     for i in range(n):
@@ -55,7 +55,7 @@ def answer_tokens(tokenizer) -> AnswerTokens:
     """Tokenise one probe row with each answer "1".."5"; the first differing position is the answer."""
     probe = PromptParts(item="Toy Story (1995)", profile="I like animated films.", traits="activity: low.")
     seqs = [_tokenize(tokenizer, probe, r) for r in range(1, 6)]
-    at = _common_prefix_len(seqs)
+    at = common_prefix_len(seqs)
     ids = tuple(s[at] if at < len(s) else -1 for s in seqs)
     if len(set(ids)) != 5 or -1 in ids:
         raise ConfigError(f"the tokenizer does not give the ratings 1-5 one distinct token each (got {ids})")
@@ -85,7 +85,7 @@ def encode_prompt(fit: FitToLength, parts: PromptParts, answer: AnswerTokens) ->
     if cut > 0 and tokens[cut] == answer.rating_ids[0]:
         return tokens[:cut]
     # Unusual tokenisation around the answer: fall back to comparing two answers.
-    return tokens[: _common_prefix_len([tokens, tokens_for(2)])]
+    return tokens[: common_prefix_len([tokens, tokens_for(2)])]
 
 
 # ---------------------------------------------------------------- batching with a cached prefix
@@ -93,7 +93,7 @@ def encode_prompt(fit: FitToLength, parts: PromptParts, answer: AnswerTokens) ->
 
 def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     """The tokens all ``prompts`` share, leaving each at least one token (its answer position)."""
-    return min(_common_prefix_len(prompts), min(map(len, prompts)) - 1)
+    return min(common_prefix_len(prompts), min(map(len, prompts)) - 1)
 
 
 @dataclass

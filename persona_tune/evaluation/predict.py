@@ -43,6 +43,7 @@ from persona_tune.evaluation.engine import (  # noqa: F401 (the engine's public 
     GenerationConfig,
     _delete_caches,
     answer_tokens,
+    common_prefix_len,
     decode_batch,
     draw_q,
     encode_prompt,
