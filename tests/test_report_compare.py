@@ -1,4 +1,4 @@
-"""`persona-tune report --compare A:B`: two eval cells against each other on the rows both scored."""
+"""`persona-tune report`: `--compare A:B` (two eval cells on the rows both scored) and the learning curve."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from persona_tune.errors import ConfigError
-from persona_tune.evaluation.report import cell_comparisons, comparisons_table
+from persona_tune.evaluation.report import cell_comparisons, comparisons_table, learning_curve_points, plot_learning_curve
 from persona_tune.runfolder import RunFolder
 
 
@@ -48,3 +48,24 @@ def test_compare_rejects_unknown_cells_and_bad_pairs(tmp_path):
         cell_comparisons(RunFolder(tmp_path), ["ref:nope"])
     with pytest.raises(ConfigError, match="CELL_A:CELL_B"):
         cell_comparisons(RunFolder(tmp_path), ["ref"])
+
+
+def test_learning_curve_series_by_cell_label(tmp_path):
+    """Cells trunk-n<rows>-<what> fall into one series per <what>, placed by their training rows;
+    only series with two sizes are drawn."""
+    import json
+
+    def cell(name, rows, rmse):
+        folder = tmp_path / "eval" / name
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"trunk": {"variants": {"v": {"train_rows": rows}}}}))
+        paired = {b: {"diff": rmse - 1.0, "lo": 0.0, "hi": 0.0} for b in ("global_mean", "user_mean", "item_mean", "bias")}
+        return {"name": name, "mode": "scoring", "rows": 2000, "rmse": rmse, "paired": paired}
+
+    cells = [cell("trunk-n4000-probe-single_max-ms", 4000, 1.06), cell("trunk-n1000-probe-single_max-ms", 1000, 1.09),
+             cell("trunk-n1000-prior-single_max-ms", 1000, 0.96), cell("trunk-n1000-ce-single_max-ms", 1000, 1.09)]
+    series = learning_curve_points(RunFolder(tmp_path), cells)
+    assert [(n, c["rmse"]) for n, c in series["probe-single_max-ms"]] == [(1000, 1.09), (4000, 1.06)]
+    assert set(series) == {"probe-single_max-ms", "prior-single_max-ms", "ce-single_max-ms"}
+    assert plot_learning_curve(RunFolder(tmp_path), tmp_path, cells).is_file()
+    assert plot_learning_curve(RunFolder(tmp_path), tmp_path / "none", cells[2:]) is None  # no curve, no plot

@@ -374,7 +374,8 @@ def plot_learning_curve(run: RunFolder, out: Path, cells: list[dict]) -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = learning_curve_points(run, cells)
+    # Curves only: a series needs two training sizes (single-size ablations are in the tables).
+    series = {k: v for k, v in learning_curve_points(run, cells).items() if len({p[0] for p in v}) >= 2}
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -383,8 +384,7 @@ def plot_learning_curve(run: RunFolder, out: Path, cells: list[dict]) -> Path | 
     reference = next(iter(series.values()))[0][1]
     for name, style in (("global_mean", ":"), ("user_mean", "--"), ("item_mean", "-."), ("bias", "-")):
         value = reference["rmse"] - reference["paired"][name]["diff"]
-        ax.axhline(value, color="grey", linestyle=style, linewidth=1)
-        ax.annotate(BASELINE_NAMES[name].split(" (")[0], (ax.get_xlim()[0], value), fontsize=7, va="bottom")
+        ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=BASELINE_NAMES[name].split(" (")[0])
     ax.set_xscale("log")
     ax.set_xlabel("training rows")
     ax.set_ylabel(f"RMSE on the same {reference['rows']} test rows")
