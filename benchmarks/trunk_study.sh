@@ -42,13 +42,16 @@ single_min)
   "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_min-ms --train-set head.prior=stated
   ;;
 template)
-  # The paper's prompt template (Appendix C's wording, about twice the tokens), prior head.
+  # The paper's prompt template (Appendix C's wording, about twice the tokens): the prior head and the LM
+  # alone (one trunk pass over the template's rows serves both: the cache keeps each template's rows).
   "${GRID[@]}" --label n1000-prior-paper --train-rows 1000 --cells single_max-ms --train-set head.prior=stated \
       --train-set prompt_template=paper
+  "${GRID[@]}" --label n1000-paper --train-rows 1000 --cells single_max-ms --train-set prompt_template=paper
   ;;
 memory)
-  # Memory: M_s + the top-4 retrieved explanations M_l, at 1,000 rows with the prior head.
+  # Memory: M_s + the top-4 retrieved explanations M_l, at 1,000 rows: the prior head and the LM alone.
   "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_max-msml --train-set head.prior=stated
+  "${GRID[@]}" --label n1000 --train-rows 1000 --cells single_max-msml
   ;;
 layers)
   # Adapted layers: the top 8 of 30 (the cache splits at layer 22: a cache folder of its own). One
@@ -58,11 +61,27 @@ layers)
       --train-set adapted_layers=8
   ;;
 more)
-  "${GRID[@]}" --label n4000 --train-rows 4000 --cells single_max-ms
+  # The learning curve at 4,000 rows: the closed-form heads first (cheap once the cache holds the rows),
+  # then LoRA training.
+  "${GRID[@]}" --label n4000-prior-probe --train-rows 4000 --cells single_max-ms --train-set epochs=0 \
+      --train-set head.prior=stated
+  "${GRID[@]}" --label n4000-probe --train-rows 4000 --cells single_max-ms --train-set epochs=0
   "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells single_max-ms --train-set head.prior=stated
+  "${GRID[@]}" --label n4000 --train-rows 4000 --cells single_max-ms
   ;;
 report)
-  persona-tune report --run "$RUN" --json-out docs/results/ml1m-smollm2.json
+  # Each ablation against its reference on the same rows, paired over users (A:B, A minus B).
+  PRIOR=trunk-n1000-prior-single_max-ms LM=trunk-n1000-single_max-ms
+  persona-tune report --run "$RUN" --json-out docs/results/ml1m-smollm2.json \
+      --compare $PRIOR:$LM \
+      --compare trunk-n1000-prior-probe-single_max-ms:$PRIOR --compare trunk-n1000-prior-persona-ms:$PRIOR \
+      --compare trunk-n1000-prior-single_min-ms:$PRIOR --compare trunk-n1000-prior-l8-single_max-ms:$PRIOR \
+      --compare trunk-n1000-prior-single_max-msml:$PRIOR --compare trunk-n1000-single_max-msml:$LM \
+      --compare trunk-n1000-prior-paper-single_max-ms:$PRIOR --compare trunk-n1000-paper-single_max-ms:$LM \
+      --compare trunk-n1000-ce-single_max-ms:$LM --compare trunk-n1000-zerohead-single_max-ms:$LM \
+      --compare trunk-n1000-nohead-ce-single_max-ms:$LM --compare trunk-n1000-probe-single_max-ms:$LM \
+      --compare trunk-n4000-probe-single_max-ms:trunk-n1000-probe-single_max-ms \
+      --compare trunk-n4000-prior-probe-single_max-ms:trunk-n1000-prior-probe-single_max-ms
   cp "$RUN/eval/report.md" docs/results-ml1m-trunk.md
   cp "$RUN/eval/plots/learning_curve.png" docs/results-ml1m-learning-curve.png
   cp "$RUN/eval/plots/calibration.png" docs/results-ml1m-trunk-calibration.png
