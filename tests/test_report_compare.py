@@ -62,10 +62,10 @@ def test_learning_curve_series_by_cell_label(tmp_path):
         paired = {b: {"diff": rmse - 1.0, "lo": 0.0, "hi": 0.0} for b in ("global_mean", "user_mean", "item_mean", "bias")}
         return {"name": name, "mode": "scoring", "rows": 2000, "rmse": rmse, "paired": paired}
 
-    cells = [cell("trunk-n4000-probe-single_max-ms", 4000, 1.06), cell("trunk-n1000-probe-single_max-ms", 1000, 1.09),
+    cells = [cell("trunk-nall-probe-single_max-ms", 16000, 1.05), cell("trunk-n4000-probe-single_max-ms", 4000, 1.06), cell("trunk-n1000-probe-single_max-ms", 1000, 1.09),
              cell("trunk-n1000-prior-single_max-ms", 1000, 0.96), cell("trunk-n1000-ce-single_max-ms", 1000, 1.09)]
     series = learning_curve_points(RunFolder(tmp_path), cells)
-    assert [(n, c["rmse"]) for n, c in series["probe-single_max-ms"]] == [(1000, 1.09), (4000, 1.06)]
+    assert [(n, c["rmse"]) for n, c in series["probe-single_max-ms"]] == [(1000, 1.09), (4000, 1.06), (16000, 1.05)]
     assert set(series) == {"probe-single_max-ms", "prior-single_max-ms", "ce-single_max-ms"}
     assert plot_learning_curve(RunFolder(tmp_path), tmp_path, cells).is_file()
-    assert plot_learning_curve(RunFolder(tmp_path), tmp_path / "none", cells[2:]) is None  # no curve, no plot
+    assert plot_learning_curve(RunFolder(tmp_path), tmp_path / "none", cells[3:]) is None  # no curve, no plot

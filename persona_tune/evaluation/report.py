@@ -348,7 +348,8 @@ def plot_training_size(run: RunFolder, out: Path) -> Path | None:
 
 def learning_curve_points(run: RunFolder, cells: list[dict]) -> dict[str, list[tuple[int, dict]]]:
     """Frozen-trunk cells in series by what they are, each point (training rows, paired cell), e.g.
-    "single_max-ms" for trunk-n250-, trunk-n1000-... The label's n<rows> part places the point."""
+    "single_max-ms" for trunk-n250-, trunk-n1000-, trunk-nall-... (the label's n<rows> or nall part names
+    no series); the variants' training rows place the point."""
     import re
 
     by_name = {c["name"]: c for c in cells if c["mode"] == "scoring"}
@@ -360,8 +361,8 @@ def learning_curve_points(run: RunFolder, cells: list[dict]) -> dict[str, list[t
         rows = sum(v.get("train_rows", 0) for v in trunk.get("variants", {}).values())
         if name not in by_name or not rows:
             continue
-        key = re.sub(r"^trunk-(n\d+-)?", "", name)
-        key = re.sub(r"-?n\d+", "", key) or name
+        key = re.sub(r"^trunk-(n(\d+|all)-)?", "", name)
+        key = re.sub(r"-?n(\d+|all)\b", "", key) or name
         series.setdefault(key, []).append((rows, by_name[name]))
     return {k: sorted(v, key=lambda p: p[0]) for k, v in series.items()}
 
