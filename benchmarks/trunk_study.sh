@@ -7,7 +7,7 @@
 set -euo pipefail
 RUN=${1:-runs/ml1m}
 shift || true
-STAGES=${*:-"main ablations single_min memory layers template more report"}
+STAGES=${*:-"main ablations single_min memory layers template more curve middle report"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 GRID=(persona-tune grid --run "$RUN" --family smollm2 --path trunk --n-boot 1000)
 # Every cell scores the same 2,000 test rows (eval.max_rows, drawn over all users with eval.seed 0).
@@ -69,6 +69,23 @@ more)
   "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells single_max-ms --train-set head.prior=stated
   "${GRID[@]}" --label n4000 --train-rows 4000 --cells single_max-ms
   ;;
+curve)
+  # The learning curve of the closed-form heads (0 epochs) for θ_single(max) and θ_persona at 250,
+  # 1,000, 4,000 and every training row (16,521; a trunk pass over ~12,500 more rows), and θ_persona
+  # with training at 250 rows (1,000 is in main).
+  for n in 250 1000 4000 all; do
+    "${GRID[@]}" --label n$n-prior-probe --train-rows $n --cells single_max-ms,persona-ms --train-set epochs=0 \
+        --train-set head.prior=stated
+  done
+  "${GRID[@]}" --label n250-probe --train-rows 250 --cells single_max-ms --train-set epochs=0
+  "${GRID[@]}" --label nall-probe --train-rows all --cells single_max-ms,persona-ms --train-set epochs=0
+  "${GRID[@]}" --label n250-prior --train-rows 250 --cells persona-ms --train-set head.prior=stated
+  ;;
+middle)
+  # Adaptation from a middle layer: the LM alone with LoRA on the top 14 of 30 layers (the cache splits
+  # at layer 16, where the stated numbers are most readable), 1,000 rows.
+  "${GRID[@]}" --label n1000-l14 --train-rows 1000 --cells single_max-ms --train-set adapted_layers=14
+  ;;
 report)
   # Each ablation against its reference on the same rows, paired over users (A:B, A minus B).
   PRIOR=trunk-n1000-prior-single_max-ms LM=trunk-n1000-single_max-ms
@@ -81,7 +98,15 @@ report)
       --compare trunk-n1000-ce-single_max-ms:$LM --compare trunk-n1000-zerohead-single_max-ms:$LM \
       --compare trunk-n1000-nohead-ce-single_max-ms:$LM --compare trunk-n1000-probe-single_max-ms:$LM \
       --compare trunk-n4000-probe-single_max-ms:trunk-n1000-probe-single_max-ms \
-      --compare trunk-n4000-prior-probe-single_max-ms:trunk-n1000-prior-probe-single_max-ms
+      --compare trunk-n4000-prior-probe-single_max-ms:trunk-n1000-prior-probe-single_max-ms \
+      --compare trunk-nall-probe-single_max-ms:trunk-n4000-probe-single_max-ms \
+      --compare trunk-nall-prior-probe-single_max-ms:trunk-n4000-prior-probe-single_max-ms \
+      --compare trunk-n4000-prior-single_max-ms:trunk-n4000-prior-probe-single_max-ms \
+      --compare trunk-n4000-single_max-ms:trunk-n4000-probe-single_max-ms \
+      --compare trunk-n1000-prior-probe-persona-ms:trunk-n1000-prior-probe-single_max-ms \
+      --compare trunk-nall-prior-probe-persona-ms:trunk-nall-prior-probe-single_max-ms \
+      --compare trunk-nall-probe-persona-ms:trunk-nall-probe-single_max-ms \
+      --compare trunk-n1000-l14-single_max-ms:$LM
   cp "$RUN/eval/report.md" docs/results-ml1m-trunk.md
   cp "$RUN/eval/plots/learning_curve.png" docs/results-ml1m-learning-curve.png
   cp "$RUN/eval/plots/calibration.png" docs/results-ml1m-trunk-calibration.png
