@@ -5,7 +5,10 @@ fits on the training rows and scores on the test rows:
 - the stated numbers alone (item average + user offset, as the prompt states them);
 - ridge and multinomial logistic regression of the rating on the cached split-layer state at the
   answer position, and on the final normed state (the rating head's input), over a range of L2 weights;
-- how well a ridge recovers the stated item average from those states (Pearson r).
+- how well a ridge recovers the stated item average from those states (Pearson r);
+- whether the LM knows anything the user+item bias baseline does not: a ridge of the bias
+  baseline's residual on the test rows' final states, cross-fitted over users (5 folds, L2 chosen
+  inside each fold), scored against the bias baseline with the paired bootstrap over users.
 
     python benchmarks/trunk_probes.py runs/ml1m/configs/trunk-n1000-single_max-ms.yaml
 """
@@ -77,10 +80,39 @@ def main() -> int:
         block["item_average_recovered_r"] = round(float(np.corrcoef(item_avg, pte[:, 1])[0, 1]), 3)
         results[name] = block
         print(name, json.dumps(block), flush=True)
+    results["residual_over_bias"] = residual_over_bias(recipe, test, recipe.read_out(test)[0], pte)
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
+
+
+def residual_over_bias(recipe, test, states: np.ndarray, priors: np.ndarray) -> dict:
+    """Bias baseline + a cross-fitted ridge of its residual, against the bias baseline alone."""
+    import pandas as pd
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from persona_tune.evaluation.metrics import paired_rmse_diff
+
+    baselines = pd.read_parquet(Path(recipe.cfg.run_dir) / "eval" / "baselines" / "predictions.parquet")
+    frame = test[["user_id", "item_id", "rating"]].reset_index(drop=True).merge(
+        baselines[["user_id", "item_id", "bias"]], on=["user_id", "item_id"], how="left", validate="one_to_one")
+    residual = frame["rating"].to_numpy(float) - frame["bias"].to_numpy(float)
+    out = {}
+    for name, x in (("stated numbers", priors), ("final normed state", states),
+                    ("final normed state + stated numbers", np.hstack([states, priors]))):
+        fitted = np.zeros(len(frame))
+        for fit, held in GroupKFold(n_splits=5).split(x, groups=frame["user_id"]):
+            model = make_pipeline(StandardScaler(), RidgeCV(alphas=(10, 100, 1000, 10000, 100000)))
+            fitted[held] = model.fit(x[fit], residual[fit]).predict(x[held])
+        frame["agent"] = np.clip(frame["bias"] + fitted, 1, 5)
+        paired = paired_rmse_diff(frame, "agent", "bias")
+        out[name] = {k: round(v, 4) for k, v in paired.items() if k != "n"} | {"rows": paired["n"]}
+        print("residual over bias,", name, json.dumps(out[name]), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 
 from persona_tune.errors import ConfigError
-from persona_tune.evaluation.report import cell_comparisons, comparisons_table, learning_curve_points, plot_learning_curve
+from persona_tune.evaluation.report import (
+    calibration_cells,
+    cell_comparisons,
+    comparisons_table,
+    learning_curve_points,
+    plot_learning_curve,
+)
 from persona_tune.runfolder import RunFolder
 
 
@@ -69,3 +75,12 @@ def test_learning_curve_series_by_cell_label(tmp_path):
     assert set(series) == {"probe-single_max-ms", "prior-single_max-ms", "ce-single_max-ms"}
     assert plot_learning_curve(RunFolder(tmp_path), tmp_path, cells).is_file()
     assert plot_learning_curve(RunFolder(tmp_path), tmp_path / "none", cells[3:]) is None  # no curve, no plot
+
+
+def test_calibration_draws_a_readable_spread_of_cells():
+    few = pd.Series({"b": 1.1, "a": 0.9})
+    assert calibration_cells(few) == ["a", "b"]  # all of them, best first
+    many = pd.Series({f"cell{i}": 0.9 + i / 100 for i in range(34)})
+    drawn = calibration_cells(many, lines=6)
+    assert len(drawn) == 6 and drawn[0] == "cell0" and drawn[-1] == "cell33"  # best and worst kept
+    assert [many[c] for c in drawn] == sorted(many[c] for c in drawn)

@@ -379,7 +379,7 @@ def plot_learning_curve(run: RunFolder, out: Path, cells: list[dict]) -> Path | 
     series = {k: v for k, v in learning_curve_points(run, cells).items() if len({p[0] for p in v}) >= 2}
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for key, pts in series.items():
         ax.plot([p[0] for p in pts], [p[1]["rmse"] for p in pts], marker="o", label=key)
     reference = next(iter(series.values()))[0][1]
@@ -390,15 +390,29 @@ def plot_learning_curve(run: RunFolder, out: Path, cells: list[dict]) -> Path | 
     ax.set_xlabel("training rows")
     ax.set_ylabel(f"RMSE on the same {reference['rows']} test rows")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a point
     ax.set_title("Frozen-trunk agents: learning curve")
     _savefig(fig, out / "learning_curve.png")
     plt.close(fig)
     return out / "learning_curve.png"
 
 
+CALIBRATION_LINES = 6
+
+
+def calibration_cells(rmse: pd.Series, lines: int = CALIBRATION_LINES) -> list[str]:
+    """The cells the calibration plot draws: all of them up to ``lines``, else ``lines`` evenly spaced
+    in RMSE rank, the best and the worst included, best first."""
+    ranked = rmse.sort_values()
+    if len(ranked) <= lines:
+        return list(ranked.index)
+    return list(ranked.index[np.unique(np.linspace(0, len(ranked) - 1, lines).round().astype(int))])
+
+
 def plot_calibration(run: RunFolder, out: Path) -> Path | None:
-    """Mean predicted rating (and its spread) per true rating, per variant and mode."""
+    """Mean predicted rating (and its spread) per true rating, per variant and mode, next to the bias
+    baseline. Beyond CALIBRATION_LINES cells it draws that many, evenly spaced in RMSE rank from the
+    best to the worst, so the picture stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -417,17 +431,24 @@ def plot_calibration(run: RunFolder, out: Path) -> Path | None:
     if not frames:
         return None
     data = pd.concat(frames, ignore_index=True).dropna(subset=["prediction"])
-    fig, ax = plt.subplots(figsize=(6, 5))
+    rmse = ((data["prediction"] - data["rating"]) ** 2).groupby(data["label"]).mean() ** 0.5
+    rows = data.groupby("label").size()
+    cells = calibration_cells(rmse.drop("bias baseline", errors="ignore"))
+    title = "Calibration" + (f": {len(cells)} of {len(rmse) - ('bias baseline' in rmse)} cells, best to worst RMSE"
+                             if len(cells) < len(rmse) - ("bias baseline" in rmse) else "")
+    fig, ax = plt.subplots(figsize=(8.5, 5))
     ax.plot([1, 5], [1, 5], color="grey", linestyle="--", label="perfect")
-    for label, group in data.groupby("label", sort=True):
+    for label in [*(["bias baseline"] if "bias baseline" in rmse else []), *cells]:
+        group = data[data["label"] == label]
         stats = group.groupby("rating")["prediction"].agg(["mean", "std"])
-        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=label)
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
+                    label=f"{label} (RMSE {rmse[label]:.3f} on {rows[label]} rows)")
     ax.set_xlabel("true rating")
     ax.set_ylabel("predicted rating (mean ± sd)")
     ax.set_xlim(0.5, 5.5)
     ax.set_ylim(0.5, 5.5)
-    ax.legend(fontsize=7)
-    ax.set_title("Calibration")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title)
     _savefig(fig, out / "calibration.png")
     plt.close(fig)
     return out / "calibration.png"
