@@ -433,9 +433,11 @@ def plot_calibration(run: RunFolder, out: Path) -> Path | None:
     data = pd.concat(frames, ignore_index=True).dropna(subset=["prediction"])
     rmse = ((data["prediction"] - data["rating"]) ** 2).groupby(data["label"]).mean() ** 0.5
     rows = data.groupby("label").size()
-    cells = calibration_cells(rmse.drop("bias baseline", errors="ignore"))
-    title = "Calibration" + (f": {len(cells)} of {len(rmse) - ('bias baseline' in rmse)} cells, best to worst RMSE"
-                             if len(cells) < len(rmse) - ("bias baseline" in rmse) else "")
+    agents = rmse.drop("bias baseline", errors="ignore")
+    cells = calibration_cells(agents)
+    title = "Calibration"
+    if len(cells) < len(agents):
+        title += f": {len(cells)} of {len(agents)} cells, best to worst RMSE"
     fig, ax = plt.subplots(figsize=(8.5, 5))
     ax.plot([1, 5], [1, 5], color="grey", linestyle="--", label="perfect")
     for label in [*(["bias baseline"] if "bias baseline" in rmse else []), *cells]:
