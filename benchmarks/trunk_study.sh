@@ -72,7 +72,7 @@ more)
 curve)
   # The learning curve of the closed-form heads (0 epochs) for θ_single(max) and θ_persona at 250,
   # 1,000, 4,000 and every training row (16,521; a trunk pass over ~12,500 more rows), and θ_persona
-  # with training at 250 rows (1,000 is in main).
+  # with training at 250 rows (1,000 is in main) and at every row.
   for n in 250 1000 4000 all; do
     "${GRID[@]}" --label n$n-prior-probe --train-rows $n --cells single_max-ms,persona-ms --train-set epochs=0 \
         --train-set head.prior=stated
@@ -80,6 +80,8 @@ curve)
   "${GRID[@]}" --label n250-probe --train-rows 250 --cells single_max-ms --train-set epochs=0
   "${GRID[@]}" --label nall-probe --train-rows all --cells single_max-ms,persona-ms --train-set epochs=0
   "${GRID[@]}" --label n250-prior --train-rows 250 --cells persona-ms --train-set head.prior=stated
+  # Two LoRA epochs on every training row, on the closed-form head that reads the stated numbers.
+  "${GRID[@]}" --label nall-prior --train-rows all --cells single_max-ms,persona-ms --train-set head.prior=stated
   ;;
 middle)
   # Adaptation from a middle layer: the LM alone with LoRA on the top 14 of 30 layers (the cache splits
@@ -106,6 +108,8 @@ report)
       --compare trunk-n1000-prior-probe-persona-ms:trunk-n1000-prior-probe-single_max-ms \
       --compare trunk-nall-prior-probe-persona-ms:trunk-nall-prior-probe-single_max-ms \
       --compare trunk-nall-probe-persona-ms:trunk-nall-probe-single_max-ms \
+      --compare trunk-nall-prior-single_max-ms:trunk-nall-prior-probe-single_max-ms \
+      --compare trunk-nall-prior-persona-ms:trunk-nall-prior-single_max-ms \
       --compare trunk-n1000-l14-single_max-ms:$LM
   cp "$RUN/eval/report.md" docs/results-ml1m-trunk.md
   cp "$RUN/eval/plots/learning_curve.png" docs/results-ml1m-learning-curve.png
