@@ -11,7 +11,8 @@ compact template with stated numbers), in one process, one torch thread, CPU sec
 Reports training tokens/s per epoch (prompt tokens of the rows / seconds), the cost of an extra
 variant (another persona, objective...: the cache exists) relative to the stock recipe's, and the
 cost of evaluating all the cells of a grid relative to one cell (one trunk pass over the test rows
-serves every cell).
+serves every cell). Both trunk timings are repeated with the last layer run at every position (the
+recipe runs its queries and MLP at the answer positions only), to measure what that saves.
 
     python benchmarks/bench_trunk.py --model smollm2 --rows 64 --test-rows 64
     python benchmarks/bench_trunk.py --model tiny --rows 32 --test-rows 32      # quick (make bench)
@@ -20,6 +21,7 @@ serves every cell).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -31,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_eval import load_model, make_run, timed  # noqa: E402
 
+import persona_tune.trunk as trunk_module  # noqa: E402
 from persona_tune.prompts import FitToLength  # noqa: E402
 from persona_tune.evaluation.predict import answer_tokens, encode_prompt  # noqa: E402
 from persona_tune.prompts import load_prompt_rows  # noqa: E402
@@ -96,6 +99,20 @@ def stock_epoch(model, tokenizer, answer, prompts, ratings, batch_size: int = 4)
     return seconds
 
 
+@contextlib.contextmanager
+def full_last_layer():
+    """top_forward with the last layer over every position, as before the answer-only last layer."""
+    def every_position(layer, h, trees):
+        at = torch.tensor(trees.answers)
+        return layer(h, mask=trees.mask, input_pos=trees.positions)[at[:, 0], at[:, 1]]
+
+    fast, trunk_module.last_layer_at_answers = trunk_module.last_layer_at_answers, every_position
+    try:
+        yield
+    finally:
+        trunk_module.last_layer_at_answers = fast
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
@@ -147,6 +164,8 @@ def main() -> int:
                 optimizer.zero_grad(set_to_none=True)
 
         _, train_s = timed(trunk_epoch, "trunk epoch")
+        with full_last_layer():
+            _, train_full_s = timed(trunk_epoch, "trunk epoch, last layer at every position")
 
         test_prompts, test_users, _ = sets["test"]
         model.eval()
@@ -160,6 +179,8 @@ def main() -> int:
                     top_forward(model, split, trees, head)
 
         _, cell_s = timed(score_cell, "score one cell")
+        with full_last_layer():
+            _, cell_full_s = timed(score_cell, "score one cell, last layer at every position")
         cache_mib = round(cache.size_bytes() / 2**20, 2)
 
     results = {
@@ -170,6 +191,7 @@ def main() -> int:
         "trunk": {"cache_cpu_s": round(cache_s, 2), "epoch_cpu_s": round(train_s, 2),
                   "tokens_per_s_per_epoch": round(tokens / train_s, 1),
                   "tokens_per_s_first_epoch_with_cache": round(tokens / (cache_s + train_s), 1),
+                  "epoch_cpu_s_last_layer_at_every_position": round(train_full_s, 2),
                   "cache_mib_train_and_test": cache_mib},
         "ratios": {
             "epoch_tokens_per_s_vs_stock": round(stock_s / train_s, 2),
@@ -177,9 +199,14 @@ def main() -> int:
             "extra_variant_cost_vs_stock": round(train_s / stock_s, 3),
             "two_epoch_variant_with_cache_vs_stock": round((cache_s + 2 * train_s) / (2 * stock_s), 3),
             "all_cells_vs_one_cell": round((test_cache_s + args.cells * cell_s) / (test_cache_s + cell_s), 2),
+            "all_cells_vs_one_cell_last_layer_at_every_position":
+                round((test_cache_s + args.cells * cell_full_s) / (test_cache_s + cell_full_s), 2),
+            "epoch_speedup_answer_only_last_layer": round(train_full_s / train_s, 2),
+            "cell_speedup_answer_only_last_layer": round(cell_full_s / cell_s, 2),
         },
         "eval": {"test_rows": len(test_prompts), "test_cache_cpu_s": round(test_cache_s, 2),
-                 "cell_cpu_s": round(cell_s, 2), "cells": args.cells},
+                 "cell_cpu_s": round(cell_s, 2), "cell_cpu_s_last_layer_at_every_position": round(cell_full_s, 2),
+                 "cells": args.cells},
     }
     print(json.dumps(results, indent=2))
     if args.json:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchtune.modules import MultiHeadAttention, TransformerSelfAttentionLayer
 from tqdm.auto import tqdm
 
 from persona_tune.errors import ConfigError
@@ -320,15 +321,64 @@ def load_rating_head(path: str | Path, dim: int) -> RatingHead:
     return head
 
 
+def last_layer_at_answers(layer: nn.Module, h: torch.Tensor, trees: Trees) -> torch.Tensor:
+    """The model's last layer, output at the answer positions only ([n, D], rows in the order of
+    ``trees.answers``). Its keys and values still cover every position; its queries, output projection
+    and MLP run at the n answers, since nothing reads the rest of its output. The same numbers as
+    ``layer(h, ...)`` at those positions (tested) for about a sixth of a layer's cost per other token."""
+    at = torch.tensor(trees.answers)
+    if not isinstance(layer, TransformerSelfAttentionLayer) or layer.attn.kv_cache is not None:
+        out = layer(h, mask=trees.mask, input_pos=trees.positions)
+        return out[at[:, 0], at[:, 1]]
+    B, T, D = h.shape
+    counts = torch.bincount(at[:, 0], minlength=B)
+    slot = torch.arange(len(at)) - (counts.cumsum(0) - counts)[at[:, 0]]  # answers are in tree order
+    index = torch.zeros(B, int(counts.max()), dtype=torch.long)  # padding slots read position 0
+    index[at[:, 0], slot] = at[:, 1]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+    normed = layer.sa_norm(h)
+    attended = _attend(layer.attn, rows(normed), trees.positions.gather(1, index), normed, trees.positions,
+                       rows(trees.mask))
+    h = rows(h) + layer.sa_scale(attended)
+    h = h + layer.mlp_scale(layer.mlp(layer.mlp_norm(h)))
+    return h[at[:, 0], slot]
+
+
+def _attend(attn: MultiHeadAttention, x: torch.Tensor, x_positions: torch.Tensor, y: torch.Tensor,
+            y_positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """torchtune's MultiHeadAttention.forward (no KV cache) with queries ``x`` at their own positions."""
+    b, s_x, _ = x.shape
+    q = attn.q_proj(x).view(b, s_x, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(y).view(b, y.shape[1], -1, attn.head_dim)
+    v = attn.v_proj(y).view(b, y.shape[1], -1, attn.head_dim)
+    if attn.pos_embeddings is not None:
+        q = attn.pos_embeddings(q, input_pos=x_positions)
+        k = attn.pos_embeddings(k, input_pos=y_positions)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if attn.q_norm is not None:
+        q = attn.q_norm(q)
+    if attn.k_norm is not None:
+        k = attn.k_norm(k)
+    if attn.num_heads != attn.num_kv_heads:
+        k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
+        v = v.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
+    out = attn._attention_call(q, k, v, mask=mask, dropout_p=attn.attn_dropout if attn.training else 0.0,
+                               is_causal=False)
+    return attn.output_proj(out.transpose(1, 2).contiguous().view(b, s_x, -1))
+
+
 def top_forward(model: nn.Module, split: int, trees: Trees, head: RatingHead | None = None,
                 priors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The adapted layers over a batch of trees; returns (logits [n, V] at each row's answer position,
     the normed features [n, D] there), rows in the order of ``trees.answers`` (``priors`` too)."""
     h = trees.states
-    for layer in model.layers[split:]:
+    *body, last = model.layers[split:]
+    for layer in body:
         h = layer(h, mask=trees.mask, input_pos=trees.positions)
-    at = torch.tensor(trees.answers)
-    h = model.norm(h[at[:, 0], at[:, 1]])
+    h = model.norm(last_layer_at_answers(last, h, trees))
     logits = model.output(h).float()
     if head is not None:
         logits = head(h, logits, priors)

@@ -19,6 +19,7 @@ from persona_tune.trunk import (
     RatingHead,
     TrunkCache,
     fit_head_closed_form,
+    last_layer_at_answers,
     make_trees,
     rating_loss,
     split_layer,
@@ -66,6 +67,35 @@ def test_trees_give_the_full_models_logits(kit, tmp_path):
             for k, r in enumerate(r for t in step for r in t):
                 full = model(torch.tensor([prompts[r]]))[0, -1]
                 torch.testing.assert_close(logits[k], full, atol=1e-5, rtol=1e-5)
+
+
+def test_last_layer_at_answers_equals_the_full_layer_there_values_and_gradients(kit, tmp_path):
+    """The last layer run at the answer positions only (keys and values over every position) gives the
+    full layer's output there, and the same gradients to its LoRA weights."""
+    model, answer, prompts, users, _ = kit
+    cache = TrunkCache(tmp_path, {"model": "tiny"}, "fp32")
+    split = split_layer(model, 1)
+    cache.build(model, split, prompts, users, progress=False)
+    step = tree_batches(users, rows_per_tree=3, trees_per_step=3, seed=0, shuffle=False)[0]
+    trees = make_trees([cache.tree(users[t[0]], [prompts[i] for i in t]) for t in step])
+    assert len({b for b, _ in trees.answers}) > 1 and len(trees.answers) > len(step)  # several trees, rows
+    last = model.layers[-1]
+    assert type(last).__name__ == "TransformerSelfAttentionLayer" and last.attn.kv_cache is None  # the fast path
+    lora = [p for n, p in last.named_parameters() if "lora" in n]
+    assert lora, "the tiny model's last layer has LoRA weights"
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(0, 0.05)
+    h = trees.states
+    at = torch.tensor(trees.answers)
+    full = last(h, mask=trees.mask, input_pos=trees.positions)[at[:, 0], at[:, 1]]
+    full_grads = torch.autograd.grad(full.square().sum(), lora)
+    fast = last_layer_at_answers(last, h, trees)
+    fast_grads = torch.autograd.grad(fast.square().sum(), lora)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_cache_reuses_rows_recomputes_changed_ones_and_resumes(kit, tmp_path, monkeypatch):
