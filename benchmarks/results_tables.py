@@ -49,8 +49,12 @@ CHANGES = {
     ("trunk-n1000-prior-probe-persona-ms", "trunk-n1000-prior-probe-single_max-ms"): "θ_persona instead of θ_single",
     ("trunk-nall-prior-probe-persona-ms", "trunk-nall-prior-probe-single_max-ms"): "θ_persona instead of θ_single",
     ("trunk-nall-probe-persona-ms", "trunk-nall-probe-single_max-ms"): "θ_persona instead of θ_single",
+    ("trunk-n1000-probe-persona-ms", "trunk-n1000-probe-single_max-ms"): "θ_persona instead of θ_single",
+    ("trunk-n4000-probe-persona-ms", "trunk-n4000-probe-single_max-ms"): "θ_persona instead of θ_single",
     ("trunk-nall-prior-single_max-ms", "trunk-nall-prior-probe-single_max-ms"): "+ 2 LoRA epochs on the closed-form head",
     ("trunk-nall-prior-persona-ms", "trunk-nall-prior-single_max-ms"): "θ_persona instead of θ_single",
+    ("trunk-nall-single_max-ms", "trunk-nall-probe-single_max-ms"): "+ 2 LoRA epochs on the closed-form head",
+    ("trunk-n4000-prior-persona-ms", "trunk-n4000-prior-single_max-ms"): "θ_persona instead of θ_single",
     ("trunk-n1000-l14-single_max-ms", "trunk-n1000-single_max-ms"): "top 14 layers adapted (from layer 16), not 4",
 }
 BASELINES = ("global_mean", "user_mean", "item_mean", "bias")

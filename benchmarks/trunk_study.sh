@@ -68,6 +68,7 @@ more)
   "${GRID[@]}" --label n4000-probe --train-rows 4000 --cells single_max-ms --train-set epochs=0
   "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells single_max-ms --train-set head.prior=stated
   "${GRID[@]}" --label n4000 --train-rows 4000 --cells single_max-ms
+  "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells persona-ms --train-set head.prior=stated
   ;;
 curve)
   # The learning curve of the closed-form heads (0 epochs) for θ_single(max) and θ_persona at 250,
@@ -78,10 +79,14 @@ curve)
         --train-set head.prior=stated
   done
   "${GRID[@]}" --label n250-probe --train-rows 250 --cells single_max-ms --train-set epochs=0
+  for n in 250 1000 4000; do
+    "${GRID[@]}" --label n$n-probe --train-rows $n --cells persona-ms --train-set epochs=0
+  done
   "${GRID[@]}" --label nall-probe --train-rows all --cells single_max-ms,persona-ms --train-set epochs=0
   "${GRID[@]}" --label n250-prior --train-rows 250 --cells persona-ms --train-set head.prior=stated
-  # Two LoRA epochs on every training row, on the closed-form head that reads the stated numbers.
+  # Two LoRA epochs on every training row, on the closed-form head (with the stated numbers, and alone).
   "${GRID[@]}" --label nall-prior --train-rows all --cells single_max-ms,persona-ms --train-set head.prior=stated
+  "${GRID[@]}" --label nall --train-rows all --cells single_max-ms
   ;;
 middle)
   # Adaptation from a middle layer: the LM alone with LoRA on the top 14 of 30 layers (the cache splits
@@ -108,8 +113,12 @@ report)
       --compare trunk-n1000-prior-probe-persona-ms:trunk-n1000-prior-probe-single_max-ms \
       --compare trunk-nall-prior-probe-persona-ms:trunk-nall-prior-probe-single_max-ms \
       --compare trunk-nall-probe-persona-ms:trunk-nall-probe-single_max-ms \
+      --compare trunk-n1000-probe-persona-ms:trunk-n1000-probe-single_max-ms \
+      --compare trunk-n4000-probe-persona-ms:trunk-n4000-probe-single_max-ms \
       --compare trunk-nall-prior-single_max-ms:trunk-nall-prior-probe-single_max-ms \
       --compare trunk-nall-prior-persona-ms:trunk-nall-prior-single_max-ms \
+      --compare trunk-nall-single_max-ms:trunk-nall-probe-single_max-ms \
+      --compare trunk-n4000-prior-persona-ms:trunk-n4000-prior-single_max-ms \
       --compare trunk-n1000-l14-single_max-ms:$LM
   cp "$RUN/eval/report.md" docs/results-ml1m-trunk.md
   cp "$RUN/eval/plots/learning_curve.png" docs/results-ml1m-learning-curve.png
