@@ -102,11 +102,8 @@ def stock_epoch(model, tokenizer, answer, prompts, ratings, batch_size: int = 4)
 @contextlib.contextmanager
 def full_last_layer():
     """top_forward with the last layer over every position, as before the answer-only last layer."""
-    def every_position(layer, h, trees):
-        at = torch.tensor(trees.answers)
-        return layer(h, mask=trees.mask, input_pos=trees.positions)[at[:, 0], at[:, 1]]
-
-    fast, trunk_module.last_layer_at_answers = trunk_module.last_layer_at_answers, every_position
+    fast = trunk_module.last_layer_at_answers
+    trunk_module.last_layer_at_answers = trunk_module.full_layer_at_answers
     try:
         yield
     finally:

@@ -19,6 +19,7 @@ from persona_tune.trunk import (
     RatingHead,
     TrunkCache,
     fit_head_closed_form,
+    full_layer_at_answers,
     last_layer_at_answers,
     make_trees,
     rating_loss,
@@ -88,8 +89,7 @@ def test_last_layer_at_answers_equals_the_full_layer_there_values_and_gradients(
         for p in lora:
             p.normal_(0, 0.05)
     h = trees.states
-    at = torch.tensor(trees.answers)
-    full = last(h, mask=trees.mask, input_pos=trees.positions)[at[:, 0], at[:, 1]]
+    full = full_layer_at_answers(last, h, trees)
     full_grads = torch.autograd.grad(full.square().sum(), lora)
     fast = last_layer_at_answers(last, h, trees)
     fast_grads = torch.autograd.grad(fast.square().sum(), lora)
