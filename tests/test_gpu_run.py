@@ -23,12 +23,11 @@ def test_prepare_packs_two_carries_under_the_limit_and_check_reassembles_them(tm
     env = {**os.environ, "GPU_RUN_DIR": str(carries),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
-    def script(*args: str) -> str:
-        done = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
+    def script(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=900)
 
-    script("prepare", str(run))
+    prepared = script("prepare", str(run))
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
     for part in ("a", "b"):
         size = sum(f.stat().st_size for f in (carries / part).rglob("*") if f.is_file())
         assert 0 < size < CARRY_LIMIT, (part, size)
@@ -41,9 +40,10 @@ def test_prepare_packs_two_carries_under_the_limit_and_check_reassembles_them(tm
         assert (packed / rel).exists(), rel
     assert sorted(p.name for p in packed.glob("*.parquet")) == sorted(p.name for p in run.glob("*.parquet"))
 
-    report = script("check")
-    assert "model parts reassemble: ok" in report
-    assert f"run inputs: {sum(1 for f in packed.rglob('*') if f.is_file())} files" in report
+    checked = script("check")
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "model parts reassemble: ok" in checked.stdout
+    assert f"run inputs: {sum(1 for f in packed.rglob('*') if f.is_file())} files" in checked.stdout
     (carries / "b" / "model.sha256").write_text("0" * 64 + "\n")  # a corrupted part is refused
-    broken = subprocess.run(["bash", str(SCRIPT), "check"], env=env, capture_output=True, text=True, timeout=300)
+    broken = script("check")
     assert broken.returncode == 2 and "do not reassemble" in broken.stderr
