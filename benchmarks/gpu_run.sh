@@ -29,7 +29,6 @@ BUDGET_S=${BUDGET_S:-450}
 prepare() {
   local run=${1:-runs/ml1m}
   rm -rf "$G" && mkdir -p "$G"/a/wheels "$G"/b/run
-  grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
   for w in "${WHEELS[@]}"; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
