@@ -41,10 +41,10 @@ prepare() {
   head -c "$half" "$gguf" > "$G"/a/model.part
   tail -c +$(( half + 1 )) "$gguf" > "$G"/b/model.part
   sha256sum "$gguf" | cut -d' ' -f1 > "$G"/b/model.sha256
-  # The run's inputs: prepared, distilled, retrieved memories, personas, baselines (no vectors, caches, adapters).
-  (cd "$run" && tar cf - manifest.json ./*.parquet distill/profiles.parquet distill/memories.parquet \
-      distill/traits.parquet memory/retrieved.parquet memory/embeddings.json personas eval/baselines) \
-    | tar xf - -C "$G"/b/run
+  # The run's inputs, as persona_tune/runfolder.py names them.
+  local inputs
+  inputs=$(python3 -c "from persona_tune.runfolder import PORTABLE_INPUTS; print(' '.join(PORTABLE_INPUTS))")
+  (cd "$run" && tar cf - $inputs) | tar xf - -C "$G"/b/run
   du -sh "$G"/a "$G"/b
 }
 

@@ -35,6 +35,7 @@ _FILE_MODE = 0o666 & ~_umask()
 
 # The run-folder contract: one constant per file that one stage writes and another reads, relative
 # to the run folder (docs/architecture.md has the table: producer, readers, accessor).
+MANIFEST = "manifest.json"
 RATINGS_TRAIN = "ratings_train.parquet"
 RATINGS_TEST = "ratings_test.parquet"
 ITEMS = "items.parquet"
@@ -75,6 +76,11 @@ EVAL_INPUTS = "eval_inputs.json"
 EVAL_CONFIG = "eval_config.yaml"
 EVAL_LOG = "eval.log"
 BASELINES = "baselines"  # eval/baselines/: the classical baselines' predictions and metrics
+
+# What another machine needs to train and evaluate a run (benchmarks/gpu_run.sh packs it): the stages'
+# outputs up to personas and the baselines; no vectors, caches or adapters.
+PORTABLE_INPUTS = (MANIFEST, RATINGS_TRAIN, RATINGS_TEST, ITEMS, USERS, PROFILES, MEMORIES, TRAITS, RETRIEVED,
+                   EMBEDDINGS_META, "personas", f"eval/{BASELINES}")
 
 # Which stage writes which file, so a missing input names the command that makes it.
 PRODUCERS = {
@@ -242,23 +248,23 @@ class RunFolder:
     # Files written by `prepare`.
     @property
     def manifest_path(self) -> Path:
-        return self.root / "manifest.json"
+        return self.root / MANIFEST
 
     @property
     def ratings_train(self) -> Path:
-        return self.root / "ratings_train.parquet"
+        return self.root / RATINGS_TRAIN
 
     @property
     def ratings_test(self) -> Path:
-        return self.root / "ratings_test.parquet"
+        return self.root / RATINGS_TEST
 
     @property
     def items(self) -> Path:
-        return self.root / "items.parquet"
+        return self.root / ITEMS
 
     @property
     def users(self) -> Path:
-        return self.root / "users.parquet"
+        return self.root / USERS
 
     # One subfolder per later stage.
     def stage_dir(self, stage: str, create: bool = False) -> Path:

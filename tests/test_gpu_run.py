@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from persona_tune.cli import main as cli_main
+from persona_tune.runfolder import PORTABLE_INPUTS
 from tests.fixtures_runs import make_persona_run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh"
@@ -35,8 +36,7 @@ def test_prepare_packs_two_carries_under_the_limit_and_check_reassembles_them(tm
     for name in WHEELS:
         assert any(w.startswith(name) for w in wheels), (name, wheels)
     packed = carries / "b" / "run"
-    for rel in ("manifest.json", "distill/profiles.parquet", "distill/memories.parquet", "memory/retrieved.parquet",
-                "personas", "eval/baselines"):
+    for rel in PORTABLE_INPUTS:
         assert (packed / rel).exists(), rel
     assert sorted(p.name for p in packed.glob("*.parquet")) == sorted(p.name for p in run.glob("*.parquet"))
 
