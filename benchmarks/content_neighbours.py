@@ -1,0 +1,108 @@
+"""How much a user's ratings of *similar* items add to the bias baseline on a run's test rows
+(docs/results.md: why no agent beats the bias baseline).
+
+For each test row, a feature is the user's residual over the bias baseline on their most similar
+training items, weighted by similarity squared:
+- `retrieved memory`: the top-1 memory the agents' prompts carry (memory/retrieved.parquet);
+- `text neighbours K`: the K most similar of the user's training items by the run's item
+  embeddings (memory/item_vectors.npy, MiniLM for the study), the signal a prompt of the user's
+  history could hold at best through the text;
+- `rating neighbours K`: the same by cosine of the items' residual columns in the training ratings
+  (classical item-kNN), a reference for what the rows hold beyond the bias baseline at all.
+The bias baseline plus a linear fit of the residual on each feature, cross-fitted over users
+(5 folds), is compared with the bias baseline on the same rows, paired over users.
+
+    python benchmarks/content_neighbours.py runs/ml1m --rows-of trunk-nall-prior-single_max-ms
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LinearRegression
+from sklearn.model_selection import GroupKFold
+
+from persona_tune.evaluation.baselines import BaselineConfig, bias_predict, bias_terms
+from persona_tune.evaluation.metrics import paired_rmse_diff
+from persona_tune.runfolder import ITEM_IDS, ITEM_VECTORS, RunFolder
+
+NEIGHBOURS = (10, 50)
+
+
+def weighted_residuals(test: pd.DataFrame, train: pd.DataFrame, vectors: np.ndarray, index: dict, k: int) -> np.ndarray:
+    """Per test row: the user's training residuals on their k nearest items, weights similarity^2."""
+    out = np.zeros(len(test))
+    by_user = {u: g for u, g in train.groupby("user_id")}
+    for n, (user, item) in enumerate(zip(test["user_id"], test["item_id"])):
+        if item not in index:
+            continue
+        mine = by_user[user]
+        sims = vectors[mine["item_id"].map(index).to_numpy()] @ vectors[index[item]]
+        top = np.argsort(-sims)[:k]
+        w = np.maximum(sims[top], 0.0) ** 2
+        out[n] = (w * mine["residual"].to_numpy()[top]).sum() / (w.sum() + 1e-9)
+    return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=RunFolder)
+    parser.add_argument("--rows-of", default=None, help="score on the rows of this eval cell (default: all test rows)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    run: RunFolder = args.run
+    train, test, items = run.read_ratings("train"), run.read_ratings("test"), run.read_items()
+    mu, b_u, b_i = bias_terms(train, items, BaselineConfig())
+    train = train.assign(residual=train["rating"] - bias_predict(mu, b_u, b_i, train["user_id"], train["item_id"]))
+    if args.rows_of:
+        cell = pd.read_parquet(run.eval_variant_dir(args.rows_of) / "predictions.parquet", columns=["user_id", "item_id"])
+        test = test.merge(cell, on=["user_id", "item_id"], validate="one_to_one")
+    test = test.reset_index(drop=True).assign(bias=bias_predict(mu, b_u, b_i, test["user_id"], test["item_id"]))
+
+    features = {}
+    retrieved = run.read_retrieved().query("split == 'test' and rank == 0")
+    top1 = test.merge(retrieved, on=["user_id", "item_id"], how="left").merge(
+        train[["user_id", "item_id", "residual"]].rename(columns={"item_id": "memory_item_id"}),
+        on=["user_id", "memory_item_id"], how="left")
+    features["retrieved memory"] = top1["residual"].fillna(0.0).to_numpy()
+    ids = pd.read_parquet(run.root / ITEM_IDS)["item_id"]
+    text = unit_rows(np.load(run.root / ITEM_VECTORS))
+    text_index = {item: n for n, item in enumerate(ids)}
+    columns = train.pivot_table(index="item_id", columns="user_id", values="residual", fill_value=0.0)
+    ratings = unit_rows(columns.to_numpy())
+    rating_index = {item: n for n, item in enumerate(columns.index)}
+    for k in NEIGHBOURS:
+        features[f"text neighbours {k}"] = weighted_residuals(test, train, text, text_index, k)
+        features[f"rating neighbours {k}"] = weighted_residuals(test, train, ratings, rating_index, k)
+
+    truth = test["rating"].to_numpy(float)
+    results = {"rows": len(test), "users": int(test["user_id"].nunique()),
+               "bias_rmse": round(float(np.sqrt(np.mean((np.clip(test["bias"], 1, 5) - truth) ** 2))), 4)}
+    test["bias"] = np.clip(test["bias"], 1, 5)
+    for name, x in features.items():
+        fitted = np.zeros(len(test))
+        for fit, held in GroupKFold(n_splits=5).split(x, groups=test["user_id"]):
+            model = LinearRegression().fit(x[fit, None], (truth - test["bias"].to_numpy())[fit])
+            fitted[held] = model.predict(x[held, None])
+        test["with_neighbours"] = np.clip(test["bias"] + fitted, 1, 5)
+        paired = paired_rmse_diff(test, "with_neighbours", "bias")
+        results[name] = {k: round(v, 4) for k, v in paired.items() if k != "n"}
+        print(f"{name:22s} bias + residual vs bias: {paired['diff']:+.4f} [{paired['lo']:+.4f}, {paired['hi']:+.4f}]",
+              flush=True)
+    print(json.dumps(results, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
