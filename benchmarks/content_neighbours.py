@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import GroupKFold
+from sklearn.preprocessing import normalize
 
 from persona_tune.evaluation.baselines import BaselineConfig, bias_predict, bias_terms
 from persona_tune.evaluation.metrics import paired_rmse_diff
@@ -49,10 +50,6 @@ def weighted_residuals(test: pd.DataFrame, train: pd.DataFrame, vectors: np.ndar
     return out
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=RunFolder)
@@ -66,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows_of:
         cell = pd.read_parquet(run.eval_variant_dir(args.rows_of) / "predictions.parquet", columns=["user_id", "item_id"])
         test = test.merge(cell, on=["user_id", "item_id"], validate="one_to_one")
-    test = test.reset_index(drop=True).assign(bias=bias_predict(mu, b_u, b_i, test["user_id"], test["item_id"]))
+    test = test.reset_index(drop=True).assign(
+        bias=np.clip(bias_predict(mu, b_u, b_i, test["user_id"], test["item_id"]), 1, 5))
 
     features = {}
     retrieved = run.read_retrieved().query("split == 'test' and rank == 0")
@@ -75,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         on=["user_id", "memory_item_id"], how="left")
     features["retrieved memory"] = top1["residual"].fillna(0.0).to_numpy()
     ids = pd.read_parquet(run.root / ITEM_IDS)["item_id"]
-    text = unit_rows(np.load(run.root / ITEM_VECTORS))
+    text = normalize(np.load(run.root / ITEM_VECTORS))
     text_index = {item: n for n, item in enumerate(ids)}
     columns = train.pivot_table(index="item_id", columns="user_id", values="residual", fill_value=0.0)
-    ratings = unit_rows(columns.to_numpy())
+    ratings = normalize(columns.to_numpy())
     rating_index = {item: n for n, item in enumerate(columns.index)}
     for k in NEIGHBOURS:
         features[f"text neighbours {k}"] = weighted_residuals(test, train, text, text_index, k)
@@ -86,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     truth = test["rating"].to_numpy(float)
     results = {"rows": len(test), "users": int(test["user_id"].nunique()),
-               "bias_rmse": round(float(np.sqrt(np.mean((np.clip(test["bias"], 1, 5) - truth) ** 2))), 4)}
-    test["bias"] = np.clip(test["bias"], 1, 5)
+               "bias_rmse": round(float(np.sqrt(np.mean((test["bias"] - truth) ** 2))), 4)}
     for name, x in features.items():
         fitted = np.zeros(len(test))
         for fit, held in GroupKFold(n_splits=5).split(x, groups=test["user_id"]):
