@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LinearRegression
-from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import normalize
 
 from persona_tune.evaluation.baselines import BaselineConfig, bias_predict, bias_terms
-from persona_tune.evaluation.metrics import paired_rmse_diff
+from persona_tune.evaluation.metrics import residual_over_bias
 from persona_tune.runfolder import ITEM_IDS, ITEM_VECTORS, RunFolder
 
 NEIGHBOURS = (10, 50)
@@ -86,12 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"rows": len(test), "users": int(test["user_id"].nunique()),
                "bias_rmse": round(float(np.sqrt(np.mean((test["bias"] - truth) ** 2))), 4)}
     for name, x in features.items():
-        fitted = np.zeros(len(test))
-        for fit, held in GroupKFold(n_splits=5).split(x, groups=test["user_id"]):
-            model = LinearRegression().fit(x[fit, None], (truth - test["bias"].to_numpy())[fit])
-            fitted[held] = model.predict(x[held, None])
-        test["with_neighbours"] = np.clip(test["bias"] + fitted, 1, 5)
-        paired = paired_rmse_diff(test, "with_neighbours", "bias")
+        paired = residual_over_bias(test, x[:, None], LinearRegression)
         results[name] = {k: round(v, 4) for k, v in paired.items() if k != "n"}
         print(f"{name:22s} bias + residual vs bias: {paired['diff']:+.4f} [{paired['lo']:+.4f}, {paired['hi']:+.4f}]",
               flush=True)

@@ -91,29 +91,22 @@ def residual_over_bias(recipe, test, states: np.ndarray, priors: np.ndarray) -> 
     """Bias baseline + a cross-fitted ridge of its residual, against the bias baseline alone."""
     import pandas as pd
     from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from persona_tune.evaluation.metrics import paired_rmse_diff
+    from persona_tune.evaluation import metrics
 
     baselines = pd.read_parquet(Path(recipe.cfg.run_dir) / "eval" / "baselines" / "predictions.parquet")
     frame = test[["user_id", "item_id", "rating"]].reset_index(drop=True).merge(
         baselines[["user_id", "item_id", "bias"]], on=["user_id", "item_id"], how="left", validate="one_to_one")
-    residual = frame["rating"].to_numpy(float) - frame["bias"].to_numpy(float)
     out = {}
     for name, x in (("stated numbers", priors), ("final normed state", states),
                     ("final normed state + stated numbers", np.hstack([states, priors]))):
-        fitted = np.zeros(len(frame))
-        for fit, held in GroupKFold(n_splits=5).split(x, groups=frame["user_id"]):
-            model = make_pipeline(StandardScaler(), RidgeCV(alphas=(10, 100, 1000, 10000, 100000)))
-            fitted[held] = model.fit(x[fit], residual[fit]).predict(x[held])
-        frame["agent"] = np.clip(frame["bias"] + fitted, 1, 5)
-        paired = paired_rmse_diff(frame, "agent", "bias")
+        paired = metrics.residual_over_bias(
+            frame, x, lambda: make_pipeline(StandardScaler(), RidgeCV(alphas=(10, 100, 1000, 10000, 100000))))
         out[name] = {k: round(v, 4) for k, v in paired.items() if k != "n"} | {"rows": paired["n"]}
         print("residual over bias,", name, json.dumps(out[name]), flush=True)
     return out
-
 
 if __name__ == "__main__":
     sys.exit(main())

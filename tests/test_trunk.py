@@ -244,6 +244,24 @@ def test_paired_rmse_diff_by_hand():
     assert gap["n"] == 0 and np.isnan(gap["diff"])
 
 
+def test_residual_over_bias_cross_fits_over_users():
+    from sklearn.linear_model import LinearRegression
+
+    from persona_tune.evaluation.metrics import residual_over_bias
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(10), 6)
+    bias = rng.uniform(2.5, 4.0, len(users))
+    residual = rng.normal(0, 0.7, len(users))
+    frame = pd.DataFrame({"user_id": users, "bias": bias, "rating": np.clip(bias + residual, 1, 5)})
+    exact = (frame["rating"] - frame["bias"]).to_numpy()[:, None]  # a feature that is the residual: RMSE 0
+    out = residual_over_bias(frame, exact, LinearRegression, n_boot=200)
+    bias_rmse = float(np.sqrt(np.mean((frame["rating"] - frame["bias"]) ** 2)))
+    assert out["diff"] == pytest.approx(-bias_rmse) and out["n"] == len(frame)
+    noise = rng.normal(size=(len(frame), 1))  # nothing to learn: no better than the bias baseline
+    assert residual_over_bias(frame, noise, LinearRegression, n_boot=200)["diff"] > -0.02
+
+
 def test_a_head_that_reads_the_stated_numbers():
     from persona_tune.prompts import PromptParts
     from persona_tune.trunk import N_PRIOR, prior_features

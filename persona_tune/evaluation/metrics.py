@@ -196,3 +196,22 @@ def train_rows_per_persona(run, personas) -> dict:
     persona_of = assignments.set_index("user_id")["persona"]
     counts = run.read_ratings("train", columns=["user_id"])["user_id"].map(persona_of).value_counts()
     return {str(p): int(counts.get(p, 0)) for p in personas}
+
+
+def residual_over_bias(frame: pd.DataFrame, features: np.ndarray, make_model, *, n_folds: int = 5,
+                       n_boot: int = 1000, seed: int = 0) -> dict:
+    """The bias baseline plus a model of its residual on ``features`` ([n, d], one row per row of
+    ``frame``), each user's rows predicted by a model fitted on the other users' (GroupKFold), against
+    the bias baseline alone on the same rows: :func:`paired_rmse_diff` of the two.
+
+    ``frame`` has ``user_id``, ``rating`` and ``bias``; ``make_model()`` returns a fresh scikit-learn
+    regressor. The sum is clipped to 1-5.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    residual = frame["rating"].to_numpy(dtype=float) - frame["bias"].to_numpy(dtype=float)
+    fitted = np.zeros(len(frame))
+    for fit, held in GroupKFold(n_splits=n_folds).split(features, groups=frame["user_id"]):
+        fitted[held] = make_model().fit(features[fit], residual[fit]).predict(features[held])
+    scored = frame.assign(bias_plus_residual=np.clip(frame["bias"].to_numpy(dtype=float) + fitted, 1, 5))
+    return paired_rmse_diff(scored, "bias_plus_residual", "bias", n_boot=n_boot, seed=seed)
