@@ -462,17 +462,23 @@ class RunFolder:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def update_manifest(self, **top_level: Any) -> dict:
-        """Set top-level manifest keys (``protocol``, ``inputs``, ``counts``...) atomically."""
+        """Set top-level manifest keys (``protocol``, ``inputs``, ``counts``...) atomically (URL
+        credentials redacted, persona_tune/net.py)."""
+        from persona_tune.net import redact
+
         with self._manifest_lock():
             manifest = self.read_manifest()
-            manifest.update(top_level)
+            manifest.update(redact(top_level))
             manifest["format_version"] = FORMAT_VERSION
             atomic_write_json(self.manifest_path, manifest)
         return manifest
 
     def record_stage(self, stage: str, params: dict, **extra: Any) -> dict:
-        """Record one stage's parameters and provenance (code version, time, plus ``extra``)."""
-        entry = {"params": params, "code_version": code_version(), "finished_at": _now(), **extra}
+        """Record one stage's parameters and provenance (code version, time, plus ``extra``); a password
+        in a URL is recorded as ``***`` (persona_tune/net.py)."""
+        from persona_tune.net import redact
+
+        entry = redact({"params": params, "code_version": code_version(), "finished_at": _now(), **extra})
         with self._manifest_lock():
             manifest = self.read_manifest()
             manifest.setdefault("stages", {})[stage] = entry
