@@ -15,6 +15,7 @@ from persona_tune.errors import ConfigError, DataError
 from persona_tune.runfolder import RunFolder
 from persona_tune.simulate import validity as v
 from persona_tune.simulate.fidelity import PROB_COLUMNS
+from persona_tune.simulate.report import simulation_section
 from persona_tune.simulate.run import SimulateConfig
 from tests.fixtures_runs import make_prepared_run
 
@@ -199,6 +200,13 @@ def test_validity_on_a_synthetic_run_with_a_predictions_file(tmp_path):
     assert "perfect - classical" in results["paired"]
     users = pd.read_parquet(sim.root / v.USER_METRICS)
     assert set(users["source"]) == {"truth", "perfect", "classical", "popularity", "item-blind"}
+    # The report's Simulation section shows the protocol's tables, the agent first.
+    md, _ = simulation_section(RunFolder(run), tmp_path / "plots")
+    text = "\n".join(md)
+    assert "## Simulation validity: validity-baselines" in text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1:5] == ["| perfect", "| classical", "| popularity", "| item-blind"]
+    assert "| significant pairs ordered right | +" in text or "| significant pairs ordered right | -" in text
 
 
 def test_validity_input_checks(tmp_path):

@@ -515,12 +515,66 @@ def _fmt(m: dict | None) -> str:
     return f"{m['value']:.3f}{ci}"
 
 
+FIDELITY = (("taste_auc", "taste AUC (per user)"), ("taste_auc_pooled", "taste AUC (pooled pairs)"),
+            ("watch_acc_1_1", "watch acc 1:1"), ("watch_f1_1_1", "watch F1 1:1"), ("watch_auc_1_1", "watch AUC 1:1"),
+            ("watch_acc_1_3", "watch acc 1:3"), ("watch_f1_1_3", "watch F1 1:3"), ("rating_w1", "rating W1"))
+
+
+def _md(m: dict | None, signed: bool = False) -> str:
+    if not m or m.get("value") is None:
+        return "undefined"
+    f = "+.3f" if signed else ".3f"
+    ci = "" if m.get("lo") is None else f" [{m['lo']:{f}}, {m['hi']:{f}}]"
+    return f"{m['value']:{f}}{ci}"
+
+
+def markdown(results: dict) -> str:
+    """The protocol's tables (agreement, fidelity, paired differences, recommenders), for the report and docs."""
+    k = results["k"]
+    order = [*results.get("agents", []), CLASSICAL, *NULLS]
+    sims = {n: results["simulators"][n] for n in [*order, *results["simulators"]] if n in results["simulators"]}
+    out = [f"{results['users']} users, {len(results['recommenders'])} recommenders ranking each user's whole held-out "
+           f"set; the truth (rated >= {results['like_at']}) separates {results['n_significant_pairs']} of "
+           f"{results['n_pairs']} recommender pairs by nDCG@{k} (paired bootstrap over users, 95%). [95% CI] from "
+           f"{results['n_boot']} bootstrap resamples of users.", "",
+           f"| simulator | nDCG@{k} Kendall τ-b | nDCG@{k} Spearman ρ | significant pairs ordered right | "
+           f"recall@{k} Kendall τ-b | recall@{k} pairs right (of {results['truth'][f'n_significant_pairs_recall@{k}']}) |",
+           "|---|---|---|---|---|---|"]
+    for name, s in sims.items():
+        r = s[f"recall@{k}"]
+        out.append(f"| {name} | {_md(s['kendall_tau_b'])} | {_md(s['spearman_rho'])} | {_md(s['pairs_correct'])} | "
+                   f"{_md(r['kendall_tau_b'])} | {_md(r['pairs_correct'])} |")
+    out += ["", "| simulator | " + " | ".join(label for _, label in FIDELITY) + " |",
+            "|---|" + "---|" * len(FIDELITY)]
+    for name, s in sims.items():
+        out.append(f"| {name} | " + " | ".join(_md(s["fidelity"][key]) for key, _ in FIDELITY) + " |")
+    if results["paired"]:
+        pairs = list(results["paired"])
+        out += ["", "| statistic | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
+        keys = [("kendall_tau_b", f"nDCG@{k} Kendall τ-b"), ("spearman_rho", f"nDCG@{k} Spearman ρ"),
+                ("pairs_correct", "significant pairs ordered right"), *FIDELITY]
+        for key, label in keys:
+            out.append(f"| {label} | " + " | ".join(_md(results["paired"][p].get(key), signed=True) for p in pairs) + " |")
+    truth = results["truth"][f"ndcg@{k}"]
+    names = sorted(truth, key=lambda r: -(truth[r]["value"] or 0))
+    out += ["", f"| recommender | true nDCG@{k} | " + " | ".join(f"{n} nDCG@{k}" for n in sims) + " |",
+            "|---|---|" + "---|" * len(sims)]
+    for rec in names:
+        out.append(f"| {rec} | {_md(truth[rec])} | "
+                   + " | ".join(f"{sims[n]['recommenders'][rec][f'ndcg@{k}']['value']:.3f}"
+                                if sims[n]['recommenders'][rec][f'ndcg@{k}']['value'] is not None else "undefined"
+                                for n in sims) + " |")
+    return "\n".join(out)
+
+
 def summary_lines(results: dict) -> list[str]:
     k = results["k"]
     lines = [f"{results['users']} users, {len(results['recommenders'])} recommenders; the truth separates "
              f"{results['n_significant_pairs']} of {results['n_pairs']} pairs (nDCG@{k})",
              f"{'simulator':<34} {'Kendall tau-b':<24} {'Spearman rho':<24} {'pairs correct':<24} {'taste AUC pooled':<24}"]
-    for name, s in results["simulators"].items():
+    order = [*results.get("agents", []), CLASSICAL, *NULLS]
+    for name in dict.fromkeys([n for n in order if n in results["simulators"]] + list(results["simulators"])):
+        s = results["simulators"][name]
         lines.append(f"{name:<34} {_fmt(s['kendall_tau_b']):<24} {_fmt(s['spearman_rho']):<24} "
                      f"{_fmt(s['pairs_correct']):<24} {_fmt(s['fidelity']['taste_auc_pooled']):<24}")
     for pair, stats in results["paired"].items():
