@@ -35,6 +35,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from persona_tune.errors import ConfigError
+from persona_tune.history import History
 from persona_tune.names import FAMILIES, MEMORY_MODES
 from persona_tune.runfolder import (
     ASSIGNMENTS,
@@ -331,7 +332,7 @@ def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
     # 2. Scores: the agent (resumable) and the classical simulator.
     sim = run.simulation(cfg.out_name)
     agent_scores, stats = score_with_agent(run, sim, cfg, pairs)
-    classical = BiasRater.fit(train, items)
+    classical = BiasRater.fit(train, items, history=History.load(run))
     classical_scores = pd.concat([pairs.reset_index(drop=True),
                                   classical.rate(pairs["user_id"], pairs["item_id"])], axis=1)
     simulators = {cfg.variant: agent_scores, CLASSICAL: classical_scores}
