@@ -25,6 +25,7 @@ from persona_tune.distill import batch, llm, offline
 from persona_tune.distill.llm import MEMORY_FIELDS, PROFILE_FIELDS, RESPONSE_FORMATS
 from persona_tune.distill.llm import estimate_plan, plan_batches  # noqa: F401 (their old home)
 from persona_tune.distill.traits import compute_traits
+from persona_tune.history import History
 from persona_tune.errors import ConfigError, DataError
 from persona_tune.distill.store import RequestStore
 from persona_tune.runfolder import (
@@ -153,7 +154,8 @@ def _require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
 
 
 def load_inputs(run: RunFolder, users: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train rows (time order per user; first ``users`` user ids if given) and the items table."""
+    """Train rows (time order per user; first ``users`` user ids if given) with each row's item average
+    (``hist_avg``, at the user's cutoff), and the items table."""
     run.require(RATINGS_TRAIN, ITEMS)
     train = run.read_ratings("train")
     items = run.read_items()
@@ -175,6 +177,9 @@ def load_inputs(run: RunFolder, users: int | None = None) -> tuple[pd.DataFrame,
         keep = sorted(train["user_id"].unique())[:users]
         train = train[train["user_id"].isin(keep)]
     train = train[TRAIN_COLUMNS].sort_values(["user_id", "timestamp", "item_id"], kind="mergesort").reset_index(drop=True)
+    # Each row's item average as known at its user's cutoff (persona_tune/history.py), for the traits
+    # and the offline texts.
+    train["hist_avg"] = History.load(run).row_stats(train["user_id"].to_numpy(), train["item_id"].to_numpy())[0]
     return train, items
 
 
