@@ -517,5 +517,18 @@ class SimulationFolder:
     def parts_dir(self) -> Path:  # the agent's scores, chunk by chunk, each with its fingerprint
         return self.root / "parts"
 
+    # `simulate --validity` (persona_tune/simulate/validity.py; read by the report's Simulation section)
+    @property
+    def validity(self) -> Path:  # agreement and fidelity of each simulator, paired differences
+        return self.root / "validity.json"
+
+    @property
+    def validity_users(self) -> Path:  # per source (truth, simulator), recommender and user: ndcg, recall
+        return self.root / "validity_users.parquet"
+
+    @property
+    def validity_rows(self) -> Path:  # every rated row (held-out and unrated), once per simulator
+        return self.root / "validity_rows.parquet"
+
     def exists(self) -> bool:
         return self.metrics.is_file()

@@ -184,7 +184,7 @@ def test_validity_on_a_synthetic_run_with_a_predictions_file(tmp_path):
             "--candidates", "3", "--negatives", "1", "--n-boot", "50", "--no-progress"]
     assert cli_main(argv) == 0
     sim = RunFolder(run).simulation("validity-baselines")
-    results = json.loads((sim.root / v.RESULTS).read_text())
+    results = json.loads(sim.validity.read_text())
     assert results["users"] >= 1 and len(results["recommenders"]) == 16
     assert set(results["simulators"]) == {"perfect", "classical", "popularity", "item-blind"}
     for name, s in results["simulators"].items():
@@ -198,7 +198,7 @@ def test_validity_on_a_synthetic_run_with_a_predictions_file(tmp_path):
     assert perfect["fidelity"]["watch_acc_1_1"]["value"] is None
     assert results["simulators"]["classical"]["fidelity"]["watch_acc_1_1"]["value"] is not None
     assert "perfect - classical" in results["paired"]
-    users = pd.read_parquet(sim.root / v.USER_METRICS)
+    users = pd.read_parquet(sim.validity_users)
     assert set(users["source"]) == {"truth", "perfect", "classical", "popularity", "item-blind"}
     # The report's Simulation section shows the protocol's tables, the agent first.
     md, _ = simulation_section(RunFolder(run), tmp_path / "plots")

@@ -49,9 +49,6 @@ log = logging.getLogger(__name__)
 
 CLASSICAL, POPULARITY, ITEM_BLIND, TRUTH = "classical", "popularity", "item-blind", "truth"
 NULLS = (POPULARITY, ITEM_BLIND)
-RESULTS = "validity.json"
-USER_METRICS = "validity_users.parquet"
-ROWS = "validity_rows.parquet"
 
 
 # ---------------------------------------------------------------- the null simulators
@@ -421,11 +418,12 @@ def run(run_folder: RunFolder, cfg) -> ValiditySummary:
         "timing": {"recommenders_fit_rank_s": fit_seconds, **{k: v for k, v in stats.items() if k != "fingerprint"}},
     })
     user_table = results.pop("_user_metrics")
-    atomic_write_parquet(user_table, sim.root / USER_METRICS)
-    atomic_write_parquet(rated, sim.root / ROWS)
-    atomic_write_json(sim.root / RESULTS, results)
-    run_folder.record_stage(f"simulate/{cfg.out_name}", {"validity": True, **_cfg_dict(cfg)},
-                            outputs=[str((sim.root / f).relative_to(run_folder.root)) for f in (RESULTS, USER_METRICS, ROWS)])
+    atomic_write_parquet(user_table, sim.validity_users)
+    atomic_write_parquet(rated, sim.validity_rows)
+    atomic_write_json(sim.validity, results)
+    run_folder.record_stage(f"simulate/{cfg.out_name}", _cfg_dict(cfg),
+                            outputs=[str(p.relative_to(run_folder.root)) for p in (sim.validity, sim.validity_users,
+                                                                                     sim.validity_rows)])
     return ValiditySummary(name=cfg.out_name, out_dir=str(sim.root), users=results["users"], recommenders=recommenders,
                            simulators=list(simulators), rows=len(rows), scored=stats["scored"], reused=stats["reused"],
                            seconds=stats["seconds"], rows_per_s=stats.get("rows_per_s"), results=results)
