@@ -76,6 +76,7 @@ EVAL_INPUTS = "eval_inputs.json"
 EVAL_CONFIG = "eval_config.yaml"
 EVAL_LOG = "eval.log"
 BASELINES = "baselines"  # eval/baselines/: the classical baselines' predictions and metrics
+SERVING_SPEC = "serving.json"  # serving/<variant>/: the bundle's description (persona-tune serve-export)
 
 # What another machine needs to train and evaluate a run (benchmarks/gpu_run.sh packs it): the stages'
 # outputs up to personas and the baselines; no vectors, caches or adapters.
@@ -344,6 +345,14 @@ class RunFolder:
     @property
     def baseline_predictions(self) -> Path:
         return self.baselines_dir / PREDICTIONS
+
+    @property
+    def serving_dir(self) -> Path:
+        return self.root / "serving"
+
+    def serving_variant_dir(self, variant: str) -> Path:
+        """serving/<variant>/: serving.json and one folder per adapter (PEFT + GGUF), by `serve-export`."""
+        return self.serving_dir / check_name(variant)
 
     def simulation(self, name: str) -> "SimulationFolder":
         """RUN/simulate/<name>/: the files of one `persona-tune simulate` run."""
