@@ -12,6 +12,7 @@ import pytest
 
 from persona_tune.cli import main as cli_main
 from persona_tune.errors import ConfigError, DataError
+from persona_tune.history import History
 from persona_tune.runfolder import RunFolder
 from persona_tune.simulate import validity as v
 from persona_tune.simulate.fidelity import PROB_COLUMNS
@@ -167,9 +168,11 @@ def test_null_raters():
     assert blind[PROB_COLUMNS].iloc[0].tolist() == [0, 0, 0, 2 / 3, 1 / 3]
     assert blind["p_like"].tolist() == pytest.approx([1.0, 1.0, 0.0])
     assert blind["expected_rating"].iloc[1] == pytest.approx(13 / 3)
-    pop = v.PopularityRater.fit(train, items).rate([1, 2, 2], [10, 11, 12])
-    assert pop["expected_rating"].tolist() == pytest.approx(v.PopularityRater.fit(train, items).rate(
-        [2, 1, 1], [10, 11, 12])["expected_rating"].tolist())  # the user does not matter
+    history = History.from_items(items.assign(hist_avg=3.0))
+    rater = v.PopularityRater.fit(train, history)
+    assert rater.slope == pytest.approx(np.polyfit(np.log1p([100, 1, 10, 100, 10]), [5, 4, 4, 1, 3], 1)[0])
+    pop = rater.rate([1, 2, 2], [10, 11, 12])
+    assert pop["expected_rating"].tolist() == pytest.approx(rater.rate([2, 1, 1], [10, 11, 12])["expected_rating"].tolist())
 
 
 def test_validity_on_a_synthetic_run_with_a_predictions_file(tmp_path):

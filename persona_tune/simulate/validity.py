@@ -40,6 +40,7 @@ from scipy.stats import kendalltau, spearmanr, wasserstein_distance
 from sklearn.metrics import ndcg_score
 
 from persona_tune.errors import ConfigError, DataError
+from persona_tune.history import History
 from persona_tune.runfolder import RATINGS_TEST, RATINGS_TRAIN, ITEMS, RunFolder, atomic_write_json, atomic_write_parquet
 from persona_tune.simulate.classical import BiasRater, rating_distribution
 from persona_tune.simulate.fidelity import LIKE_AT, PROB_COLUMNS, RATINGS, resample_weights
@@ -56,25 +57,25 @@ NULLS = (POPULARITY, ITEM_BLIND)
 
 @dataclass
 class PopularityRater:
-    """A rating that depends only on the item's popularity: a least-squares line of the train ratings on
-    log(1 + hist_count) (items.parquet: every source rating but the test rows), with the Gaussian residual
-    of the classical simulator (persona_tune.simulate.classical.rating_distribution)."""
+    """A rating that depends only on how many other users rated the item (as known at the user's split
+    time: persona_tune.history.History.row_stats): a least-squares line of the train ratings on
+    log(1 + count), with the Gaussian residual of the classical simulator
+    (persona_tune.simulate.classical.rating_distribution)."""
     slope: float
     intercept: float
     sigma: float
-    counts: pd.Series
+    history: History
 
     @classmethod
-    def fit(cls, train: pd.DataFrame, items: pd.DataFrame) -> "PopularityRater":
-        counts = items.set_index("item_id")["hist_count"].astype(float)
-        x = np.log1p(counts.reindex(train["item_id"]).fillna(0.0).to_numpy())
+    def fit(cls, train: pd.DataFrame, history: History) -> "PopularityRater":
+        x = np.log1p(history.row_stats(train["user_id"], train["item_id"])[1])
         y = train["rating"].to_numpy(float)
         slope, intercept = np.polyfit(x, y, 1)
         sigma = float(np.sqrt(np.mean((y - (slope * x + intercept)) ** 2)))
-        return cls(float(slope), float(intercept), max(sigma, 1e-3), counts)
+        return cls(float(slope), float(intercept), max(sigma, 1e-3), history)
 
     def rate(self, user_ids, item_ids) -> pd.DataFrame:
-        x = np.log1p(self.counts.reindex(np.asarray(item_ids)).fillna(0.0).to_numpy())
+        x = np.log1p(self.history.row_stats(user_ids, item_ids)[1])
         return rating_distribution(self.slope * x + self.intercept, self.sigma)
 
 
@@ -400,8 +401,9 @@ def run(run_folder: RunFolder, cfg) -> ValiditySummary:
         if name in simulators or name in (CLASSICAL, *NULLS, TRUTH):
             raise ConfigError(f"--predictions {name}: the name is taken; use NAME=FILE")
         simulators[name] = table
-    for name, rater in ((CLASSICAL, BiasRater.fit(train, items)), (POPULARITY, PopularityRater.fit(train, items)),
-                        (ITEM_BLIND, ItemBlindRater.fit(train))):
+    history = History.load(run_folder)
+    for name, rater in ((CLASSICAL, BiasRater.fit(train, items, history=history)),
+                        (POPULARITY, PopularityRater.fit(train, history)), (ITEM_BLIND, ItemBlindRater.fit(train))):
         simulators[name] = pd.concat([rows.reset_index(drop=True), rater.rate(rows["user_id"], rows["item_id"])], axis=1)
     keep = ["user_id", "item_id", "expected_rating", "p_like", *PROB_COLUMNS]
     rated = pd.concat([s[keep].assign(simulator=name) for name, s in simulators.items()], ignore_index=True)
@@ -414,7 +416,7 @@ def run(run_folder: RunFolder, cfg) -> ValiditySummary:
         "variant": cfg.variant if cfg.agent else None, "agents": agents, "name": cfg.out_name,
         "candidates_watch": cfg.candidates, "negatives": cfg.negatives, "like_threshold": cfg.like_threshold,
         "rows": {"heldout": int(len(heldout)), "unrated": int(len(unrated)), "pairs": int(len(rows))},
-        "classical_model": {"kind": "bias baseline + Gaussian residual"},
+        "history": history.mode,
         "timing": {"recommenders_fit_rank_s": fit_seconds, **{k: v for k, v in stats.items() if k != "fingerprint"}},
     })
     user_table = results.pop("_user_metrics")
