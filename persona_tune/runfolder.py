@@ -40,6 +40,7 @@ RATINGS_TRAIN = "ratings_train.parquet"
 RATINGS_TEST = "ratings_test.parquet"
 ITEMS = "items.parquet"
 USERS = "users.parquet"
+HISTORY = "history.parquet"  # every non-test rating of the source log, with timestamps (persona_tune/history.py)
 PROFILES = "distill/profiles.parquet"
 MEMORIES = "distill/memories.parquet"
 TRAITS = "distill/traits.parquet"
@@ -78,10 +79,11 @@ EVAL_INPUTS = "eval_inputs.json"
 EVAL_CONFIG = "eval_config.yaml"
 EVAL_LOG = "eval.log"
 BASELINES = "baselines"  # eval/baselines/: the classical baselines' predictions and metrics
+SERVING_SPEC = "serving.json"  # serving/<variant>/: the bundle's description (persona-tune serve-export)
 
 # What another machine needs to train and evaluate a run (benchmarks/gpu_run.sh packs it): the stages'
 # outputs up to personas and the baselines; no vectors, caches or adapters.
-PORTABLE_INPUTS = (MANIFEST, RATINGS_TRAIN, RATINGS_TEST, ITEMS, USERS, PROFILES, MEMORIES, TRAITS, RETRIEVED,
+PORTABLE_INPUTS = (MANIFEST, RATINGS_TRAIN, RATINGS_TEST, ITEMS, USERS, HISTORY, PROFILES, MEMORIES, TRAITS, RETRIEVED,
                    EMBEDDINGS_META, "personas", f"eval/{BASELINES}")
 
 # Which stage writes which file, so a missing input names the command that makes it.
@@ -90,6 +92,7 @@ PRODUCERS = {
     RATINGS_TEST: "prepare",
     ITEMS: "prepare",
     USERS: "prepare",
+    HISTORY: "prepare",
     PROFILES: "distill",
     MEMORIES: "distill",
     TRAITS: "distill",
@@ -440,6 +443,14 @@ class RunFolder:
     def baseline_predictions(self) -> Path:
         return self.baselines_dir / PREDICTIONS
 
+    @property
+    def serving_dir(self) -> Path:
+        return self.root / "serving"
+
+    def serving_variant_dir(self, variant: str) -> Path:
+        """serving/<variant>/: serving.json and one folder per adapter (PEFT + GGUF), by `serve-export`."""
+        return self.serving_dir / check_name(variant)
+
     def simulation(self, name: str) -> "SimulationFolder":
         """RUN/simulate/<name>/: the files of one `persona-tune simulate` run."""
         return SimulationFolder(self.simulate_dir / name)
@@ -510,6 +521,7 @@ class RunFolder:
         return self.read_table(RATINGS[split], columns)
 
     read_items = _table_reader(ITEMS, "items.parquet: one row per item, with its prompt text and history.")
+    read_history = _table_reader(HISTORY, "history.parquet: every non-test rating of the source log (persona_tune/history.py).")
     read_users = _table_reader(USERS, "users.parquet: one row per sampled user, with the rating counts.")
     read_profiles = _table_reader(PROFILES, "distill/profiles.parquet: one profile (M_s) and trait levels per user.")
     read_memories = _table_reader(MEMORIES, "distill/memories.parquet: one explanation (M_l) per train (user, item).")
@@ -608,6 +620,19 @@ class SimulationFolder:
     @property
     def parts_dir(self) -> Path:  # the agent's scores, chunk by chunk, each with its fingerprint
         return self.root / "parts"
+
+    # `simulate --validity` (persona_tune/simulate/validity.py; read by the report's Simulation section)
+    @property
+    def validity(self) -> Path:  # agreement and fidelity of each simulator, paired differences
+        return self.root / "validity.json"
+
+    @property
+    def validity_users(self) -> Path:  # per source (truth, simulator), recommender and user: ndcg, recall
+        return self.root / "validity_users.parquet"
+
+    @property
+    def validity_rows(self) -> Path:  # every rated row (held-out and unrated), once per simulator
+        return self.root / "validity_rows.parquet"
 
     def exists(self) -> bool:
         return self.metrics.is_file()

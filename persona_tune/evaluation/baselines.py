@@ -1,6 +1,8 @@
 """Classical rating predictors on exactly the agents' test rows (RUN/eval/baselines/).
 
-What each predictor is fit on (mu = the global mean):
+What each predictor is fit on (mu = the global mean). "Non-test ratings" are the run's history
+(persona_tune/history.py): with the default ``before_split`` history only those before the cutoff of
+the row's user count, so mu, hist_avg and hist_count below are those of the user's bucket.
 - global_mean: the mean of every non-test rating of the source log, i.e. sum(hist_avg * hist_count) /
   sum(hist_count) over items.parquet (hist_* exclude the sampled users' test rows).
 - user_mean: the mean of the user's own train rows.
@@ -28,6 +30,7 @@ import torch
 
 from persona_tune.errors import DataError
 from persona_tune.evaluation.metrics import grouped_metrics
+from persona_tune.history import History
 from persona_tune.runfolder import ITEMS, METRICS, PREDICTIONS, RunFolder, atomic_write_json, atomic_write_parquet
 from persona_tune.stage import add_config_arguments, config_from_args
 
@@ -109,7 +112,8 @@ def fit_mf(train: pd.DataFrame, residual: np.ndarray, cfg: BaselineConfig) -> tu
     return dict(zip(users.tolist(), p_np)), dict(zip(items.tolist(), q_np))
 
 
-def choose_mf_reg(train: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig) -> float:
+def choose_mf_reg(train: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig,
+                  history: History | None = None) -> float:
     """The L2 weight in MF_REGS with the lowest MF RMSE on the last 20% of each user's train rows."""
     position = train.groupby("user_id").cumcount()
     size = train.groupby("user_id")["user_id"].transform("size")
@@ -119,36 +123,36 @@ def choose_mf_reg(train: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig)
         return MF_REGS[0]
     rmse = {}
     for reg in MF_REGS:
-        pred = predict_baselines(fit, val, items, replace(cfg, mf_reg=reg))
+        pred = predict_baselines(fit, val, items, replace(cfg, mf_reg=reg), history)
         rmse[reg] = float(np.sqrt(((pred["mf"] - pred["rating"]) ** 2).mean()))
     log.info("mf: validation RMSE by L2 weight %s", {k: round(v, 4) for k, v in rmse.items()})
     return min(rmse, key=rmse.get)
 
 
 def predict_baselines(
-    train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig | None = None
+    train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig | None = None,
+    history: History | None = None,
 ) -> pd.DataFrame:
-    """``test`` with one column per predictor in PREDICTORS (see the module docstring)."""
+    """``test`` with one column per predictor in PREDICTORS (see the module docstring); ``history``: the
+    run's (History.load), else all_time from ``items``."""
     cfg = cfg or BaselineConfig()
+    history = history or History.from_items(items)
     if cfg.mf_reg is None:
-        cfg = replace(cfg, mf_reg=choose_mf_reg(train, items, cfg))
-    mu = global_mean(items)
+        cfg = replace(cfg, mf_reg=choose_mf_reg(train, items, cfg, history))
     out = test.copy()
+    mu = history.global_mean()[history.bucket_of(out["user_id"].to_numpy())]
     out["global_mean"] = mu
 
     user_mean = train.groupby("user_id")["rating"].mean()
-    out["user_mean"] = out["user_id"].map(user_mean).fillna(mu)
+    out["user_mean"] = out["user_id"].map(user_mean).fillna(pd.Series(mu, index=out.index))
 
-    hist = items.set_index("item_id")["hist_avg"]
-    out["item_mean"] = out["item_id"].map(hist).fillna(mu)
+    avg, _ = history.row_stats(out["user_id"].to_numpy(), out["item_id"].to_numpy())
+    out["item_mean"] = np.where(np.isnan(avg), mu, avg)
 
-    _, b_u, b_i = bias_terms(train, items, cfg)
-    train_bi = train["item_id"].map(b_i).fillna(0.0).to_numpy()
-    test_bi = out["item_id"].map(b_i).fillna(0.0).to_numpy()
-    test_bu = out["user_id"].map(b_u).fillna(0.0).to_numpy()
-    out["bias"] = mu + test_bu + test_bi
+    bias = history.fit_bias(train, cfg.lambda_item, cfg.lambda_user)
+    out["bias"] = bias.predict(out["user_id"], out["item_id"])
 
-    train_bias = mu + train["user_id"].map(b_u).fillna(0.0).to_numpy() + train_bi
+    train_bias = bias.predict(train["user_id"], train["item_id"])
     p, q = fit_mf(train, train["rating"].to_numpy(dtype=float) - train_bias, cfg)
     zero = np.zeros(cfg.mf_rank, dtype=np.float32)
     dot = np.array([float(p.get(u, zero) @ q.get(i, zero)) for u, i in zip(out["user_id"], out["item_id"])])
@@ -166,9 +170,10 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
     train = run.read_ratings("train")
     test = run.read_ratings("test")
     items = run.read_items(columns=["item_id", "hist_avg", "hist_count"])
+    history = History.load(run)
     if cfg.mf_reg is None:
-        cfg = replace(cfg, mf_reg=choose_mf_reg(train, items, cfg))
-    preds = predict_baselines(train, test, items, cfg)
+        cfg = replace(cfg, mf_reg=choose_mf_reg(train, items, cfg, history))
+    preds = predict_baselines(train, test, items, cfg, history)
     assignments = run.read_assignments(missing_ok=True)
     persona = assignments.set_index("user_id")["persona"] if assignments is not None else None
     preds.insert(0, "persona", preds["user_id"].map(persona).fillna(-1).astype("int64") if persona is not None else -1)
@@ -180,6 +185,7 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
     metrics = {
         "kind": "baselines",
         "global_mean_rating": global_mean(items),
+        "history": history.mode,
         "fit": {k: v for k, v in asdict(cfg).items()},
         "predictors": {
             name: grouped_metrics(preds, name, profiles=profiles, n_boot=n_boot, seed=seed) for name in PREDICTORS
