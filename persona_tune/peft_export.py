@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from persona_tune.errors import ConfigError, DataError
-from persona_tune.runfolder import atomic_write_bytes, atomic_write_json
+from persona_tune.runfolder import atomic_write_bytes, atomic_write_json, load_torch
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ def load_adapter(path: str | Path) -> Dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_torch(path)
+    except DataError:
+        raise
     except Exception as e:  # corrupt or foreign file
         raise DataError(f"cannot read adapter weights: {e}", path) from e
     if not isinstance(state, dict) or not state:

@@ -622,3 +622,74 @@ def test_train_force_retrains_with_new_overrides(tmp_path, monkeypatch, caplog):
     assert not (folder / train.SUMMARY).exists()  # the old marker went before training started
     parser, _ = cli.build_parser("train")
     assert parser.parse_args(["--run", "r", "--force"]).force is True
+
+
+# ---------------------------------------------------------------- issue 26: integrity of what is loaded
+
+
+def _truncated_torch_file(path: Path, obj) -> Path:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def test_truncated_torch_files_are_named(tmp_path, capsys):
+    import torch
+
+    from persona_tune.peft_export import load_adapter
+    from persona_tune.runfolder import load_torch
+    from persona_tune.trunk import load_rating_head
+
+    head = _truncated_torch_file(tmp_path / "epoch_1" / "rating_head.pt", {"weight": torch.zeros(5, 8)})
+    with pytest.raises(DataError, match=rf"^{head}: unreadable, truncated or corrupt .*train --force"):
+        load_rating_head(head, 8)
+    adapter = _truncated_torch_file(tmp_path / "epoch_1" / "adapter_model.pt", {"a": torch.ones(64, 64)})
+    with pytest.raises(DataError, match=rf"^{adapter}: unreadable, truncated or corrupt"):
+        load_torch(adapter)
+    with pytest.raises(DataError, match=rf"^{adapter}: unreadable"):  # peft_export's own load
+        load_adapter(adapter)
+    (tmp_path / "zero.pt").write_bytes(b"")
+    with pytest.raises(DataError, match="zero.pt: unreadable"):
+        load_torch(tmp_path / "zero.pt")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "phi3"}')
+    assert cli.main(["export-peft", "--adapter", str(adapter), "--base", str(tmp_path / "base"), "--out",
+                     str(tmp_path / "out")]) == 2
+    assert f"{adapter}: unreadable, truncated or corrupt" in error_line(capsys)
+
+
+def test_truncated_trunk_cache_shard_is_named_and_recomputed(tmp_path, caplog):
+    from persona_tune.trunk import TrunkCache
+
+    cache = TrunkCache(tmp_path, {"model": "tiny"}, "fp32")
+    shard = _truncated_torch_file(cache._path(7), {"groups": []})
+    with caplog.at_level(logging.WARNING):
+        assert cache.missing([[1, 2, 3]], [7]) == 1  # computed again by the next build
+    assert f"{shard}: unreadable trunk-cache shard" in caplog.text and not shard.exists()
+
+
+def test_corrupt_parts_are_recomputed(tmp_path, caplog):
+    from persona_tune.runfolder import SimulationFolder
+    from persona_tune.simulate.run import read_parts
+
+    sim = SimulationFolder(tmp_path / "sim")
+    sim.parts_dir.mkdir(parents=True)
+    atomic_write_json(sim.parts_dir / "part_0.json", {"fingerprint": "f"})
+    (sim.parts_dir / "part_0.parquet").write_bytes(b"PAR1 truncated")
+    with caplog.at_level(logging.WARNING):
+        assert read_parts(sim, "f").empty  # its rows are scored again
+    assert "part_0.parquet: unreadable agent scores part" in caplog.text
+    assert not (sim.parts_dir / "part_0.parquet").exists()
+
+
+def test_corrupt_request_store_is_named_not_replaced(tmp_path):
+    from persona_tune.distill.store import RequestStore
+
+    store = tmp_path / "requests.sqlite"
+    store.write_bytes(b"not a database, but paid for" * 100)
+    with pytest.raises(DataError, match=rf"^{store}: not a readable request store .*not replaced"):
+        RequestStore(store)
+    assert store.read_bytes().startswith(b"not a database")

@@ -50,6 +50,7 @@ from persona_tune.runfolder import (
     atomic_write_json,
     atomic_write_parquet,
     file_sha256,
+    read_or_discard,
 )
 from persona_tune.simulate import fidelity
 from persona_tune.simulate.classical import BiasRater
@@ -217,8 +218,9 @@ def read_parts(sim: SimulationFolder, fingerprint: str) -> pd.DataFrame:
             ok = json.loads(stamp.read_text())["fingerprint"] == fingerprint
         except (OSError, ValueError, KeyError):
             ok = False
-        if ok and part.is_file():
-            frames.append(pd.read_parquet(part))
+        frame = read_or_discard(part, pd.read_parquet, "agent scores part") if ok else None
+        if frame is not None:  # a corrupt part is named, removed and scored again
+            frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=SCORE_COLUMNS)
     return pd.concat(frames, ignore_index=True).drop_duplicates(["user_id", "item_id"], keep="last")
