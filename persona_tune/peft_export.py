@@ -22,6 +22,7 @@ import torch
 
 from persona_tune.errors import ConfigError, DataError
 from persona_tune.runfolder import atomic_write_bytes, atomic_write_json, load_torch
+from persona_tune.stage import ranged
 
 log = logging.getLogger(__name__)
 
@@ -364,8 +365,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true", help="write a merged full checkpoint instead of a PEFT adapter")
     parser.add_argument("--model-family", choices=["phi3", "llama"], default=None,
                         help="default: from the base's config.json model_type")
-    parser.add_argument("--lora-rank", type=int, default=None, help="check the adapter has this rank")
-    parser.add_argument("--lora-alpha", type=float, default=None,
+    parser.add_argument("--lora-rank", type=ranged(int, min=1), default=None, help="check the adapter has this rank")
+    parser.add_argument("--lora-alpha", type=ranged(float, gt=0), default=None,
                         help="the training lora_alpha (needed for Phi-3; Llama adapters carry it)")
     parser.add_argument("--target-modules", nargs="+", default=None,
                         help="check the adapter trained exactly these torchtune modules (e.g. q_proj k_proj)")

@@ -51,7 +51,7 @@ from persona_tune.runfolder import (
     file_lock,
     last_epoch_adapter,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ class TrainConfig:
 
     personas: str = field(default="all", metadata={
         "help": "variants to train: all, or a comma list of persona ids and names (0,1,single_min)"})
-    nproc: int = field(default=1, metadata={"help": "processes per variant (>1: lora_finetune_distributed)"})
+    nproc: int = field(default=1, metadata={"min": 1, "help": "processes per variant (>1: lora_finetune_distributed)"})
     parallel: bool = field(default=False, metadata={
         "flag": "--parallel", "help": "train several variants at once over the available GPUs (or CPU cores)"})
     recipe: str | None = field(default=None, metadata={
@@ -455,6 +455,7 @@ class TrainConfig:
 
 def run(run: RunFolder, cfg: TrainConfig) -> list[VariantResult]:
     """The `train` stage: train every selected variant (skipping finished ones); one result per variant."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return train(run.root, cfg.personas, cfg.nproc, cfg.parallel, cfg.recipe, cfg.overrides, echo=cfg.echo,
                  force=cfg.force)
 

@@ -693,3 +693,101 @@ def test_corrupt_request_store_is_named_not_replaced(tmp_path):
     with pytest.raises(DataError, match=rf"^{store}: not a readable request store .*not replaced"):
         RequestStore(store)
     assert store.read_bytes().startswith(b"not a database")
+
+
+# ---------------------------------------------------------------- issue 26/27: validation before destruction
+
+
+STAGE_CONFIGS = [  # (command, module, Config class name): the stages whose CLI is generated from a Config
+    ("prepare", "persona_tune.data.prepare", "PrepareConfig"), ("distill", "persona_tune.distill.run", "DistillConfig"),
+    ("embed", "persona_tune.memory.stage", "EmbedConfig"), ("personas", "persona_tune.personas", "PersonasConfig"),
+    ("configs", "persona_tune.configgen", "ConfigsConfig"), ("train", "persona_tune.train", "TrainConfig"),
+    ("eval", "persona_tune.evaluation.run", "EvalConfig"), ("baselines", "persona_tune.evaluation.baselines",
+                                                            "BaselinesConfig"),
+    ("simulate", "persona_tune.simulate.run", "SimulateConfig"), ("report", "persona_tune.evaluation.report",
+                                                                  "ReportConfig"),
+    ("grid", "persona_tune.evaluation.grid", "GridConfig"),
+]
+
+
+def _bad_values(rule: dict) -> list:
+    """Values just outside a range rule (persona_tune.stage)."""
+    bad = [float("nan")]
+    bad += [rule["min"] - 1] if "min" in rule else []
+    bad += [rule["gt"]] if "gt" in rule else []
+    bad += [rule["max"] + 1] if "max" in rule else []
+    bad += [rule["lt"]] if "lt" in rule else []
+    return bad
+
+
+@pytest.mark.parametrize("command, module, name", STAGE_CONFIGS)
+def test_every_config_is_checked_alike_by_cli_and_python(command, module, name):
+    """One rule per field (its metadata); the CLI's parser and stage.validate refuse the same values."""
+    import dataclasses
+    import importlib
+
+    from persona_tune.stage import check_fields, range_rule, validate
+
+    config_cls = getattr(importlib.import_module(module), name)
+    validate(config_cls())  # the defaults are valid
+    parser, _ = cli.build_parser(command)
+    flags = {a.dest: a for a in parser._actions}
+    checked = 0
+    for f in dataclasses.fields(config_cls):
+        default = getattr(config_cls(), f.name)
+        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+        if kind is None or f.name not in flags:
+            continue
+        for bad in _bad_values(range_rule(f.metadata)):
+            if kind is int and bad != bad:  # nan is no int
+                continue
+            with pytest.raises(ConfigError, match=f"--{f.name.replace('_', '-')} must be"):
+                check_fields(dataclasses.replace(config_cls(), **{f.name: kind(bad)}))
+            with pytest.raises(Exception) as e:  # argparse's ArgumentTypeError (or ConfigError for int|str)
+                flags[f.name].type(str(kind(bad)))
+            assert "must be" in str(e.value)
+            checked += 1
+    assert checked or command in ("eval", "report", "configs")
+
+
+def test_simulate_n_boot_zero_is_refused_by_python_too():
+    from persona_tune.simulate.run import SimulateConfig
+    from persona_tune.stage import validate
+
+    with pytest.raises(ConfigError, match="--n-boot must be >= 1, got 0"):
+        validate(SimulateConfig(n_boot=0))
+    with pytest.raises(ConfigError, match="--k must be a whole number, got 2.5"):
+        validate(SimulateConfig(k=2.5))
+    assert not hasattr(cli, "AT_LEAST_ONE") and not hasattr(cli, "POSITIVE")  # no by-name lists left
+
+
+def test_stage_run_validates_python_callers(tmp_path):
+    from persona_tune.personas import PersonasConfig
+    from persona_tune.personas import run as personas_run
+
+    run_dir = make_prepared_run(tmp_path)
+    with pytest.raises(ConfigError, match="--k-max must be >= 1, got 0"):
+        personas_run(RunFolder(run_dir), PersonasConfig(k_max=0))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.lora_rank=-4", "model.lora_rank must be >= 1, got -4"),
+    ("model.lora_dropout=7", "model.lora_dropout must be >= 0 and < 1, got 7"),
+    ("optimizer.lr=0", "optimizer.lr must be > 0, got 0"),
+])
+def test_bad_config_values_are_refused_before_anything_is_deleted(tmp_path, capsys, override, message):
+    run_dir = with_personas(tmp_path, n_personas=3)
+    model = "model_dir=" + str(tmp_path)
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--set", model]) == 0
+    configs = {p.name: p.read_bytes() for p in (run_dir / "configs").iterdir()}
+    capsys.readouterr()
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--force", "--set", model,
+                     "--set", override]) == 2
+    assert message in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in (run_dir / "configs").iterdir()} == configs  # untouched
+    run = RunFolder(run_dir)  # a trained variant: `train --force` with a bad override keeps it
+    folder = _partial_adapter(run, "single_max")
+    atomic_write_json(folder / train.SUMMARY, {"inputs": train.variant_inputs(run, "single_max")})
+    assert cli.main(["train", "--run", str(run_dir), "--personas", "single_max", "--force", "--", override]) == 2
+    assert message in error_line(capsys)
+    assert (folder / train.SUMMARY).is_file() and (folder / "epoch_0" / "adapter_model.pt").is_file()

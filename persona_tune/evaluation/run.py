@@ -44,7 +44,7 @@ from persona_tune.runfolder import (
     check_adapter,
     check_name,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,7 @@ class EvalConfig:
 
 def run(run: RunFolder, cfg: EvalConfig) -> dict[str, str]:
     """The `eval` stage: `tune run persona_eval` per variant unless current; variant -> 'done' or 'skipped'."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return evaluate(run.root, cfg.variant_list(), cfg.family, cfg.memory, cfg.mode, list(cfg.overrides), cfg.force)
 
 
