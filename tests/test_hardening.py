@@ -300,14 +300,24 @@ def test_a_live_writer_is_detected(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
-def test_tune_run_child_dies_with_train(tmp_path):
-    """kill -9 of `persona-tune train` takes its `tune run` child along (no orphan keeps training)."""
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_tune_run_child_dies_with_its_parent(tmp_path, command):
+    """kill -9 of `persona-tune train` or `eval` takes its `tune run` child along (no orphan keeps
+    training or writing metrics.json). simulate scores in its own process: it starts no child."""
+    from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
+
     run_dir = with_personas(tmp_path)
     generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    if command == "eval":
+        folder = _partial_adapter(RunFolder(run_dir), "single_max")
+        atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
     pid_file = tmp_path / "child.pid"
     tune = fake_tune(tmp_path, f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}\nexec sleep 600\n")
-    code = (f"import sys; from persona_tune import train, cli; train.tune_executable = lambda: {tune!r}; "
-            f"sys.exit(cli.main(['train', '--run', {str(run_dir)!r}, '--personas', '0']))")
+    module, argv = {"train": ("persona_tune.train", ["train", "--run", str(run_dir), "--personas", "0"]),
+                    "eval": ("persona_tune.evaluation.run", ["eval", "--run", str(run_dir), "--variants", "single_max"])
+                    }[command]
+    code = (f"import sys, importlib; from persona_tune import cli; "
+            f"importlib.import_module({module!r}).tune_executable = lambda: {tune!r}; sys.exit(cli.main({argv!r}))")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):  # wait for the child to start (no timing assertion: the loop only polls)
@@ -329,7 +339,7 @@ def test_tune_run_child_dies_with_train(tmp_path):
         time.sleep(0.1)
     else:
         os.kill(child, signal.SIGKILL)
-        pytest.fail("the `tune run` child outlived `persona-tune train`")
+        pytest.fail(f"the `tune run` child outlived `persona-tune {command}`")
 
 
 # ---------------------------------------------------------------- what a new user meets

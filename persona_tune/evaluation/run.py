@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.names import FAMILIES, MEMORY_TAGS, TAG_OF, check_modes
-from persona_tune.resources import eval_template, tune_executable
+from persona_tune.resources import die_with_parent, eval_template, tune_executable
 from persona_tune.runfolder import (
     ADAPTER_FILE,
     BASELINES,
@@ -206,7 +206,9 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
     cmd = [tune_executable(), "run", "persona_eval", "--config", str(config_file)]
     log.info("%s: %s", variant, " ".join(cmd))
     with open(out / EVAL_LOG, "w", encoding="utf-8") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy())
+        # The child dies with this process, even by kill -9 (then it writes nothing more).
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                              preexec_fn=die_with_parent)
     if proc.returncode != 0:
         tail = (out / EVAL_LOG).read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         raise PersonaTuneError(f"evaluating {variant} failed (exit {proc.returncode}); end of {out / EVAL_LOG}:\n"
