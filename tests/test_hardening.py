@@ -801,3 +801,41 @@ def test_bad_config_values_are_refused_before_anything_is_deleted(tmp_path, caps
     assert cli.main(["train", "--run", str(run_dir), "--personas", "single_max", "--force", "--", override]) == 2
     assert message in error_line(capsys)
     assert (folder / train.SUMMARY).is_file() and (folder / "epoch_0" / "adapter_model.pt").is_file()
+
+
+# ---------------------------------------------------------------- issue 26: API and file inputs
+
+
+@pytest.mark.parametrize("rank, message", [
+    (str(10**30), "rank '1000000000000000000000000000000' is out of range (a 64-bit integer"),
+    ("18446744073709551615", "out of range"), ("2.5", "rank must be an integer >= 1, got '2.5'"),
+])
+def test_recs_ranks_are_integers_within_int64(tmp_path, rank, message):
+    from persona_tune.simulate.recs import validate_recs
+
+    recs = tmp_path / "recs.csv"
+    recs.write_text(f"recommender,user_id,item_id,rank\nA,1,2,1\nA,1,3,{rank}\n")
+    with pytest.raises(DataError) as e:
+        validate_recs(recs, [1], [2, 3])
+    assert f"{recs}:3: " in str(e.value) and message in str(e.value)
+    recs.write_text("recommender,user_id,item_id,rank\nA,9223372036854775807,2,1\n")  # int64's largest
+    assert validate_recs(recs, [2**63 - 1], [2])["user_id"].tolist() == [2**63 - 1]
+
+
+def test_one_column_for_two_keys_is_named(tmp_path, capsys):
+    (tmp_path / "r.csv").write_text("user,item_id,rating,timestamp\n1,1,4,10\n")
+    args = ["prepare", "--dataset", "generic", "--ratings-file", str(tmp_path / "r.csv"), "--out", str(tmp_path / "run"),
+            "--columns", "user=item_id"]
+    assert cli.main(args) == 2
+    assert "--columns maps user and item to the same column 'item_id'" in error_line(capsys)
+
+
+def test_tune_run_with_a_missing_config_is_one_line(tmp_path):
+    from persona_tune.resources import tune_executable
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([tune_executable(), "run", "lora_finetune_single_device", "--config",
+                           str(tmp_path / "nope.yaml")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"tune run: error: config '{tmp_path / 'nope.yaml'}' does not exist: neither a "
+                                   "file nor a config name (`tune ls` lists the names)")
