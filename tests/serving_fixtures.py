@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from persona_tune.runfolder import RunFolder
-from tests.fixtures_runs import make_persona_run, write_adapter
+from tests.fixtures_runs import make_persona_run, write_adapter, write_train_marker
 
 TRUNK = "trunk-single_max-ms"
 STOCK = "persona"
@@ -55,4 +55,5 @@ def build_serving_run(root: Path) -> tuple[Path, Path]:
     torch.save(state, adapter)
     rating_ids = answer_tokens(tiny_phi3_tokenizer(str(tiny / "tokenizer" / "tokenizer.model"))).rating_ids
     write_head(epoch / "rating_head.pt", TINY_PHI3["embed_dim"], rating_ids)
+    write_train_marker(adapter)  # the marker records the files as they end up (the head included)
     return run, tiny

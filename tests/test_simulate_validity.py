@@ -32,6 +32,19 @@ def test_kendall_tau_b_with_ties_by_hand():
     assert math.isnan(v.kendall_tau_b([1, 2, 3], [5, 5, 5]))  # a constant ordering: undefined
 
 
+def test_orderings_match_scipy_row_by_row():
+    from scipy.stats import kendalltau, spearmanr
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 4, (50, 7)).astype(float), rng.integers(0, 4, (50, 7)).astype(float)  # many ties
+    a[0], b[1] = 1.0, 2.0  # constant rows: undefined
+    tau, rho = v.kendall_tau_b(a, b), v.spearman_rho(a, b)
+    for row in range(2, 50):
+        assert tau[row] == pytest.approx(kendalltau(a[row], b[row], variant="b").statistic)
+        assert rho[row] == pytest.approx(spearmanr(a[row], b[row]).statistic)
+    assert np.isnan(tau[:2]).all() and np.isnan(rho[:2]).all()
+
+
 def test_spearman_rho_by_hand():
     # d = (0, 1, 1): rho = 1 - 6 * 2 / (3 * (9 - 1)) = 0.5.
     assert v.spearman_rho([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
@@ -75,6 +88,28 @@ def test_ndcg_and_recall_at_k_by_hand():
     ndcg, recall = v.ndcg_recall(np.array([0.2, 0.8, 0.5]), np.array([3, 1, 2]), k=1)
     assert ndcg == 1.0 and recall == pytest.approx(0.8 / 1.5)
     assert all(math.isnan(x) for x in v.ndcg_recall(np.zeros(3), np.array([1, 2, 3]), k=2))
+
+
+def test_user_metrics_match_sklearn_list_by_list():
+    rng = np.random.default_rng(1)
+    lists = []
+    for rec in ("a", "b"):
+        for user in (1, 2, 3):
+            items = np.arange(12) + 100 * user
+            lists.append(pd.DataFrame({"recommender": rec, "user_id": user, "item_id": items,
+                                       "rank": rng.permutation(12) + 1}))
+    ranked = pd.concat(lists, ignore_index=True)
+    key = pd.MultiIndex.from_frame(ranked.loc[ranked["recommender"] == "a", ["user_id", "item_id"]])
+    truth = pd.Series((rng.random(36) < 0.3).astype(float), index=key)
+    truth.iloc[24:] = 0.0  # user 3 likes nothing: NaN
+    graded = pd.Series(rng.random(36), index=key)
+    table = v.user_metrics(ranked, {"truth": truth, "sim": graded}, k=5)
+    assert len(table) == 12
+    for row in table.itertuples():
+        g = ranked[(ranked["recommender"] == row.recommender) & (ranked["user_id"] == row.user_id)]
+        rel = {"truth": truth, "sim": graded}[row.source].reindex(pd.MultiIndex.from_frame(g[["user_id", "item_id"]]))
+        want = v.ndcg_recall(rel.to_numpy(), g["rank"].to_numpy(), k=5)
+        np.testing.assert_allclose([row.ndcg, row.recall], want)
 
 
 def test_auc_counts_and_pooled_taste_auc_by_hand():
