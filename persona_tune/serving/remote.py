@@ -39,7 +39,6 @@ import numpy as np
 import pandas as pd
 
 from persona_tune.errors import ConfigError, LLMError
-from persona_tune.serving import export as ex
 
 BACKENDS = ("local", "openai")
 REMOTE_GROUP = "openai backend (a served agent: docs/serving.md)"
@@ -133,6 +132,8 @@ class RemoteRater:
         if tuple(self.rating_ids) != tuple(self.answer.rating_ids):
             raise ConfigError(f"serving.json's rating tokens {self.rating_ids} are not this tokenizer's "
                               f"{list(self.answer.rating_ids)}: re-run `persona-tune serve-export`")
+        from persona_tune.serving import export as ex
+
         shared = set(spec.get("rating_texts_shared", []))
         self.by_text = {t: r for r, t in enumerate(spec["rating_texts"]) if t not in shared}
         self.entries = {int(e["persona"]): e for e in spec["adapters"]}
@@ -165,13 +166,14 @@ class RemoteRater:
     def score(self, prompts: Sequence[Sequence[int]], groups: Sequence | None = None) -> pd.DataFrame:
         """p1..p5, rating_mass, expected_rating and argmax_rating per prompt, with the current persona."""
         from persona_tune.evaluation.engine import PROB_COLUMNS, RATING_VALUES
+        from persona_tune.serving.export import head_terms
 
         if self.persona is None:
             self.use(-1)
         entry = self.entries[self.persona]
         terms = self.terms[self.persona]
         logprobs = self._run(entry, [list(map(int, p)) for p in prompts])
-        extra = ex.head_terms(terms, self.row_priors if terms.n_prior else None)
+        extra = head_terms(terms, self.row_priors if terms.n_prior else None)
         z = logprobs + (extra if len(extra) == len(prompts) else np.tile(extra[0], (len(prompts), 1)))
         probs = np.exp(z - z.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
