@@ -133,7 +133,8 @@ class UserAgent:
         for r in found.itertuples():
             text = self.explanation.get((r.user_id, r.memory_item_id))
             if text is not None:
-                by_row.setdefault((r.user_id, r.item_id), []).append((self.prompts.item_text[r.memory_item_id], text))
+                by_row.setdefault((r.user_id, r.item_id), []).append(
+                    (self.prompts.text_of(r.user_id, r.memory_item_id), text))
         return [tuple(by_row.get((u, i), ())) for u, i in zip(user_ids, item_ids)]
 
     def prompt_rows(self, user_ids: Sequence[int], items: Sequence) -> pd.DataFrame:
@@ -146,7 +147,7 @@ class UserAgent:
             missing = next((u for u in user_ids if u not in self.prompts.profile), None)
             if missing is not None:
                 raise DataError(f"user {missing} has no profile (M_s)", path=self.run.path(PROFILES))
-        texts = [text if i < 0 else self.prompts.item_text[i] for i, text in zip(item_ids, texts)]
+        texts = [text if i < 0 else self.prompts.text_of(u, i) for u, i, text in zip(user_ids, item_ids, texts)]
         parts = self.prompts.parts(user_ids, item_ids, item_texts=texts, memories=memories)
         return pd.DataFrame({"user_id": user_ids, "item_id": item_ids,
                              "persona": [self.persona(u) for u in user_ids], "parts": parts})

@@ -58,7 +58,7 @@ AT_LEAST_ONE = {
     "batch_size", "concurrency", "max_attempts", "max_profile_words", "max_tokens", "max_words", "users",
     "n_boot", "k", "lora_rank", "n_init", "top_words", "nproc", "k_max",
 }
-POSITIVE = {"timeout", "lora_alpha", "backoff_max", "train_frac"}
+POSITIVE = {"timeout", "deadline", "lora_alpha", "backoff_max", "train_frac"}
 SIGNED = {"delta"}
 
 
@@ -147,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from persona_tune.net import install_log_redaction, redact
+
+    install_log_redaction()
     prefix = f"persona-tune {command}: error:"
     try:
         return int(module.main(args) or 0)
     except PersonaTuneError as e:
-        print(f"{prefix} {e}", file=sys.stderr)
+        print(f"{prefix} {redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"persona-tune {command}: interrupted; completed work is saved, re-run to resume", file=sys.stderr)
@@ -159,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, read-only folder, permissions: the file and the cause
         if args.verbose:
             raise
-        print(f"{prefix} {_os_error_line(e)}", file=sys.stderr)
+        print(f"{prefix} {redact(_os_error_line(e))}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug: one line here, the traceback under -v
         if args.verbose:
             raise
-        print(f"{prefix} unexpected {type(e).__name__}: {e} (re-run with -v for the traceback; "
+        print(f"{prefix} unexpected {type(e).__name__}: {redact(str(e))} (re-run with -v for the traceback; "
               "please report it)", file=sys.stderr)
         return 1
 

@@ -8,6 +8,8 @@ compact template: the same facts (trait levels, the profile, the memories, the i
   genres and historical average) without the boilerplate, in about half the tokens.
 state_numbers (either template): a line just before the answer states the item's historical average
   and the user's offset from it (mean of rating - hist_avg over the user's train rows).
+Every item average (in item texts, memories' item texts and the stated numbers) is the one known at
+the cutoff of the row's user under the run's history mode (persona_tune/history.py).
 
 Length policy (fit_to_length; FitToLength applies it with a model's tokenizer for training,
 evaluation and the frozen-trunk cache alike): boilerplate goes before facts. A prompt over the budget first loses
@@ -32,6 +34,7 @@ from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from persona_tune.errors import ConfigError
+from persona_tune.history import History
 from persona_tune.names import PROFILE_MEMORIES, RETRIEVED_MEMORIES, check_memory_mode
 from persona_tune.runfolder import ASSIGNMENTS, RunFolder
 
@@ -257,9 +260,12 @@ class PromptBuilder:
         self.memory, self.template = check_memory_mode(memory), check_template(template)
         # Dicts of Python strings: every row that shows the same profile, traits, item or memory holds a
         # reference to one string object, so 490k rows stay small (a pandas .map copies each string).
-        item_table = run.read_items()
-        self.item_text = _as_dict(item_table.assign(text=compact_item_texts(item_table)) if template == "compact"
-                                  else item_table, "item_id", "text")
+        self._items = run.read_items()
+        self._noun = ((run.read_manifest().get("stages", {}).get("prepare") or {}).get("params") or {}).get(
+            "item_noun", "movie")
+        self.history = History.load(run)
+        self.item_text = self._texts(self._items)  # items.parquet's averages (all_time: every row's)
+        self._bucket_texts: dict[int, dict] = {}
         self.profile, self.traits, self.levels = {}, {}, {}
         if memory in PROFILE_MEMORIES:
             table = run.read_profiles()
@@ -268,17 +274,33 @@ class PromptBuilder:
                 self.levels = dict(zip(table["user_id"].tolist(), (
                     f"activity {a}, conformity {c}, diversity {d}"
                     for a, c, d in zip(table["activity"], table["conformity"], table["diversity"]))))
-        self.hist = self.offsets = None
+        self.offsets = None
         if state_numbers:
-            self.hist = dict(zip(item_table["item_id"].tolist(), item_table["hist_avg"].tolist()))
-            self.offsets = user_offsets(run.read_ratings("train", columns=["user_id", "item_id", "rating"]), self.hist)
+            self.offsets = user_offsets(run.read_ratings("train", columns=["user_id", "item_id", "rating"]), self.history)
+
+    def _texts(self, items: pd.DataFrame) -> dict:
+        if self.template == "compact":
+            return _as_dict(items.assign(text=compact_item_texts(items)), "item_id", "text")
+        return _as_dict(items, "item_id", "text")
+
+    def text_of(self, user_id: int, item_id: int) -> str:
+        """The item's text as ``user_id`` sees it: with the item average known at the user's cutoff."""
+        if self.history.mode == "all_time":
+            return self.item_text[item_id]
+        bucket = self.history.user_bucket.get(int(user_id), self.history.n_buckets - 1)
+        if bucket not in self._bucket_texts:
+            from persona_tune.data.prepare import render_items
+
+            self._bucket_texts[bucket] = self._texts(render_items(self._items, self.history.bucket_stats(bucket),
+                                                                  self._noun))
+        return self._bucket_texts[bucket][item_id]
 
     def parts(self, user_ids: Sequence[int], item_ids: Sequence[int], item_texts: Sequence[str] | None = None,
               memories: Sequence[tuple] | None = None) -> list[PromptParts]:
         """The PromptParts of each (user, item); ``item_texts`` for items the run does not have (else the
         run's text of each item), ``memories`` the retrieved (item text, M_l) pairs of each row."""
         n = len(user_ids)
-        item_texts = [self.item_text[i] for i in item_ids] if item_texts is None else item_texts
+        item_texts = [self.text_of(u, i) for u, i in zip(user_ids, item_ids)] if item_texts is None else item_texts
         memories = [()] * n if memories is None else memories
         profile = traits = levels = [""] * n
         if self.memory in PROFILE_MEMORIES:
@@ -286,8 +308,9 @@ class PromptBuilder:
             traits = [self.traits.get(u) or "" for u in user_ids]
             levels = [self.levels.get(u, "") for u in user_ids]
         item_avg = user_offset = [None] * n
-        if self.hist is not None:
-            item_avg = [None if pd.isna(self.hist.get(i)) else float(self.hist[i]) for i in item_ids]
+        if self.offsets is not None:
+            avg, _ = self.history.row_stats(list(user_ids), list(item_ids))
+            item_avg = [None if np.isnan(a) else float(a) for a in avg]
             user_offset = [self.offsets.get(u, 0.0) for u in user_ids]
         return [
             PromptParts(item=i, profile=p, traits=t, memories=m, template=self.template, trait_levels=lv,
@@ -342,7 +365,7 @@ def load_prompt_rows(
     user_ids, item_ids = rows["user_id"].tolist(), rows["item_id"].tolist()
     memories = None
     if memory in RETRIEVED_MEMORIES:
-        by_row = _retrieved_memories(run, split, prompts.item_text)
+        by_row = _retrieved_memories(run, split, prompts.text_of)
         memories = [by_row.get(key, ()) for key in zip(user_ids, item_ids)]
     rows["parts"] = pd.Series(prompts.parts(user_ids, item_ids, memories=memories), index=rows.index, dtype=object)
     return rows
@@ -367,9 +390,10 @@ def compact_item_texts(items: pd.DataFrame) -> list[str]:
     return texts
 
 
-def user_offsets(train: pd.DataFrame, hist_avg: dict) -> dict[int, float]:
-    """Each user's mean of (rating - the item's historical average) over their train rows."""
-    deviation = train["rating"].to_numpy(dtype=float) - train["item_id"].map(hist_avg).to_numpy(dtype=float)
+def user_offsets(train: pd.DataFrame, history: History) -> dict[int, float]:
+    """Each user's mean of (rating - the item's historical average at the user's cutoff) over their train rows."""
+    avg, _ = history.row_stats(train["user_id"].to_numpy(), train["item_id"].to_numpy())
+    deviation = train["rating"].to_numpy(dtype=float) - avg
     frame = pd.DataFrame({"user_id": train["user_id"].to_numpy(), "d": deviation}).dropna()
     return {int(u): float(v) for u, v in frame.groupby("user_id")["d"].mean().items()}
 
@@ -378,7 +402,8 @@ def _as_dict(table: pd.DataFrame, key: str, value: str) -> dict:
     return dict(zip(table[key].tolist(), table[value].tolist()))
 
 
-def _retrieved_memories(run: RunFolder, split: str, items: dict[int, str]) -> dict[tuple[int, int], tuple]:
+def _retrieved_memories(run: RunFolder, split: str, text_of: Callable[[int, int], str]
+                        ) -> dict[tuple[int, int], tuple]:
     """(user_id, item_id) -> ((memory item text, M_l explanation), ...) in rank order."""
     retrieved = run.read_retrieved()
     retrieved = retrieved[retrieved["split"] == split].sort_values(["user_id", "item_id", "rank"])
@@ -390,5 +415,5 @@ def _retrieved_memories(run: RunFolder, split: str, items: dict[int, str]) -> di
     for u, i, m in zip(users, rows_items, retrieved["memory_item_id"].tolist()):
         explanation = explanations.get((u, m))
         if explanation is not None:
-            by_row[(u, i)] = by_row.get((u, i), ()) + ((items[m], explanation),)
+            by_row[(u, i)] = by_row.get((u, i), ()) + ((text_of(u, m), explanation),)
     return by_row

@@ -40,6 +40,7 @@ RATINGS_TRAIN = "ratings_train.parquet"
 RATINGS_TEST = "ratings_test.parquet"
 ITEMS = "items.parquet"
 USERS = "users.parquet"
+HISTORY = "history.parquet"  # every non-test rating of the source log, with timestamps (persona_tune/history.py)
 PROFILES = "distill/profiles.parquet"
 MEMORIES = "distill/memories.parquet"
 TRAITS = "distill/traits.parquet"
@@ -85,7 +86,7 @@ REFERENCE_PREDICTIONS = f"{REFERENCES_DIR}/predictions.parquet"
 
 # What another machine needs to train and evaluate a run (benchmarks/gpu_run.sh packs it): the stages'
 # outputs up to personas and the baselines; no vectors, caches or adapters.
-PORTABLE_INPUTS = (MANIFEST, RATINGS_TRAIN, RATINGS_TEST, ITEMS, USERS, PROFILES, MEMORIES, TRAITS, RETRIEVED,
+PORTABLE_INPUTS = (MANIFEST, RATINGS_TRAIN, RATINGS_TEST, ITEMS, USERS, HISTORY, PROFILES, MEMORIES, TRAITS, RETRIEVED,
                    EMBEDDINGS_META, "personas", f"eval/{BASELINES}")
 
 # Which stage writes which file, so a missing input names the command that makes it.
@@ -94,6 +95,7 @@ PRODUCERS = {
     RATINGS_TEST: "prepare",
     ITEMS: "prepare",
     USERS: "prepare",
+    HISTORY: "prepare",
     PROFILES: "distill",
     MEMORIES: "distill",
     TRAITS: "distill",
@@ -421,6 +423,7 @@ class RunFolder:
         return self.read_table(RATINGS[split], columns)
 
     read_items = _table_reader(ITEMS, "items.parquet: one row per item, with its prompt text and history.")
+    read_history = _table_reader(HISTORY, "history.parquet: every non-test rating of the source log (persona_tune/history.py).")
     read_users = _table_reader(USERS, "users.parquet: one row per sampled user, with the rating counts.")
     read_profiles = _table_reader(PROFILES, "distill/profiles.parquet: one profile (M_s) and trait levels per user.")
     read_memories = _table_reader(MEMORIES, "distill/memories.parquet: one explanation (M_l) per train (user, item).")
@@ -465,17 +468,23 @@ class RunFolder:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def update_manifest(self, **top_level: Any) -> dict:
-        """Set top-level manifest keys (``protocol``, ``inputs``, ``counts``...) atomically."""
+        """Set top-level manifest keys (``protocol``, ``inputs``, ``counts``...) atomically (URL
+        credentials redacted, persona_tune/net.py)."""
+        from persona_tune.net import redact
+
         with self._manifest_lock():
             manifest = self.read_manifest()
-            manifest.update(top_level)
+            manifest.update(redact(top_level))
             manifest["format_version"] = FORMAT_VERSION
             atomic_write_json(self.manifest_path, manifest)
         return manifest
 
     def record_stage(self, stage: str, params: dict, **extra: Any) -> dict:
-        """Record one stage's parameters and provenance (code version, time, plus ``extra``)."""
-        entry = {"params": params, "code_version": code_version(), "finished_at": _now(), **extra}
+        """Record one stage's parameters and provenance (code version, time, plus ``extra``); a password
+        in a URL is recorded as ``***`` (persona_tune/net.py)."""
+        from persona_tune.net import redact
+
+        entry = redact({"params": params, "code_version": code_version(), "finished_at": _now(), **extra})
         with self._manifest_lock():
             manifest = self.read_manifest()
             manifest.setdefault("stages", {})[stage] = entry
@@ -513,6 +522,19 @@ class SimulationFolder:
     @property
     def parts_dir(self) -> Path:  # the agent's scores, chunk by chunk, each with its fingerprint
         return self.root / "parts"
+
+    # `simulate --validity` (persona_tune/simulate/validity.py; read by the report's Simulation section)
+    @property
+    def validity(self) -> Path:  # agreement and fidelity of each simulator, paired differences
+        return self.root / "validity.json"
+
+    @property
+    def validity_users(self) -> Path:  # per source (truth, simulator), recommender and user: ndcg, recall
+        return self.root / "validity_users.parquet"
+
+    @property
+    def validity_rows(self) -> Path:  # every rated row (held-out and unrated), once per simulator
+        return self.root / "validity_rows.parquet"
 
     def exists(self) -> bool:
         return self.metrics.is_file()

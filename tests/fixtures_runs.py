@@ -43,17 +43,19 @@ LORA = dict(lora_attn_modules=["q_proj", "k_proj"], lora_rank=8, lora_alpha=16)
 FAST = ["tokenizer.max_seq_len=384", "epochs=1"]
 
 
-def make_prepared_run(root: Path, n_users: int = 12, seed: int = 0) -> Path:
+def make_prepared_run(root: Path, n_users: int = 12, seed: int = 0, history: str = "all_time") -> Path:
     """Write a synthetic dataset under ``root/data`` and prepare it into ``root/run``; return the run folder.
 
     Users have 20-60 ratings (median 35) on 150 items; all of them are kept (``n_users`` of them),
-    split 60:40 in time order. items.parquet has every item, with texts like the paper's.
+    split 60:40 in time order. items.parquet has every item, with texts like the paper's. ``history``:
+    the history mode (all_time keeps the fixtures' numbers as they were before the option existed).
     """
     root = Path(root)
     data = write_synthetic(root / "data", SynthConfig(n_users=n_users, n_items=150, seed=seed, median_ratings=35))
     log = load_ratings("synthetic", data)
     counts = log.ratings.groupby("user_id").size()
-    protocol = Protocol(min_ratings=int(counts.min()), max_ratings=int(counts.max()), n_users=n_users, seed=seed)
+    protocol = Protocol(min_ratings=int(counts.min()), max_ratings=int(counts.max()), n_users=n_users, seed=seed,
+                        history=history)
     prepare(log, root / "run", protocol)
     return root / "run"
 

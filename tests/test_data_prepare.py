@@ -79,7 +79,7 @@ def test_n_train_rows_is_floor(n, expected):
 
 def test_hist_avg_never_sees_a_test_row(tmp_path, synth_dir):
     log = load_ratings("synthetic", synth_dir)
-    protocol = Protocol(min_ratings=100, max_ratings=200, n_users=40, seed=0)
+    protocol = Protocol(min_ratings=100, max_ratings=200, n_users=40, seed=0, history="all_time")
     run = prepare(log, tmp_path / "a", protocol)
     test = pd.read_parquet(run.ratings_test)
     items = pd.read_parquet(run.items).set_index("item_id")
@@ -101,7 +101,7 @@ def test_same_seed_same_bytes_other_seed_other_users(tmp_path, synth_dir):
     log = load_ratings("synthetic", synth_dir)
     protocol = Protocol(min_ratings=100, max_ratings=200, n_users=30, seed=7)
     a, b = prepare(log, tmp_path / "a", protocol), prepare(log, tmp_path / "b", protocol)
-    for name in ("ratings_train", "ratings_test", "items", "users"):
+    for name in ("ratings_train", "ratings_test", "items", "users", "history"):
         assert (a.root / f"{name}.parquet").read_bytes() == (b.root / f"{name}.parquet").read_bytes(), name
     c = prepare(log, tmp_path / "c", Protocol(min_ratings=100, max_ratings=200, n_users=30, seed=8))
     assert set(pd.read_parquet(c.users).user_id) != set(pd.read_parquet(a.users).user_id)

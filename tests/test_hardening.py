@@ -397,3 +397,116 @@ def test_torchao_noise_is_silenced():
     if importlib.util.find_spec("triton") is None:
         assert "Detected no triton" in imported(silenced=False)
     assert "Detected no triton" not in imported(silenced=True)
+
+
+# ---------------------------------------------------------------- issue 26: total deadlines, no secrets
+
+
+class _Trickle(BaseHTTPRequestHandler):
+    """Answers 200 with a 400-byte body sent one byte every 0.5 s (200 s in all): every single read
+    is quick, so only a deadline on the whole request ends it."""
+
+    sent = None  # a list per server: bytes of body sent
+
+    def _trickle(self):
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", "400")
+        self.end_headers()
+        try:
+            for _ in range(400):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                self.sent.append(1)
+                time.sleep(0.5)
+        except OSError:  # the client gave up
+            pass
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self._trickle()
+
+    def do_GET(self):  # noqa: N802
+        self._trickle()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def trickle_server():
+    handler = type("H", (_Trickle,), {"sent": []})
+    server = type("Quiet", (ThreadingHTTPServer,), {"handle_error": lambda *a: None,
+                                                     "daemon_threads": True})(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", handler.sent
+    server.shutdown()
+    server.server_close()
+
+
+def test_chat_request_has_a_total_deadline(trickle_server):
+    import asyncio
+
+    from persona_tune.distill.client import ChatClient, ClientSettings
+
+    url, sent = trickle_server
+    client = ChatClient(ClientSettings(base_url=f"http://user:pw@{url[7:]}/v1", model="m", api_key="k",
+                                       timeout=1.0, max_retries=0))
+
+    async def ask():
+        try:
+            return await client.chat([{"role": "user", "content": "hi"}], {})
+        finally:
+            await client.close()
+
+    with pytest.raises(LLMError) as e:
+        asyncio.run(ask())
+    # Per-read timeouts would have waited for all 400 bytes (200 s); the deadline stops it after ~2.
+    assert "no complete answer within 1 s" in str(e.value) and len(sent) < 40
+    assert "pw" not in str(e.value) and "http://***@127.0.0.1" in str(e.value)
+
+
+def test_embeddings_request_has_a_total_deadline(trickle_server):
+    from persona_tune.memory.embeddings import OpenAIEmbedder
+
+    url, sent = trickle_server
+    embedder = OpenAIEmbedder("m", base_url=url + "/v1", api_key="k", timeout=1.0, max_retries=0)
+    with pytest.raises(LLMError, match=r"no complete answer within 1 s \(--timeout sets the limit\)"):
+        embedder.embed(["a"])
+    assert len(sent) < 40
+
+
+def test_embed_cli_has_a_timeout_option(tmp_path):
+    from persona_tune.memory.stage import EmbedConfig
+
+    parser, _ = cli.build_parser("embed")
+    args = parser.parse_args(["--run", str(tmp_path), "--backend", "openai", "--timeout", "7"])
+    assert EmbedConfig(backend="openai", timeout=args.timeout).embedder_kwargs()["timeout"] == 7.0
+
+
+def test_download_has_a_total_deadline(trickle_server, tmp_path):
+    from persona_tune.data.download import DownloadError, _fetch
+
+    url, sent = trickle_server
+    with pytest.raises(DownloadError, match="no complete answer within 1 s"):
+        _fetch(url + "/ml-1m.zip", tmp_path / "x.zip", timeout=30, offline_hint="x", deadline=1.0)
+    assert len(sent) < 40 and not list(tmp_path.iterdir())
+
+
+def test_url_passwords_are_never_recorded_or_printed(tmp_path, capsys):
+    from persona_tune.net import redact
+
+    assert redact("http://user:pw@host:1/v1") == "http://***@host:1/v1"
+    assert redact({"a": ["see https://tok@h/x and ftp://u:p@h"], "b": 3}) == {
+        "a": ["see https://***@h/x and ftp://***@h"], "b": 3}
+    assert redact("/runs/a@b/c http://host/v1") == "/runs/a@b/c http://host/v1"  # no URL credentials
+    run = make_prepared_run(tmp_path, n_users=2)
+    secret_url = "http://user:s3cret@127.0.0.1:9/v1"  # nothing listens on port 9
+    code = cli.main(["distill", "--run", str(run), "--backend", "openai", "--model", "m", "--base-url", secret_url,
+                     "--max-retries", "0", "--timeout", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code in (0, 1, 2) and "s3cret" not in err and "http://***@127.0.0.1:9/v1" in err
+    assert "s3cret" not in (run / "manifest.json").read_text()
+    rf = RunFolder(run)
+    rf.record_stage("distill", DistillConfig(backend="openai", base_url=secret_url).params())
+    assert rf.stage_record("distill")["params"]["base_url"] == "http://***@127.0.0.1:9/v1"

@@ -144,7 +144,7 @@ def test_bias_rater_fits_sigma_on_train_rows():
     items = pd.DataFrame({"item_id": [1, 2], "hist_avg": [4.0, 2.0], "hist_count": [100, 100]})
     train = pd.DataFrame({"user_id": [7, 7, 8, 8], "item_id": [1, 2, 1, 2], "rating": [5, 3, 4, 1]})
     rater = BiasRater.fit(train, items)
-    assert rater.mu == pytest.approx(3.0)
+    assert rater.bias.mu[0] == pytest.approx(3.0)
     fitted = rater.rate(train["user_id"], train["item_id"])["bias_prediction"].to_numpy()
     assert rater.sigma == pytest.approx(np.sqrt(np.mean((train["rating"].to_numpy() - fitted) ** 2)))
     assert rater.rate([7], [1])["p_like"].iloc[0] > rater.rate([8], [2])["p_like"].iloc[0]

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from persona_tune.errors import PersonaTuneError
+from persona_tune.net import Deadline, redact
 from persona_tune.runfolder import atomic_path, atomic_write_bytes, file_sha256
 
 log = logging.getLogger(__name__)
@@ -96,24 +97,28 @@ def verify_files(folder: Path, source: Source) -> None:
             raise DownloadError(f"git blob id mismatch for {path}: expected {expected}, got {got}")
 
 
-def _fetch(url: str, dest: Path, timeout: float, offline_hint: str) -> None:
+def _fetch(url: str, dest: Path, timeout: float, offline_hint: str, deadline: float = 1800.0) -> None:
+    """``url`` into ``dest``: ``timeout`` seconds without a byte at most, ``deadline`` seconds in all."""
+    total_time = Deadline(deadline, f"download of {url}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_path(dest) as tmp:
+        with urllib.request.urlopen(url, timeout=min(timeout, total_time.remaining())) as resp, \
+                atomic_path(dest) as tmp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
-                while block := resp.read(1 << 16):
+                while block := resp.read1(1 << 16):  # read1: one read, so a trickle still meets the deadline
                     f.write(block)
                     bar.update(len(block))
+                    total_time.remaining()
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
         raise DownloadError(
-            f"cannot download {url} ({reason}). If this machine is offline, fetch the zip elsewhere, "
+            f"cannot download {redact(url)} ({redact(str(reason))}). If this machine is offline, fetch the zip elsewhere, "
             f"unzip it and run `{offline_hint}`"
         ) from None
 
 
 def download(dataset: str, cache_dir: str | Path = DEFAULT_CACHE, *, url: str | None = None,
-             source: Source | None = None, timeout: float = 30.0) -> Path:
+             source: Source | None = None, timeout: float = 30.0, deadline: float = 1800.0) -> Path:
     """Download and verify ``dataset`` into ``cache_dir/<folder>``; return that folder.
 
     A folder already there whose files pass the checks is used as is. ``url`` overrides the
@@ -136,7 +141,7 @@ def download(dataset: str, cache_dir: str | Path = DEFAULT_CACHE, *, url: str | 
             log.warning("%s; downloading again", e)
 
     zip_path = cache_dir / f"{source.folder}.zip"
-    _fetch(url, zip_path, timeout, hint)
+    _fetch(url, zip_path, timeout, hint, deadline)
     if source.zip_md5 is not None:
         got = hashlib.md5(zip_path.read_bytes()).hexdigest()
         if got != source.zip_md5:
@@ -169,11 +174,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(SOURCES), help="which MovieLens release")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the zip and its files go")
     parser.add_argument("--url", help="download from this address instead (a mirror); checksums still apply")
-    parser.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds without a byte before giving up")
+    parser.add_argument("--deadline", type=float, default=1800.0, help="seconds for the whole download at most")
 
 
 def main(args: argparse.Namespace) -> int:
-    folder = download(args.dataset, args.cache_dir, url=args.url, timeout=args.timeout)
+    folder = download(args.dataset, args.cache_dir, url=args.url, timeout=args.timeout,
+                      deadline=args.deadline)
     print(f"{args.dataset} is in {folder} (checksums verified). Next: "
           + SOURCES[args.dataset].prepare_hint.format(dir=folder))
     return 0

@@ -3,9 +3,11 @@
 Keeps the users whose number of ratings lies in [--min-ratings, --max-ratings], samples --n-users
 of them (seeded; all of them, with a warning, when fewer are eligible), splits each user's ratings
 in time order (ties broken by item id) into the first floor(train_frac * n) for training and the
-rest for test, computes each item's historical average from every rating of the source log that is
-not a test row of a sampled user, and renders each item's text as in the paper's prompts. Writes
-ratings_train / ratings_test / items / users (.parquet) and manifest.json (docs/architecture.md).
+rest for test, keeps every rating of the source log that is not a test row of a sampled user as the
+history (history.parquet), computes each item's historical average from it (``--history``: only the
+ratings before a user's split time, or all of them; persona_tune/history.py), and renders each item's
+text as in the paper's prompts. Writes ratings_train / ratings_test / items / users / history
+(.parquet) and manifest.json (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import pandas as pd
 from persona_tune.data.loaders import DUPLICATE_POLICIES, RatingLog, load_ratings
 from persona_tune.data.metadata import DEFAULT_SUMMARY_WORDS, attach_metadata, load_metadata
 from persona_tune.errors import ConfigError
-from persona_tune.runfolder import RunFolder, atomic_write_parquet, file_sha256
+from persona_tune.history import DEFAULT_HISTORY, HISTORY_MODES, N_BUCKETS, History, check_history_mode, history_rows
+from persona_tune.runfolder import HISTORY, RunFolder, atomic_write_parquet, file_sha256
 from persona_tune.stage import add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
@@ -40,8 +43,10 @@ class Protocol:
     n_users: int = 200
     seed: int = 0
     train_frac: float = 0.6
+    history: str = DEFAULT_HISTORY  # what "other users' ratings" of a row are: persona_tune/history.py
 
     def check(self) -> None:
+        check_history_mode(self.history)
         if not 0 < self.train_frac < 1:
             raise ConfigError(f"--train-frac must be in (0, 1), got {self.train_frac}")
         if self.min_ratings < 2 or self.max_ratings < self.min_ratings:
@@ -117,9 +122,30 @@ def render_item_text(title: str, year, genres: str, hist_avg: float, summary: st
     return text
 
 
-def build_items(log_: RatingLog, test: pd.DataFrame, noun: str = "movie") -> pd.DataFrame:
-    stats = historical_stats(log_.ratings, test)
-    items = log_.items.merge(stats, on="item_id", how="left").sort_values("item_id").reset_index(drop=True)
+HIST_AVG_RULES = {
+    "all_time": "all source ratings except the sampled users' test rows",
+    "before_split": f"items.parquet: the history before the latest of {N_BUCKETS} split-time cutoffs; per row: "
+                    "the history before the cutoff of the row's user (persona_tune/history.py)",
+}
+
+
+def build_items(log_: RatingLog, test: pd.DataFrame, noun: str = "movie", history: str = "all_time",
+                rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The items table. ``history`` all_time: hist_avg / hist_count from every non-test rating;
+    before_split: from those before the latest bucket cutoff (``rows``: history_rows)."""
+    if history == "all_time":
+        stats = historical_stats(log_.ratings, test)
+    else:
+        hist = History.before_split(rows, test, log_.items["item_id"].to_numpy())
+        stats = hist.bucket_stats(hist.n_buckets - 1)
+    return render_items(log_.items, stats, noun)
+
+
+def render_items(items: pd.DataFrame, stats: pd.DataFrame, noun: str = "movie") -> pd.DataFrame:
+    """The items table's columns from the item metadata and (item_id, hist_avg, hist_count) ``stats``."""
+    items = items.drop(columns=["hist_avg", "hist_count", "text"], errors="ignore")
+    items = items.merge(stats[stats["hist_count"] > 0] if len(stats) else stats, on="item_id", how="left")
+    items = items.sort_values("item_id").reset_index(drop=True)
     items["hist_avg"] = items["hist_avg"].astype("float64")
     items["hist_count"] = items["hist_count"].fillna(0).astype("int64")
     items["text"] = [
@@ -162,12 +188,14 @@ def prepare(log_: RatingLog, out: str | Path, protocol: Protocol = Protocol(), *
     protocol.check()
     run = _out_folder(out)
     proto = {"dataset": log_.dataset, **asdict(protocol), "tie_rule": TIE_RULE, "duplicates": duplicates,
-             "items": ITEMS_RULE, "hist_avg": "all source ratings except the sampled users' test rows"}
+             "items": ITEMS_RULE, "hist_avg": HIST_AVG_RULES[protocol.history]}
+    if protocol.history == "before_split":
+        proto["history_buckets"] = N_BUCKETS
     inputs = {**log_.inputs, **(extra_inputs or {})}
     _check_not_overwriting_other_stages(run, proto, inputs, force)
     params = {**proto, "meta": meta_params or None, "item_noun": item_noun}
     manifest = run.read_manifest()
-    outputs = (run.ratings_train, run.ratings_test, run.items, run.users)
+    outputs = (run.ratings_train, run.ratings_test, run.items, run.users, run.path(HISTORY))
     if ((manifest["stages"].get("prepare") or {}).get("params") == params and manifest.get("inputs") == inputs
             and all(p.is_file() for p in outputs)):
         log.info("%s is prepared with the same protocol and inputs: skipped", run.root)
@@ -177,7 +205,8 @@ def prepare(log_: RatingLog, out: str | Path, protocol: Protocol = Protocol(), *
             leftover.unlink()
     users, n_eligible = sample_users(log_.ratings, protocol)
     train, test = split_chronological(log_.ratings, users, protocol.train_frac)
-    items = build_items(log_, test, item_noun)
+    rows = history_rows(log_.ratings, test)
+    items = build_items(log_, test, item_noun, protocol.history, rows)
     per_user = pd.DataFrame({"user_id": users.astype("int64")})
     per_user["n_train"] = per_user["user_id"].map(train.groupby("user_id").size()).fillna(0).astype("int64")
     per_user["n_test"] = per_user["user_id"].map(test.groupby("user_id").size()).fillna(0).astype("int64")
@@ -189,12 +218,14 @@ def prepare(log_: RatingLog, out: str | Path, protocol: Protocol = Protocol(), *
     atomic_write_parquet(test, run.ratings_test)
     atomic_write_parquet(items, run.items)
     atomic_write_parquet(per_user, run.users)
+    atomic_write_parquet(rows, run.path(HISTORY))
 
     counts = {
         "source_ratings": len(log_.ratings), "source_users": int(log_.ratings["user_id"].nunique()),
         "source_items": len(log_.items), "eligible_users": n_eligible, "users": len(users),
         "train_rows": len(train), "test_rows": len(test), "items": len(items),
         "items_in_split": int(pd.concat([train["item_id"], test["item_id"]]).nunique()),
+        "history_rows": len(rows),
     }
     run.update_manifest(protocol=proto, inputs=inputs, counts=counts)
     run.record_stage("prepare", params, counts=counts)
@@ -240,6 +271,10 @@ class PrepareConfig:
         "flag": "--force", "help": "overwrite the data of a run folder whose later stages used another protocol or input"})
     item_noun: str = field(default="movie", metadata={
         "help": "the noun of item texts ('The movie X was released ...')"})
+    history: str = field(default=DEFAULT_HISTORY, metadata={
+        "choices": HISTORY_MODES,
+        "help": "other users' ratings of a row: only those before its user's split time (before_split), or "
+                "all non-test ones (all_time, the published cells' definition)"})
 
     def validate(self) -> None:
         if self.dataset != "generic" and (self.items_file or self.columns):
@@ -247,7 +282,7 @@ class PrepareConfig:
 
     def protocol(self) -> Protocol:
         return Protocol(min_ratings=self.min_ratings, max_ratings=self.max_ratings, n_users=self.n_users,
-                        seed=self.seed, train_frac=self.train_frac)
+                        seed=self.seed, train_frac=self.train_frac, history=self.history)
 
 
 _INPUT_FIELDS = ("dataset", "data_dir", "ratings_file", "items_file", "columns", "meta_file", "summary_words")

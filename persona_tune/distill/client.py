@@ -6,8 +6,10 @@ HTTP 408, 409, 429, 5xx, timeouts and dropped connections are retried up to ``ma
 after ``min(backoff_base * 2**n, backoff_max) * U(0.5, 1)`` seconds (exponential backoff with
 jitter), or after the server's Retry-After when it sends one (capped at ``backoff_max``). Other
 HTTP errors fail the request at once, and 401/403/404 (wrong key, URL or model) stop the run.
-Each request has a ``timeout`` in seconds. At most ``concurrency``
-requests are in flight. Error text is scrubbed of the API key before it goes anywhere.
+Each request has a ``timeout`` in seconds for the whole request (connect, headers and body; see
+persona_tune/net.py), so a server that trickles its answer cannot hold it longer. At most ``concurrency``
+requests are in flight. Error text is scrubbed of the API key and of any password in the URL before it
+goes anywhere.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 from persona_tune.distill.store import Answer
 from persona_tune.errors import LLMError
+from persona_tune.net import DeadlineExceeded, await_with_deadline, redact
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 429}
@@ -59,10 +62,11 @@ class ChatClient:
         self._rng = rng or random.Random()
         self.transport_errors = 0
         self._fatal: EndpointError | None = None
+        self.url = redact(settings.base_url)  # the endpoint as error lines name it
 
     def _scrub(self, text: str) -> str:
         key = self.settings.api_key
-        return text.replace(key, "***") if key else text
+        return redact(text.replace(key, "***") if key else text)
 
     def _delay(self, error: Exception, retry: int) -> float:
         response = getattr(error, "response", None)
@@ -91,30 +95,31 @@ class ChatClient:
                     if self._fatal is not None:  # the endpoint refused another request: send no more
                         raise self._fatal
                     started = time.perf_counter()
-                    response = await self._client.chat.completions.create(
-                        model=self.settings.model, messages=messages, **params
-                    )
-            except (self._openai.APITimeoutError, self._openai.APIConnectionError, self._openai.APIStatusError,
+                    response = await await_with_deadline(
+                        self._client.chat.completions.create(model=self.settings.model, messages=messages, **params),
+                        self.settings.timeout, f"chat completion from {self.url}")
+            except (DeadlineExceeded, self._openai.APITimeoutError, self._openai.APIConnectionError, self._openai.APIStatusError,
                     json.JSONDecodeError) as e:  # a 200 whose body is not JSON (e.g. truncated)
                 status = getattr(e, "status_code", None)
                 what = (f"HTTP {status}" if status is not None else "a body that is not JSON" if isinstance(e, json.JSONDecodeError)
+                        else f"no complete answer within {self.settings.timeout:g} s" if isinstance(e, DeadlineExceeded)
                         else "no connection" if isinstance(e, self._openai.APIConnectionError) else type(e).__name__)
                 message = self._scrub(str(e))
                 # A refused response_format: 400/422 from most servers, 500 from llama_cpp.server.
                 if status in (400, 422) or (status is not None and "response_format" in params.get("extra_body", {})
                                             and "response_format" in message):
-                    raise UnsupportedParameter(f"{what} from {self.settings.base_url}: {message}") from None
+                    raise UnsupportedParameter(f"{what} from {self.url}: {message}") from None
                 if status in (401, 403, 404):
-                    self._fatal = EndpointError(f"{what} from {self.settings.base_url} (check the URL, --model "
+                    self._fatal = EndpointError(f"{what} from {self.url} (check the URL, --model "
                                                 f"and the key in --api-key-env): {message}")
                     raise self._fatal from None
                 retryable = status is None or status in RETRY_STATUS or status >= 500
                 if not retryable:
-                    raise LLMError(f"{what} from {self.settings.base_url}: {message}") from None
+                    raise LLMError(f"{what} from {self.url}: {message}") from None
                 self.transport_errors += 1
                 if retries >= self.settings.max_retries:
                     raise LLMError(
-                        f"{what} from {self.settings.base_url}, still failing after {retries} retries: {message}"
+                        f"{what} from {self.url}, still failing after {retries} retries: {message}"
                     ) from None
                 delay = self._delay(e, retries)
                 log.debug("%s; retry %d in %.2fs", what, retries + 1, delay)
@@ -124,7 +129,7 @@ class ChatClient:
             latency = time.perf_counter() - started
             if not isinstance(getattr(response, "choices", None), list):
                 body = self._scrub(str(response.model_dump() if hasattr(response, "model_dump") else response))[:200]
-                self._fatal = EndpointError(f"{self.settings.base_url} answered without `choices`: not an OpenAI "
+                self._fatal = EndpointError(f"{self.url} answered without `choices`: not an OpenAI "
                                             f"chat-completions endpoint (check --base-url; it usually ends in /v1): {body}")
                 raise self._fatal
             choice = response.choices[0] if response.choices else None

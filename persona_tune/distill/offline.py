@@ -188,9 +188,11 @@ def offline_explanation(
 
 
 def distill_offline(train: pd.DataFrame, items: pd.DataFrame, traits: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Profiles (user_id, profile, trait levels, traits_text) and memories for every train row."""
+    """Profiles (user_id, profile, trait levels, traits_text) and memories for every train row.
+    ``train``'s own hist_avg column (each row's, at its user's cutoff) is used when it has one."""
+    columns = ["item_id", "title", "year", "genres"] + ([] if "hist_avg" in train.columns else ["hist_avg"])
     rows = train.merge(
-        items[["item_id", "title", "year", "genres", "hist_avg"]], on="item_id", how="left", validate="many_to_one"
+        items[columns], on="item_id", how="left", validate="many_to_one"
     ).sort_values(["user_id", "timestamp", "item_id"], kind="mergesort").reset_index(drop=True)
     stats = user_stats(rows)
     levels = traits.set_index("user_id")[["activity", "conformity", "diversity"]]

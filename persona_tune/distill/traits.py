@@ -114,9 +114,11 @@ def genre_coverage_per_user(rows: pd.DataFrame, share: float = GENRE_MASS_SHARE)
 
 
 def trait_values(train: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
-    """Per user: activity_value, conformity_value (mean squared deviation), diversity_value."""
-    rows = train[["user_id", "item_id", "rating"]].merge(
-        items[["item_id", "hist_avg", "genres"]], on="item_id", how="left", validate="many_to_one"
+    """Per user: activity_value, conformity_value (mean squared deviation), diversity_value. ``train``'s
+    own hist_avg column (each row's, at its user's cutoff) is used when it has one, else items'."""
+    own = "hist_avg" in train.columns
+    rows = train[["user_id", "item_id", "rating"] + (["hist_avg"] if own else [])].merge(
+        items[["item_id", "genres"] + ([] if own else ["hist_avg"])], on="item_id", how="left", validate="many_to_one"
     )
     rows["sq_dev"] = (rows["rating"] - rows["hist_avg"]) ** 2  # NaN where hist_avg is NaN: skipped
     grouped = rows.groupby("user_id", sort=True)

@@ -1,6 +1,8 @@
 """Classical rating predictors on exactly the agents' test rows (RUN/eval/baselines/).
 
-What each predictor is fit on (mu = the global mean):
+What each predictor is fit on (mu = the global mean). "Non-test ratings" are the run's history
+(persona_tune/history.py): with the default ``before_split`` history only those before the cutoff of
+the row's user count, so mu, hist_avg and hist_count below are those of the user's bucket.
 - global_mean: the mean of every non-test rating of the source log, i.e. sum(hist_avg * hist_count) /
   sum(hist_count) over items.parquet (hist_* exclude the sampled users' test rows).
 - user_mean: the mean of the user's own train rows.
@@ -26,6 +28,7 @@ import pandas as pd
 from persona_tune.errors import DataError
 from persona_tune.evaluation.metrics import grouped_metrics
 from persona_tune.evaluation.references import REFERENCES, References
+from persona_tune.history import History
 from persona_tune.runfolder import HISTORY, ITEMS, METRICS, PREDICTIONS, RunFolder, atomic_write_json, atomic_write_parquet
 from persona_tune.stage import add_config_arguments, config_from_args
 
@@ -83,24 +86,25 @@ def bias_predict(mu: float, b_u: pd.Series, b_i: pd.Series, user_ids, item_ids) 
 
 
 def predict_baselines(
-    train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig | None = None
+    train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig | None = None,
+    history: History | None = None,
 ) -> pd.DataFrame:
-    """``test`` with one column per predictor in PREDICTORS (see the module docstring)."""
+    """``test`` with one column per predictor in PREDICTORS (see the module docstring); ``history``: the
+    run's (History.load), else all_time from ``items``."""
     cfg = cfg or BaselineConfig()
-    mu = global_mean(items)
+    history = history or History.from_items(items)
     out = test.copy()
+    mu = history.global_mean()[history.bucket_of(out["user_id"].to_numpy())]
     out["global_mean"] = mu
 
     user_mean = train.groupby("user_id")["rating"].mean()
-    out["user_mean"] = out["user_id"].map(user_mean).fillna(mu)
+    out["user_mean"] = out["user_id"].map(user_mean).fillna(pd.Series(mu, index=out.index))
 
-    hist = items.set_index("item_id")["hist_avg"]
-    out["item_mean"] = out["item_id"].map(hist).fillna(mu)
+    avg, _ = history.row_stats(out["user_id"].to_numpy(), out["item_id"].to_numpy())
+    out["item_mean"] = np.where(np.isnan(avg), mu, avg)
 
-    _, b_u, b_i = bias_terms(train, items, cfg)
-    test_bi = out["item_id"].map(b_i).fillna(0.0).to_numpy()
-    test_bu = out["user_id"].map(b_u).fillna(0.0).to_numpy()
-    out["bias"] = mu + test_bu + test_bi
+    bias = history.fit_bias(train, cfg.lambda_item, cfg.lambda_user)
+    out["bias"] = bias.predict(out["user_id"], out["item_id"])
 
     for name in BASIC:
         out[name] = out[name].clip(1.0, 5.0)
@@ -114,7 +118,8 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
     train = run.read_ratings("train")
     test = run.read_ratings("test")
     items = run.read_items(columns=["item_id", "hist_avg", "hist_count"])
-    preds = predict_baselines(train, test, items, cfg)
+    history = History.load(run)
+    preds = predict_baselines(train, test, items, cfg, history)
     names, missing, fitted = list(PREDICTORS), None, None
     if run.path(HISTORY).is_file():
         references = References(run, cfg.seed)
@@ -137,6 +142,7 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
     metrics = {
         "kind": "baselines",
         "global_mean_rating": global_mean(items),
+        "history": history.mode,
         "fit": {k: v for k, v in asdict(cfg).items()},
         "references": fitted,
         "references_missing": missing,

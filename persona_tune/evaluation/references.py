@@ -152,7 +152,7 @@ class References:
             raise ConfigError(f"{self.run.path(HISTORY)} is missing (the run was prepared before it existed): "
                               f"run `persona-tune prepare` again into a new --out for the kNN and MF references")
         self.history = History.load(self.run)
-        self.train = self.run.read_ratings("train", columns=["user_id", "item_id", "rating"])
+        self.train = self.run.read_ratings("train", columns=["user_id", "item_id", "rating", "timestamp"])
         self.test = self.run.read_ratings("test", columns=["user_id", "item_id", "rating"])
         self.fingerprint = self._fingerprint()
 

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from persona_tune.errors import ConfigError, LLMError
+from persona_tune.net import DeadlineExceeded, call_with_deadline, redact
 
 BACKENDS = ("openai", "local", "hash")
 DEFAULT_MODELS = {
@@ -131,6 +132,9 @@ class OpenAIEmbedder:
             api_key = "unused"  # local OpenAI-compatible servers accept any key
         self.name = model
         self.base_url = base_url
+        self.timeout = float(timeout)
+        self._url = redact(base_url or "api.openai.com")
+        # The client's timeout bounds each read; call_with_deadline bounds each request as a whole.
         self._client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self._dim: int | None = None
 
@@ -145,9 +149,13 @@ class OpenAIEmbedder:
 
         texts = [t if t.strip() else " " for t in texts]  # the API rejects empty strings
         try:
-            response = self._client.embeddings.create(model=self.name, input=texts, encoding_format="float")
+            response = call_with_deadline(
+                lambda: self._client.embeddings.create(model=self.name, input=texts, encoding_format="float"),
+                self.timeout, f"embeddings request to {self._url}")
+        except DeadlineExceeded as e:
+            raise LLMError(f"{e} (--timeout sets the limit)") from None
         except openai.OpenAIError as e:
-            raise LLMError(f"embeddings request to {self.base_url or 'api.openai.com'} failed: {e}") from e
+            raise LLMError(f"embeddings request to {self._url} failed: {redact(str(e))}") from e
         data = sorted(response.data, key=lambda d: d.index)
         if len(data) != len(texts):
             raise LLMError(f"embeddings endpoint returned {len(data)} vectors for {len(texts)} texts")

@@ -302,13 +302,15 @@ class EmbedConfig:
         "help": "openai backend: endpoint (default $OPENAI_BASE_URL)"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
         "help": "openai backend: environment variable holding the key"})
+    timeout: float = field(default=120.0, metadata={
+        "help": "openai backend: seconds per request in total (connect and whole answer)"})
     device: str = field(default="cpu", metadata={"help": "local backend: torch device"})
     force: bool = field(default=False, metadata={"flag": "--force", "help": "recompute vectors even if current ones exist"})
 
     def embedder_kwargs(self) -> dict:
         """The backend's own settings (the API key read from ``api_key_env``)."""
         if self.backend == "openai":
-            return {"base_url": self.base_url, "api_key": os.environ.get(self.api_key_env)}
+            return {"base_url": self.base_url, "api_key": os.environ.get(self.api_key_env), "timeout": self.timeout}
         return {"device": self.device} if self.backend == "local" else {}
 
 

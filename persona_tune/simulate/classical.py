@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from persona_tune.evaluation.baselines import BaselineConfig, bias_predict, bias_terms
+from persona_tune.evaluation.baselines import BaselineConfig
+from persona_tune.history import Bias, History
 from persona_tune.simulate.fidelity import PROB_COLUMNS
 
 CUTS = np.array([1.5, 2.5, 3.5, 4.5])
@@ -27,21 +28,23 @@ CUTS = np.array([1.5, 2.5, 3.5, 4.5])
 
 @dataclass
 class BiasRater:
-    mu: float
-    b_u: pd.Series
-    b_i: pd.Series
+    bias: Bias
     sigma: float
 
     @classmethod
-    def fit(cls, train: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig | None = None) -> "BiasRater":
-        mu, b_u, b_i = bias_terms(train, items, cfg or BaselineConfig())
-        fitted = bias_predict(mu, b_u, b_i, train["user_id"], train["item_id"])
+    def fit(cls, train: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig | None = None,
+            history: History | None = None) -> "BiasRater":
+        """``history``: the run's (History.load; its user buckets decide each row's item terms), else
+        all_time from ``items``."""
+        cfg = cfg or BaselineConfig()
+        bias = (history or History.from_items(items)).fit_bias(train, cfg.lambda_item, cfg.lambda_user)
+        fitted = bias.predict(train["user_id"], train["item_id"])
         sigma = float(np.sqrt(np.mean((train["rating"].to_numpy(float) - fitted) ** 2)))
-        return cls(mu, b_u, b_i, max(sigma, 1e-3))
+        return cls(bias, max(sigma, 1e-3))
 
     def rate(self, user_ids, item_ids) -> pd.DataFrame:
         """expected_rating, p_like, p1..p5 and bias_prediction (m) for each (user, item)."""
-        m = bias_predict(self.mu, self.b_u, self.b_i, user_ids, item_ids)
+        m = self.bias.predict(user_ids, item_ids)
         return rating_distribution(m, self.sigma)
 
 

@@ -1,10 +1,12 @@
-"""Reference recommenders fit on a run's train rows, so the harness runs out of the box.
+"""Recommenders fit on a run's train rows: the reference ones of `persona-tune simulate` and the wider
+set of the validity protocol (persona_tune.simulate.validity).
 
 Item-kNN and matrix factorisation come from the `implicit` library (0.7.x; CPU wheels, no pins on
-torch or pandas). LensKit 2025.x was the other candidate; its releases pin pandas < 3, which would
-downgrade this project's pandas, so it is not used. Random and popularity are two lines of numpy
-each (neither library ships them). All of them see the train rows as implicit feedback (every
-rated item = 1).
+torch or pandas), SVD on the explicit ratings from `scikit-surprise`. LensKit 2025.x was the other
+candidate; its releases pin pandas < 3, which would downgrade this project's pandas, so it is not
+used. Random, popularity, EASE (a closed form, Steck 2019) and the blends are a few lines of numpy
+(no maintained library ships them for this input). All but SVD see the train rows as implicit
+feedback (every rated item = 1).
 
 | name | what |
 |---|---|
@@ -15,6 +17,17 @@ rated item = 1).
 | als-8, als-32 | implicit.als.AlternatingLeastSquares, 8 / 32 factors, 15 iterations |
 | bpr-32 | implicit.bpr.BayesianPersonalizedRanking, 32 factors, 100 iterations |
 | pop-als-blend | the mean of the popularity and als-32 rank percentiles per user |
+
+The validity protocol adds (VALIDITY):
+
+| name | what |
+|---|---|
+| als-128 | implicit ALS, 128 factors, 15 iterations |
+| bpr-8 | implicit BPR, 8 factors, 100 iterations |
+| ease | EASE, B = I - P diag(1/diag P), P = (X'X + 500 I)^-1 over the items with a train row |
+| svd | surprise.SVD (100 factors, 20 epochs) on the explicit train ratings; the predicted rating |
+| als-32-noise0.5/1/2 | als-32 plus Gaussian noise of 0.5 / 1 / 2 times the sd of each user's als-32 scores |
+| pop-random-blend | the mean of the popularity and random rank percentiles per user |
 
 Each recommender writes two kinds of slates in the recs format (persona_tune.simulate.recs):
 - ``<name>``: top-k items the user has no train row for (simulated feedback; truth only where the
@@ -38,6 +51,10 @@ log = logging.getLogger(__name__)
 
 HELDOUT_SUFFIX = "@heldout"
 REFERENCE = ("random", "popularity", "itemknn-cosine", "itemknn-bm25", "als-8", "als-32", "bpr-32", "pop-als-blend")
+NOISE_LEVELS = (0.5, 1.0, 2.0)  # of the degraded als-32-noise<level>
+VALIDITY = (*REFERENCE, "als-128", "bpr-8", "ease", "svd", *(f"als-32-noise{lv:g}" for lv in NOISE_LEVELS),
+            "pop-random-blend")
+EASE_L2 = 500.0
 
 
 @dataclass
@@ -45,6 +62,7 @@ class Interactions:
     users: np.ndarray  # user ids, row order of the matrix
     items: np.ndarray  # item ids, column order
     matrix: sp.csr_matrix  # users x items, 1 where the user has a train row
+    ratings: pd.DataFrame | None = None  # the explicit train rows (user_id, item_id, rating), for SVD
 
     @classmethod
     def from_train(cls, train: pd.DataFrame, item_ids: np.ndarray) -> "Interactions":
@@ -55,7 +73,8 @@ class Interactions:
         m = sp.csr_matrix((np.ones(len(train), dtype=np.float32), (rows, cols)), shape=(len(users), len(items)))
         m.sum_duplicates()
         m.data[:] = 1.0
-        return cls(users, items, m)
+        explicit = train[["user_id", "item_id", "rating"]] if "rating" in train.columns else None
+        return cls(users, items, m, explicit)
 
 
 def _implicit_scores(make_model: Callable) -> Callable[[Interactions], np.ndarray]:
@@ -74,16 +93,17 @@ def _implicit_scores(make_model: Callable) -> Callable[[Interactions], np.ndarra
 
 
 def score_matrices(data: Interactions, names=REFERENCE, seed: int = 0) -> dict[str, np.ndarray]:
-    """Each reference recommender's users x items score matrix (higher = recommended first)."""
+    """Each named recommender's users x items score matrix (higher = recommended first)."""
     import implicit.als
     import implicit.bpr
     import implicit.nearest_neighbours as nn
 
-    unknown = set(names) - set(REFERENCE)
+    unknown = set(names) - set(VALIDITY)
     if unknown:
-        raise ValueError(f"unknown reference recommender(s) {sorted(unknown)}; choose from {REFERENCE}")
+        raise ValueError(f"unknown recommender(s) {sorted(unknown)}; choose from {VALIDITY}")
     popularity = np.asarray(data.matrix.sum(0)).ravel().astype(float)
     als = implicit.als.AlternatingLeastSquares
+    bpr = implicit.bpr.BayesianPersonalizedRanking
     makers = {
         "random": lambda d: np.random.default_rng(seed).random(d.matrix.shape),
         "popularity": lambda d: np.broadcast_to(popularity, d.matrix.shape).copy(),
@@ -91,18 +111,65 @@ def score_matrices(data: Interactions, names=REFERENCE, seed: int = 0) -> dict[s
         "itemknn-bm25": _implicit_scores(lambda: nn.BM25Recommender(K=50, num_threads=1)),
         "als-8": _implicit_scores(lambda: als(factors=8, iterations=15, random_state=seed, num_threads=1)),
         "als-32": _implicit_scores(lambda: als(factors=32, iterations=15, random_state=seed, num_threads=1)),
-        "bpr-32": _implicit_scores(lambda: implicit.bpr.BayesianPersonalizedRanking(
-            factors=32, iterations=100, random_state=seed, num_threads=1)),
+        "als-128": _implicit_scores(lambda: als(factors=128, iterations=15, random_state=seed, num_threads=1)),
+        "bpr-8": _implicit_scores(lambda: bpr(factors=8, iterations=100, random_state=seed, num_threads=1)),
+        "bpr-32": _implicit_scores(lambda: bpr(factors=32, iterations=100, random_state=seed, num_threads=1)),
+        "ease": _ease_scores,
+        "svd": lambda d: _svd_scores(d, seed),
     }
-    scores = {}
-    for name in names:
-        if name != "pop-als-blend":
+    scores: dict[str, np.ndarray] = {}
+
+    def get(name: str) -> np.ndarray:
+        if name not in scores:
             scores[name] = np.asarray(makers[name](data), dtype=float)
-    if "pop-als-blend" in names:
-        pop = scores.get("popularity", makers["popularity"](data))
-        als_scores = scores.get("als-32", makers["als-32"](data))
-        scores["pop-als-blend"] = 0.5 * _percentile_rows(pop) + 0.5 * _percentile_rows(als_scores)
-    return scores
+        return scores[name]
+
+    out = {}
+    for name in names:
+        if name == "pop-als-blend":
+            out[name] = 0.5 * _percentile_rows(get("popularity")) + 0.5 * _percentile_rows(get("als-32"))
+        elif name == "pop-random-blend":
+            out[name] = 0.5 * _percentile_rows(get("popularity")) + 0.5 * _percentile_rows(get("random"))
+        elif name.startswith("als-32-noise"):
+            level = float(name.removeprefix("als-32-noise"))
+            base = get("als-32")
+            rng = np.random.default_rng([seed, int(level * 1000)])
+            out[name] = base + level * base.std(1, keepdims=True) * rng.standard_normal(base.shape)
+        else:
+            out[name] = get(name)
+    return out
+
+
+def _ease_scores(data: Interactions, l2: float = EASE_L2) -> np.ndarray:
+    """EASE (Steck 2019): B = I - P / diag(P), P = (X'X + l2 I)^-1, scores X B; items without a train row score 0."""
+    x = data.matrix
+    used = np.flatnonzero(np.asarray(x.sum(0)).ravel() > 0)
+    xu = x[:, used].toarray()
+    p = np.linalg.inv(xu.T @ xu + l2 * np.eye(len(used)))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    out = np.zeros(x.shape)
+    out[:, used] = xu @ b
+    return out
+
+
+def _svd_scores(data: Interactions, seed: int) -> np.ndarray:
+    """surprise.SVD fit on the explicit train ratings; its predicted rating for every (user, item)."""
+    from surprise import SVD, Dataset, Reader
+
+    if data.ratings is None:
+        raise ValueError("svd needs the explicit ratings (Interactions.from_train of rows with a rating column)")
+    trainset = Dataset.load_from_df(data.ratings[["user_id", "item_id", "rating"]], Reader(rating_scale=(1, 5))
+                                    ).build_full_trainset()
+    algo = SVD(random_state=seed)
+    algo.fit(trainset)
+    inner_u = np.array([trainset.to_inner_uid(u) for u in data.users])
+    known = {raw: inner for raw, inner in ((trainset.to_raw_iid(i), i) for i in trainset.all_items())}
+    cols = np.array([known.get(i, -1) for i in data.items])
+    has = cols >= 0
+    out = trainset.global_mean + algo.bu[inner_u][:, None] + np.zeros((len(data.users), len(data.items)))
+    out[:, has] += algo.bi[cols[has]][None, :] + algo.pu[inner_u] @ algo.qi[cols[has]].T
+    return out
 
 
 def _percentile_rows(scores: np.ndarray) -> np.ndarray:

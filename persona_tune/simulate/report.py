@@ -1,6 +1,7 @@
 """The report's Simulation section: per RUN/simulate/<name>/metrics.json a fidelity table (the agent
 and the classical simulator), the recommenders' nDCG with true and simulated relevance, the simulated
-feedback of the top-k slates, and a plot of simulated against true nDCG per recommender."""
+feedback of the top-k slates, and a plot of simulated against true nDCG per recommender; per
+RUN/simulate/<name>/validity.json the validity protocol's tables (persona_tune.simulate.validity)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 from pathlib import Path
 
 from persona_tune.runfolder import METRICS, RunFolder, atomic_path
+from persona_tune.simulate import validity
 
 
 def _num(m: dict | None, digits: int = 3) -> str:
@@ -107,7 +109,8 @@ def plot_ndcg(metrics: dict, path: Path) -> Path | None:
 
 
 def simulation_section(run: RunFolder, plots_dir: Path) -> tuple[list[str], dict[str, Path]]:
-    """Markdown lines of the Simulation section (empty without RUN/simulate/*/metrics.json) and its plots."""
+    """Markdown lines of the Simulation section (empty without RUN/simulate/*/metrics.json or validity.json)
+    and its plots."""
     files = sorted(run.simulate_dir.glob(f"*/{METRICS}")) if run.simulate_dir.is_dir() else []
     md, plots = [], {}
     for path in files:
@@ -127,4 +130,12 @@ def simulation_section(run: RunFolder, plots_dir: Path) -> tuple[list[str], dict
         if plot is not None:
             plots[f"simulation_{name}"] = plot
             md += [f"![simulation {name}]({plot.relative_to(run.eval_dir) if plot.is_relative_to(run.eval_dir) else plot})", ""]
+    folders = sorted(p for p in run.simulate_dir.iterdir() if p.is_dir()) if run.simulate_dir.is_dir() else []
+    for sim in (run.simulation(p.name) for p in folders):
+        if not sim.validity.is_file():
+            continue
+        results = json.loads(sim.validity.read_text())
+        md += [f"## Simulation validity: {results['name']}", "",
+               f"`persona-tune simulate --validity` (RUN/simulate/{results['name']}/; docs/simulation.md): do the "
+               "simulators order recommenders as the users' held-out ratings do?", "", validity.markdown(results), ""]
     return md, plots

@@ -13,6 +13,12 @@ probes and predictions (Parquet) and metrics.json. The agent's scores are writte
 parts/ with a fingerprint of the model, adapters and inputs; a re-run scores only the (user, item)
 pairs no matching chunk holds, so a stopped run resumes and new recommenders reuse old scores.
 Arguments after ``--`` are eval config overrides (as for `persona-tune eval`).
+
+``--validity`` runs the validity protocol instead (persona_tune.simulate.validity): 16 recommenders
+rank every sampled user's whole held-out set, and each simulator (the agent, ``--predictions`` files,
+the classical simulator, a popularity and an item-blind rater) is judged by how it orders them
+against the truth; results in RUN/simulate/<name>/validity.json (name: --name, else
+validity-<variant>).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from persona_tune.errors import ConfigError
+from persona_tune.history import History
 from persona_tune.names import FAMILIES, MEMORY_MODES
 from persona_tune.runfolder import (
     ASSIGNMENTS,
@@ -86,6 +93,14 @@ class SimulateConfig:
     seed: int = 0
     num_threads: int | None = field(default=None, metadata={"help": "torch threads (None: torch's default)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    validity: bool = field(default=False, metadata={
+        "help": "run the validity protocol (docs/simulation.md): recommenders re-rank each user's whole held-out "
+                "set; --candidates/--negatives then size the watch check"})
+    predictions: tuple[str, ...] = field(default=(), metadata={
+        "metavar": "[NAME=]FILE", "help": "--validity: more simulators, from files of p1..p5 per (user_id, item_id) "
+                                          "(e.g. an eval predictions.parquet of every test row)"})
+    agent: bool = field(default=True, metadata={
+        "help": "--validity: rate with the --variant agent (--no-agent: only --predictions, classical and the nulls)"})
     overrides: tuple[str, ...] = field(default=(), metadata={"cli": False})
 
     def validate(self) -> None:
@@ -96,7 +111,14 @@ class SimulateConfig:
         require(0.0 < self.like_threshold < 1.0, f"--like-threshold must be in (0, 1), got {self.like_threshold}")
         require(self.chunk_rows >= 1, f"--chunk-rows must be >= 1, got {self.chunk_rows}")
         require(self.n_boot >= 0, f"--n-boot must be >= 0, got {self.n_boot}")
-        require(bool(self.recs) or self.reference, "nothing to simulate: give --recs FILE or keep --reference")
+        require(bool(self.recs) or self.reference or self.validity,
+                "nothing to simulate: give --recs FILE or keep --reference")
+        require(not (self.validity and self.recs), "--recs is for slates; --validity ranks each user's held-out set "
+                "with its own recommenders (give --recs without --validity)")
+        require(self.validity or (not self.predictions and self.agent),
+                "--predictions and --no-agent belong to --validity")
+        for spec in self.predictions:
+            require(bool(spec.rpartition("=")[2]), f"--predictions takes [NAME=]FILE, got {spec!r}")
         require(self.name is None or (self.name and "/" not in self.name and not self.name.startswith(".")),
                 f"--name must be a plain folder name, got {self.name!r}")
         for o in self.overrides:
@@ -104,7 +126,7 @@ class SimulateConfig:
 
     @property
     def out_name(self) -> str:
-        return self.name or self.variant
+        return self.name or (f"validity-{self.variant if self.agent else 'baselines'}" if self.validity else self.variant)
 
 
 @dataclass
@@ -273,8 +295,13 @@ def _score_missing(run, sim, cfg, eval_cfg, fingerprint, todo) -> dict:
 
 
 def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
-    """Rate every recs and probe row with the agent and the classical simulator; write RUN/simulate/<name>/."""
+    """Rate every recs and probe row with the agent and the classical simulator; write RUN/simulate/<name>/.
+    With ``cfg.validity``: the validity protocol (persona_tune.simulate.validity.run; its summary)."""
     cfg.validate()
+    if cfg.validity:
+        from persona_tune.simulate import validity
+
+        return validity.run(run, cfg)
     run.require(RATINGS_TRAIN, RATINGS_TEST, ITEMS)
     train = run.read_ratings("train")
     test = run.read_ratings("test")
@@ -305,7 +332,7 @@ def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
     # 2. Scores: the agent (resumable) and the classical simulator.
     sim = run.simulation(cfg.out_name)
     agent_scores, stats = score_with_agent(run, sim, cfg, pairs)
-    classical = BiasRater.fit(train, items)
+    classical = BiasRater.fit(train, items, history=History.load(run))
     classical_scores = pd.concat([pairs.reset_index(drop=True),
                                   classical.rate(pairs["user_id"], pairs["item_id"])], axis=1)
     simulators = {cfg.variant: agent_scores, CLASSICAL: classical_scores}
@@ -384,6 +411,15 @@ def summary_lines(metrics: dict) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(SimulateConfig, args, overrides=tuple(args.overrides))
     summary = run(RunFolder(args.run), cfg)
+    if cfg.validity:
+        from persona_tune.simulate.validity import summary_lines as validity_lines
+
+        speed = f", {summary.rows_per_s:.1f} rows/s" if summary.rows_per_s else ""
+        print(f"{summary.name}: {len(summary.simulators)} simulators on {summary.rows} (user, item) pairs; agent "
+              f"{summary.scored} scored now ({summary.seconds:.1f} s{speed}), {summary.reused} reused")
+        print("\n".join(validity_lines(summary.results)))
+        print(f"wrote {summary.out_dir}/validity.json")
+        return 0
     speed = f", {summary.rows_per_s:.1f} rows/s" if summary.rows_per_s else ""
     print(f"{summary.name}: {len(summary.recommenders)} recommenders, {summary.recs_rows} recs rows, "
           f"{summary.probe_rows} probe rows; {summary.pairs} (user, item) pairs, {summary.scored} scored now "
