@@ -50,8 +50,9 @@ TARGETS = (10_000, 100_000, 1_000_000)
 GNU_TIME = "/usr/bin/time"
 
 
-def run_stage(argv: list[str], log: Path) -> tuple[float, float]:
-    """Run one command in a child process: (wall seconds, peak RSS in MB of it and its descendants).
+def run_stage(argv: list[str], log: Path) -> tuple[float, float, float]:
+    """Run one command in a child process: (wall seconds, CPU seconds (user + system), peak RSS in MB),
+    each of it and its descendants.
 
     The command runs under GNU time, which reads ru_maxrss from wait4. Not os.wait4 on our own child:
     a child forked from this (large) process inherits its peak RSS across exec."""
@@ -62,12 +63,13 @@ def run_stage(argv: list[str], log: Path) -> tuple[float, float]:
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(argv)}\n")
         out.flush()
-        code = subprocess.call([GNU_TIME, "-f", "%M", "-o", str(rss_file), *argv], cwd=REPO, env=env,
+        code = subprocess.call([GNU_TIME, "-f", "%M %U %S", "-o", str(rss_file), *argv], cwd=REPO, env=env,
                                stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - started
     if code != 0:
         sys.exit(f"failed (exit {code}): {' '.join(argv)}; see {log}")
-    return seconds, int(rss_file.read_text().split()[-1]) / 1024  # kilobytes
+    rss_kb, user, system = rss_file.read_text().split()[-3:]
+    return seconds, float(user) + float(system), int(rss_kb) / 1024
 
 
 def tiny_overrides() -> list[str]:
@@ -131,21 +133,31 @@ def measure(users: int, out: Path) -> dict:
     for name in STAGES:
         if name in figures["stages"]:
             continue
-        seconds, rss = run_stage(commands[name], log)
-        figures["stages"][name] = {"seconds": round(seconds, 2), "peak_rss_mb": round(rss, 1)}
+        seconds, cpu, rss = run_stage(commands[name], log)
+        figures["stages"][name] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2),
+                                   "peak_rss_mb": round(rss, 1), "load_average": round(os.getloadavg()[0], 2)}
         if name == "distill":
             figures.update(dry_run_figures(run))
         if name == "simulate":
             metrics = json.loads((run / "simulate" / AGENT / "metrics.json").read_text())
             figures["simulate_timing"] = metrics.get("timing", {})
         save()
-        print(f"{users} users: {name} {seconds:.1f} s, {rss:.0f} MB", flush=True)
+        print(f"{users} users: {name} {seconds:.1f} s wall, {cpu:.1f} s CPU, {rss:.0f} MB", flush=True)
     figures["load_average_end"] = os.getloadavg()[0]
     save()
     return figures
 
 
 # ---------------------------------------------------------------- fitting and the report
+
+# GPU engines: no GPU was lent to this task, so these are stated assumptions, not measurements.
+GPU_ASSUMPTIONS = {
+    "embed": {"texts_per_s": 14_200, "source": "sentence-transformers' table for all-MiniLM-L6-v2 on one V100 "
+                                               "(sbert.net, pretrained models); item abstracts are longer than its sentences"},
+    "simulate": {"rows_per_s": 1_000, "source": "issue 29's target for SmolLM2 agents served by vLLM on one H100 "
+                                                "(benchmarks of item 4; not measured here)"},
+}
+
 
 def fit_exponent(users: list[float], values: list[float]) -> tuple[float, float]:
     """(exponent b, log-intercept a) of values ~ exp(a) * users**b, least squares in log-log."""
@@ -161,62 +173,97 @@ def extrapolate(fit: tuple[float, float], users: float) -> float:
     return math.exp(a) * users**b
 
 
+def fit_affine(users: list[float], values: list[float]) -> tuple[float, float]:
+    """(fixed, per_user) >= 0 of values ~ fixed + per_user * users: non-negative least squares."""
+    from scipy.optimize import nnls
+
+    design = np.column_stack([np.ones(len(users)), np.asarray(users, float)])
+    (fixed, per_user), _ = nnls(design, np.asarray(values, float))
+    return float(fixed), float(per_user)
+
+
 def report(out: Path, docs: Path) -> dict:
     sizes = sorted((json.loads(p.read_text()) for p in (out / "figures").glob("size-*.json")), key=lambda f: f["users"])
     sizes = [s for s in sizes if all(n in s["stages"] for n in STAGES)]
     if len(sizes) < 2:
         sys.exit(f"need at least two finished sizes in {out / 'figures'}")
     users = [s["users"] for s in sizes]
-    fits = {n: fit_exponent(users, [max(s["stages"][n]["seconds"], 1e-3) for s in sizes]) for n in STAGES}
-    rss_fits = {n: fit_exponent(users, [s["stages"][n]["peak_rss_mb"] for s in sizes]) for n in STAGES}
-    calls_fit = fit_exponent(users, [s["llm_calls"] for s in sizes])
-    tokens_fit = fit_exponent(users, [s["llm_tokens"] for s in sizes])
+
+    def series(name: str, key: str) -> list[float]:
+        return [max(s["stages"][name].get(key, s["stages"][name]["seconds"]), 1e-3) for s in sizes]
+
+    cpu_fits = {n: fit_exponent(users, series(n, "cpu_seconds")) for n in STAGES}
+    wall_fits = {n: fit_exponent(users, series(n, "seconds")) for n in STAGES}
+    local = {n: fit_exponent(users[-2:], series(n, "cpu_seconds")[-2:])[0] for n in STAGES}
+    affine = {n: fit_affine(users, series(n, "cpu_seconds")) for n in STAGES}
+    rss_fits = {n: fit_affine(users, series(n, "peak_rss_mb")) for n in STAGES}
+    calls_fit = fit_affine(users, [s["llm_calls"] for s in sizes])
+    tokens_fit = fit_affine(users, [s["llm_tokens"] for s in sizes])
+    memories_per_user = sum(s["memories"] for s in sizes) / sum(users)
+    rows_per_user = sum(s.get("simulate_timing", {}).get("scored", 0) for s in sizes) / sum(users)
     projection = {}
     for target in TARGETS:
-        stages = {n: {"seconds": round(extrapolate(fits[n], target), 1),
-                      "peak_rss_mb": round(extrapolate(rss_fits[n], target), 1)} for n in STAGES}
+        stages = {n: {"cpu_seconds": round(affine[n][0] + affine[n][1] * target, 1),
+                      "cpu_seconds_power_law": round(extrapolate(cpu_fits[n], target), 1),
+                      "peak_rss_mb": round(rss_fits[n][0] + rss_fits[n][1] * target, 1)} for n in STAGES}
+        calls, tokens = calls_fit[1] * target + calls_fit[0], tokens_fit[1] * target + tokens_fit[0]
+        gpu = {"embed_seconds": round(memories_per_user * target / GPU_ASSUMPTIONS["embed"]["texts_per_s"], 1),
+               "simulate_agent_seconds": round(rows_per_user * target / GPU_ASSUMPTIONS["simulate"]["rows_per_s"], 1),
+               "distill_tokens_per_s_for_24h": round(tokens / 86_400)}
         projection[str(target)] = {
-            "stages": stages, "dominant": max(stages, key=lambda n: stages[n]["seconds"]),
-            "llm_calls": round(extrapolate(calls_fit, target)), "llm_tokens": round(extrapolate(tokens_fit, target))}
+            "stages": stages, "dominant": max(stages, key=lambda n: stages[n]["cpu_seconds"]),
+            "llm_calls": round(calls), "llm_tokens": round(tokens), "gpu_estimates": gpu}
     result = {
-        "machine": "this project's machine: x86-64, 2 cores shared with other jobs, no GPU; each stage on 1 thread",
+        "machine": "this project's machine: x86-64, 2 cores shared with other jobs (load average per stage in "
+                   "`stages`), no GPU; every stage on 1 thread",
         "command": f"python benchmarks/bench_scale.py --sizes {' '.join(map(str, users))} --out {out}",
         "sizes": [{"users": s["users"], "memories": s["memories"], "stages": s["stages"], "llm_calls": s["llm_calls"],
                    "llm_tokens": s["llm_tokens"], "llm_prompt_tokens": s["llm_prompt_tokens"],
                    "llm_completion_tokens": s["llm_completion_tokens"], "batch_rounds": s["batch_rounds"],
                    "simulate_timing": s.get("simulate_timing", {})} for s in sizes],
-        "exponents": {n: round(fits[n][0], 3) for n in STAGES},
-        "rss_exponents": {n: round(rss_fits[n][0], 3) for n in STAGES},
-        "llm_exponents": {"calls": round(calls_fit[0], 3), "tokens": round(tokens_fit[0], 3)},
-        "extrapolated_this_machine": projection,
+        "exponents": {n: round(cpu_fits[n][0], 3) for n in STAGES},
+        "exponent_basis": "CPU seconds (user + system) of each stage, least squares of log seconds on log users "
+                          "over all sizes; CPU time, not wall time, because other jobs shared the cores",
+        "wall_exponents": {n: round(wall_fits[n][0], 3) for n in STAGES},
+        "local_exponents": {n: round(local[n], 3) for n in STAGES},
+        "affine_cpu_seconds": {n: {"fixed": round(affine[n][0], 2), "per_user": round(affine[n][1], 4)} for n in STAGES},
+        "llm_exponents": {"calls": round(fit_exponent(users, [s["llm_calls"] for s in sizes])[0], 3),
+                          "tokens": round(fit_exponent(users, [s["llm_tokens"] for s in sizes])[0], 3)},
+        "memories_per_user": round(memories_per_user, 2),
+        "simulate_rows_per_user": round(rows_per_user, 2),
+        "extrapolated": projection,
+        "extrapolation_basis": "this machine: fixed + per_user x users (non-negative least squares on CPU seconds; "
+                               "cpu_seconds_power_law: the log-log fit, for comparison); gpu_estimates: ESTIMATES "
+                               "from the throughputs in gpu_assumptions, no GPU ran",
+        "gpu_assumptions": GPU_ASSUMPTIONS,
     }
     (docs / "results").mkdir(parents=True, exist_ok=True)
     (docs / "results" / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(sizes, fits, docs / "scale.png")
+    plot(sizes, affine, cpu_fits, docs / "scale.png")
     return result
 
 
-def plot(sizes: list[dict], fits: dict, path: Path) -> None:
+def plot(sizes: list[dict], affine: dict, fits: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     users = [s["users"] for s in sizes]
-    grid = np.logspace(math.log10(min(users)), 6, 50)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    grid = np.logspace(math.log10(min(users)), 6, 60)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, name in enumerate(STAGES):
         color = f"C{i}"
-        ax.plot(users, [s["stages"][name]["seconds"] for s in sizes], "o", color=color,
-                label=f"{name} (b={fits[name][0]:.2f})")
-        ax.plot(grid, [extrapolate(fits[name], g) for g in grid], "--", color=color, linewidth=1)
+        ax.plot(users, [max(s["stages"][name].get("cpu_seconds", s["stages"][name]["seconds"]), 1e-3) for s in sizes],
+                "o", color=color, label=f"{name} (b={fits[name][0]:.2f})")
+        ax.plot(grid, [affine[name][0] + affine[name][1] * g for g in grid], "--", color=color, linewidth=1)
     ax.axvspan(max(users), 1e6, color="0.93")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("users")
-    ax.set_ylabel("wall seconds (1 CPU thread)")
-    ax.set_title("persona-tune stage cost: measured (dots), fitted power law (dashes, shaded: extrapolated)")
-    ax.title.set_fontsize(9)
+    ax.set_ylabel("CPU seconds (1 thread)")
+    ax.set_title("Stage cost: measured (dots, b = log-log slope), fixed + per-user fit (dashes; shaded: extrapolated)",
+                 fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
@@ -236,7 +283,7 @@ def main() -> int:
     if args.report is not None:
         result = report(args.out, args.report)
         print(json.dumps({"exponents": result["exponents"],
-                          "dominant": {k: v["dominant"] for k, v in result["extrapolated_this_machine"].items()}}))
+                          "dominant": {k: v["dominant"] for k, v in result["extrapolated"].items()}}))
         return 0
     for users in args.sizes:
         measure(users, args.out)

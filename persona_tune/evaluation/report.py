@@ -544,8 +544,12 @@ def write_report(run_dir, json_out: str | Path | None = None, compare: list[str]
     if not run.eval_dir.is_dir() or not run.eval_metric_files():
         raise StageMissingError(f"no results in {run.eval_dir}: run `persona-tune eval --run {run.root}` "
                                 f"and/or `persona-tune baselines --run {run.root}` first")
-    from persona_tune.evaluation.run import stale_results
+    from persona_tune.evaluation.run import stale_results, unfinished_results
 
+    if unfinished := unfinished_results(run):  # never publish numbers of a failed or stopped evaluation
+        raise StageMissingError(f"the evaluation of {', '.join(unfinished)} in {run.eval_dir} did not finish "
+                                f"(metrics.json without eval_inputs.json): re-run `persona-tune eval --run "
+                                f"{run.root} --variants {','.join(unfinished)}` (or the `grid` that made them)")
     if stale := stale_results(run):  # never publish numbers of adapters that were retrained since
         raise StageMissingError(f"the results of {', '.join(stale)} in {run.eval_dir} come from adapters retrained "
                                 f"since: re-run `persona-tune eval --run {run.root} --variants {','.join(stale)}`")
