@@ -57,9 +57,9 @@ def _top_level_help() -> str:
 AT_LEAST_ONE = {
     "n_users", "n_items", "median_ratings", "min_ratings", "max_ratings", "epochs", "eval_rows", "max_steps",
     "batch_size", "concurrency", "max_attempts", "max_profile_words", "max_tokens", "max_words", "users",
-    "n_boot", "k", "lora_rank", "n_init", "top_words", "nproc", "mf_epochs", "mf_rank", "k_max",
+    "n_boot", "k", "lora_rank", "n_init", "top_words", "nproc", "k_max",
 }
-POSITIVE = {"timeout", "deadline", "lora_alpha", "backoff_max", "train_frac", "mf_lr"}
+POSITIVE = {"timeout", "deadline", "lora_alpha", "backoff_max", "train_frac"}
 SIGNED = {"delta"}
 
 
