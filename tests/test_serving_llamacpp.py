@@ -56,6 +56,7 @@ def test_llama_cpp_server_rates_like_the_local_path_and_resumes_from_its_store(s
         np.testing.assert_allclose(first["remote"][column], first["local"][column], atol=1e-3)
 
 
+@pytest.mark.slow  # `tune run persona_eval` and simulate start their own processes and models
 def test_eval_and_simulate_with_backend_openai_rate_like_the_local_path(served_run, tmp_path):
     root = str(served_run.root)
     with llama_cpp_server(served_run, read_serving_spec(served_run, TRUNK)) as url:
@@ -69,7 +70,7 @@ def test_eval_and_simulate_with_backend_openai_rate_like_the_local_path(served_r
                      "--negatives", "1", "--no-topk", "--n-boot", "1", "--no-progress"]) == 0
     predictions = pd.read_parquet(served_run.eval_predictions(TRUNK))
     metrics = json.loads(served_run.eval_metrics(TRUNK).read_text())
-    assert len(predictions) == 4 and "openai" in json.dumps(metrics)
+    assert len(predictions) >= 4 and "openai" in json.dumps(metrics)
     probes = pd.read_parquet(served_run.simulation(TRUNK).probes)
     probes = probes[probes["simulator"] == TRUNK].reset_index(drop=True)
     assert len(probes) >= 2
