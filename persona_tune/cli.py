@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-peft": ("persona_tune.peft_export", "convert a torchtune adapter to PEFT format (or merge it)"),
     "eval": ("persona_tune.evaluation.run", "evaluate variants via `tune run persona_eval`"),
     "baselines": ("persona_tune.evaluation.baselines", "classical baselines on the run's test rows"),
+    "serve-export": ("persona_tune.serving.stage", "export an agent for vLLM / llama.cpp: PEFT + GGUF, head folded in"),
     "simulate": ("persona_tune.simulate.run", "rate recommenders' slates with the agents: simulated feedback, fidelity"),
     "report": ("persona_tune.evaluation.report", "Table-1-style results, confidence intervals and plots"),
     "grid": ("persona_tune.evaluation.grid", "run the paper's experiment matrix, resumably"),
@@ -56,9 +57,9 @@ def _top_level_help() -> str:
 AT_LEAST_ONE = {
     "n_users", "n_items", "median_ratings", "min_ratings", "max_ratings", "epochs", "eval_rows", "max_steps",
     "batch_size", "concurrency", "max_attempts", "max_profile_words", "max_tokens", "max_words", "users",
-    "n_boot", "k", "lora_rank", "n_init", "top_words", "nproc", "mf_epochs", "mf_rank", "k_max",
+    "n_boot", "k", "lora_rank", "n_init", "top_words", "nproc", "k_max",
 }
-POSITIVE = {"timeout", "deadline", "lora_alpha", "backoff_max", "train_frac", "mf_lr"}
+POSITIVE = {"timeout", "deadline", "lora_alpha", "backoff_max", "train_frac"}
 SIGNED = {"delta"}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from persona_tune import __version__
-from persona_tune.errors import ConfigError, StageMissingError
+from persona_tune.errors import ConfigError, DataError, StageMissingError
 
 FORMAT_VERSION = 1
 
@@ -70,13 +70,22 @@ RATINGS = {"train": RATINGS_TRAIN, "test": RATINGS_TEST}
 # eval/<name>/..., simulate/<name>/... (RunFolder.config_file, adapter_dir, eval_variant_dir).
 PREDICTIONS = "predictions.parquet"
 METRICS = "metrics.json"
-TRAIN_SUMMARY = "train_summary.json"
+TRAIN_SUMMARY = "train_summary.json"  # written last by `train`: the adapter is complete (check_adapter)
+ADAPTER_FILE = "adapter_model.pt"  # torchtune's LoRA weights, adapters/<variant>/epoch_N/
+HEAD_FILE = "rating_head.pt"  # the frozen-trunk recipe's rating head, beside adapter_model.pt
 TRUNK_SUMMARY = "trunk_summary.json"
 TORCHTUNE_CONFIG = "torchtune_config.yaml"  # adapters/<variant>/: the resolved config of the training run
 EVAL_INPUTS = "eval_inputs.json"
 EVAL_CONFIG = "eval_config.yaml"
 EVAL_LOG = "eval.log"
 BASELINES = "baselines"  # eval/baselines/: the classical baselines' predictions and metrics
+# references/: the kNN and MF references of every test row, fitted once and cached (evaluation/references.py):
+# the MF tuning on validation users, one part per history bucket (each with a .json fingerprint), all rows.
+REFERENCES_DIR = "references"
+REFERENCE_TUNING = f"{REFERENCES_DIR}/mf_tuning.json"
+REFERENCE_PARTS = f"{REFERENCES_DIR}/parts"
+REFERENCE_PREDICTIONS = f"{REFERENCES_DIR}/predictions.parquet"
+SERVING_SPEC = "serving.json"  # serving/<variant>/: the bundle's description (persona-tune serve-export)
 
 # What another machine needs to train and evaluate a run (benchmarks/gpu_run.sh packs it): the stages'
 # outputs up to personas and the baselines; no vectors, caches or adapters.
@@ -117,11 +126,48 @@ def check_name(name: str, what: str = "variant name") -> str:
     return name
 
 
+# Temporary files of atomic writes: .<name>.tmp<pid>.<random><suffix> beside the target. A writer
+# killed by kill -9 leaves its temp behind; the next atomic write into that folder removes the temps
+# of processes that no longer exist.
+_TEMP = re.compile(r"^\..+\.tmp(\d+)\.[^/]*$")
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.tmp{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files of dead writers in ``folder`` (see _TEMP); returns what was removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMP.match(name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+                removed.append(Path(folder) / name)
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_temp_files(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -152,7 +198,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    clean_temp_files(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.stem), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -191,6 +238,61 @@ def file_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterato
         yield fd
     finally:
         os.close(fd)
+
+
+def adapter_files(adapter: str | os.PathLike) -> dict[str, str]:
+    """{path relative to the variant's folder: sha256} of a trained adapter file and its rating head
+    (when there is one): what train_summary.json records and check_adapter verifies."""
+    adapter = Path(adapter)
+    files = [adapter] + [p for p in (adapter.with_name(HEAD_FILE),) if p.is_file()]
+    return {str(p.relative_to(adapter.parent.parent)): file_sha256(p) for p in files}
+
+
+def last_epoch_adapter(adapter_dir: str | os.PathLike) -> Path | None:
+    """adapter_dir/epoch_<last>/adapter_model.pt (finished or not: check_adapter for a usable one)."""
+    adapter_dir = Path(adapter_dir)
+    epochs = [p for p in adapter_dir.glob(f"epoch_*/{ADAPTER_FILE}") if p.parent.name[6:].isdigit()]
+    return max(epochs, key=lambda p: int(p.parent.name[6:])) if epochs else None
+
+
+def check_adapter(adapter_dir: str | os.PathLike, epoch: int | None = None, verify: bool = True) -> Path:
+    """The adapter file (epoch_N/adapter_model.pt; N: ``epoch``, else the last) of a FINISHED training
+    in ``adapter_dir`` (adapters/<variant>/). Raises StageMissingError when the training did not finish
+    (no train_summary.json, the completion marker `train` writes last) and DataError naming the file
+    when a file it records is missing or changed since (sha256; skipped without ``verify``)."""
+    adapter_dir = Path(adapter_dir)
+    run_root = adapter_dir.parent.parent
+    if not adapter_dir.is_dir():
+        raise StageMissingError(f"{adapter_dir} is missing: train it first (`persona-tune train --run {run_root}`)")
+    marker = adapter_dir / TRAIN_SUMMARY
+    if not marker.is_file():
+        partial = sorted(p.parent.name for p in adapter_dir.glob(f"epoch_*/{ADAPTER_FILE}"))
+        found = f"; it holds only {', '.join(partial)}" if partial else ""
+        raise StageMissingError(
+            f"{adapter_dir}: its training did not finish (no {TRAIN_SUMMARY}{found}): run "
+            f"`persona-tune train --run {run_root} --personas {adapter_dir.name}` to train it")
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8")).get("files") or {}
+    except (ValueError, AttributeError) as e:
+        raise DataError(f"unreadable ({e}); retrain with `persona-tune train --run {run_root} --personas "
+                        f"{adapter_dir.name} --force`", marker) from None
+    if epoch is not None:
+        adapter = adapter_dir / f"epoch_{int(epoch)}" / ADAPTER_FILE
+    else:
+        named = [rel for rel in recorded if Path(rel).name == ADAPTER_FILE]
+        adapter = adapter_dir / named[0] if named else last_epoch_adapter(adapter_dir)
+    if adapter is None or not adapter.is_file():
+        raise StageMissingError(f"{adapter or adapter_dir / 'epoch_N' / ADAPTER_FILE} is missing though {marker} "
+                                f"exists: retrain with `persona-tune train --run {run_root} --personas "
+                                f"{adapter_dir.name} --force`")
+    if verify:
+        for rel, sha in recorded.items():
+            path = adapter_dir / rel
+            if not path.is_file() or file_sha256(path) != sha:
+                raise DataError(f"{'missing' if not path.is_file() else 'changed'} since its training finished "
+                                f"(sha256 recorded in {marker}); retrain with `persona-tune train --run "
+                                f"{run_root} --personas {adapter_dir.name} --force`", path)
+    return adapter
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -346,6 +448,14 @@ class RunFolder:
     @property
     def baseline_predictions(self) -> Path:
         return self.baselines_dir / PREDICTIONS
+
+    @property
+    def serving_dir(self) -> Path:
+        return self.root / "serving"
+
+    def serving_variant_dir(self, variant: str) -> Path:
+        """serving/<variant>/: serving.json and one folder per adapter (PEFT + GGUF), by `serve-export`."""
+        return self.serving_dir / check_name(variant)
 
     def simulation(self, name: str) -> "SimulationFolder":
         """RUN/simulate/<name>/: the files of one `persona-tune simulate` run."""
@@ -516,6 +626,19 @@ class SimulationFolder:
     @property
     def parts_dir(self) -> Path:  # the agent's scores, chunk by chunk, each with its fingerprint
         return self.root / "parts"
+
+    # `simulate --validity` (persona_tune/simulate/validity.py; read by the report's Simulation section)
+    @property
+    def validity(self) -> Path:  # agreement and fidelity of each simulator, paired differences
+        return self.root / "validity.json"
+
+    @property
+    def validity_users(self) -> Path:  # per source (truth, simulator), recommender and user: ndcg, recall
+        return self.root / "validity_users.parquet"
+
+    @property
+    def validity_rows(self) -> Path:  # every rated row (held-out and unrated), once per simulator
+        return self.root / "validity_rows.parquet"
 
     def exists(self) -> bool:
         return self.metrics.is_file()

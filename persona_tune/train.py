@@ -6,7 +6,9 @@ RUN/configs/) runs `tune run lora_finetune_single_device --config RUN/configs/<v
 `--parallel` several at once over the available GPUs (on a CPU-only machine: over the cores).
 torchtune writes to RUN/adapters/<variant>/; its output goes to train.log there. A variant whose
 train_summary.json exists is skipped, so re-running resumes, unless the inputs it records (its
-config, the persona assignments, the data and memories) have changed since: then it is retrained.
+config, the persona assignments, the data and memories) have changed since: then it is retrained;
+`--force` retrains the selected variants regardless (e.g. with new overrides). train_summary.json is
+written last, so a variant without it is partial, and eval, simulate and the agent refuse it.
 Arguments after `--` are passed to every `tune run` as config overrides, checked against each
 config first, e.g. `-- optimizer.lr=1e-4 max_steps_per_epoch=10`. The `tune run` children die
 with this process, and RUN/.train.lock keeps a second `train` off the same run.
@@ -43,9 +45,11 @@ from persona_tune.runfolder import (
     TORCHTUNE_CONFIG,
     TRAIN_SUMMARY,
     RunFolder,
+    adapter_files,
     atomic_write_json,
     check_name,
     file_lock,
+    last_epoch_adapter,
 )
 from persona_tune.stage import add_config_arguments, config_from_args
 
@@ -208,8 +212,7 @@ def metrics_log(output_dir: Path, since: float = 0.0) -> Path | None:
 
 def final_adapter(output_dir: Path) -> Path | None:
     """epoch_<last>/adapter_model.pt, the adapter after the last epoch."""
-    epochs = [p for p in output_dir.glob("epoch_*/adapter_model.pt") if p.parent.name[6:].isdigit()]
-    return max(epochs, key=lambda p: int(p.parent.name[6:])) if epochs else None
+    return last_epoch_adapter(output_dir)
 
 
 def export_variant_peft(output_dir: Path, adapter: Path) -> Path:
@@ -279,11 +282,14 @@ def _stream(proc: subprocess.Popen, log_file: Path, echo: bool) -> None:
 
 def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrides: list[str],
                   env: dict | None = None, echo: bool = False, lock_fd: int | None = None,
-                  inputs: dict[str, str] | None = None) -> VariantResult:
-    """Run one variant's `tune run`, parse its metrics, export PEFT, write train_summary.json."""
+                  inputs: dict[str, str] | None = None, force: bool = False) -> VariantResult:
+    """Run one variant's `tune run`, parse its metrics, export PEFT, write train_summary.json (last:
+    the completion marker that runfolder.check_adapter requires). ``force``: start afresh even with a
+    recipe that resumes."""
     output_dir = run.adapter_dir(variant)
     inputs = variant_inputs(run, variant) if inputs is None else inputs
-    if output_dir.exists() and recipe not in RESUMING_RECIPES:  # an unfinished attempt: start afresh
+    (output_dir / TRAIN_SUMMARY).unlink(missing_ok=True)  # first: until training ends, the adapter is partial
+    if output_dir.exists() and (force or recipe not in RESUMING_RECIPES):  # an unfinished attempt: start afresh
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     command = tune_command(run.config_file(variant), output_dir, recipe, nproc, overrides)
@@ -316,6 +322,7 @@ def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrid
     peft_dir = export_variant_peft(output_dir, adapter)
     summary = summarize(variant, output_dir, read_metrics(metrics_file), seconds, command, adapter, peft_dir)
     summary["inputs"] = inputs
+    summary["files"] = adapter_files(adapter)  # what check_adapter verifies before any use
     atomic_write_json(output_dir / TRAIN_SUMMARY, summary)
     return VariantResult(variant, "trained", seconds, summary)
 
@@ -341,8 +348,9 @@ def device_slots(nproc: int, parallel: bool, n_jobs: int) -> list[dict]:
 
 
 def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: bool = False,
-          recipe: str | None = None, overrides: list[str] | tuple[str, ...] = (), echo: bool = False) -> list[VariantResult]:
-    """Train every selected variant (skipping finished ones); return one result per variant."""
+          recipe: str | None = None, overrides: list[str] | tuple[str, ...] = (), echo: bool = False,
+          force: bool = False) -> list[VariantResult]:
+    """Train every selected variant (skipping finished ones unless ``force``); one result per variant."""
     run = RunFolder(run_dir)
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
@@ -352,12 +360,15 @@ def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: 
     shared = run.checksums(*TRAIN_INPUTS)
     todo = []
     for v in variants:
-        if not run.train_summary(v).is_file():
+        if force or not run.train_summary(v).is_file():
             todo.append(v)
         elif changed := stale_inputs(run, v, shared):
             log.warning("%s was trained on other inputs (%s changed): retraining it", v, ", ".join(changed))
             todo.append(v)
     results = {v: VariantResult(v, "skipped") for v in variants if v not in todo}
+    if overrides and results:
+        log.warning("%s already trained: skipped, so the overrides do not apply to them; `--force` retrains "
+                    "them with the overrides", ", ".join(results))
     if not todo:  # all current: touch nothing, the manifest included
         return [results[v] for v in variants]
     for v in todo:
@@ -374,7 +385,7 @@ def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: 
             slot = free.pop()
         try:
             return train_variant(run, variant, recipe, nproc, overrides, slots[slot], echo and len(slots) == 1,
-                                 lock_fd, variant_inputs(run, variant, shared))
+                                 lock_fd, variant_inputs(run, variant, shared), force)
         except PersonaTuneError as e:  # e.g. the PEFT export refused the adapter: the others still run
             return VariantResult(variant, "failed", error=str(e))
         finally:
@@ -436,12 +447,16 @@ class TrainConfig:
     overrides: tuple[str, ...] = field(default=(), metadata={
         "positional": True, "metavar": "KEY=VALUE",
         "help": "config overrides for every `tune run`, after `--`: -- optimizer.lr=1e-4"})
+    force: bool = field(default=False, metadata={
+        "flag": "--force", "help": "retrain the selected variants even if they are trained and current "
+                                   "(e.g. with new `-- key=value` overrides)"})
     echo: bool = field(default=False, metadata={"cli": False})  # stream each `tune run`'s output
 
 
 def run(run: RunFolder, cfg: TrainConfig) -> list[VariantResult]:
     """The `train` stage: train every selected variant (skipping finished ones); one result per variant."""
-    return train(run.root, cfg.personas, cfg.nproc, cfg.parallel, cfg.recipe, cfg.overrides, echo=cfg.echo)
+    return train(run.root, cfg.personas, cfg.nproc, cfg.parallel, cfg.recipe, cfg.overrides, echo=cfg.echo,
+                 force=cfg.force)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

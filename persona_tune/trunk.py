@@ -50,9 +50,8 @@ from persona_tune.evaluation.predict import (
     run_suffixes,
     shared_prefix_len,
 )
-from persona_tune.runfolder import atomic_path, atomic_write_json
+from persona_tune.runfolder import HEAD_FILE, atomic_path, atomic_write_json  # noqa: F401 (HEAD_FILE re-exported)
 
-HEAD_FILE = "rating_head.pt"  # beside adapter_model.pt in epoch_N/
 OBJECTIVES = ("ce", "mse", "ce+mse")
 HEAD_INITS = ("closed_form", "zero", "none")
 HEAD_PRIORS = ("none", "stated", "collab")

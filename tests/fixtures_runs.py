@@ -112,7 +112,9 @@ def bias_baseline(fit: pd.DataFrame, test: pd.DataFrame, reg: float = 5.0) -> np
 
 
 def write_adapter(path: Path, seed: int, scale: float = 0.3, model_cfg=None) -> Path:
-    """A LoRA adapter in torchtune's adapter_model.pt layout, for ``model_cfg`` (default: LORA on the tiny model)."""
+    """A LoRA adapter in torchtune's adapter_model.pt layout, for ``model_cfg`` (default: LORA on the tiny model),
+    in ``path`` (an epoch_N folder), with the completion marker `train` writes last beside epoch_N (the
+    train_summary.json that runfolder.check_adapter requires)."""
     import torch
     from torchtune import config
     from torchtune.modules.peft import get_adapter_params
@@ -124,7 +126,17 @@ def write_adapter(path: Path, seed: int, scale: float = 0.3, model_cfg=None) -> 
     state = {name: torch.randn_like(p) * scale for name, p in get_adapter_params(model).items()}
     path.mkdir(parents=True, exist_ok=True)
     torch.save(state, path / "adapter_model.pt")
+    write_train_marker(path / "adapter_model.pt")
     return path / "adapter_model.pt"
+
+
+def write_train_marker(adapter: Path) -> Path:
+    """adapters/<variant>/train_summary.json recording ``adapter`` (and a rating head beside it), as a
+    finished `train` leaves it."""
+    from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files, atomic_write_json
+
+    adapter = Path(adapter)
+    return atomic_write_json(adapter.parent.parent / TRAIN_SUMMARY, {"files": adapter_files(adapter)})
 
 
 def build_eval_run(root: Path) -> tuple[Path, Path]:

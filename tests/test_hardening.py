@@ -510,3 +510,115 @@ def test_url_passwords_are_never_recorded_or_printed(tmp_path, capsys):
     rf = RunFolder(run)
     rf.record_stage("distill", DistillConfig(backend="openai", base_url=secret_url).params())
     assert rf.stage_record("distill")["params"]["base_url"] == "http://***@127.0.0.1:9/v1"
+
+
+# ---------------------------------------------------------------- issue 26: complete-or-absent artifacts
+
+
+def _partial_adapter(run: RunFolder, variant: str, epochs=(0,)) -> Path:
+    for e in epochs:
+        (run.adapter_dir(variant) / f"epoch_{e}").mkdir(parents=True, exist_ok=True)
+        (run.adapter_dir(variant) / f"epoch_{e}" / "adapter_model.pt").write_bytes(b"weights %d" % e)
+    return run.adapter_dir(variant)
+
+
+def test_partial_adapter_is_refused_by_eval_and_the_agent(tmp_path, capsys):
+    from persona_tune.evaluation.loading import adapter_path
+
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    run = RunFolder(run_dir)
+    folder = _partial_adapter(run, "single_max")  # kill -9 during `train`: epoch_0 of 2, no marker
+    assert cli.main(["eval", "--run", str(run_dir), "--variants", "single_max"]) == 2
+    line = error_line(capsys)
+    assert f"{folder}: its training did not finish (no train_summary.json; it holds only epoch_0)" in line
+    assert "persona-tune train" in line and not (run.eval_dir / "single_max").exists()
+    with pytest.raises(StageMissingError, match="its training did not finish"):
+        adapter_path(str(folder), 0)  # what simulate, the eval recipe and UserAgent load through
+
+
+def test_changed_adapter_file_is_named(tmp_path):
+    from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files, check_adapter
+
+    folder = _partial_adapter(RunFolder(tmp_path), "v", epochs=(0, 1))
+    atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_1" / "adapter_model.pt")})
+    assert check_adapter(folder) == folder / "epoch_1" / "adapter_model.pt"
+    (folder / "epoch_1" / "adapter_model.pt").write_bytes(b"truncat")
+    with pytest.raises(DataError, match=r"epoch_1/adapter_model.pt: changed since its training finished.*--force"):
+        check_adapter(folder)
+
+
+def test_failed_eval_leaves_no_numbers_for_report(tmp_path, monkeypatch, capsys):
+    from persona_tune.evaluation import run as eval_run
+    from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
+
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    run = RunFolder(run_dir)
+    folder = _partial_adapter(run, "single_max")
+    atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
+    out = run.eval_variant_dir("single_max")
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text('{"old": "numbers"}')  # from an earlier, successful evaluation
+    (out / "predictions.parquet").write_bytes(b"old")
+    monkeypatch.setattr(eval_run, "tune_executable", lambda: fake_tune(tmp_path, "echo corrupt adapter; exit 1\n"))
+    assert cli.main(["eval", "--run", str(run_dir), "--variants", "single_max"]) == 2
+    assert not (out / "metrics.json").exists() and not (out / "predictions.parquet").exists()
+    capsys.readouterr()
+    # A metrics.json whose evaluation never finished (no eval_inputs.json) is refused by report.
+    (out / "metrics.json").write_text('{"old": "numbers"}')
+    assert cli.main(["report", "--run", str(run_dir)]) == 2
+    assert "the evaluation of single_max in" in error_line(capsys)
+
+
+def test_report_refuses_results_of_an_interrupted_training(tmp_path):
+    from persona_tune.evaluation.run import stale_results
+    from persona_tune.runfolder import EVAL_INPUTS, TRAIN_SUMMARY, adapter_files
+
+    run = RunFolder(tmp_path)
+    folder = _partial_adapter(run, "single_max", epochs=(0, 1))
+    epoch_0 = "adapters/single_max/epoch_0/adapter_model.pt"
+    # eval scored epoch_0 before the marker existed; `train` finished later (same epoch_0 bytes)
+    atomic_write_json(run.eval_variant_dir("single_max") / EVAL_INPUTS, {"adapters": run.checksums(epoch_0)})
+    atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_1" / "adapter_model.pt")})
+    assert stale_results(run) == ["single_max"]
+    atomic_write_json(run.eval_variant_dir("single_max") / EVAL_INPUTS,
+                      {"adapters": run.checksums("adapters/single_max/epoch_1/adapter_model.pt")})
+    assert stale_results(run) == []
+
+
+def test_temp_files_of_dead_writers_are_cleaned(tmp_path):
+    from persona_tune.runfolder import atomic_path, atomic_write_text
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    plots = tmp_path / "eval" / "plots"
+    plots.mkdir(parents=True)
+    orphan = plots / f".calibration.tmp{dead}.x1y2.png"  # kill -9 during `report`: a 0-byte temp PNG
+    orphan.touch()
+    live = plots / f".other.tmp{os.getppid()}.abcd.png"  # a running writer's temp stays
+    live.touch()
+    with atomic_path(plots / "calibration.png") as tmp:
+        assert f".tmp{os.getpid()}." in tmp.name
+        tmp.write_bytes(b"png")
+    assert not orphan.exists() and live.exists() and (plots / "calibration.png").read_bytes() == b"png"
+    (plots / f".x.json.tmp{dead}.zz.tmp").touch()
+    atomic_write_text(plots / "x.json", "{}")
+    assert sorted(p.name for p in plots.iterdir()) == [live.name, "calibration.png", "x.json"]
+
+
+def test_train_force_retrains_with_new_overrides(tmp_path, monkeypatch, caplog):
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    run = RunFolder(run_dir)
+    folder = _partial_adapter(run, "single_max")
+    atomic_write_json(folder / train.SUMMARY, {"inputs": train.variant_inputs(run, "single_max")})
+    monkeypatch.setattr(train, "tune_executable", lambda: fake_tune(tmp_path, "exit 3\n"))
+    with caplog.at_level(logging.WARNING):
+        [result] = train.train(run_dir, "single_max", overrides=["epochs=2"])
+    assert result.status == "skipped" and "single_max already trained: skipped" in caplog.text
+    [result] = train.run(run, train.TrainConfig(personas="single_max", overrides=("epochs=2",), force=True))
+    assert result.status == "failed"  # it ran `tune run` (the fake one fails)
+    assert not (folder / train.SUMMARY).exists()  # the old marker went before training started
+    parser, _ = cli.build_parser("train")
+    assert parser.parse_args(["--run", "r", "--force"]).force is True

@@ -61,11 +61,11 @@ def test_validity_protocol_on_ml1m_with_the_tiny_model(tmp_path, tiny):
                 "--users", "5", "--candidates", "2", "--negatives", "1", "--n-boot", "200", "--no-progress"]
     assert cli_main(validity) == 0
     sim = RunFolder(run).simulation("validity-prompted")
-    results = json.loads((sim.root / "validity.json").read_text())
+    results = json.loads(sim.validity.read_text())
     test = pd.read_parquet(run / "ratings_test.parquet")
     assert results["users_sampled"] == 5 and len(results["recommenders"]) == 16
     assert results["rows"]["heldout"] == int(test[test["user_id"].isin(
-        pd.read_parquet(sim.root / "validity_rows.parquet")["user_id"])].shape[0])  # every held-out row
+        pd.read_parquet(sim.validity_rows)["user_id"])].shape[0])  # every held-out row
     assert set(results["simulators"]) == {"prompted", "classical", "popularity", "item-blind"}
     assert 0 <= results["n_significant_pairs"] <= 120
     classical = results["simulators"]["classical"]
@@ -74,6 +74,6 @@ def test_validity_protocol_on_ml1m_with_the_tiny_model(tmp_path, tiny):
     assert results["timing"]["scored"] == results["rows"]["pairs"]
     # A second call rates nothing again: the agent's scores come from parts/.
     assert cli_main(validity) == 0
-    again = json.loads((sim.root / "validity.json").read_text())
+    again = json.loads(sim.validity.read_text())
     assert again["timing"]["scored"] == 0 and again["timing"]["reused"] == results["rows"]["pairs"]
     assert again["simulators"]["prompted"]["kendall_tau_b"] == results["simulators"]["prompted"]["kendall_tau_b"]

@@ -12,6 +12,7 @@ import pytest
 
 from persona_tune.cli import main as cli_main
 from persona_tune.errors import ConfigError, DataError
+from persona_tune.history import History
 from persona_tune.runfolder import RunFolder
 from persona_tune.simulate import validity as v
 from persona_tune.simulate.fidelity import PROB_COLUMNS
@@ -29,6 +30,19 @@ def test_kendall_tau_b_with_ties_by_hand():
     assert v.kendall_tau_b([1, 2, 3, 4], [1, 3, 2, 2]) == pytest.approx(1 / math.sqrt(30))
     assert v.kendall_tau_b([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(v.kendall_tau_b([1, 2, 3], [5, 5, 5]))  # a constant ordering: undefined
+
+
+def test_orderings_match_scipy_row_by_row():
+    from scipy.stats import kendalltau, spearmanr
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 4, (50, 7)).astype(float), rng.integers(0, 4, (50, 7)).astype(float)  # many ties
+    a[0], b[1] = 1.0, 2.0  # constant rows: undefined
+    tau, rho = v.kendall_tau_b(a, b), v.spearman_rho(a, b)
+    for row in range(2, 50):
+        assert tau[row] == pytest.approx(kendalltau(a[row], b[row], variant="b").statistic)
+        assert rho[row] == pytest.approx(spearmanr(a[row], b[row]).statistic)
+    assert np.isnan(tau[:2]).all() and np.isnan(rho[:2]).all()
 
 
 def test_spearman_rho_by_hand():
@@ -74,6 +88,28 @@ def test_ndcg_and_recall_at_k_by_hand():
     ndcg, recall = v.ndcg_recall(np.array([0.2, 0.8, 0.5]), np.array([3, 1, 2]), k=1)
     assert ndcg == 1.0 and recall == pytest.approx(0.8 / 1.5)
     assert all(math.isnan(x) for x in v.ndcg_recall(np.zeros(3), np.array([1, 2, 3]), k=2))
+
+
+def test_user_metrics_match_sklearn_list_by_list():
+    rng = np.random.default_rng(1)
+    lists = []
+    for rec in ("a", "b"):
+        for user in (1, 2, 3):
+            items = np.arange(12) + 100 * user
+            lists.append(pd.DataFrame({"recommender": rec, "user_id": user, "item_id": items,
+                                       "rank": rng.permutation(12) + 1}))
+    ranked = pd.concat(lists, ignore_index=True)
+    key = pd.MultiIndex.from_frame(ranked.loc[ranked["recommender"] == "a", ["user_id", "item_id"]])
+    truth = pd.Series((rng.random(36) < 0.3).astype(float), index=key)
+    truth.iloc[24:] = 0.0  # user 3 likes nothing: NaN
+    graded = pd.Series(rng.random(36), index=key)
+    table = v.user_metrics(ranked, {"truth": truth, "sim": graded}, k=5)
+    assert len(table) == 12
+    for row in table.itertuples():
+        g = ranked[(ranked["recommender"] == row.recommender) & (ranked["user_id"] == row.user_id)]
+        rel = {"truth": truth, "sim": graded}[row.source].reindex(pd.MultiIndex.from_frame(g[["user_id", "item_id"]]))
+        want = v.ndcg_recall(rel.to_numpy(), g["rank"].to_numpy(), k=5)
+        np.testing.assert_allclose([row.ndcg, row.recall], want)
 
 
 def test_auc_counts_and_pooled_taste_auc_by_hand():
@@ -167,9 +203,11 @@ def test_null_raters():
     assert blind[PROB_COLUMNS].iloc[0].tolist() == [0, 0, 0, 2 / 3, 1 / 3]
     assert blind["p_like"].tolist() == pytest.approx([1.0, 1.0, 0.0])
     assert blind["expected_rating"].iloc[1] == pytest.approx(13 / 3)
-    pop = v.PopularityRater.fit(train, items).rate([1, 2, 2], [10, 11, 12])
-    assert pop["expected_rating"].tolist() == pytest.approx(v.PopularityRater.fit(train, items).rate(
-        [2, 1, 1], [10, 11, 12])["expected_rating"].tolist())  # the user does not matter
+    history = History.from_items(items.assign(hist_avg=3.0))
+    rater = v.PopularityRater.fit(train, history)
+    assert rater.slope == pytest.approx(np.polyfit(np.log1p([100, 1, 10, 100, 10]), [5, 4, 4, 1, 3], 1)[0])
+    pop = rater.rate([1, 2, 2], [10, 11, 12])
+    assert pop["expected_rating"].tolist() == pytest.approx(rater.rate([2, 1, 1], [10, 11, 12])["expected_rating"].tolist())
 
 
 def test_validity_on_a_synthetic_run_with_a_predictions_file(tmp_path):
@@ -184,7 +222,7 @@ def test_validity_on_a_synthetic_run_with_a_predictions_file(tmp_path):
             "--candidates", "3", "--negatives", "1", "--n-boot", "50", "--no-progress"]
     assert cli_main(argv) == 0
     sim = RunFolder(run).simulation("validity-baselines")
-    results = json.loads((sim.root / v.RESULTS).read_text())
+    results = json.loads(sim.validity.read_text())
     assert results["users"] >= 1 and len(results["recommenders"]) == 16
     assert set(results["simulators"]) == {"perfect", "classical", "popularity", "item-blind"}
     for name, s in results["simulators"].items():
@@ -198,7 +236,7 @@ def test_validity_on_a_synthetic_run_with_a_predictions_file(tmp_path):
     assert perfect["fidelity"]["watch_acc_1_1"]["value"] is None
     assert results["simulators"]["classical"]["fidelity"]["watch_acc_1_1"]["value"] is not None
     assert "perfect - classical" in results["paired"]
-    users = pd.read_parquet(sim.root / v.USER_METRICS)
+    users = pd.read_parquet(sim.validity_users)
     assert set(users["source"]) == {"truth", "perfect", "classical", "popularity", "item-blind"}
     # The report's Simulation section shows the protocol's tables, the agent first.
     md, _ = simulation_section(RunFolder(run), tmp_path / "plots")

@@ -67,10 +67,19 @@ class Tally:
     completion_tokens: int = 0
     users_done: int = 0
     users_failed: int = 0
+    users_waiting: int = 0  # batch mode: users whose next request is not answered yet
 
 
 class StepRejected(Exception):
     pass
+
+
+class Deferred(Exception):
+    """The request is not answered yet and is not asked here (batch mode): its user waits."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
 
 
 @dataclass
@@ -80,7 +89,7 @@ class LLMDistiller:
     config: DistillConfig
     prompts: Prompts
     store: RequestStore
-    client: ChatClient
+    client: ChatClient | None
     tally: Tally = field(default_factory=Tally)
     response_format: str = "json_schema"
     known: dict = field(default_factory=dict)  # stored answers, by key
@@ -188,6 +197,8 @@ class LLMDistiller:
                     self.tally.users_done += 1
                 except EndpointError:
                     raise
+                except Deferred:
+                    self.tally.users_waiting += 1
                 except (StepRejected, LLMError) as e:
                     failures.append({"user_id": user_id, "reason": str(e)})
                     self.tally.users_failed += 1
@@ -220,16 +231,26 @@ def estimate_plan(plan: dict[int, list[list[BatchItem]]], prompts: Prompts, cfg:
             completion_tokens += (len(batch) * 200 + profile_chars) / chars_per_token
             calls += 1
     return {"users": len(plan), "calls": calls, "prompt_tokens": int(prompt_tokens),
-            "completion_tokens": int(completion_tokens)}
+            "completion_tokens": int(completion_tokens),
+            # Batch mode: one round per step of the longest chain (each prompt holds the previous profile)
+            "batch_rounds": max((len(b) for b in plan.values()), default=0)}
 
 
-def check_endpoint(cfg: DistillConfig, dry_run: bool = False) -> None:
-    """The options the LLM backend cannot run without (a dry run needs no server)."""
+def endpoint_url(cfg: DistillConfig) -> str | None:
+    return cfg.base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+
+def check_endpoint(cfg: DistillConfig) -> None:
+    """The option the LLM backend cannot run without. A server URL is needed only for requests the
+    store cannot answer (distill/batch.py says so then); a dry run needs neither."""
     if not cfg.model:
         raise ConfigError("--backend openai needs --model (the model name the server serves)")
-    if not (cfg.base_url or os.environ.get("OPENAI_BASE_URL")) and not dry_run:
-        raise ConfigError("--backend openai needs --base-url (or $OPENAI_BASE_URL): the server's URL, e.g. "
-                          "http://127.0.0.1:8000/v1 for a local server or https://api.openai.com/v1")
+
+
+def no_endpoint_error(waiting: int) -> ConfigError:
+    return ConfigError(f"--backend openai needs --base-url (or $OPENAI_BASE_URL) for the {waiting} request(s) not "
+                       "answered yet: the server's URL, e.g. http://127.0.0.1:8000/v1 for a local server or "
+                       "https://api.openai.com/v1; or write them to OpenAI Batch files with --batch-out DIR")
 
 
 def dry_run_estimate(train: pd.DataFrame, items: pd.DataFrame, cfg: DistillConfig,
@@ -243,16 +264,20 @@ def dry_run_estimate(train: pd.DataFrame, items: pd.DataFrame, cfg: DistillConfi
     return estimate
 
 
+def client_settings(cfg: DistillConfig) -> ClientSettings:
+    return ClientSettings(
+        base_url=endpoint_url(cfg), model=cfg.model, api_key=resolve_api_key(cfg.api_key_env), timeout=cfg.timeout,
+        max_retries=cfg.max_retries, backoff_base=cfg.backoff_base, backoff_max=cfg.backoff_max,
+        concurrency=cfg.concurrency,
+    )
+
+
 def distill_llm(run: RunFolder, train: pd.DataFrame, items: pd.DataFrame, traits: pd.DataFrame,
                 cfg: DistillConfig) -> tuple[pd.DataFrame, pd.DataFrame, list[dict], dict, dict[str, Any]]:
     """(profiles, memories, failures, provenance, summary) of the users the endpoint distilled."""
     prompts = load_prompts(cfg.prompt_dir)
     plan = plan_batches(train, items, cfg.batch_size)
-    settings = ClientSettings(
-        base_url=cfg.base_url or os.environ.get("OPENAI_BASE_URL"), model=cfg.model,
-        api_key=resolve_api_key(cfg.api_key_env), timeout=cfg.timeout, max_retries=cfg.max_retries,
-        backoff_base=cfg.backoff_base, backoff_max=cfg.backoff_max, concurrency=cfg.concurrency,
-    )
+    settings = client_settings(cfg)
     with RequestStore(run.path(DISTILL_REQUESTS)) as store:
         async def go():
             client = ChatClient(settings, rng=random.Random(cfg.seed))
@@ -264,6 +289,13 @@ def distill_llm(run: RunFolder, train: pd.DataFrame, items: pd.DataFrame, traits
 
         distiller, results, failures = asyncio.run(go())
         stored = store.totals()
+    return assemble(distiller, results, failures, stored, train, traits, cfg, prompts)
+
+
+def assemble(distiller: LLMDistiller, results: dict[int, tuple[str, dict[int, str]]], failures: list[dict],
+             stored: dict, train: pd.DataFrame, traits: pd.DataFrame, cfg: DistillConfig,
+             prompts: Prompts) -> tuple[pd.DataFrame, pd.DataFrame, list[dict], dict, dict[str, Any]]:
+    """The stage's tables and summary from the distilled chains."""
     tally = distiller.tally
     trait_levels = traits.set_index("user_id")
     profile_rows, memory_rows = [], []
@@ -281,7 +313,7 @@ def distill_llm(run: RunFolder, train: pd.DataFrame, items: pd.DataFrame, traits
     provenance = {"backend": BACKEND, "model": cfg.model, "prompt_version": prompts.version}
     summary = {"users_done": tally.users_done, "users_failed": tally.users_failed, "calls": tally.calls,
                "cached": tally.cached, "rejected_generations": tally.rejected,
-               "transport_errors": distiller.client.transport_errors,
+               "transport_errors": distiller.client.transport_errors if distiller.client is not None else 0,
                "prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
                "store_requests": stored["requests"], "store_prompt_tokens": stored["prompt_tokens"],
                "store_completion_tokens": stored["completion_tokens"],

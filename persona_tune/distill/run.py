@@ -3,7 +3,8 @@
 ``--backend offline`` writes deterministic rule-based text from each user's statistics (no LLM).
 ``--backend openai`` runs the paper's hierarchical self-reflection through any OpenAI-compatible
 server (OpenAI, vLLM, llama.cpp, Ollama); every answer is kept in distill/requests.sqlite, so a
-re-run after a crash, Ctrl-C or kill -9 resumes without repeating an answered call. Traits
+re-run after a crash, Ctrl-C or kill -9 resumes without repeating an answered call. ``--batch-out`` /
+``--batch-in`` send the same requests through OpenAI Batch files instead (distill/batch.py). Traits
 (activity, conformity, diversity) come from the statistics in both cases.
 """
 
@@ -20,14 +21,16 @@ from typing import Any
 
 import pandas as pd
 
-from persona_tune.distill import llm, offline
+from persona_tune.distill import batch, llm, offline
 from persona_tune.distill.llm import MEMORY_FIELDS, PROFILE_FIELDS, RESPONSE_FORMATS
 from persona_tune.distill.llm import estimate_plan, plan_batches  # noqa: F401 (their old home)
 from persona_tune.distill.traits import compute_traits
 from persona_tune.history import History
 from persona_tune.errors import ConfigError, DataError
+from persona_tune.distill.store import RequestStore
 from persona_tune.runfolder import (
     DISTILL_FAILURES,
+    DISTILL_REQUESTS,
     ITEMS,
     MEMORIES,
     PROFILES,
@@ -46,7 +49,8 @@ PROFILE_COLUMNS = [*PROFILE_FIELDS, *PROVENANCE_COLUMNS]
 MEMORY_COLUMNS = [*MEMORY_FIELDS, *PROVENANCE_COLUMNS]
 TRAIN_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 ITEM_COLUMNS = ["item_id", "title", "year", "genres", "hist_avg", "text"]
-TRANSPORT_KEYS = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout", "backoff_base", "backoff_max")
+TRANSPORT_KEYS = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout", "backoff_base", "backoff_max",
+                  "batch_out", "batch_in", "batch_max_lines")
 INPUTS = (RATINGS_TRAIN, ITEMS)
 OUTPUTS = (PROFILES, MEMORIES, TRAITS)
 
@@ -60,6 +64,7 @@ def parse_trait_cuts(text: str) -> dict[str, tuple[float, float]]:
 
 
 LLM = "openai backend"  # the CLI's argument group of the LLM backend's options
+BATCH = "openai backend through Batch files"
 
 
 @dataclass
@@ -101,19 +106,31 @@ class DistillConfig:
     prompt_dir: str | None = field(default=None, metadata={
         "group": LLM, "help": "folder with replacement prompt templates (same file names)"})
     progress: bool = field(default=True, metadata={"flag": "--no-progress", "help": "no progress bar"})
+    # Batch mode (distill/batch.py)
+    batch_out: str | None = field(default=None, metadata={
+        "group": BATCH, "metavar": "DIR",
+        "help": "write every request not answered yet to OpenAI Batch input files in DIR (one round: each "
+                "user's next step); writes the outputs instead when nothing is left to ask"})
+    batch_in: tuple[str, ...] = field(default=(), metadata={
+        "group": BATCH, "metavar": "FILE",
+        "help": "load OpenAI Batch output files (or `vllm run-batch` output) into the request store first"})
+    batch_max_lines: int = field(default=batch.MAX_LINES, metadata={
+        "group": BATCH, "help": "requests per Batch input file at most"})
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.response_format not in RESPONSE_FORMATS:
             raise ConfigError(f"--response-format must be one of {', '.join(RESPONSE_FORMATS)}")
-        for name in ("concurrency", "batch_size", "max_words", "max_attempts", "max_profile_words"):
+        for name in ("concurrency", "batch_size", "max_words", "max_attempts", "max_profile_words", "batch_max_lines"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.users is not None and self.users < 1:
             raise ConfigError(f"--users must be >= 1, got {self.users}")
         if self.max_retries < 0 or self.timeout <= 0:
             raise ConfigError("--max-retries must be >= 0 and --timeout > 0")
+        if (self.batch_out or self.batch_in) and self.backend != "openai":
+            raise ConfigError("--batch-out and --batch-in need --backend openai")
 
     def results_params(self) -> dict[str, Any]:
         """params() without the transport settings, which change how the answers arrive, not which."""
@@ -122,6 +139,7 @@ class DistillConfig:
     def params(self) -> dict[str, Any]:
         """What the manifest records (never the API key itself); the offline backend uses only three."""
         params = {k: v for k, v in asdict(self).items() if k != "progress"}
+        params["batch_in"] = list(params["batch_in"])
         if self.backend == "offline":
             params = {k: params[k] for k in ("backend", "users", "trait_cuts")}
         return params
@@ -206,10 +224,24 @@ def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per
         failures: list[dict] = []
         summary: dict[str, Any] = {"users_done": len(profiles), "users_failed": 0, "calls": 0, "cached": 0}
     else:
-        llm.check_endpoint(cfg, dry_run)
+        llm.check_endpoint(cfg)
         if dry_run:
             return llm.dry_run_estimate(train, items, cfg, price_per_1k)
-        profiles, memories, failures, provenance, summary = llm.distill_llm(run, train, items, traits, cfg)
+        ingested: dict[str, Any] = {}
+        if cfg.batch_in:
+            with RequestStore(run.path(DISTILL_REQUESTS)) as store:
+                ingested = batch.ingest(store, [Path(p) for p in cfg.batch_in])
+        if cfg.batch_out or cfg.batch_in or not llm.endpoint_url(cfg):
+            # Answers from the store alone; what is missing goes to Batch files or waits for the next --batch-in.
+            replayed = batch.replay(run, train, items, traits, cfg, Path(cfg.batch_out) if cfg.batch_out else None)
+            if replayed.tables is None:
+                if not (cfg.batch_out or cfg.batch_in):
+                    raise llm.no_endpoint_error(replayed.summary["requests_waiting"])
+                return {**ingested, **replayed.summary, "waiting": True}
+            profiles, memories, failures, provenance, summary = replayed.tables
+            summary = {**ingested, **summary}
+        else:
+            profiles, memories, failures, provenance, summary = llm.distill_llm(run, train, items, traits, cfg)
 
     write_outputs(run, profiles, memories, traits, failures, provenance)
     summary["memories"] = len(memories)
@@ -251,7 +283,15 @@ def main(args: argparse.Namespace) -> int:
                 f"~{summary['completion_tokens']:,} completion tokens (estimate: 4 characters per token)")
         if "cost" in summary:
             line += f", ~{summary['cost']:.2f} at the given price"
-        print(line)
+        print(line + f"; through Batch files: {summary['batch_rounds']} rounds (the longest user's steps)")
+        return 0
+    if summary.get("waiting"):
+        print("distill: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k != "waiting"))
+        where = (f"round {summary['batch_round']}: {summary['requests_waiting']} request(s) written to "
+                 f"{summary['batch_dir']}" if "batch_round" in summary
+                 else f"{summary['requests_waiting']} request(s) wait; write them with --batch-out DIR")
+        print(f"distill: {where}; at least {summary['rounds_left_at_least']} more round(s) of --batch-out, the Batch "
+              "job and --batch-in before the outputs are written", file=sys.stderr)
         return 0
     print("distill: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     if summary["users_failed"]:

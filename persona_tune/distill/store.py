@@ -4,10 +4,13 @@ The key is the sha256 of (model, messages, parameters); parameters include the a
 retried generation is a request of its own. Rows are committed one by one in WAL mode: after Ctrl-C
 or ``kill -9`` every answer received before the kill is on disk. Answers are stored as received,
 valid or not; validity is recomputed when they are read back. The API key is never stored.
+``batch_requests`` remembers what ``distill --batch-out`` wrote, so ``--batch-in`` knows each answer's
+request (distill/batch.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -31,6 +34,16 @@ CREATE TABLE IF NOT EXISTS requests (
     latency_s         REAL,
     transport_retries INTEGER,
     created_at        REAL
+);
+CREATE TABLE IF NOT EXISTS batch_requests (  -- requests written to Batch files by `distill --batch-out`
+    key        TEXT PRIMARY KEY,
+    user_id    INTEGER,
+    step       INTEGER,
+    attempt    INTEGER,
+    model      TEXT NOT NULL,
+    request    TEXT NOT NULL,  -- JSON: messages and parameters, as in `requests`
+    round      INTEGER NOT NULL,
+    emitted_at REAL
 )
 """
 
@@ -58,7 +71,7 @@ class RequestStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: committed rows survive a process kill
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.execute(SCHEMA)
+        self._db.executescript(SCHEMA)
 
     def get(self, key: str) -> Answer | None:
         row = self._db.execute(
@@ -83,6 +96,51 @@ class RequestStore:
              answer.finish_reason, answer.prompt_tokens, answer.completion_tokens, answer.latency_s,
              answer.transport_retries, time.time()),
         )
+
+    def put_many(self, rows: list[tuple[str, dict, Answer]]) -> None:
+        """Store answers to Batch requests (key, the batch_requests row as a dict, answer) in one transaction."""
+        now = time.time()
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO requests VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(key, r["user_id"], r["step"], r["attempt"], r["model"], r["request"], a.content, a.finish_reason,
+                  a.prompt_tokens, a.completion_tokens, a.latency_s, a.transport_retries, now) for key, r, a in rows],
+            )
+
+    def record_batch(self, round_no: int, model: str, rows: list[tuple[str, int, int, int, dict]]) -> None:
+        """Remember the requests written to Batch files: (key, user_id, step, attempt, request)."""
+        now = time.time()
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO batch_requests VALUES (?,?,?,?,?,?,?,?)",
+                [(key, user_id, step, attempt, model, json.dumps(request, ensure_ascii=False), round_no, now)
+                 for key, user_id, step, attempt, request in rows],
+            )
+
+    def last_batch_round(self) -> int:
+        return int(self._db.execute("SELECT COALESCE(MAX(round), 0) FROM batch_requests").fetchone()[0])
+
+    def batch_keys(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT key FROM batch_requests")}
+
+    def batch_emitted(self, keys: list[str]) -> set[str]:
+        """The ones of ``keys`` already written to a Batch file."""
+        return set(keys) & self.batch_keys()
+
+    def batch_requests(self, keys: list[str]) -> dict[str, dict]:
+        wanted = set(keys)
+        rows = self._db.execute("SELECT key, user_id, step, attempt, model, request FROM batch_requests")
+        return {r[0]: dict(zip(("user_id", "step", "attempt", "model", "request"), r[1:])) for r in rows if r[0] in wanted}
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def totals(self) -> dict[str, Any]:
         n, prompt, completion = self._db.execute(

@@ -44,6 +44,7 @@ from persona_tune.names import MEMORY_MODES, MEMORY_TAGS, TAG_OF
 from persona_tune.resources import template_dir
 from persona_tune.runfolder import (
     ASSIGNMENTS,
+    EVAL_INPUTS,
     METRICS,
     PREDICTIONS,
     RATINGS_TEST,
@@ -195,8 +196,12 @@ def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: i
     personas = sorted(predictions["persona"].unique().tolist())
     metrics = variant_metrics(predictions, info, profiles=profiles,
                               train_rows_per_persona=train_rows_per_persona(run, personas), n_boot=n_boot)
+    inputs_file = run.eval_variant_dir(cell) / EVAL_INPUTS  # written last: the cell is complete and current
+    inputs_file.unlink(missing_ok=True)
     atomic_write_parquet(predictions, run.eval_predictions(cell))
     atomic_write_json(run.eval_metrics(cell), metrics)
+    atomic_write_json(inputs_file, {"config": "trunk cell", "adapters": run.checksums(
+        *(str(f.relative_to(run.root)) for f in files))})
 
 
 def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: list[str], eval_names: list[str],

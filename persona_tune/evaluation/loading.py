@@ -16,11 +16,9 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config, training
 from torchtune.modules.peft import LoRALinear, get_adapter_params
-from torchtune.training.checkpointing._utils import get_largest_iter_folder
 
-from persona_tune.errors import ConfigError, StageMissingError
-
-ADAPTER_FILE = "adapter_model.pt"
+from persona_tune.errors import ConfigError
+from persona_tune.runfolder import ADAPTER_FILE, check_adapter  # noqa: F401 (ADAPTER_FILE: its old home)
 
 
 class ModelLoader:
@@ -80,17 +78,12 @@ class ModelLoader:
 
 
 def adapter_path(adapter_dir: str | None, persona: int, epoch: int | None = None) -> Path | None:
-    """``<adapter_dir with {persona} filled>/epoch_N/adapter_model.pt``; N = the last epoch unless given."""
+    """``<adapter_dir with {persona} filled>/epoch_N/adapter_model.pt``; N = the last epoch unless given.
+    Only a finished, unchanged training's adapter (runfolder.check_adapter; StageMissingError/DataError)."""
     if adapter_dir in (None, "", "null", "none"):
         return None
     root = Path(str(adapter_dir).replace("{persona}", str(persona))).expanduser()
-    if not root.is_dir():
-        raise StageMissingError(f"{root} is missing: train it first (`persona-tune train --run RUN`)")
-    folder = f"epoch_{epoch}" if epoch is not None else get_largest_iter_folder(root)
-    path = root / str(folder) / ADAPTER_FILE if folder else None
-    if path is None or not path.is_file():
-        raise StageMissingError(f"no {ADAPTER_FILE} under {root}/{folder or 'epoch_N'}: has `persona-tune train` finished?")
-    return path
+    return check_adapter(root, epoch)
 
 
 def merge_lora_in_place(model: torch.nn.Module) -> int:

@@ -30,14 +30,18 @@ from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.names import FAMILIES, MEMORY_TAGS, TAG_OF, check_modes
 from persona_tune.resources import eval_template, tune_executable
 from persona_tune.runfolder import (
+    ADAPTER_FILE,
+    BASELINES,
     EVAL_CONFIG,
     EVAL_INPUTS,
     EVAL_LOG,
     METRICS,
+    PREDICTIONS,
     RATINGS_TEST,
     RunFolder,
     atomic_write_json,
     atomic_write_text,
+    check_adapter,
     check_name,
 )
 from persona_tune.stage import add_config_arguments, config_from_args
@@ -138,20 +142,30 @@ def adapter_variants(run: RunFolder, variant: str) -> list[str]:
 
 
 def check_adapters(run: RunFolder, variants: list[str]) -> dict[str, dict[str, str]]:
-    """Every adapter must be trained and current; returns variant -> {adapter file: sha256}."""
-    from persona_tune.train import TRAIN_INPUTS, final_adapter, stale_inputs
+    """Every adapter must be trained to the end (runfolder.check_adapter) and current; returns
+    variant -> {adapter file: sha256}."""
+    from persona_tune.train import TRAIN_INPUTS, stale_inputs
 
     shared = run.checksums(*TRAIN_INPUTS)
-    missing, stale, used = [], [], {}
+    missing, unfinished, stale, used = [], [], [], {}
     for variant in variants:
         names = adapter_variants(run, variant)
-        files = {n: final_adapter(run.adapter_dir(n)) for n in names}
-        missing += [n for n, f in files.items() if f is None]
+        files = {}
+        for n in names:
+            if not run.adapter_dir(n).is_dir():
+                missing.append(n)
+                continue
+            try:
+                files[n] = check_adapter(run.adapter_dir(n))
+            except StageMissingError as e:
+                unfinished.append(str(e))
         stale += [f"{n} ({', '.join(changed)} changed)" for n in names if (changed := stale_inputs(run, n, shared))]
-        used[variant] = run.checksums(*(str(f.relative_to(run.root)) for f in files.values() if f is not None))
+        used[variant] = run.checksums(*(str(f.relative_to(run.root)) for f in files.values()))
     if missing:
         raise StageMissingError(f"no trained adapter for {', '.join(sorted(set(missing)))} in {run.adapters_dir}: "
                                 f"run `persona-tune train --run {run.root}` first")
+    if unfinished:
+        raise StageMissingError(unfinished[0] + (f" (and {len(unfinished) - 1} more)" if len(unfinished) > 1 else ""))
     if stale:
         raise StageMissingError(f"adapters trained on inputs that changed since: {', '.join(sorted(set(stale)))}; "
                                 f"re-run `persona-tune train --run {run.root}` (it retrains them), then eval")
@@ -185,7 +199,10 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
         log.info("%s: results are current, skipped", variant)
         return "skipped"
     atomic_write_text(config_file, text)
-    inputs_file.unlink(missing_ok=True)
+    # The outputs this evaluation replaces go first: a failed or stopped one leaves no old numbers
+    # behind that `report` could publish (the recipe resumes from its fingerprinted parts/).
+    for old in (inputs_file, metrics, out / PREDICTIONS):
+        old.unlink(missing_ok=True)
     cmd = [tune_executable(), "run", "persona_eval", "--config", str(config_file)]
     log.info("%s: %s", variant, " ".join(cmd))
     with open(out / EVAL_LOG, "w", encoding="utf-8") as logf:
@@ -199,13 +216,30 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
 
 
 def stale_results(run: RunFolder) -> list[str]:
-    """Eval variants whose adapters changed since they were evaluated (see EVAL_INPUTS)."""
+    """Eval variants whose adapters changed since they were evaluated (see EVAL_INPUTS), or which
+    scored an adapter that is not its finished training's (e.g. epoch_0 of an interrupted one)."""
     stale = []
     for inputs_file in sorted(run.eval_dir.glob(f"*/{EVAL_INPUTS}")):
         recorded = json.loads(inputs_file.read_text(encoding="utf-8")).get("adapters", {})
-        if run.checksums(*recorded) != recorded:
+        if run.checksums(*recorded) != recorded or not all(_finished_adapter(run, rel) for rel in recorded
+                                                            if rel.endswith(ADAPTER_FILE)):
             stale.append(inputs_file.parent.name)
     return stale
+
+
+def unfinished_results(run: RunFolder) -> list[str]:
+    """Eval variants with a metrics.json but no eval_inputs.json: their last evaluation failed or was
+    stopped, so the numbers are not current (the baselines, written by `baselines`, aside)."""
+    return [p.parent.name for p in run.eval_metric_files()
+            if p.parent.name != BASELINES and not (p.parent / EVAL_INPUTS).is_file()]
+
+
+def _finished_adapter(run: RunFolder, rel: str) -> bool:
+    path = run.root / rel
+    try:
+        return check_adapter(path.parent.parent, verify=False) == path
+    except PersonaTuneError:
+        return False
 
 
 def evaluate(run_dir, variants: list[str], family: str | None = None, memory: str = "ms+ml", mode: str = "scoring",

@@ -130,8 +130,11 @@ def simulation_section(run: RunFolder, plots_dir: Path) -> tuple[list[str], dict
         if plot is not None:
             plots[f"simulation_{name}"] = plot
             md += [f"![simulation {name}]({plot.relative_to(run.eval_dir) if plot.is_relative_to(run.eval_dir) else plot})", ""]
-    for path in sorted(run.simulate_dir.glob(f"*/{validity.RESULTS}")) if run.simulate_dir.is_dir() else []:
-        results = json.loads(path.read_text())
+    folders = sorted(p for p in run.simulate_dir.iterdir() if p.is_dir()) if run.simulate_dir.is_dir() else []
+    for sim in (run.simulation(p.name) for p in folders):
+        if not sim.validity.is_file():
+            continue
+        results = json.loads(sim.validity.read_text())
         md += [f"## Simulation validity: {results['name']}", "",
                f"`persona-tune simulate --validity` (RUN/simulate/{results['name']}/; docs/simulation.md): do the "
                "simulators order recommenders as the users' held-out ratings do?", "", validity.markdown(results), ""]

@@ -346,7 +346,8 @@ def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
     judged = recs.groupby("recommender")["true_rating"].apply(lambda s: bool(s.notna().all()))
     metrics = {
         "variant": cfg.variant, "name": cfg.out_name, "simulators": list(simulators),
-        "classical_model": {"kind": "bias baseline + Gaussian residual", "sigma": classical.sigma, "mu": classical.mu},
+        "classical_model": {"kind": "bias baseline + Gaussian residual", "sigma": classical.sigma,
+                            "mu": classical.bias.mu.tolist()},  # one per history bucket
         "users": int(len(users)), "recommenders": sorted(recs["recommender"].unique().tolist()),
         "ranked_recommenders": sorted(judged[judged].index.tolist()),
         "timing": {k: v for k, v in stats.items() if k != "fingerprint"},

@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import kendalltau, spearmanr, wasserstein_distance
+from scipy.stats import rankdata, wasserstein_distance
 from sklearn.metrics import ndcg_score
 
 from persona_tune.errors import ConfigError, DataError
+from persona_tune.history import History
 from persona_tune.runfolder import RATINGS_TEST, RATINGS_TRAIN, ITEMS, RunFolder, atomic_write_json, atomic_write_parquet
 from persona_tune.simulate.classical import BiasRater, rating_distribution
 from persona_tune.simulate.fidelity import LIKE_AT, PROB_COLUMNS, RATINGS, resample_weights
@@ -49,9 +50,6 @@ log = logging.getLogger(__name__)
 
 CLASSICAL, POPULARITY, ITEM_BLIND, TRUTH = "classical", "popularity", "item-blind", "truth"
 NULLS = (POPULARITY, ITEM_BLIND)
-RESULTS = "validity.json"
-USER_METRICS = "validity_users.parquet"
-ROWS = "validity_rows.parquet"
 
 
 # ---------------------------------------------------------------- the null simulators
@@ -59,25 +57,25 @@ ROWS = "validity_rows.parquet"
 
 @dataclass
 class PopularityRater:
-    """A rating that depends only on the item's popularity: a least-squares line of the train ratings on
-    log(1 + hist_count) (items.parquet: every source rating but the test rows), with the Gaussian residual
-    of the classical simulator (persona_tune.simulate.classical.rating_distribution)."""
+    """A rating that depends only on how many other users rated the item (as known at the user's split
+    time: persona_tune.history.History.row_stats): a least-squares line of the train ratings on
+    log(1 + count), with the Gaussian residual of the classical simulator
+    (persona_tune.simulate.classical.rating_distribution)."""
     slope: float
     intercept: float
     sigma: float
-    counts: pd.Series
+    history: History
 
     @classmethod
-    def fit(cls, train: pd.DataFrame, items: pd.DataFrame) -> "PopularityRater":
-        counts = items.set_index("item_id")["hist_count"].astype(float)
-        x = np.log1p(counts.reindex(train["item_id"]).fillna(0.0).to_numpy())
+    def fit(cls, train: pd.DataFrame, history: History) -> "PopularityRater":
+        x = np.log1p(history.row_stats(train["user_id"], train["item_id"])[1])
         y = train["rating"].to_numpy(float)
         slope, intercept = np.polyfit(x, y, 1)
         sigma = float(np.sqrt(np.mean((y - (slope * x + intercept)) ** 2)))
-        return cls(float(slope), float(intercept), max(sigma, 1e-3), counts)
+        return cls(float(slope), float(intercept), max(sigma, 1e-3), history)
 
     def rate(self, user_ids, item_ids) -> pd.DataFrame:
-        x = np.log1p(self.counts.reindex(np.asarray(item_ids)).fillna(0.0).to_numpy())
+        x = np.log1p(self.history.row_stats(user_ids, item_ids)[1])
         return rating_distribution(self.slope * x + self.intercept, self.sigma)
 
 
@@ -154,7 +152,8 @@ def rank_heldout(heldout: pd.DataFrame, scores: dict[str, np.ndarray], data: Int
 
 def ndcg_recall(relevance: np.ndarray, ranks: np.ndarray, k: int) -> tuple[float, float]:
     """nDCG@k (sklearn, gains = ``relevance``) and recall@k = relevance in the top k / all relevance, of
-    one user's list in ``ranks`` order; NaN for both when no item is relevant."""
+    one user's list in ``ranks`` order; NaN for both when no item is relevant. (The reference for
+    ``user_metrics``, which computes the same for every list at once.)"""
     relevance = np.asarray(relevance, float)
     total = relevance.sum()
     if total <= 0:
@@ -165,16 +164,33 @@ def ndcg_recall(relevance: np.ndarray, ranks: np.ndarray, k: int) -> tuple[float
 
 
 def user_metrics(ranked: pd.DataFrame, relevance: dict[str, pd.Series], k: int) -> pd.DataFrame:
-    """One row per (source, recommender, user): ndcg and recall at k with that source's relevance
-    (``relevance``: source -> Series on (user_id, item_id), e.g. truth = rating >= 4, a simulator = p_like)."""
-    out = []
-    for (rec, user), g in ranked.groupby(["recommender", "user_id"], sort=True):
-        key = pd.MultiIndex.from_arrays([g["user_id"].to_numpy(), g["item_id"].to_numpy()])
-        ranks = g["rank"].to_numpy()
-        for source, rel in relevance.items():
-            ndcg, recall = ndcg_recall(rel.reindex(key).to_numpy(float), ranks, k)
-            out.append((source, rec, user, ndcg, recall))
-    return pd.DataFrame(out, columns=["source", "recommender", "user_id", "ndcg", "recall"])
+    """One row per (source, recommender, user): nDCG@k and recall@k with that source's relevance
+    (``relevance``: source -> Series on (user_id, item_id), e.g. truth = rating >= 4, a simulator =
+    p_like), for every list at once: DCG = sum of gain / log2(rank + 1) over ranks <= k, over the
+    ideal DCG of the user's gains sorted; equal to ``ndcg_recall`` (sklearn's ndcg_score) list by list."""
+    key = pd.MultiIndex.from_frame(ranked[["user_id", "item_id"]])
+    rank = ranked["rank"].to_numpy()
+    discount = np.where(rank <= k, 1.0 / np.log2(rank + 1.0), 0.0)
+    frames = []
+    for source, rel in relevance.items():
+        gain = rel.reindex(key).to_numpy(float)
+        rows = ranked[["recommender", "user_id"]].assign(dcg=gain * discount, top=gain * (rank <= k), gain=gain)
+        per = rows.groupby(["recommender", "user_id"], sort=True).agg(dcg=("dcg", "sum"), top=("top", "sum"),
+                                                                      total=("gain", "sum"))
+        # The ideal DCG of a user's gains does not depend on the recommender: from one user's list.
+        one = rel.reindex(pd.MultiIndex.from_frame(ranked.loc[ranked["recommender"] == ranked["recommender"].iloc[0],
+                                                              ["user_id", "item_id"]]))
+        ideal = one.rename("gain").reset_index().sort_values(["user_id", "gain"], ascending=[True, False])
+        pos = ideal.groupby("user_id").cumcount().to_numpy() + 1
+        ideal["idcg"] = ideal["gain"].to_numpy(float) * np.where(pos <= k, 1.0 / np.log2(pos + 1.0), 0.0)
+        idcg = ideal.groupby("user_id")["idcg"].sum()
+        per = per.join(idcg, on="user_id")
+        ok = per["total"] > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per["ndcg"] = np.where(ok, per["dcg"] / per["idcg"], np.nan)
+            per["recall"] = np.where(ok, per["top"] / per["total"], np.nan)
+        frames.append(per.reset_index()[["recommender", "user_id", "ndcg", "recall"]].assign(source=source))
+    return pd.concat(frames, ignore_index=True)[["source", "recommender", "user_id", "ndcg", "recall"]]
 
 
 # ---------------------------------------------------------------- statistics of per-user weights
@@ -211,20 +227,36 @@ def weighted_ratio(num: np.ndarray, den: np.ndarray, weights: np.ndarray) -> np.
         return (weights @ np.asarray(num, float)) / (weights @ np.asarray(den, float))
 
 
-def _corr(fn, a: np.ndarray, b: np.ndarray) -> float:
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 2 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
-        return math.nan  # undefined for a constant ordering
-    return float(fn(a[ok], b[ok]).statistic)
+DECIMALS = 12  # means closer than this are tied (sums of the same gains in another order differ in the last bits)
 
 
-def kendall_tau_b(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's tau-b (scipy; ties in either ordering are corrected for); NaN if either is constant."""
-    return _corr(lambda x, y: kendalltau(x, y, variant="b"), np.asarray(a, float), np.asarray(b, float))
+def _sign(diff: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(diff) < 10.0 ** -DECIMALS, 0.0, np.sign(diff))
 
 
-def spearman_rho(a: np.ndarray, b: np.ndarray) -> float:
-    return _corr(spearmanr, np.asarray(a, float), np.asarray(b, float))
+def kendall_tau_b(a, b) -> np.ndarray | float:
+    """Kendall's tau-b between ``a`` and ``b`` (the last axis: the recommenders; leading axes: e.g. the
+    bootstrap resamples): (concordant - discordant) / sqrt((pairs - ties in a)(pairs - ties in b)),
+    as scipy.stats.kendalltau(variant="b"), vectorized over the leading axes; NaN where either is constant."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    i, j = np.triu_indices(a.shape[-1], 1)
+    sa, sb = _sign(a[..., i] - a[..., j]), _sign(b[..., i] - b[..., j])
+    n = len(i)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tau = (sa * sb).sum(-1) / np.sqrt((n - (sa == 0).sum(-1)) * (n - (sb == 0).sum(-1)))
+    tau = np.where(np.isfinite(tau), tau, np.nan)
+    return float(tau) if tau.ndim == 0 else tau
+
+
+def spearman_rho(a, b) -> np.ndarray | float:
+    """Spearman's rho (Pearson's r of the average ranks, as scipy.stats.spearmanr), vectorized over the
+    leading axes; NaN where either is constant."""
+    ra, rb = (rankdata(np.round(np.asarray(x, float), DECIMALS), axis=-1) for x in (a, b))
+    ra, rb = ra - ra.mean(-1, keepdims=True), rb - rb.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (ra * rb).sum(-1) / np.sqrt((ra ** 2).sum(-1) * (rb ** 2).sum(-1))
+    rho = np.where(np.isfinite(rho), rho, np.nan)
+    return float(rho) if rho.ndim == 0 else rho
 
 
 def significant_pairs(true_means: np.ndarray, level: float = 0.95) -> list[tuple[int, int, int]]:
@@ -239,7 +271,7 @@ def significant_pairs(true_means: np.ndarray, level: float = 0.95) -> list[tuple
             continue
         lo, hi = np.quantile(boot, alpha), np.quantile(boot, 1 - alpha)
         if lo > 0 or hi < 0:
-            out.append((a, b, int(np.sign(diff[0]))))
+            out.append((a, b, int(_sign(diff[0]))))
     return out
 
 
@@ -249,13 +281,13 @@ def pairs_correct(sim_means: np.ndarray, pairs: list[tuple[int, int, int]]) -> n
     if not pairs:
         return np.full(len(sim_means), math.nan)
     a, b, sign = (np.array(x) for x in zip(*pairs))
-    return (np.sign(sim_means[:, a] - sim_means[:, b]) == sign).mean(1)
+    return (_sign(sim_means[:, a] - sim_means[:, b]) == sign).mean(1)
 
 
 def agreement(true_means: np.ndarray, sim_means: np.ndarray, pairs: list[tuple[int, int, int]]) -> dict:
     """Per weight row: Kendall tau-b and Spearman rho between the orderings, and pairs_correct."""
-    return {"kendall_tau_b": np.array([kendall_tau_b(t, s) for t, s in zip(true_means, sim_means)]),
-            "spearman_rho": np.array([spearman_rho(t, s) for t, s in zip(true_means, sim_means)]),
+    return {"kendall_tau_b": kendall_tau_b(true_means, sim_means),
+            "spearman_rho": spearman_rho(true_means, sim_means),
             "pairs_correct": pairs_correct(sim_means, pairs)}
 
 
@@ -403,8 +435,9 @@ def run(run_folder: RunFolder, cfg) -> ValiditySummary:
         if name in simulators or name in (CLASSICAL, *NULLS, TRUTH):
             raise ConfigError(f"--predictions {name}: the name is taken; use NAME=FILE")
         simulators[name] = table
-    for name, rater in ((CLASSICAL, BiasRater.fit(train, items)), (POPULARITY, PopularityRater.fit(train, items)),
-                        (ITEM_BLIND, ItemBlindRater.fit(train))):
+    history = History.load(run_folder)
+    for name, rater in ((CLASSICAL, BiasRater.fit(train, items, history=history)),
+                        (POPULARITY, PopularityRater.fit(train, history)), (ITEM_BLIND, ItemBlindRater.fit(train))):
         simulators[name] = pd.concat([rows.reset_index(drop=True), rater.rate(rows["user_id"], rows["item_id"])], axis=1)
     keep = ["user_id", "item_id", "expected_rating", "p_like", *PROB_COLUMNS]
     rated = pd.concat([s[keep].assign(simulator=name) for name, s in simulators.items()], ignore_index=True)
@@ -417,15 +450,16 @@ def run(run_folder: RunFolder, cfg) -> ValiditySummary:
         "variant": cfg.variant if cfg.agent else None, "agents": agents, "name": cfg.out_name,
         "candidates_watch": cfg.candidates, "negatives": cfg.negatives, "like_threshold": cfg.like_threshold,
         "rows": {"heldout": int(len(heldout)), "unrated": int(len(unrated)), "pairs": int(len(rows))},
-        "classical_model": {"kind": "bias baseline + Gaussian residual"},
+        "history": history.mode,
         "timing": {"recommenders_fit_rank_s": fit_seconds, **{k: v for k, v in stats.items() if k != "fingerprint"}},
     })
     user_table = results.pop("_user_metrics")
-    atomic_write_parquet(user_table, sim.root / USER_METRICS)
-    atomic_write_parquet(rated, sim.root / ROWS)
-    atomic_write_json(sim.root / RESULTS, results)
-    run_folder.record_stage(f"simulate/{cfg.out_name}", {"validity": True, **_cfg_dict(cfg)},
-                            outputs=[str((sim.root / f).relative_to(run_folder.root)) for f in (RESULTS, USER_METRICS, ROWS)])
+    atomic_write_parquet(user_table, sim.validity_users)
+    atomic_write_parquet(rated, sim.validity_rows)
+    atomic_write_json(sim.validity, results)
+    run_folder.record_stage(f"simulate/{cfg.out_name}", _cfg_dict(cfg),
+                            outputs=[str(p.relative_to(run_folder.root)) for p in (sim.validity, sim.validity_users,
+                                                                                     sim.validity_rows)])
     return ValiditySummary(name=cfg.out_name, out_dir=str(sim.root), users=results["users"], recommenders=recommenders,
                            simulators=list(simulators), rows=len(rows), scored=stats["scored"], reused=stats["reused"],
                            seconds=stats["seconds"], rows_per_s=stats.get("rows_per_s"), results=results)

@@ -118,6 +118,27 @@ def distill_answer(items: list[tuple[int, int, str]]) -> str:
     return json.dumps({"explanations": explanations, "profile": profile})
 
 
+def chat_completion(body: dict, outcome: str = "ok", model: str = "fake-model", overlong_words: int = 2500) -> dict:
+    """The chat-completion body the server answers ``body`` with (also the Batch runner's answer)."""
+    if outcome == "malformed":
+        content = '{"explanations": [{"item_id": 1, "explanation": "I rated'
+    elif outcome == "overlong":
+        content = " ".join(["word"] * overlong_words)
+    elif outcome == "empty":
+        content = ""
+    else:
+        items = batch_items(body)
+        content = distill_answer(items) if items else "OK"
+    prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
+    return {
+        "id": "chatcmpl-" + request_key(body)[:12], "object": "chat.completion", "created": int(time.time()),
+        "model": body.get("model", model),
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4,
+                  "total_tokens": prompt_chars // 4 + len(content) // 4},
+    }
+
+
 class FakeOpenAIServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, faults: Faults | None = None,
                  model: str = "fake-model", embedding_dim: int = 64):
@@ -291,24 +312,7 @@ class FakeOpenAIServer:
                 self._send(200, payload)
 
             def _chat(self, body: dict, outcome: str) -> dict:
-                if outcome == "malformed":
-                    content = '{"explanations": [{"item_id": 1, "explanation": "I rated'
-                elif outcome == "overlong":
-                    content = " ".join(["word"] * server.faults.overlong_words)
-                elif outcome == "empty":
-                    content = ""
-                else:
-                    items = batch_items(body)
-                    content = distill_answer(items) if items else "OK"
-                prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
-                return {
-                    "id": "chatcmpl-" + request_key(body)[:12], "object": "chat.completion", "created": int(time.time()),
-                    "model": body.get("model", server.model),
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
-                    "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4,
-                              "total_tokens": prompt_chars // 4 + len(content) // 4},
-                }
+                return chat_completion(body, outcome, server.model, server.faults.overlong_words)
 
             def _embeddings(self, body: dict) -> dict | None:
                 texts = body.get("input")
