@@ -83,7 +83,8 @@ class UserAgent:
         items = run.read_items(columns=["item_id", "text"])
         self.item_text = items.set_index("item_id")["text"]  # what a new item's text is embedded like
         self.prompts = PromptBuilder(run, self.memory, self.cfg.get("prompt_template", "paper"),
-                                     bool(self.cfg.get("state_numbers", False)))
+                                     bool(self.cfg.get("state_numbers", False)),
+                                     int(self.cfg.get("collab_memories", 0) or 0))
         self.persona_of = (run.read_assignments().set_index("user_id")["persona"] if run.path(ASSIGNMENTS).exists()
                            else pd.Series(dtype="int64"))
         self.vectors = None

@@ -44,6 +44,7 @@ from persona_tune.names import check_modes
 from persona_tune.prompts import load_prompt_rows
 from persona_tune.runfolder import (
     ASSIGNMENTS,
+    HISTORY,
     ITEMS,
     METRICS,
     PREDICTIONS,
@@ -108,7 +109,7 @@ class PersonaEvalRecipe:
     def fingerprint(self, persona: int, adapter: Path | None) -> str:
         """What a persona's predictions depend on; a part with another fingerprint is recomputed."""
         keys = ("memory", "split", "mode", "max_rows", "merge_adapter", "max_seq_len", "seed", "generation",
-                "model", "dtype", "prompt_template", "state_numbers", "backend")
+                "model", "dtype", "prompt_template", "state_numbers", "collab_memories", "backend")
         spec = {k: OmegaConf.to_container(self.cfg, resolve=True).get(k) for k in keys}
         if self.loader is None:  # served: the server and the bundle it serves, not how the answers arrive
             from persona_tune.serving.remote import TRANSPORT_FIELDS
@@ -117,7 +118,8 @@ class PersonaEvalRecipe:
             spec["remote"] = {k: v for k, v in remote.items() if k not in TRANSPORT_FIELDS}
             spec["bundle"] = self.predictor.spec["adapters"]
         spec["adapter"] = None if adapter is None else [str(adapter), file_sha256(adapter)]
-        spec["inputs"] = {f: file_sha256(self.run.path(f)) for f in (RATINGS_TEST, ITEMS)}
+        spec["inputs"] = {f: file_sha256(self.run.path(f)) for f in (RATINGS_TEST, ITEMS) + (
+            (HISTORY,) if self.run.path(HISTORY).is_file() else ())}
         spec["persona"] = persona
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -134,6 +136,7 @@ class PersonaEvalRecipe:
             self.cfg.run_dir, split=self.cfg.split, memory=self.cfg.memory,
             persona=None if persona < 0 else persona, subsample=self.cfg.get("max_rows"), seed=self.cfg.seed,
             template=self.cfg.get("prompt_template", "paper"), state_numbers=bool(self.cfg.get("state_numbers", False)),
+            collab_memories=int(self.cfg.get("collab_memories", 0) or 0),
         )
         if self.loader is None:
             self.predictor.use(persona)

@@ -221,7 +221,7 @@ def predict_rows(predictor: RatingPredictor, rows: pd.DataFrame, modes: Sequence
     if getattr(head, "n_prior", 0) or getattr(predictor, "needs_priors", False):
         from persona_tune.trunk import prior_features
 
-        predictor.row_priors = prior_features(list(rows["parts"]))
+        predictor.row_priors = prior_features(list(rows["parts"]), head.prior)
     base = rows.drop(columns=["parts"]).reset_index(drop=True)
     base["n_prompt_tokens"] = [len(p) for p in prompts]
     blocks = []

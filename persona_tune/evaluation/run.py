@@ -109,7 +109,7 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
         cfg.adapter_dir = str(run.adapters_dir / (f"{check_name(base)}_{{persona}}{suffix}" if per_persona(base)
                                                   else check_name(variant)))
         cfg.memory = train_cfg.memory
-        for key in ("prompt_template", "state_numbers"):  # top level (trunk configs) or the dataset's
+        for key in ("prompt_template", "state_numbers", "collab_memories"):  # top level (trunk configs) or the dataset's
             value = train_cfg.get(key, train_cfg.get("dataset", {}).get(key))
             if value is not None:
                 cfg[key] = value

@@ -305,7 +305,8 @@ def remote_rater(eval_cfg, options: RemoteOptions, cache: str | Path | None = No
     options.validate_remote()
     spec = read_serving_spec(RunFolder(eval_cfg.run_dir), str(eval_cfg.variant))
     now = {"memory": str(eval_cfg.memory), "template": str(eval_cfg.get("prompt_template", "paper")),
-           "state_numbers": bool(eval_cfg.get("state_numbers", False))}
+           "state_numbers": bool(eval_cfg.get("state_numbers", False)),
+           "collab_memories": int(eval_cfg.get("collab_memories", 0) or 0)}
     if spec["prompt"] != now:
         raise ConfigError(f"the served bundle of {eval_cfg.variant} was exported with prompts {spec['prompt']}, "
                           f"this run's config makes {now}: re-run `persona-tune serve-export`")
