@@ -82,6 +82,12 @@ EVAL_INPUTS = "eval_inputs.json"
 EVAL_CONFIG = "eval_config.yaml"
 EVAL_LOG = "eval.log"
 BASELINES = "baselines"  # eval/baselines/: the classical baselines' predictions and metrics
+# references/: the kNN and MF references of every test row, fitted once and cached (evaluation/references.py):
+# the MF tuning on validation users, one part per history bucket (each with a .json fingerprint), all rows.
+REFERENCES_DIR = "references"
+REFERENCE_TUNING = f"{REFERENCES_DIR}/mf_tuning.json"
+REFERENCE_PARTS = f"{REFERENCES_DIR}/parts"
+REFERENCE_PREDICTIONS = f"{REFERENCES_DIR}/predictions.parquet"
 SERVING_SPEC = "serving.json"  # serving/<variant>/: the bundle's description (persona-tune serve-export)
 
 # What another machine needs to train and evaluate a run (benchmarks/gpu_run.sh packs it): the stages'
