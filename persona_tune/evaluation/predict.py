@@ -216,7 +216,9 @@ def predict_rows(predictor: RatingPredictor, rows: pd.DataFrame, modes: Sequence
     prompts = predictor.encode(rows["parts"])
     groups = rows["user_id"].tolist()
     head = getattr(getattr(predictor.model, "output", None), "head", None)
-    if getattr(head, "n_prior", 0):  # a frozen-trunk rating head that reads the rows' stated numbers
+    # A frozen-trunk rating head that reads the rows' stated numbers (or a remote rater, which adds
+    # its head's terms itself: persona_tune.serving.remote).
+    if getattr(head, "n_prior", 0) or getattr(predictor, "needs_priors", False):
         from persona_tune.trunk import prior_features
 
         predictor.row_priors = prior_features(list(rows["parts"]), head.prior)
