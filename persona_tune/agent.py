@@ -39,29 +39,43 @@ from persona_tune.runfolder import ASSIGNMENTS, ITEMS, MEMORIES, MEMORY_VECTORS,
 class UserAgent:
     """Rating agents of one run folder and one trained variant (see the module docstring)."""
 
-    def __init__(self, cfg: DictConfig, mode: str = "scoring"):
+    def __init__(self, cfg: DictConfig, mode: str = "scoring", remote=None, cache: str | Path | None = None):
         self.cfg = cfg
         self.mode = check_modes(mode)[0] if mode != "both" else "both"
         self.run = RunFolder(cfg.run_dir)
         self.memory = check_memory_mode(cfg.memory)
         self.run.require(ITEMS, RATINGS_TRAIN)
+        self.generation = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
+        self.loader = None
+        if remote is not None and remote.backend != "local":  # a served agent (persona_tune.serving.remote)
+            from persona_tune.serving.remote import remote_rater
+
+            if self.mode != "scoring":
+                raise ConfigError("an agent served remotely rates in scoring mode only")
+            self.predictor = remote_rater(cfg, remote, cache)
+            self._load_tables()
+            return
         device = utils.get_device(device=cfg.device)
         self.loader = ModelLoader(cfg, device, training.get_dtype(cfg.dtype, device=device))
         batching = OmegaConf.to_container(cfg.batching, resolve=True) | {"progress": False}
         self.predictor = RatingPredictor(self.loader.model, self.loader.tokenizer, device=device,
                                          max_seq_len=cfg.get("max_seq_len"), **batching)
-        self.generation = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
         self._load_tables()
 
     @classmethod
     def from_run(cls, run_dir: str | Path, variant: str = "persona", *, family: str | None = None,
-                 memory: str = "ms+ml", mode: str = "scoring", overrides: Sequence[str] = ()) -> "UserAgent":
-        """The agent of a trained variant, configured as `persona-tune eval` would evaluate it."""
+                 memory: str = "ms+ml", mode: str = "scoring", overrides: Sequence[str] = (), remote=None,
+                 cache: str | Path | None = None) -> "UserAgent":
+        """The agent of a trained variant, configured as `persona-tune eval` would evaluate it.
+
+        ``remote``: a persona_tune.serving.remote.RemoteOptions with ``backend="openai"`` rates through
+        a server that serves the variant's `persona-tune serve-export` bundle (``cache``: the SQLite
+        file that keeps its answers)."""
         from persona_tune.evaluation.run import build_eval_config, run_family
 
         run = RunFolder(run_dir)
         cfg = build_eval_config(run, variant, run_family(run, family), memory, "scoring", list(overrides))
-        return cls(cfg, mode=mode)
+        return cls(cfg, mode=mode, remote=remote, cache=cache)
 
     # ---------------------------------------------------------------- tables
     def _load_tables(self) -> None:
@@ -69,7 +83,8 @@ class UserAgent:
         items = run.read_items(columns=["item_id", "text"])
         self.item_text = items.set_index("item_id")["text"]  # what a new item's text is embedded like
         self.prompts = PromptBuilder(run, self.memory, self.cfg.get("prompt_template", "paper"),
-                                     bool(self.cfg.get("state_numbers", False)))
+                                     bool(self.cfg.get("state_numbers", False)),
+                                     int(self.cfg.get("collab_memories", 0) or 0))
         self.persona_of = (run.read_assignments().set_index("user_id")["persona"] if run.path(ASSIGNMENTS).exists()
                            else pd.Series(dtype="int64"))
         self.vectors = None
@@ -166,8 +181,11 @@ class UserAgent:
         modes = ["scoring", "paper"] if self.mode == "both" else [self.mode]
         outputs = []
         for persona, group in rows.groupby("persona", sort=True):  # one adapter load per persona
-            adapter = adapter_path(self.cfg.adapter_dir, int(persona), self.cfg.get("adapter_epoch"))
-            self.loader.load(adapter, merge=self.cfg.merge_adapter)
+            if self.loader is None:  # served remotely: the persona's adapter on the server
+                self.predictor.use(int(persona))
+            else:
+                adapter = adapter_path(self.cfg.adapter_dir, int(persona), self.cfg.get("adapter_epoch"))
+                self.loader.load(adapter, merge=self.cfg.merge_adapter)
             outputs.append(predict_rows(self.predictor, group.reset_index(drop=True), modes, self.generation))
         out = pd.concat(outputs, ignore_index=True).sort_values(["request", "mode"], kind="stable")
         out = out.rename(columns={"prediction": "rating"}).drop(columns=["request"])

@@ -60,7 +60,6 @@ from persona_tune.trunk import (
     HEAD_FILE,
     HEAD_INITS,
     HEAD_PRIORS,
-    N_PRIOR,
     OBJECTIVES,
     HeadedOutput,
     RatingHead,
@@ -99,6 +98,9 @@ class FrozenTrunkRecipe:
         if self.head_prior == "stated" and (self.head_init == "none" or not cfg.state_numbers):
             raise PersonaTuneError("head.prior: stated needs a head (head.init) and prompts that state the numbers "
                                    "(state_numbers: True)")
+        if self.head_prior == "collab" and (self.head_init == "none" or not cfg.get("collab_memories")):
+            raise PersonaTuneError("head.prior: collab needs a head (head.init) and prompts with collaborative "
+                                   "memories (collab_memories: k > 0)")
         self.run = RunFolder(cfg.run_dir)
         self.output_dir = Path(cfg.output_dir)
         self.progress = bool(cfg.get("progress", True))
@@ -126,8 +128,8 @@ class FrozenTrunkRecipe:
             p.requires_grad_(True)
         self.head = None
         if self.head_init != "none":
-            n_prior = N_PRIOR if self.head_prior == "stated" else 0
-            self.head = RatingHead(self.model.norm.scale.shape[0], self.answer.rating_ids, n_prior).to(self._device)
+            self.head = RatingHead(self.model.norm.scale.shape[0], self.answer.rating_ids,
+                                   prior=self.head_prior).to(self._device)
             self.trainable |= {f"head.{k}": p for k, p in self.head.named_parameters()}
 
         files = [Path(cfg.checkpointer.checkpoint_dir) / f for f in cfg.checkpointer.checkpoint_files]
@@ -139,7 +141,8 @@ class FrozenTrunkRecipe:
     # ------------------------------------------------------------------ 2. rows
     def rows(self, split: str) -> pd.DataFrame:
         cfg = self.cfg
-        common = dict(memory=cfg.memory, template=cfg.prompt_template, state_numbers=bool(cfg.state_numbers))
+        common = dict(memory=cfg.memory, template=cfg.prompt_template, state_numbers=bool(cfg.state_numbers),
+                      collab_memories=int(cfg.get("collab_memories", 0) or 0))
         # Rows are drawn over all users, then this variant's persona kept: every variant of a run that
         # asks for the same number of rows sees the same rows (and the trunk cache already holds them).
         subsample, seed = (cfg.subsample, cfg.seed) if split == "train" else (cfg.eval.max_rows, cfg.eval.seed)
@@ -175,8 +178,9 @@ class FrozenTrunkRecipe:
                             int(self.cfg.trees_per_step), int(self.cfg.seed), epoch, shuffle)
 
     def priors(self, rows: pd.DataFrame) -> np.ndarray | None:
-        """The rows' stated numbers, for a head that reads them (head.prior: stated)."""
-        return prior_features(list(rows["parts"])) if self.head is not None and self.head.n_prior else None
+        """The rows' stated numbers, for a head that reads them (head.prior: stated or collab)."""
+        return prior_features(list(rows["parts"]), self.head.prior) if self.head is not None and self.head.n_prior \
+            else None
 
     def read_out(self, rows: pd.DataFrame):
         """Features and rating logits of every row (features_and_logits), in row order."""

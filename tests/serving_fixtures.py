@@ -16,18 +16,18 @@ TRUNK = "trunk-single_max-ms"
 STOCK = "persona"
 
 
-def write_head(path: Path, dim: int, rating_ids, n_prior: int = 2, seed: int = 0) -> Path:
+def write_head(path: Path, dim: int, rating_ids, prior: str = "stated", seed: int = 0) -> Path:
     """A rating_head.pt as the frozen-trunk recipe saves it, with random weights and prior terms."""
     from persona_tune.trunk import RatingHead
 
     torch.manual_seed(seed)
-    head = RatingHead(dim, rating_ids, n_prior)
+    head = RatingHead(dim, rating_ids, prior)
     with torch.no_grad():
         head.weight.normal_(0, 0.2)
         head.bias.normal_(0, 0.5)
         head.prior_weight.normal_(0, 0.5)
-        head.prior_fill.copy_(torch.tensor([3.6, 3.5])[:n_prior])
-    torch.save({**head.state_dict(), "rating_ids": head.rating_ids}, path)
+        head.prior_fill.copy_(torch.tensor([3.6, 3.5])[:head.n_prior])
+    torch.save({**head.state_dict(), "rating_ids": head.rating_ids}, path)  # as the recipe saves it
     return path
 
 
@@ -57,3 +57,24 @@ def build_serving_run(root: Path) -> tuple[Path, Path]:
     write_head(epoch / "rating_head.pt", TINY_PHI3["embed_dim"], rating_ids)
     write_train_marker(adapter)  # the marker records the files as they end up (the head included)
     return run, tiny
+
+
+def export_all(run: Path, gguf_type: str = "f32") -> None:
+    from persona_tune.cli import main
+
+    for variant in (TRUNK, STOCK):
+        assert main(["serve-export", "--run", str(run), "--variant", variant, "--gguf-type", gguf_type]) == 0
+
+
+def require_llama_cpp() -> None:
+    """Skip without llama-cpp-python[server]; fail under CI=true, where it must be installed."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("uvicorn") is None:
+        reason = "llama-cpp-python[server] is not installed (make install-llamacpp)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {reason}")
+        pytest.skip(reason)

@@ -111,9 +111,16 @@ def test_grid_trunk_trains_with_tune_run_evaluates_and_invalidates(tiny, tmp_pat
     # The same command again: nothing is retrained and the test rows' trunk outputs are reused.
     again = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "eval.paper_rows=4")
     assert "train trunk-single_max-ms: skipped" in again.stdout
-    # Another prompt template changes the config: it is retrained, on newly computed trunk outputs.
+    # Another prompt (the paper template, with collaborative memories and a head that reads their
+    # numbers) changes the config: it is retrained, on newly computed trunk outputs.
     changed = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "eval.paper_rows=4",
-                   "--train-set", "prompt_template=paper")
+                   "--train-set", "prompt_template=paper", "--train-set", "collab_memories=3",
+                   "--train-set", "head.prior=collab")
     assert "train trunk-single_max-ms: trained" in changed.stdout
     summary = json.loads((adapter / "trunk_summary.json").read_text())
     assert summary["cache"]["train"]["rows_computed"] >= summary["train_rows"] > 0
+    head = torch.load(adapter / "epoch_1" / "rating_head.pt", weights_only=True)
+    assert int(head["prior_kind"]) == 2 and head["prior_weight"].shape == (5, 3) and head["prior_weight"].abs().sum() > 0
+    assert OmegaConf.load(adapter / "torchtune_config.yaml").collab_memories == 3
+    preds = pd.read_parquet(run / "eval" / "trunk-single_max-ms" / "predictions.parquet")
+    assert preds.loc[preds["mode"] == "scoring", "prediction"].between(1, 5).all()

@@ -187,6 +187,8 @@ def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: i
             "trunk": {"adapted_layers": int(cfg.adapted_layers), "objective": cfg.objective,
                       "head_init": cfg.head.init, "prompt_template": cfg.prompt_template,
                       "state_numbers": bool(cfg.state_numbers), "epochs": int(cfg.epochs),
+                      "collab_memories": int(cfg.get("collab_memories", 0) or 0),
+                      "head_prior": cfg.head.get("prior", "none"),
                       "lora_attn_modules": list(cfg.model.lora_attn_modules),
                       "variants": {v: json.loads(p.read_text()) for v, p in summaries.items()
                                    if p.is_file()}}}

@@ -51,6 +51,7 @@ from persona_tune.runfolder import (
     atomic_write_parquet,
     file_sha256,
 )
+from persona_tune.serving.remote import TRANSPORT_FIELDS, RemoteOptions
 from persona_tune.simulate import fidelity
 from persona_tune.simulate.classical import BiasRater
 from persona_tune.simulate.fidelity import PROB_COLUMNS
@@ -61,13 +62,16 @@ from persona_tune.stage import add_config_arguments, config_dict, config_from_ar
 log = logging.getLogger(__name__)
 
 CLASSICAL = "classical"  # the simulator name of the bias-baseline rater
+REMOTE_REQUESTS = "requests.sqlite"  # --backend openai: the served agent's answers (resumable)
 SCORE_COLUMNS = ["user_id", "item_id", "persona", "expected_rating", "p_like", *PROB_COLUMNS, "rating_mass",
                  "n_prompt_tokens"]
 FAMILY_CHOICES = FAMILIES
 
 
 @dataclass
-class SimulateConfig:
+class SimulateConfig(RemoteOptions):
+    """`persona-tune simulate`'s options; --backend openai rates with a served agent (docs/serving.md)."""
+
     variant: str = field(default="persona", metadata={
         "help": "the agents: persona, single_min, single_max, prompted or any trained variant (suffix -ms/-msml/-ml)"})
     recs: tuple[str, ...] = field(default=(), metadata={
@@ -104,6 +108,7 @@ class SimulateConfig:
     overrides: tuple[str, ...] = field(default=(), metadata={"cli": False})
 
     def validate(self) -> None:
+        self.validate_remote()
         require(self.k >= 1, f"--k must be >= 1, got {self.k}")
         require(self.candidates >= 0, f"--candidates must be >= 0, got {self.candidates}")
         require(self.negatives >= 0, f"--negatives must be >= 0, got {self.negatives}")
@@ -185,8 +190,9 @@ def make_probes(train: pd.DataFrame, test: pd.DataFrame, item_ids: np.ndarray, u
 # ---------------------------------------------------------------- the agent's scores, resumable
 
 
-def agent_fingerprint(run: RunFolder, eval_cfg) -> str:
-    """What an agent's scores depend on: the eval config (model, adapters, memory) and the input files."""
+def agent_fingerprint(run: RunFolder, eval_cfg, remote: RemoteOptions | None = None) -> str:
+    """What an agent's scores depend on: the eval config (model, adapters, memory) and the input files;
+    with a served agent (``remote``, backend openai), also the server and its bundle."""
     from omegaconf import OmegaConf
 
     from persona_tune.evaluation.loading import adapter_path
@@ -203,6 +209,12 @@ def agent_fingerprint(run: RunFolder, eval_cfg) -> str:
             path = adapter_path(adapter_dir, int(p), eval_cfg.get("adapter_epoch"))
             adapters[str(p)] = file_sha256(path)
     spec["adapter_sha256"] = adapters
+    if remote is not None and remote.backend != "local":
+        from persona_tune.runfolder import SERVING_SPEC
+
+        spec["served"] = {k: v for k, v in remote.remote_dict().items() if k not in TRANSPORT_FIELDS}
+        spec["served"]["bundle"] = file_sha256(run.serving_variant_dir(eval_cfg.variant) / SERVING_SPEC) \
+            if (run.serving_variant_dir(eval_cfg.variant) / SERVING_SPEC).is_file() else None
     spec["inputs"] = {f: file_sha256(run.path(f)) for f in (ITEMS, RATINGS_TRAIN, PROFILES, MEMORIES,
                                                                 EMBEDDINGS_META, ASSIGNMENTS)
                       if run.path(f).is_file()}
@@ -244,7 +256,7 @@ def score_with_agent(run: RunFolder, sim: SimulationFolder, cfg: SimulateConfig,
 
     eval_cfg = build_eval_config(run, cfg.variant, run_family(run, cfg.family), cfg.memory, "scoring",
                                  list(cfg.overrides))
-    fingerprint = agent_fingerprint(run, eval_cfg)
+    fingerprint = agent_fingerprint(run, eval_cfg, cfg)
     have = read_parts(sim, fingerprint)
     key = pd.MultiIndex.from_frame(pairs[["user_id", "item_id"]])
     done = key.isin(pd.MultiIndex.from_frame(have[["user_id", "item_id"]])) if len(have) else np.zeros(len(pairs), bool)
@@ -268,7 +280,7 @@ def _score_missing(run, sim, cfg, eval_cfg, fingerprint, todo) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        agent = UserAgent(eval_cfg, mode="scoring")
+        agent = UserAgent(eval_cfg, mode="scoring", remote=cfg, cache=sim.root / REMOTE_REQUESTS)
         todo = todo.assign(persona=[agent.persona(int(u)) for u in todo["user_id"]])
         start_index = len(list(sim.parts_dir.glob("part_*.parquet"))) if sim.parts_dir.is_dir() else 0
         seconds, before = 0.0, dict(agent.predictor.stats.as_dict())
