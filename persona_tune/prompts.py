@@ -12,7 +12,8 @@ collab_memories k (either template; 0 = off): the collaborative memories: the us
   of the k items most similar to the target by collaborative similarity (persona_tune.history.CollabIndex),
   each with the user's residual (rating - the bias baseline's expectation), and a line just before the
   answer with the bias baseline's expectation and the item-kNN residual of the neighbours, e.g.
-  "Similar movies you rated: Fargo (1996) 5 (+0.9); ..." and "COLLAB: expected 3.62; similar movies +0.35.".
+  "Similar movies you rated: Fargo (1996) 5 (+0.9); ..." and "COLLAB: expected 3.62; similar movies +0.35
+  (weight 1.20)." (the weight: the sum of the neighbours' similarities, the evidence behind the residual).
 Every item average (in item texts, memories' item texts and the stated numbers) is the one known at
 the cutoff of the row's user under the run's history mode (persona_tune/history.py).
 
@@ -86,6 +87,7 @@ class PromptParts:
     collab: tuple[tuple[str, int, float], ...] = ()  # (title, the user's rating, residual) of similar rated items
     collab_expected: float | None = None  # the bias baseline's expectation (collab_memories)
     collab_residual: float | None = None  # the item-kNN residual of the neighbours (0 without any)
+    collab_weight: float | None = None  # the sum of those neighbours' similarities (the evidence behind it)
 
 
 def check_collab_memories(k) -> int:
@@ -141,7 +143,7 @@ def collab_lines(parts: PromptParts) -> tuple[str | None, str | None]:
     numbers = None
     if parts.collab_expected is not None:
         numbers = (f"COLLAB: expected {parts.collab_expected:.2f}; similar movies "
-                   f"{(parts.collab_residual or 0.0):+.2f}.")
+                   f"{(parts.collab_residual or 0.0):+.2f} (weight {(parts.collab_weight or 0.0):.2f}).")
     return similar, numbers
 
 
@@ -360,7 +362,7 @@ class PromptBuilder:
             avg, _ = self.history.row_stats(list(user_ids), list(item_ids))
             item_avg = [None if np.isnan(a) else float(a) for a in avg]
             user_offset = [self.offsets.get(u, 0.0) for u in user_ids]
-        similar, expected, residual = [()] * n, [None] * n, [None] * n
+        similar, expected, residual, weight = [()] * n, [None] * n, [None] * n, [None] * n
         if self.collab is not None:
             # Rows of items the run does not know (negative ids: a new item's text) get none.
             known = [k for k, i in enumerate(item_ids) if i >= 0]
@@ -369,11 +371,12 @@ class PromptBuilder:
             for j, k in enumerate(known):
                 similar[k] = tuple((self.title[i], r, res) for i, r, res, _ in found.neighbours[j])
                 expected[k], residual[k] = float(found.bias[j]), float(found.knn_residual[j])
+                weight[k] = float(found.knn_weight[j])
         return [
             PromptParts(item=i, profile=p, traits=t, memories=m, template=self.template, trait_levels=lv,
-                        item_avg=a, user_offset=o, collab=c, collab_expected=e, collab_residual=r)
-            for i, p, t, m, lv, a, o, c, e, r in zip(item_texts, profile, traits, memories, levels, item_avg,
-                                                     user_offset, similar, expected, residual)
+                        item_avg=a, user_offset=o, collab=c, collab_expected=e, collab_residual=r, collab_weight=w)
+            for i, p, t, m, lv, a, o, c, e, r, w in zip(item_texts, profile, traits, memories, levels, item_avg,
+                                                        user_offset, similar, expected, residual, weight)
         ]
 
 

@@ -62,7 +62,8 @@ OBJECTIVES = ("ce", "mse", "ce+mse")
 HEAD_INITS = ("closed_form", "zero", "none")
 HEAD_PRIORS = ("none", "stated", "collab")
 # How many numbers per row each head.prior reads (prior_features).
-PRIOR_FEATURES = {"none": 0, "stated": 2, "collab": 2}
+PRIOR_FEATURES = {"none": 0, "stated": 2, "collab": 3}
+COLLAB_SHRINK = 1.0  # the kNN residual shrunk by weight / (weight + COLLAB_SHRINK): a third collab number
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -214,8 +215,8 @@ class RatingHead(nn.Module):
 
     With ``prior`` stated or collab the correction also reads each row's numbers as given in the
     prompt (prior_features): ``stated``, the item average + user offset and the item average;
-    ``collab``, the bias baseline's expectation and the item-kNN prediction (expectation + the
-    neighbours' residual). Missing numbers (an item nobody rated) take the training rows' mean
+    ``collab``, the bias baseline's expectation, the item-kNN prediction (expectation + the
+    neighbours' residual) and the same with the residual shrunk by its evidence. Missing numbers (an item nobody rated) take the training rows' mean
     (``prior_fill``).
     """
 
@@ -248,14 +249,16 @@ class RatingHead(nn.Module):
 
 
 def prior_features(parts: Sequence, prior: str = "stated") -> np.ndarray:
-    """[n, 2] per row from its PromptParts; NaN when unstated. ``stated``: (item average + user offset,
-    item average); ``collab``: (the bias expectation, the item-kNN prediction = expectation + residual)."""
+    """Per row from its PromptParts; NaN when unstated. ``stated``: (item average + user offset, item
+    average); ``collab``: (the bias expectation e, the item-kNN prediction e + r, and e + r w / (w +
+    COLLAB_SHRINK) with w the neighbours' similarity sum: a kNN residual trusted as far as its evidence)."""
     out = np.full((len(parts), PRIOR_FEATURES[prior]), np.nan)
     for i, p in enumerate(parts):
         if prior == "stated" and p.item_avg is not None:
             out[i] = (p.item_avg + (p.user_offset or 0.0), p.item_avg)
         elif prior == "collab" and p.collab_expected is not None:
-            out[i] = (p.collab_expected, p.collab_expected + (p.collab_residual or 0.0))
+            r, w = p.collab_residual or 0.0, p.collab_weight or 0.0
+            out[i] = (p.collab_expected, p.collab_expected + r, p.collab_expected + r * w / (w + COLLAB_SHRINK))
     return out
 
 

@@ -16,18 +16,18 @@ TRUNK = "trunk-single_max-ms"
 STOCK = "persona"
 
 
-def write_head(path: Path, dim: int, rating_ids, n_prior: int = 2, seed: int = 0) -> Path:
+def write_head(path: Path, dim: int, rating_ids, prior: str = "stated", seed: int = 0) -> Path:
     """A rating_head.pt as the frozen-trunk recipe saves it, with random weights and prior terms."""
     from persona_tune.trunk import RatingHead
 
     torch.manual_seed(seed)
-    head = RatingHead(dim, rating_ids, n_prior)
+    head = RatingHead(dim, rating_ids, prior)
     with torch.no_grad():
         head.weight.normal_(0, 0.2)
         head.bias.normal_(0, 0.5)
         head.prior_weight.normal_(0, 0.5)
-        head.prior_fill.copy_(torch.tensor([3.6, 3.5])[:n_prior])
-    torch.save({**head.state_dict(), "rating_ids": head.rating_ids}, path)
+        head.prior_fill.copy_(torch.tensor([3.6, 3.5])[:head.n_prior])
+    torch.save({**head.state_dict(), "rating_ids": head.rating_ids}, path)  # as the recipe saves it
     return path
 
 

@@ -154,7 +154,7 @@ def test_collab_memories_in_prompts(tmp_path):
     np.testing.assert_allclose([p.collab_residual for p in parts], found.knn_residual)
     first = next(p for p in parts if p.collab)
     text = user_text(first)
-    assert "Similar movies you rated: " in text and f"COLLAB: expected {first.collab_expected:.2f}" in text
+    assert "Similar movies you rated: " in text and f"COLLAB: expected {first.collab_expected:.2f}" in text and "(weight " in text
     train = load_prompt_rows(run, split="train", memory="ms", template="paper", collab_memories=2)
     titles = RunFolder(run).read_items().set_index("item_id")["title"]
     for row in train.head(50).itertuples():  # never the row's own item

@@ -131,7 +131,7 @@ def test_grid_trunk_trains_with_tune_run_evaluates_and_invalidates(tiny, tmp_pat
     summary = json.loads((adapter / "trunk_summary.json").read_text())
     assert summary["cache"]["train"]["rows_computed"] >= summary["train_rows"] > 0
     head = torch.load(adapter / "epoch_1" / "rating_head.pt", weights_only=True)
-    assert int(head["prior_kind"]) == 2 and head["prior_weight"].shape == (5, 2) and head["prior_weight"].abs().sum() > 0
+    assert int(head["prior_kind"]) == 2 and head["prior_weight"].shape == (5, 3) and head["prior_weight"].abs().sum() > 0
     assert OmegaConf.load(adapter / "torchtune_config.yaml").collab_memories == 3
     preds = pd.read_parquet(run / "eval" / "trunk-single_max-ms" / "predictions.parquet")
     assert preds.loc[preds["mode"] == "scoring", "prediction"].between(1, 5).all()

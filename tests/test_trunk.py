@@ -295,15 +295,15 @@ def test_a_head_that_reads_the_collab_numbers(tmp_path):
     from persona_tune.prompts import PromptParts
     from persona_tune.trunk import load_rating_head, prior_features
 
-    parts = [PromptParts(item="a", collab_expected=3.2, collab_residual=0.5), PromptParts(item="b")]
-    np.testing.assert_allclose(prior_features(parts, "collab")[0], [3.2, 3.7])
+    parts = [PromptParts(item="a", collab_expected=3.2, collab_residual=0.5, collab_weight=1.0), PromptParts(item="b")]
+    np.testing.assert_allclose(prior_features(parts, "collab")[0], [3.2, 3.7, 3.45])
     assert np.isnan(prior_features(parts, "collab")[1]).all()
     rng = np.random.default_rng(2)
     n, dim = 1000, 8
     bias = rng.uniform(2.0, 4.5, size=n)
     knn = bias + rng.normal(scale=0.7, size=n)  # what the neighbours add beyond the bias baseline
     ratings = np.clip(np.round(knn + rng.normal(scale=0.5, size=n)), 1, 5).astype(int)
-    priors = prior_features([PromptParts(item="x", collab_expected=b, collab_residual=k - b)
+    priors = prior_features([PromptParts(item="x", collab_expected=b, collab_residual=k - b, collab_weight=2.0)
                              for b, k in zip(bias, knn)], "collab")
     features = rng.normal(size=(n, dim)).astype(np.float32)
     head = RatingHead(dim, [0, 1, 2, 3, 4], prior="collab")

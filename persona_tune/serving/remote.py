@@ -116,8 +116,7 @@ class RemoteRater:
     reads the stated numbers of the rows from ``row_priors`` (set by predict_rows).
     """
 
-    model = None  # no local model: predict_rows asks ``needs_priors`` instead
-    needs_priors = True
+    model = None  # no local model: predict_rows reads ``prior`` (the numbers the current head reads)
 
     def __init__(self, spec: dict, tokenizer, options: RemoteOptions, cache: str | Path | None = None,
                  max_seq_len: int | None = None):
@@ -144,6 +143,7 @@ class RemoteRater:
         self.requests = {"sent": 0, "cached": 0, "pinned": 0}
         self.prompt_form = "tokens"
         self.persona = None
+        self.prior = "none"
         self.row_priors: np.ndarray | None = None
 
     # ---------------------------------------------------------------- the predictor's interface
@@ -158,6 +158,8 @@ class RemoteRater:
         if entry is None:
             raise ConfigError(f"serving.json has no adapter for persona {persona}: re-run `persona-tune serve-export`")
         self.persona = int(entry["persona"])
+        self.prior = self.terms[self.persona].prior
+        self.row_priors = None
         return entry
 
     def generate(self, *args, **kwargs):

@@ -188,7 +188,7 @@ def run(run: RunFolder, cfg: ServeExportConfig) -> dict:
         "rating_token_ids": list(answer.rating_ids),
         "rating_texts": texts,
         "rating_texts_shared": shared,
-        "prior_features": ex.PRIOR_FEATURES if any((e["head"] or {}).get("prior_fill") for e in entries) else [],
+        "prior_features": ex.PRIOR_FEATURES,
         "logit_bias_rule": ex.LOGIT_BIAS_RULE,
         "prompt": {"memory": str(eval_cfg.memory), "template": str(eval_cfg.get("prompt_template", "paper")),
                    "state_numbers": bool(eval_cfg.get("state_numbers", False)),
