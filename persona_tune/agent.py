@@ -98,6 +98,7 @@ class UserAgent:
         self.run = RunFolder(cfg.run_dir)
         self.memory = check_memory_mode(cfg.memory)
         self.run.require(ITEMS, RATINGS_TRAIN)
+        self._check_adapters()  # before the model loads: a partial or changed adapter is one clear error
         self.generation = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
         self.loader = None
         if remote is not None and remote.backend != "local":  # a served agent (persona_tune.serving.remote)
@@ -134,6 +135,16 @@ class UserAgent:
         run = RunFolder(run_dir)
         cfg = build_eval_config(run, variant, run_family(run, family), memory, "scoring", list(overrides))
         return cls(cfg, mode=mode, remote=remote, cache=cache)
+
+    def _check_adapters(self) -> None:
+        """Every adapter this agent may load comes from a finished training (runfolder.check_adapter)."""
+        adapter_dir = self.cfg.get("adapter_dir")
+        if not adapter_dir:
+            return
+        personas = ([-1] if "{persona}" not in str(adapter_dir)
+                    else sorted(self.run.read_assignments(columns=["persona"])["persona"].unique().tolist()))
+        for persona in personas:
+            adapter_path(adapter_dir, int(persona), self.cfg.get("adapter_epoch"))
 
     # ---------------------------------------------------------------- tables
     def _load_tables(self) -> None:

@@ -839,3 +839,13 @@ def test_tune_run_with_a_missing_config_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"tune run: error: config '{tmp_path / 'nope.yaml'}' does not exist: neither a "
                                    "file nor a config name (`tune ls` lists the names)")
+
+
+def test_user_agent_refuses_a_partial_adapter_before_loading_the_model(tmp_path):
+    from persona_tune.agent import UserAgent
+
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path / "no-model")])
+    folder = _partial_adapter(RunFolder(run_dir), "single_max")
+    with pytest.raises(StageMissingError, match=rf"{folder}: its training did not finish"):
+        UserAgent.from_run(run_dir, variant="single_max", family="tiny")  # the model folder does not even exist
