@@ -13,6 +13,7 @@ import pytest
 from persona_tune.data.loaders import load_ml100k, load_ml1m
 from persona_tune.data.metadata import attach_metadata, load_metadata
 from persona_tune.data.prepare import Protocol, prepare
+from persona_tune.history import bucket_cutoffs, history_mode, split_times
 from tests.fixtures_runs import require_shared
 from tests.fixtures_runs import bias_baseline
 
@@ -70,13 +71,18 @@ def test_ml1m_paper_protocol(ml1m, ml1m_run):
     last_train = train.groupby("user_id")["timestamp"].max()
     first_test = test.groupby("user_id")["timestamp"].min()
     assert (last_train <= first_test).all()
-    # No test row feeds a historical average.
+    # No test row feeds a historical average, nor (leak-free default) a rating at or after the latest
+    # split-time cutoff.
+    assert history_mode(run) == "before_split"
     items = pd.read_parquet(run.items).set_index("item_id")
     key = ["user_id", "item_id"]
     rest = log.ratings.merge(test[key], on=key, how="left", indicator=True).query("_merge == 'left_only'")
+    assert len(run.read_history()) == len(rest)
+    cutoff = bucket_cutoffs(split_times(test).to_numpy())[-1]
+    rest = rest[rest["timestamp"] < cutoff]
     expected = rest.groupby("item_id")["rating"].agg(["mean", "size"])
     assert np.allclose(items.loc[expected.index, "hist_avg"], expected["mean"])
-    assert (items["hist_count"].sum() == len(log.ratings) - len(test))
+    assert items["hist_count"].sum() == len(rest) < len(log.ratings) - len(test)
 
 
 def test_ml1m_bias_baseline_reproduces_the_reference(ml1m, ml1m_run):
