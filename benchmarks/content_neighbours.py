@@ -19,6 +19,7 @@ is compared the same way. The bias baseline and the similarity use the run's his
 ``--history all_time`` (every non-test rating, whatever the run's mode).
 
     python benchmarks/content_neighbours.py runs/ml1m --rows-of trunk-nall-prior-single_max-ms
+    python benchmarks/content_neighbours.py runs/ml1m --max-rows 2000   # the same rows, without the cell
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from sklearn.preprocessing import normalize
 
 from persona_tune.evaluation.metrics import paired_rmse_diff, residual_over_bias
 from persona_tune.history import HISTORY_MODES, KNN_K, CollabIndex, History
+from persona_tune.prompts import subsample_per_user
 from persona_tune.runfolder import HISTORY, ITEM_IDS, ITEM_VECTORS, RunFolder
 
 NEIGHBOURS = (10, 50)
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=RunFolder)
     parser.add_argument("--rows-of", default=None, help="score on the rows of this eval cell (default: all test rows)")
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="score on the rows a cell with eval.max_rows N (eval.seed 0) scores")
     parser.add_argument("--history", choices=HISTORY_MODES, default=None,
                         help="read the run's history as this mode (default: the run's own)")
     parser.add_argument("--json", type=Path, default=None)
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows_of:
         cell = pd.read_parquet(run.eval_variant_dir(args.rows_of) / "predictions.parquet", columns=["user_id", "item_id"])
         test = test.merge(cell, on=["user_id", "item_id"], validate="one_to_one")
+    if args.max_rows:
+        test = subsample_per_user(test, args.max_rows, seed=0)
     test = test.reset_index(drop=True)
     collab = index.query(test["user_id"], test["item_id"], k=max(NEIGHBOURS), k_knn=KNN_K)
     test = test.assign(bias=np.clip(collab.bias, 1, 5), knn=np.clip(collab.knn, 1, 5))

@@ -182,3 +182,30 @@ def test_ml1m_references_beat_the_bias_baseline(tmp_path):
     for name in ("knn", "mf"):
         d = paired_rmse_diff(preds, name, "bias", n_boot=200)
         assert d["hi"] < 0, (name, d)
+
+
+def test_report_pairs_every_cell_with_the_references_even_for_old_baselines(tmp_path, one_point_grid):
+    """Baselines written before the references (no knn, the old hand-written mf): the report takes both
+    from references/ (fitted once, then cached), never the old mf column."""
+    from persona_tune.evaluation.baselines import run_baselines
+    from persona_tune.evaluation.report import paired_cells, references_note
+
+    run = _prepared(tmp_path, history="all_time")
+    run_baselines(run.root, n_boot=20)
+    refs = pd.read_parquet(run.path(REFERENCE_PREDICTIONS))
+    old = pd.read_parquet(run.baseline_predictions).drop(columns=["knn"]).assign(mf=3.0)
+    old.to_parquet(run.baseline_predictions, index=False)
+    metrics = json.loads((run.baselines_dir / "metrics.json").read_text())
+    metrics.pop("references")
+    (run.baselines_dir / "metrics.json").write_text(json.dumps(metrics))
+    cell = run.eval_variant_dir("agent")
+    cell.mkdir(parents=True)
+    agent = refs[["user_id", "item_id", "rating"]].assign(mode="scoring", prediction=refs["knn"].to_numpy())
+    agent.to_parquet(cell / "predictions.parquet", index=False)
+
+    [c] = paired_cells(run, n_boot=50)
+    assert set(c["paired"]) == {"global_mean", "user_mean", "item_mean", "bias", "knn", "mf"}
+    assert c["paired"]["knn"]["diff"] == pytest.approx(0.0)  # the agent is the kNN reference
+    mf_rmse = float(np.sqrt(np.mean((refs["mf"] - refs["rating"]) ** 2)))
+    assert c["rmse"] - c["paired"]["mf"]["diff"] == pytest.approx(mf_rmse)  # the tuned MF, not the old column
+    assert "biased MF (scikit-surprise SVD) with 8 factors, reg 0.05" in references_note(run)

@@ -24,13 +24,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RATINGS = np.arange(1, 6)
 
 
-def _head(dim: int, rating_ids, n_prior: int) -> RatingHead:
+def _head(dim: int, rating_ids, prior: str) -> RatingHead:
     torch.manual_seed(1)
-    head = RatingHead(dim, rating_ids, n_prior)
+    head = RatingHead(dim, rating_ids, prior)
     with torch.no_grad():
         for p in (head.weight, head.bias, head.prior_weight):
             p.normal_(0, 0.5)
-        head.prior_fill.copy_(torch.arange(n_prior, dtype=torch.float32) + 3.0)
+        head.prior_fill.copy_(torch.arange(head.n_prior, dtype=torch.float32) + 3.0)
     return head
 
 
@@ -43,7 +43,7 @@ def test_the_head_folded_into_an_output_lora_gives_the_heads_logits(tied, output
     embedding = nn.Embedding(V, D)
     output = TiedLinear(embedding) if tied else nn.Linear(D, V, bias=False)
     base_weight = embedding.weight if tied else output.weight
-    head = _head(D, rating_ids, n_prior=2)
+    head = _head(D, rating_ids, "stated")
     h = torch.randn(6, D)
     priors = torch.tensor([[3.5, 3.4], [np.nan, np.nan], [4.1, 3.9], [2.2, 2.0], [np.nan, np.nan], [3.0, 3.1]])
     # An adapter that also trained a LoRA on the output (torchtune names): the head must join it.
@@ -127,7 +127,7 @@ def test_the_bundle_lists_its_files_and_head_terms(served_run):
     assert spec["base"]["gguf"] == "serving/base/tiny-f32.gguf" and (run / spec["base"]["gguf"]).is_file()
     (entry,) = spec["adapters"]
     assert entry["model"] == TRUNK and entry["head"]["prior_fill"] == pytest.approx([3.6, 3.5])
-    assert spec["prior_features"] == ex.PRIOR_FEATURES and spec["prompt"]["state_numbers"] is True
+    assert entry["head"]["prior"] == "stated" and spec["prompt"]["state_numbers"] is True
     config = json.loads((run / entry["peft"] / "adapter_config.json").read_text())
     assert "lm_head" in config["target_modules"] and config["r"] >= 5
     stock = json.loads((run / "serving" / STOCK / "serving.json").read_text())

@@ -28,6 +28,7 @@ from persona_tune.names import MEMORY_LABELS
 from persona_tune.runfolder import (
     ELBOW_PLOT,
     HISTORY,
+    METRICS,
     PLOTS,
     PREDICTIONS,
     REPORT,
@@ -38,7 +39,7 @@ from persona_tune.runfolder import (
     atomic_write_json,
     atomic_write_text,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 # Thakur et al. 2024, Table 1 (their split of ML-1M, 200 users): base, adapter, memories, RMSE, MAE, URR %.
 PAPER_TABLE_1 = [
@@ -112,12 +113,21 @@ def _agent_rows(run: RunFolder) -> pd.DataFrame | None:
     return pd.concat(frames).drop_duplicates(ignore_index=True) if frames else None
 
 
+def references_current(run: RunFolder) -> bool:
+    """Whether eval/baselines/ holds this version's kNN and MF references (its metrics.json names how they
+    were fitted); baselines written before them have none, or the old hand-written ``mf``."""
+    path = run.baselines_dir / METRICS
+    return path.is_file() and json.loads(path.read_text()).get("references") is not None
+
+
 def baseline_frame(run: RunFolder) -> pd.DataFrame | None:
-    """eval/baselines/predictions.parquet, with the kNN and MF references when it lacks them (baselines
-    written before they existed) and the run has a history to fit them on (cached under references/)."""
+    """eval/baselines/predictions.parquet, with the kNN and MF references taken from references/ (fitted
+    once and cached there) when the baselines were written before them and the run has a history."""
     if not run.baseline_predictions.is_file():
         return None
     frame = pd.read_parquet(run.baseline_predictions)
+    if not references_current(run):
+        frame = frame.drop(columns=[k for k in REFERENCE_KEYS if k in frame])
     missing = [k for k in REFERENCE_KEYS if k not in frame]
     if missing and run.path(HISTORY).is_file():
         from persona_tune.evaluation.references import reference_predictions
@@ -140,11 +150,12 @@ def collect(run: RunFolder) -> dict:
         data = json.loads(path.read_text())
         if data.get("kind") == "baselines":
             preds = baseline_frame(run)
+            current = references_current(run)
             subset = agent_rows is not None and len(agent_rows) < len(preds)
             if subset:  # the agents ran on a subset (max_rows): score the baselines on exactly those rows
                 preds = preds.merge(agent_rows, on=["user_id", "item_id"])
             for name in baseline_keys(preds):
-                stored = data["predictors"].get(name)
+                stored = data["predictors"].get(name) if current or name not in REFERENCE_KEYS else None
                 m = stored if stored is not None and not subset else {
                     "overall": metrics_with_ci(preds, name, n_boot=1000, seed=0)}
                 baselines.append({"predictor": BASELINE_NAMES.get(name, name), "key": name, **_row(m)})
@@ -615,6 +626,7 @@ class ReportConfig:
 
 def run(run: RunFolder, cfg: ReportConfig) -> str:
     """The `report` stage: report.md, results.json and plots/ from RUN/eval; returns the markdown table."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return write_report(run.root, cfg.json_out, list(cfg.compare))
 
 

@@ -57,12 +57,12 @@ class RemoteOptions:
         "group": REMOTE_GROUP, "help": "server URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL)"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
         "group": REMOTE_GROUP, "help": "environment variable that holds the API key"})
-    concurrency: int = field(default=8, metadata={"group": REMOTE_GROUP, "help": "requests in flight at most"})
+    concurrency: int = field(default=8, metadata={"min": 1, "group": REMOTE_GROUP, "help": "requests in flight at most"})
     timeout: float = field(default=120.0, metadata={
-        "group": REMOTE_GROUP, "help": "seconds per request, the whole request"})
+        "gt": 0, "group": REMOTE_GROUP, "help": "seconds per request, the whole request"})
     max_retries: int = field(default=6, metadata={"group": REMOTE_GROUP, "help": "retries per request on 429/5xx/timeouts"})
     top_logprobs: int = field(default=20, metadata={
-        "group": REMOTE_GROUP, "help": "log-probabilities asked per request (vLLM's default limit is 20)"})
+        "min": 1, "group": REMOTE_GROUP, "help": "log-probabilities asked per request (vLLM's default limit is 20)"})
 
     def validate_remote(self) -> None:
         if self.backend not in BACKENDS:
@@ -116,8 +116,7 @@ class RemoteRater:
     reads the stated numbers of the rows from ``row_priors`` (set by predict_rows).
     """
 
-    model = None  # no local model: predict_rows asks ``needs_priors`` instead
-    needs_priors = True
+    model = None  # no local model: predict_rows reads ``prior`` (the numbers the current head reads)
 
     def __init__(self, spec: dict, tokenizer, options: RemoteOptions, cache: str | Path | None = None,
                  max_seq_len: int | None = None):
@@ -144,6 +143,7 @@ class RemoteRater:
         self.requests = {"sent": 0, "cached": 0, "pinned": 0}
         self.prompt_form = "tokens"
         self.persona = None
+        self.prior = "none"
         self.row_priors: np.ndarray | None = None
 
     # ---------------------------------------------------------------- the predictor's interface
@@ -158,6 +158,8 @@ class RemoteRater:
         if entry is None:
             raise ConfigError(f"serving.json has no adapter for persona {persona}: re-run `persona-tune serve-export`")
         self.persona = int(entry["persona"])
+        self.prior = self.terms[self.persona].prior
+        self.row_priors = None
         return entry
 
     def generate(self, *args, **kwargs):
