@@ -88,6 +88,41 @@ curve)
   "${GRID[@]}" --label nall-prior --train-rows all --cells single_max-ms,persona-ms --train-set head.prior=stated
   "${GRID[@]}" --label nall --train-rows all --cells single_max-ms
   ;;
+collab)
+  # Beyond the bias baseline (docs/results.md, issue 24), on a run prepared with the leak-free history
+  # (prepare --history before_split, the default): collaborative memories (the user's ratings of the 5
+  # most similar items, collaborative similarity) and a head that reads the bias and item-kNN numbers
+  # (head.prior=collab). The closed-form heads first (0 epochs: one trunk pass over the rows serves
+  # θ_single(max) and θ_persona), at 1,000 and 4,000 rows; then the LM alone with the same prompts
+  # (base model; closed-form head on its features only); then LoRA training.
+  C=(--train-set collab_memories=5)
+  "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells single_max-ms,persona-ms "${C[@]}" \
+      --train-set epochs=0 --train-set head.prior=collab
+  "${GRID[@]}" --label n4000-collab-probe --train-rows 4000 --cells single_max-ms,persona-ms "${C[@]}" \
+      --train-set epochs=0 --train-set head.prior=collab
+  "${GRID[@]}" --label collab --cells prompted-ms "${C[@]}"
+  "${GRID[@]}" --label n1000-collab-lm-probe --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set epochs=0
+  ;;
+collab_lora)
+  C=(--train-set collab_memories=5)
+  "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells single_max-ms,persona-ms "${C[@]}" \
+      --train-set head.prior=collab
+  "${GRID[@]}" --label n4000-collab --train-rows 4000 --cells single_max-ms "${C[@]}" --train-set head.prior=collab
+  "${GRID[@]}" --label n1000-collab-lm --train-rows 1000 --cells single_max-ms "${C[@]}"
+  "${GRID[@]}" --label n4000-collab --train-rows 4000 --cells persona-ms "${C[@]}" --train-set head.prior=collab
+  ;;
+collab_report)
+  # Every cell against the bias baseline and the classical references (paired.bias, paired.knn, ...),
+  # and each step against the one before it, on the same rows.
+  P1=trunk-n1000-collab-probe P4=trunk-n4000-collab-probe T1=trunk-n1000-collab T4=trunk-n4000-collab
+  persona-tune report --run "$RUN" --json-out docs/results/ml1m-beyond-bias.json \
+      --compare $P4-single_max-ms:$P1-single_max-ms --compare $P1-persona-ms:$P1-single_max-ms \
+      --compare $P4-persona-ms:$P4-single_max-ms --compare $T1-single_max-ms:$P1-single_max-ms \
+      --compare $T1-persona-ms:$T1-single_max-ms --compare $T4-single_max-ms:$P4-single_max-ms \
+      --compare $T4-persona-ms:$T4-single_max-ms --compare $P1-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms \
+      --compare trunk-n1000-collab-lm-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms
+  cp "$RUN/eval/report.md" docs/results-ml1m-beyond-bias.md
+  ;;
 middle)
   # Adaptation from a middle layer: the LM alone with LoRA on the top 14 of 30 layers (the cache splits
   # at layer 16, where the stated numbers are most readable), 1,000 rows.
