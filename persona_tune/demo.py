@@ -27,6 +27,7 @@ from pathlib import Path
 from persona_tune import cli
 from persona_tune.errors import PersonaTuneError
 from persona_tune.runfolder import PLOTS, REPORT, RunFolder
+from persona_tune.stage import ranged
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +164,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stock: torchtune's LoRA recipes, eval in scoring and paper mode (slow with SmolLM2)")
     parser.add_argument("--embedder", choices=["local", "hash"], default=default_embedder(),
                         help="embedding backend (local = packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--n-users", type=int, default=24, help="users sampled by the protocol")
+    parser.add_argument("--n-users", type=ranged(int, min=1), default=24, help="users sampled by the protocol")
     parser.add_argument("--k", default="auto", help="personas: a number or 'auto' (elbow)")
-    parser.add_argument("--k-max", type=int, default=6, help="largest K the elbow tries")
-    parser.add_argument("--max-steps", type=int, default=60, help="(stock) optimizer steps per epoch per adapter")
-    parser.add_argument("--train-rows", type=int, default=200,
+    parser.add_argument("--k-max", type=ranged(int, min=1), default=6, help="largest K the elbow tries")
+    parser.add_argument("--max-steps", type=ranged(int, min=1), default=60, help="(stock) optimizer steps per epoch per adapter")
+    parser.add_argument("--train-rows", type=ranged(int, min=1), default=200,
                         help="(trunk) training rows drawn over all users; each persona trains on its users' share")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per adapter (default: stock 1, trunk 2)")
-    parser.add_argument("--eval-rows", type=int, default=None,
+    parser.add_argument("--epochs", type=ranged(int, min=1), default=None, help="epochs per adapter (default: stock 1, trunk 2)")
+    parser.add_argument("--eval-rows", type=ranged(int, min=1), default=None,
                         help="test rows scored: stock, per persona (default 60); trunk, drawn over all users (200)")
-    parser.add_argument("--sim-users", type=int, default=None,
+    parser.add_argument("--sim-users", type=ranged(int, min=1), default=None,
                         help="users whose slates `persona-tune simulate` rates (8 reference recommenders; "
                              "default: stock 6, trunk 4)")
     parser.add_argument("--history", choices=["before_split", "all_time"], default="before_split",

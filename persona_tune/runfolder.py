@@ -12,15 +12,18 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from persona_tune import __version__
 from persona_tune.errors import ConfigError, DataError, StageMissingError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -293,6 +296,35 @@ def check_adapter(adapter_dir: str | os.PathLike, epoch: int | None = None, veri
                                 f"(sha256 recorded in {marker}); retrain with `persona-tune train --run "
                                 f"{run_root} --personas {adapter_dir.name} --force`", path)
     return adapter
+
+
+def load_torch(path: str | os.PathLike, *, weights_only: bool = True, hint: str = "") -> Any:
+    """``torch.load`` onto the CPU; a truncated or corrupt file is one DataError naming it (+ ``hint``)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # RuntimeError (zip), EOFError, OSError(22), UnpicklingError...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"unreadable, truncated or corrupt ({type(e).__name__}: {reason}){hint}", path) from None
+
+
+def read_or_discard(path: str | os.PathLike, read: Callable[[Path], Any], what: str = "file") -> Any | None:
+    """``read(path)``, or None when ``path`` is missing or corrupt: a corrupt one (a cache shard, a part,
+    a resume state: anything the stage recomputes) is named in a warning and removed."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        log.warning("%s: unreadable %s (%s): removed, it is recomputed", path, what, reason)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

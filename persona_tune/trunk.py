@@ -50,7 +50,13 @@ from persona_tune.evaluation.predict import (
     run_suffixes,
     shared_prefix_len,
 )
-from persona_tune.runfolder import HEAD_FILE, atomic_path, atomic_write_json  # noqa: F401 (HEAD_FILE re-exported)
+from persona_tune.runfolder import (  # noqa: F401 (HEAD_FILE re-exported)
+    HEAD_FILE,
+    atomic_path,
+    atomic_write_json,
+    load_torch,
+    read_or_discard,
+)
 
 OBJECTIVES = ("ce", "mse", "ce+mse")
 HEAD_INITS = ("closed_form", "zero", "none")
@@ -100,7 +106,10 @@ class TrunkCache:
     def _shard(self, user: int) -> dict:
         if user not in self._shards:
             path = self._path(user)
-            shard = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {"groups": []}
+            # A truncated shard (a full disk, a kill during a copy) is named, removed and recomputed.
+            shard = read_or_discard(path, load_torch, "trunk-cache shard")
+            if not isinstance(shard, dict):
+                shard = {"groups": []}
             if "groups" not in shard:
                 shard = {"groups": [shard]}
             self._shards[user] = shard
@@ -325,7 +334,7 @@ def swap_output(model: nn.Module, output) -> object:
 
 def load_rating_head(path: str | Path, dim: int) -> RatingHead:
     """A saved rating_head.pt (weight, bias; rating_ids are stored beside them)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path, hint="; retrain the adapter (`persona-tune train --force`)")
     n_prior = state["prior_weight"].shape[1] if "prior_weight" in state else 0
     # A head saved before prior_kind existed reads the stated numbers when it reads any.
     if "prior_kind" not in state:

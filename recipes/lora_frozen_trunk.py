@@ -56,6 +56,7 @@ from persona_tune.evaluation.predict import (
 from persona_tune.prompts import load_prompt_rows, subsample_per_user
 from persona_tune.runfolder import ITEMS, PREDICTIONS, RATINGS_TEST, RATINGS_TRAIN, TORCHTUNE_CONFIG, TRUNK_SUMMARY
 from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_parquet, file_sha256
+from persona_tune.runfolder import load_torch, read_or_discard
 from persona_tune.trunk import (
     HEAD_FILE,
     HEAD_INITS,
@@ -236,7 +237,8 @@ class FrozenTrunkRecipe:
         fingerprint = self.fingerprint(train)
         state_file = self.output_dir / STATE_FILE
         epoch = step = global_step = 0
-        state = torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
+        # A corrupt state (a kill while the disk was full) is named and removed: training starts afresh.
+        state = read_or_discard(state_file, lambda p: load_torch(p, weights_only=False), "training state")
         if state is not None and state["fingerprint"] == fingerprint:
             with torch.no_grad():
                 for k, p in self.trainable.items():

@@ -53,6 +53,7 @@ from persona_tune.runfolder import (
     atomic_write_json,
     atomic_write_parquet,
     file_sha256,
+    read_or_discard,
 )
 
 REMOTE_REQUESTS = "requests.sqlite"  # backend openai: the served agent's answers, so a stopped run resumes
@@ -128,9 +129,11 @@ class PersonaEvalRecipe:
         part = self.output_dir / "parts" / f"persona_{persona}.parquet"
         stamp = part.with_suffix(".json")
         fingerprint = self.fingerprint(persona, adapter)
-        if part.exists() and stamp.exists() and json.loads(stamp.read_text())["fingerprint"] == fingerprint:
+        stamped = read_or_discard(stamp, lambda p: json.loads(p.read_text())["fingerprint"], "part stamp")
+        done = read_or_discard(part, pd.read_parquet, "predictions part") if stamped == fingerprint else None
+        if done is not None:  # a corrupt part (or stamp) is named, removed and recomputed
             log.info(f"persona {persona}: predictions exist, skipped")
-            return pd.read_parquet(part)
+            return done
 
         rows = load_prompt_rows(
             self.cfg.run_dir, split=self.cfg.split, memory=self.cfg.memory,

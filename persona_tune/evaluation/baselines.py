@@ -30,7 +30,7 @@ from persona_tune.evaluation.metrics import grouped_metrics
 from persona_tune.evaluation.references import REFERENCES, References
 from persona_tune.history import History
 from persona_tune.runfolder import HISTORY, ITEMS, METRICS, PREDICTIONS, RunFolder, atomic_write_json, atomic_write_parquet
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class BaselineConfig:
 class BaselinesConfig(BaselineConfig):
     """The `baselines` stage's options: the fit (BaselineConfig) and the bootstrap (CLI generated from them)."""
 
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples (users) for the CIs"})
+    n_boot: int = field(default=1000, metadata={"min": 1, "help": "bootstrap resamples (users) for the CIs"})
 
     def fit(self) -> BaselineConfig:
         return BaselineConfig(**{f.name: getattr(self, f.name) for f in fields(BaselineConfig)})
@@ -157,6 +157,7 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
 
 def run(run: RunFolder, cfg: BaselinesConfig) -> dict:
     """The `baselines` stage: every classical baseline on the run's test rows; returns metrics.json's content."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return run_baselines(run.root, cfg.fit(), n_boot=cfg.n_boot, seed=cfg.seed)
 
 

@@ -39,7 +39,7 @@ from persona_tune.runfolder import (
     atomic_write_json,
     atomic_write_text,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 # Thakur et al. 2024, Table 1 (their split of ML-1M, 200 users): base, adapter, memories, RMSE, MAE, URR %.
 PAPER_TABLE_1 = [
@@ -626,6 +626,7 @@ class ReportConfig:
 
 def run(run: RunFolder, cfg: ReportConfig) -> str:
     """The `report` stage: report.md, results.json and plots/ from RUN/eval; returns the markdown table."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return write_report(run.root, cfg.json_out, list(cfg.compare))
 
 

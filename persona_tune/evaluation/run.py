@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.names import FAMILIES, MEMORY_TAGS, TAG_OF, check_modes
-from persona_tune.resources import eval_template, tune_executable
+from persona_tune.resources import die_with_parent, eval_template, tune_executable
 from persona_tune.runfolder import (
     ADAPTER_FILE,
     BASELINES,
@@ -45,7 +45,7 @@ from persona_tune.runfolder import (
     check_name,
 )
 from persona_tune.serving.remote import REMOTE_FIELDS, TRANSPORT_FIELDS, RemoteOptions
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,9 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
     cmd = [tune_executable(), "run", "persona_eval", "--config", str(config_file)]
     log.info("%s: %s", variant, " ".join(cmd))
     with open(out / EVAL_LOG, "w", encoding="utf-8") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy())
+        # The child dies with this process, even by kill -9 (then it writes nothing more).
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                              preexec_fn=die_with_parent)
     if proc.returncode != 0:
         tail = (out / EVAL_LOG).read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         raise PersonaTuneError(f"evaluating {variant} failed (exit {proc.returncode}); end of {out / EVAL_LOG}:\n"
@@ -294,7 +296,7 @@ class EvalConfig(RemoteOptions):
 
 def run(run: RunFolder, cfg: EvalConfig) -> dict[str, str]:
     """The `eval` stage: `tune run persona_eval` per variant unless current; variant -> 'done' or 'skipped'."""
-    cfg.validate()
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return evaluate(run.root, cfg.variant_list(), cfg.family, cfg.memory, cfg.mode, list(cfg.overrides), cfg.force,
                     remote=cfg)
 

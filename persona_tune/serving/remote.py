@@ -57,12 +57,12 @@ class RemoteOptions:
         "group": REMOTE_GROUP, "help": "server URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL)"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
         "group": REMOTE_GROUP, "help": "environment variable that holds the API key"})
-    concurrency: int = field(default=8, metadata={"group": REMOTE_GROUP, "help": "requests in flight at most"})
+    concurrency: int = field(default=8, metadata={"min": 1, "group": REMOTE_GROUP, "help": "requests in flight at most"})
     timeout: float = field(default=120.0, metadata={
-        "group": REMOTE_GROUP, "help": "seconds per request, the whole request"})
+        "gt": 0, "group": REMOTE_GROUP, "help": "seconds per request, the whole request"})
     max_retries: int = field(default=6, metadata={"group": REMOTE_GROUP, "help": "retries per request on 429/5xx/timeouts"})
     top_logprobs: int = field(default=20, metadata={
-        "group": REMOTE_GROUP, "help": "log-probabilities asked per request (vLLM's default limit is 20)"})
+        "min": 1, "group": REMOTE_GROUP, "help": "log-probabilities asked per request (vLLM's default limit is 20)"})
 
     def validate_remote(self) -> None:
         if self.backend not in BACKENDS:

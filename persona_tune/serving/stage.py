@@ -33,7 +33,7 @@ from persona_tune.runfolder import (
     file_sha256,
 )
 from persona_tune.serving import export as ex
-from persona_tune.stage import add_config_arguments, config_dict, config_from_args, require
+from persona_tune.stage import add_config_arguments, config_dict, config_from_args, require, validate
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def write_base(run: RunFolder, eval_cfg, tokenizer, model_dir: Path, kind: str) 
 
 def run(run: RunFolder, cfg: ServeExportConfig) -> dict:
     """The `serve-export` stage: RUN/serving/<variant>/ (see the module docstring)."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     from safetensors.torch import save
     from torchtune import config as tt_config
 

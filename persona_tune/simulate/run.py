@@ -50,6 +50,7 @@ from persona_tune.runfolder import (
     atomic_write_json,
     atomic_write_parquet,
     file_sha256,
+    read_or_discard,
 )
 from persona_tune.serving.remote import TRANSPORT_FIELDS, RemoteOptions
 from persona_tune.simulate import fidelity
@@ -57,7 +58,7 @@ from persona_tune.simulate.classical import BiasRater
 from persona_tune.simulate.fidelity import PROB_COLUMNS
 from persona_tune.simulate.recommenders import HELDOUT_SUFFIX, REFERENCE, reference_recs
 from persona_tune.simulate.recs import load_recs
-from persona_tune.stage import add_config_arguments, config_dict, config_from_args, require
+from persona_tune.stage import add_config_arguments, config_dict, config_from_args, require, validate
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,18 @@ class SimulateConfig(RemoteOptions):
         "choices": FAMILY_CHOICES, "help": "model family (None: the one `persona-tune configs` recorded)"})
     memory: str = field(default="ms+ml", metadata={
         "choices": MEMORY_MODES, "help": "memory mode of `prompted` (adapters use their training memory)"})
-    k: int = field(default=10, metadata={"help": "slate length of the reference top-k slates and of nDCG@k"})
+    k: int = field(default=10, metadata={"min": 1, "help": "slate length of the reference top-k slates and of nDCG@k"})
     candidates: int = field(default=20, metadata={
         "help": "held-out test items per user to probe and re-rank (a seeded sample; 0 = all)"})
     negatives: int = field(default=3, metadata={"help": "unrated items sampled per held-out item (Agent4Rec's 1:3)"})
-    users: int | None = field(default=None, metadata={
+    users: int | None = field(default=None, metadata={"min": 1, 
         "help": "simulate a seeded sample of this many users (reference slates and probes); None = all"})
     probes: bool = field(default=True, metadata={
         "help": "rate probe rows (held-out candidates and unrated items) for the fidelity metrics"})
     topk: bool = field(default=True, metadata={"help": "reference top-k slates of unseen items (besides @heldout)"})
-    like_threshold: float = field(default=0.5, metadata={"help": "p_like at which a simulator 'would watch'"})
-    chunk_rows: int = field(default=256, metadata={"help": "(user, item) pairs per resumable chunk"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of users for the CIs"})
+    like_threshold: float = field(default=0.5, metadata={"gt": 0, "lt": 1, "help": "p_like at which a simulator 'would watch'"})
+    chunk_rows: int = field(default=256, metadata={"min": 1, "help": "(user, item) pairs per resumable chunk"})
+    n_boot: int = field(default=1000, metadata={"min": 1, "help": "bootstrap resamples of users for the CIs"})
     seed: int = 0
     num_threads: int | None = field(default=None, metadata={"help": "torch threads (None: torch's default)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -109,13 +110,7 @@ class SimulateConfig(RemoteOptions):
 
     def validate(self) -> None:
         self.validate_remote()
-        require(self.k >= 1, f"--k must be >= 1, got {self.k}")
-        require(self.candidates >= 0, f"--candidates must be >= 0, got {self.candidates}")
-        require(self.negatives >= 0, f"--negatives must be >= 0, got {self.negatives}")
-        require(self.users is None or self.users >= 1, f"--users must be >= 1, got {self.users}")
-        require(0.0 < self.like_threshold < 1.0, f"--like-threshold must be in (0, 1), got {self.like_threshold}")
-        require(self.chunk_rows >= 1, f"--chunk-rows must be >= 1, got {self.chunk_rows}")
-        require(self.n_boot >= 0, f"--n-boot must be >= 0, got {self.n_boot}")
+        # The numbers' ranges are in the fields' metadata (persona_tune.stage.validate checks them first).
         require(bool(self.recs) or self.reference or self.validity,
                 "nothing to simulate: give --recs FILE or keep --reference")
         require(not (self.validity and self.recs), "--recs is for slates; --validity ranks each user's held-out set "
@@ -229,8 +224,9 @@ def read_parts(sim: SimulationFolder, fingerprint: str) -> pd.DataFrame:
             ok = json.loads(stamp.read_text())["fingerprint"] == fingerprint
         except (OSError, ValueError, KeyError):
             ok = False
-        if ok and part.is_file():
-            frames.append(pd.read_parquet(part))
+        frame = read_or_discard(part, pd.read_parquet, "agent scores part") if ok else None
+        if frame is not None:  # a corrupt part is named, removed and scored again
+            frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=SCORE_COLUMNS)
     return pd.concat(frames, ignore_index=True).drop_duplicates(["user_id", "item_id"], keep="last")
@@ -309,7 +305,7 @@ def _score_missing(run, sim, cfg, eval_cfg, fingerprint, todo) -> dict:
 def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
     """Rate every recs and probe row with the agent and the classical simulator; write RUN/simulate/<name>/.
     With ``cfg.validity``: the validity protocol (persona_tune.simulate.validity.run; its summary)."""
-    cfg.validate()
+    validate(cfg)  # ranges (field metadata), then SimulateConfig.validate
     if cfg.validity:
         from persona_tune.simulate import validity
 
