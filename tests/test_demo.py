@@ -50,7 +50,8 @@ def _demo(run, *extra, env=None, path="stock"):
 
 def test_demo_runs_every_stage_prints_the_table_and_resumes(tmp_path):
     run = tmp_path / "demo"
-    first = _demo(run)
+    # all_time: the history the reference predictions were recorded with (the demo's default is before_split).
+    first = _demo(run, "--history", "all_time")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     # Every stage left its outputs in the run folder.
@@ -89,7 +90,7 @@ def test_demo_runs_every_stage_prints_the_table_and_resumes(tmp_path):
     # A second run reuses what is done: no adapter is trained again.
     expected = {"persona_0", "persona_1", "single_min", "single_max"}
     assert set(train_table(first.stdout)) == expected and set(train_table(first.stdout).values()) == {"trained"}
-    second = _demo(run)
+    second = _demo(run, "--history", "all_time")
     assert second.returncode == 0, second.stderr[-3000:]
     statuses = train_table(second.stdout)
     assert set(statuses) == expected  # the table is there and parsed, so the next line cannot pass vacuously
@@ -105,7 +106,7 @@ def test_demo_on_the_frozen_trunk_path_trains_scores_simulates_and_resumes(tmp_p
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     cells = {c["name"]: c for c in json.loads((run / "eval" / "results.json").read_text())["cells"]}
     assert set(cells) == {f"trunk-demo-{c}-ms" for c in ("prompted", "persona", "single_min", "single_max")}
-    assert all(c["rows"] == 24 and set(c["paired"]) == {"global_mean", "user_mean", "item_mean", "bias"}
+    assert all(c["rows"] == 24 and set(c["paired"]) == {"global_mean", "user_mean", "item_mean", "bias", "knn", "mf"}
                for c in cells.values())
     for k in (0, 1):  # one adapter and rating head per persona, read back by simulate
         assert (run / "adapters" / f"trunk-demo-persona_{k}-ms" / "epoch_1" / "rating_head.pt").is_file()
