@@ -849,3 +849,28 @@ def test_user_agent_refuses_a_partial_adapter_before_loading_the_model(tmp_path)
     folder = _partial_adapter(RunFolder(run_dir), "single_max")
     with pytest.raises(StageMissingError, match=rf"{folder}: its training did not finish"):
         UserAgent.from_run(run_dir, variant="single_max", family="tiny")  # the model folder does not even exist
+
+
+def test_a_remote_eval_writes_no_password(tmp_path, monkeypatch):
+    """eval --backend openai: eval_config.yaml holds http://***@host; the `tune run` child gets the
+    real URL in its environment, and persona_tune.serving.remote.endpoint resolves it there."""
+    from persona_tune.evaluation import run as eval_run
+    from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
+    from persona_tune.serving import stage as serving_stage
+    from persona_tune.serving.remote import SECRET_URL_ENV, RemoteOptions, endpoint
+
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    folder = _partial_adapter(RunFolder(run_dir), "single_max")
+    atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
+    seen = {}
+    monkeypatch.setattr(serving_stage, "read_serving_spec", lambda run, variant: {})
+    monkeypatch.setattr(eval_run, "evaluate_variant", lambda run, v, cfg, force, adapters, env: seen.update(
+        cfg=cfg, env=env) or "done")
+    secret = "http://user:s3cret@127.0.0.1:9/v1"
+    eval_run.evaluate(run_dir, ["single_max"], "tiny", remote=eval_run.EvalConfig(backend="openai", base_url=secret))
+    assert seen["cfg"].remote.base_url == "http://***@127.0.0.1:9/v1" and "s3cret" not in str(seen["cfg"])
+    assert seen["env"][SECRET_URL_ENV] == secret
+    monkeypatch.setenv(SECRET_URL_ENV, secret)  # in the child
+    assert endpoint(RemoteOptions(backend="openai", base_url="http://***@127.0.0.1:9/v1")) == secret
+    assert endpoint(RemoteOptions(backend="openai", base_url="http://***@other:9/v1")) == "http://***@other:9/v1"
