@@ -115,16 +115,21 @@ collab_lora)
       --train-set head.prior=collab
   ;;
 collab_report)
-  # Every cell against the bias baseline and the classical references (paired.bias, paired.knn, ...),
-  # and each step against the one before it, on the same rows.
+  # Every cell against the bias baseline and the classical references (paired.bias, paired.knn,
+  # paired.mf), and each step against the one before it on the same rows (the pairs whose cells ran).
   P1=trunk-n1000-collab-probe P4=trunk-n4000-collab-probe T1=trunk-n1000-collab T4=trunk-n4000-collab
-  persona-tune report --run "$RUN" --json-out docs/results/ml1m-beyond-bias.json \
-      --compare $P4-single_max-ms:$P1-single_max-ms --compare $P1-persona-ms:$P1-single_max-ms \
-      --compare $P4-persona-ms:$P4-single_max-ms --compare $T1-single_max-ms:$P1-single_max-ms \
-      --compare $T1-persona-ms:$T1-single_max-ms --compare $T4-single_max-ms:$P4-single_max-ms \
-      --compare $T4-persona-ms:$T4-single_max-ms --compare $P1-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms \
-      --compare trunk-n1000-collab-lm-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms
+  PAIRS=($P4-single_max-ms:$P1-single_max-ms $P1-persona-ms:$P1-single_max-ms $P4-persona-ms:$P4-single_max-ms
+         $P1-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms $T1-single_max-ms:$P1-single_max-ms
+         $T1-persona-ms:$T1-single_max-ms $T4-single_max-ms:$P4-single_max-ms $T4-persona-ms:$T4-single_max-ms
+         trunk-n1000-collab-lm-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms)
+  COMPARE=()
+  for pair in "${PAIRS[@]}"; do
+    [ -f "$RUN/eval/${pair%%:*}/metrics.json" ] && [ -f "$RUN/eval/${pair##*:}/metrics.json" ] \
+      && COMPARE+=(--compare "$pair")
+  done
+  persona-tune report --run "$RUN" --json-out docs/results/ml1m-beyond-bias.json "${COMPARE[@]}"
   cp "$RUN/eval/report.md" docs/results-ml1m-beyond-bias.md
+  python benchmarks/collab_numbers.py "$RUN" --json-out docs/results/ml1m-collab-numbers.json
   ;;
 middle)
   # Adaptation from a middle layer: the LM alone with LoRA on the top 14 of 30 layers (the cache splits
