@@ -94,11 +94,11 @@ collab)
   # bias and item-kNN numbers (head.prior=collab). CPU budget of the 2026-12-06 session (2 cores shared
   # by six jobs, ~0.7 trunk rows/s): 1 collaborative memory (the most similar film the user rated) and
   # the COLLAB line without the NUMBERS line (82 prompt tokens per row against 172 with 5 memories and
-  # both lines; the trunk pass costs in proportion), and 1,000 test rows (eval.max_rows) instead of
+  # both lines; the trunk pass costs in proportion), and 500 test rows (eval.max_rows) instead of
   # the 2,000 of the other cells. Most informative first: θ_single(max)'s closed-form head (0 epochs),
   # then on the same cached rows the LM alone (its head reads the final state only), θ_persona, the
   # base model; then LoRA, then 4,000 training rows (3,000 more rows through the trunk).
-  C=(--train-set collab_memories=1 --train-set state_numbers=False --train-set eval.max_rows=1000)
+  C=(--train-set collab_memories=1 --train-set state_numbers=False --train-set eval.max_rows=500)
   "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells single_max-ms "${C[@]}" \
       --train-set epochs=0 --train-set head.prior=collab
   "${GRID[@]}" --label n1000-collab-lm-probe --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set epochs=0
@@ -107,7 +107,7 @@ collab)
   "${GRID[@]}" --label collab --cells prompted-ms "${C[@]}"
   ;;
 collab_lora)
-  C=(--train-set collab_memories=1 --train-set state_numbers=False --train-set eval.max_rows=1000)
+  C=(--train-set collab_memories=1 --train-set state_numbers=False --train-set eval.max_rows=500)
   "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set head.prior=collab
   "${GRID[@]}" --label n4000-collab-probe --train-rows 4000 --cells single_max-ms,persona-ms "${C[@]}" \
       --train-set epochs=0 --train-set head.prior=collab
