@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from persona_tune.evaluation.metrics import paired_rmse_diff
 from persona_tune.history import CollabIndex, History
 from persona_tune.runfolder import RunFolder
 
@@ -50,7 +51,9 @@ def bench(run: RunFolder, k: int, k_knn: int, buckets: int | None = None) -> dic
             "k": k, "k_knn": k_knn, "seconds": {"history": round(t_history, 2), "index": round(t_index, 2),
                                                  "queries": round(t_query, 2),
                                                  "total": round(t_history + t_index + t_query, 2)},
-            "test_rmse": {"bias": rmse(on_test.bias), "knn": rmse(on_test.knn)}}
+            "test_rmse": {"bias": rmse(on_test.bias), "knn": rmse(on_test.knn)},
+            "knn_minus_bias": {k: round(v, 4) if isinstance(v, float) else v for k, v in paired_rmse_diff(
+                test.assign(bias=np.clip(on_test.bias, 1, 5), knn=np.clip(on_test.knn, 1, 5)), "knn", "bias").items()}}
 
 
 def main() -> int:
