@@ -118,7 +118,7 @@ collab_report)
   # Every cell against the bias baseline and the classical references (paired.bias, paired.knn,
   # paired.mf), and each step against the one before it on the same rows (the pairs whose cells ran).
   P1=trunk-n1000-collab-probe P4=trunk-n4000-collab-probe T1=trunk-n1000-collab T4=trunk-n4000-collab
-  PAIRS=($P4-single_max-ms:$P1-single_max-ms $P1-persona-ms:$P1-single_max-ms $P4-persona-ms:$P4-single_max-ms
+  PAIRS=(trunk-n1000-collab-probe-test2000-single_max-ms:$P1-single_max-ms $P4-single_max-ms:$P1-single_max-ms $P1-persona-ms:$P1-single_max-ms $P4-persona-ms:$P4-single_max-ms
          $P1-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms $T1-single_max-ms:$P1-single_max-ms
          $T1-persona-ms:$T1-single_max-ms $T4-single_max-ms:$P4-single_max-ms $T4-persona-ms:$T4-single_max-ms
          trunk-n1000-collab-lm-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms)
@@ -128,8 +128,13 @@ collab_report)
       && COMPARE+=(--compare "$pair")
   done
   persona-tune report --run "$RUN" --json-out docs/results/ml1m-beyond-bias.json "${COMPARE[@]}"
-  cp "$RUN/eval/report.md" docs/results-ml1m-beyond-bias.md
-  python benchmarks/collab_numbers.py "$RUN" --json-out docs/results/ml1m-collab-numbers.json
+  sed 's|!\[elbow\](plots/elbow.png)||; s|(plots/calibration.png)|(results-ml1m-beyond-bias-calibration.png)|' \
+      "$RUN/eval/report.md" > docs/results-ml1m-beyond-bias.md
+  cp "$RUN/eval/plots/calibration.png" docs/results-ml1m-beyond-bias-calibration.png
+  # The numbers alone through the head's closed form, on the cells' rows (500) and the 2,000 rows.
+  python benchmarks/collab_numbers.py "$RUN" --test-rows 500 --train-rows 1000 --into docs/results/ml1m-beyond-bias.json
+  python benchmarks/collab_numbers.py "$RUN" --test-rows 2000 --train-rows 1000 4000 \
+      --into docs/results/ml1m-beyond-bias.json
   ;;
 middle)
   # Adaptation from a middle layer: the LM alone with LoRA on the top 14 of 30 layers (the cache splits
