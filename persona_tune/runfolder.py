@@ -68,6 +68,10 @@ REPORT = "eval/report.md"
 PLOTS = "eval/plots"
 TRUNK_CACHE = "trunk_cache"  # the frozen-trunk recipe's activations (configs/*_trunk: trunk_cache.dir)
 RATINGS = {"train": RATINGS_TRAIN, "test": RATINGS_TEST}
+# What an agent's predictions are built from (the rows, item texts and history, the prompts' profiles,
+# memories and retrieved memories, the persona of each user): an eval part's fingerprint and
+# eval_inputs.json record their checksums, so changed data is never published as current.
+AGENT_INPUTS = (RATINGS_TRAIN, RATINGS_TEST, ITEMS, HISTORY, PROFILES, MEMORIES, RETRIEVED, ASSIGNMENTS)
 
 # File names inside one variant's folder: configs/<variant>.yaml, adapters/<variant>/...,
 # eval/<name>/..., simulate/<name>/... (RunFolder.config_file, adapter_dir, eval_variant_dir).

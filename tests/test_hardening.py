@@ -28,7 +28,7 @@ from persona_tune.distill.run import DistillConfig, distill
 from persona_tune.errors import ConfigError, DataError, LLMError, StageMissingError
 from persona_tune.evaluation.run import check_adapters, results_key
 from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, file_lock
-from tests.fixtures_runs import make_prepared_run, with_personas
+from tests.fixtures_runs import make_distilled_run, make_prepared_run, with_personas
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -874,3 +874,17 @@ def test_a_remote_eval_writes_no_password(tmp_path, monkeypatch):
     monkeypatch.setenv(SECRET_URL_ENV, secret)  # in the child
     assert endpoint(RemoteOptions(backend="openai", base_url="http://***@127.0.0.1:9/v1")) == secret
     assert endpoint(RemoteOptions(backend="openai", base_url="http://***@other:9/v1")) == "http://***@other:9/v1"
+
+
+def test_report_refuses_results_of_changed_data(tmp_path):
+    from persona_tune.evaluation.run import stale_results
+    from persona_tune.runfolder import AGENT_INPUTS, EVAL_INPUTS
+
+    run = RunFolder(make_distilled_run(tmp_path, n_users=4))
+    atomic_write_json(run.eval_variant_dir("prompted") / EVAL_INPUTS,
+                      {"config": "c", "adapters": {}, "data": run.checksums(*AGENT_INPUTS)})
+    assert stale_results(run) == []
+    profiles = run.read_profiles()
+    profiles.loc[0, "profile"] = "another profile"  # `distill` ran again since
+    atomic_write_parquet(profiles, run.path("distill/profiles.parquet"))
+    assert stale_results(run) == ["prompted"]
