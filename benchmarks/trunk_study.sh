@@ -90,26 +90,29 @@ curve)
   ;;
 collab)
   # Beyond the bias baseline (docs/results.md, issue 24), on a run prepared with the leak-free history
-  # (prepare --history before_split, the default): collaborative memories (the user's ratings of the 5
-  # most similar items, collaborative similarity) and a head that reads the bias and item-kNN numbers
-  # (head.prior=collab). The closed-form heads first (0 epochs: one trunk pass over the rows serves
-  # θ_single(max) and θ_persona), at 1,000 and 4,000 rows; then the LM alone with the same prompts
-  # (base model; closed-form head on its features only); then LoRA training.
-  C=(--train-set collab_memories=5)
+  # (prepare --history before_split, the default): collaborative memories and a head that reads the
+  # bias and item-kNN numbers (head.prior=collab). CPU budget: 1 collaborative memory (the most similar
+  # film the user rated) and the COLLAB line, without the NUMBERS line: 82 prompt tokens per row
+  # against 172 with 5 memories and both lines (the trunk pass costs in proportion). Most informative first: the closed-form heads (0 epochs: one trunk pass over
+  # 1,000 training and the 2,000 test rows serves θ_single(max) and θ_persona), then at the same cost the
+  # LM alone with the same prompts (its head reads the final state only) and the base model; then
+  # 4,000 rows (3,000 more rows through the trunk).
+  C=(--train-set collab_memories=1 --train-set state_numbers=False)
   "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells single_max-ms,persona-ms "${C[@]}" \
       --train-set epochs=0 --train-set head.prior=collab
+  "${GRID[@]}" --label n1000-collab-lm-probe --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set epochs=0
+  "${GRID[@]}" --label collab --cells prompted-ms "${C[@]}"
   "${GRID[@]}" --label n4000-collab-probe --train-rows 4000 --cells single_max-ms,persona-ms "${C[@]}" \
       --train-set epochs=0 --train-set head.prior=collab
-  "${GRID[@]}" --label collab --cells prompted-ms "${C[@]}"
-  "${GRID[@]}" --label n1000-collab-lm-probe --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set epochs=0
   ;;
 collab_lora)
-  C=(--train-set collab_memories=5)
+  # Two LoRA epochs on the closed-form heads above (the cache holds every row already).
+  C=(--train-set collab_memories=1 --train-set state_numbers=False)
   "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells single_max-ms,persona-ms "${C[@]}" \
       --train-set head.prior=collab
-  "${GRID[@]}" --label n4000-collab --train-rows 4000 --cells single_max-ms "${C[@]}" --train-set head.prior=collab
   "${GRID[@]}" --label n1000-collab-lm --train-rows 1000 --cells single_max-ms "${C[@]}"
-  "${GRID[@]}" --label n4000-collab --train-rows 4000 --cells persona-ms "${C[@]}" --train-set head.prior=collab
+  "${GRID[@]}" --label n4000-collab --train-rows 4000 --cells single_max-ms,persona-ms "${C[@]}" \
+      --train-set head.prior=collab
   ;;
 collab_report)
   # Every cell against the bias baseline and the classical references (paired.bias, paired.knn, ...),
