@@ -134,8 +134,8 @@ def check_name(name: str, what: str = "variant name") -> str:
 
 
 # Temporary files of atomic writes: .<name>.tmp<pid>.<random><suffix> beside the target. A writer
-# killed by kill -9 leaves its temp behind; the next atomic write into that folder removes the temps
-# of processes that no longer exist.
+# killed by kill -9 leaves its temp behind; the next process's first atomic write into that folder
+# removes the temps of processes that no longer exist.
 _TEMP = re.compile(r"^\..+\.tmp(\d+)\.[^/]*$")
 
 
@@ -153,9 +153,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temp files of dead writers in ``folder`` (see _TEMP); returns what was removed."""
+_CLEANED: set[str] = set()  # folders this process has cleaned already (once is enough: its own temps live)
+
+
+def clean_temp_files(folder: str | os.PathLike, again: bool = False) -> list[Path]:
+    """Remove the temp files of dead writers in ``folder`` (see _TEMP), once per process and folder
+    unless ``again``; returns what was removed."""
     removed = []
+    key = os.path.abspath(folder)
+    if key in _CLEANED and not again:
+        return removed
+    _CLEANED.add(key)
     try:
         names = os.listdir(folder)
     except OSError:

@@ -612,9 +612,12 @@ def test_temp_files_of_dead_writers_are_cleaned(tmp_path):
         assert f".tmp{os.getpid()}." in tmp.name
         tmp.write_bytes(b"png")
     assert not orphan.exists() and live.exists() and (plots / "calibration.png").read_bytes() == b"png"
-    (plots / f".x.json.tmp{dead}.zz.tmp").touch()
-    atomic_write_text(plots / "x.json", "{}")
-    assert sorted(p.name for p in plots.iterdir()) == [live.name, "calibration.png", "x.json"]
+    other = tmp_path / "eval" / "persona"  # each folder is cleaned at this process's first write into it
+    other.mkdir()
+    (other / f".x.json.tmp{dead}.zz.tmp").touch()
+    atomic_write_text(other / "x.json", "{}")
+    assert sorted(p.name for p in other.iterdir()) == ["x.json"]
+    assert sorted(p.name for p in plots.iterdir()) == [live.name, "calibration.png"]
 
 
 def test_train_force_retrains_with_new_overrides(tmp_path, monkeypatch, caplog):
@@ -830,15 +833,19 @@ def test_one_column_for_two_keys_is_named(tmp_path, capsys):
     assert "--columns maps user and item to the same column 'item_id'" in error_line(capsys)
 
 
-def test_tune_run_with_a_missing_config_is_one_line(tmp_path):
-    from persona_tune.resources import tune_executable
+def test_tune_run_with_a_missing_config_is_one_line(tmp_path, capsys):
+    """`tune run R --config X` for an X that is neither a file nor a config name: one line, exit 2
+    (persona_tune._hook patches torchtune's `tune run` command when it is imported)."""
+    import torchtune._cli.run as tune_run
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([tune_executable(), "run", "lora_finetune_single_device", "--config",
-                           str(tmp_path / "nope.yaml")], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (f"tune run: error: config '{tmp_path / 'nope.yaml'}' does not exist: neither a "
-                                   "file nor a config name (`tune ls` lists the names)")
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        tune_run.Run._get_config(None, missing, None)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"tune run: error: config '{missing}' does not exist: neither a "
+                                               "file nor a config name (`tune ls` lists the names)")
+    real = REPO / "configs" / "tiny_persona" / "persona_0.yaml"
+    assert tune_run.Run._get_config(None, str(real), None) is None  # a file: torchtune reads it as before
 
 
 def test_user_agent_refuses_a_partial_adapter_before_loading_the_model(tmp_path):
