@@ -31,6 +31,7 @@ from persona_tune.names import FAMILIES, MEMORY_TAGS, TAG_OF, check_modes
 from persona_tune.resources import die_with_parent, eval_template, tune_executable
 from persona_tune.runfolder import (
     ADAPTER_FILE,
+    AGENT_INPUTS,
     BASELINES,
     EVAL_CONFIG,
     EVAL_INPUTS,
@@ -193,7 +194,7 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
     config_file = out / EVAL_CONFIG
     text = OmegaConf.to_yaml(cfg)
     metrics = out / METRICS
-    inputs = {"config": results_key(cfg), "adapters": adapters or {}}
+    inputs = {"config": results_key(cfg), "adapters": adapters or {}, "data": run.checksums(*AGENT_INPUTS)}
     inputs_file = out / EVAL_INPUTS
     # inputs_file is written only after the recipe succeeded (and removed before it starts).
     if (not force and inputs_file.is_file() and json.loads(inputs_file.read_text(encoding="utf-8")) == inputs
@@ -220,11 +221,18 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
 
 
 def stale_results(run: RunFolder) -> list[str]:
-    """Eval variants whose adapters changed since they were evaluated (see EVAL_INPUTS), or which
-    scored an adapter that is not its finished training's (e.g. epoch_0 of an interrupted one)."""
-    stale = []
+    """Eval variants whose adapters or data (AGENT_INPUTS) changed since they were evaluated (see
+    EVAL_INPUTS), or which scored an adapter that is not its finished training's (e.g. epoch_0 of an
+    interrupted one)."""
+    stale, data = [], None
     for inputs_file in sorted(run.eval_dir.glob(f"*/{EVAL_INPUTS}")):
-        recorded = json.loads(inputs_file.read_text(encoding="utf-8")).get("adapters", {})
+        inputs = json.loads(inputs_file.read_text(encoding="utf-8"))
+        if "data" in inputs:
+            data = run.checksums(*AGENT_INPUTS) if data is None else data
+            if inputs["data"] != data:
+                stale.append(inputs_file.parent.name)
+                continue
+        recorded = inputs.get("adapters", {})
         if run.checksums(*recorded) != recorded or not all(_finished_adapter(run, rel) for rel in recorded
                                                             if rel.endswith(ADAPTER_FILE)):
             stale.append(inputs_file.parent.name)
