@@ -81,10 +81,21 @@ REMOTE_FIELDS = tuple(f.name for f in RemoteOptions.__dataclass_fields__.values(
 TRANSPORT_FIELDS = ("api_key_env", "concurrency", "timeout", "max_retries")
 
 
+# The real endpoint of a URL whose credentials were redacted in a config file (`eval` writes
+# http://***@host there and hands the `tune run` child the real one in this variable).
+SECRET_URL_ENV = "PERSONA_TUNE_REMOTE_URL"
+
+
 def endpoint(options) -> str | None:
     import os
 
-    return options.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    from persona_tune.net import redact
+
+    url = options.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    secret = os.environ.get(SECRET_URL_ENV)
+    if url and "***@" in url and secret and redact(secret) == url:
+        return secret
+    return url
 
 
 def prompt_text(tokenizer, tokens: Sequence[int]) -> str:
