@@ -1,6 +1,6 @@
 """Collaborative retrieval (persona_tune.history.CollabIndex) over every row of a prepared run.
 
-    python benchmarks/bench_collab.py RUN [--k 5] [--k-knn 50]
+    python benchmarks/bench_collab.py RUN [--k 5] [--k-knn 50] [--buckets 4]
     python benchmarks/bench_collab.py --all-users DATA_DIR --ratings-file FILE --out FOLDER
 
 For every train and test row of RUN: the user's k most similar own train items and the item-kNN
@@ -20,13 +20,17 @@ import time
 
 import numpy as np
 
+from persona_tune.evaluation.metrics import paired_rmse_diff
 from persona_tune.history import CollabIndex, History
 from persona_tune.runfolder import RunFolder
 
 
-def bench(run: RunFolder, k: int, k_knn: int) -> dict:
+def bench(run: RunFolder, k: int, k_knn: int, buckets: int | None = None) -> dict:
     start = time.perf_counter()
     history = History.load(run)
+    if buckets is not None:  # the same history cut into another number of split-time buckets
+        history = History.before_split(history.rows.drop(columns=["first_bucket"]), run.read_ratings("test"),
+                                       history.item_ids, n_buckets=buckets)
     t_history = time.perf_counter() - start
     train = run.read_ratings("train", columns=["user_id", "item_id", "rating"])
     test = run.read_ratings("test", columns=["user_id", "item_id", "rating"])
@@ -47,7 +51,9 @@ def bench(run: RunFolder, k: int, k_knn: int) -> dict:
             "k": k, "k_knn": k_knn, "seconds": {"history": round(t_history, 2), "index": round(t_index, 2),
                                                  "queries": round(t_query, 2),
                                                  "total": round(t_history + t_index + t_query, 2)},
-            "test_rmse": {"bias": rmse(on_test.bias), "knn": rmse(on_test.knn)}}
+            "test_rmse": {"bias": rmse(on_test.bias), "knn": rmse(on_test.knn)},
+            "knn_minus_bias": {k: round(v, 4) if isinstance(v, float) else v for k, v in paired_rmse_diff(
+                test.assign(bias=np.clip(on_test.bias, 1, 5), knn=np.clip(on_test.knn, 1, 5)), "knn", "bias").items()}}
 
 
 def main() -> int:
@@ -55,6 +61,7 @@ def main() -> int:
     ap.add_argument("run", nargs="?")
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--k-knn", type=int, default=50)
+    ap.add_argument("--buckets", type=int, default=None, help="re-cut a before_split history into this many buckets")
     ap.add_argument("--all-users", default=None, help="prepare every eligible user of this ML-1M folder first")
     ap.add_argument("--ratings-file", default=None)
     ap.add_argument("--out", default=None)
@@ -69,7 +76,7 @@ def main() -> int:
         args.run = args.out
     if not args.run:
         ap.error("give RUN, or --all-users DATA_DIR --out FOLDER")
-    print(json.dumps(bench(RunFolder(args.run), args.k, args.k_knn), indent=2))
+    print(json.dumps(bench(RunFolder(args.run), args.k, args.k_knn, args.buckets), indent=2))
     return 0
 
 

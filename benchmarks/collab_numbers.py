@@ -10,18 +10,23 @@ prediction, the shrunk kNN prediction), with the same L2 choice as the rating he
 (held-out users), scored by its expected rating. Prints RMSE(read-out) - RMSE(reference) for the
 bias baseline and item-kNN, paired over users (95% bootstrap CI). It is the check that a rating head
 given these numbers can beat the bias baseline before any trunk pass or LoRA training is spent.
+``--into FILE``: add these read-outs to a report's JSON (``persona-tune report --json-out``) as cells
+of its ``cells`` list (same keys: name, rows, users, rmse, mae, pearson_r, pred_sd, mode, paired over
+every classical baseline and reference of RUN/eval/baselines), creating the file if needed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from persona_tune.evaluation.metrics import paired_rmse_diff
+from persona_tune.evaluation.report import baseline_frame, baseline_keys
 from persona_tune.history import CollabIndex
 from persona_tune.prompts import PromptParts, subsample_per_user
 from persona_tune.runfolder import RunFolder, atomic_write_json
@@ -44,6 +49,7 @@ def main() -> int:
     ap.add_argument("--test-rows", type=int, default=2000)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--into", default=None, help="a report JSON to add the read-outs to as cells")
     args = ap.parse_args()
     run = RunFolder(args.run)
     index = CollabIndex.load(run)
@@ -74,7 +80,27 @@ def main() -> int:
     print(f"bias RMSE {out['bias_rmse']:.4f}, item-kNN RMSE {out['knn_rmse']:.4f} on {len(test)} test rows")
     if args.json_out:
         atomic_write_json(args.json_out, out)
+    if args.into:
+        add_cells(Path(args.into), run, test, args)
     return 0
+
+
+def add_cells(path: Path, run: RunFolder, test: pd.DataFrame, args: argparse.Namespace) -> None:
+    """The read-outs as cells of a report JSON (replacing earlier ones of the same name)."""
+    report = json.loads(path.read_text()) if path.is_file() else {"cells": []}
+    base = baseline_frame(run)  # the classical baselines and references, as the report pairs them
+    names = baseline_keys(base)
+    rows = test.drop(columns=["bias", "knn"]).merge(base[["user_id", "item_id", *names]], on=["user_id", "item_id"])
+    for n in args.train_rows:
+        pred = rows[f"readout_{n}"]
+        error = pred - rows["rating"]
+        cell = {"name": f"collab-numbers-n{n}-test{args.test_rows}", "mode": "scoring", "rows": len(rows),
+                "users": int(rows["user_id"].nunique()), "rmse": float(np.sqrt(np.mean(error ** 2))),
+                "mae": float(np.mean(np.abs(error))), "pearson_r": float(np.corrcoef(pred, rows["rating"])[0, 1]),
+                "pred_sd": float(pred.std()),
+                "paired": {b: paired_rmse_diff(rows, f"readout_{n}", b, n_boot=args.n_boot) for b in names}}
+        report["cells"] = [c for c in report["cells"] if c["name"] != cell["name"]] + [cell]
+    atomic_write_json(path, report)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Reads each run's eval/baselines/ (run `persona-tune baselines --run RUN` first) 
 references/mf_tuning.json.
 
     python benchmarks/references_table.py runs/ml1m-before_split runs/ml1m-all_time \\
-        --json docs/results/ml1m-references.json
+        --also-rows 2000 --json docs/results/ml1m-references.json
+
+``--also-rows N`` adds each run's numbers on the N rows a cell with eval.max_rows N (eval.seed 0) scores.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pandas as pd
 
 from persona_tune.evaluation.metrics import metrics_with_ci, paired_rmse_diff
 from persona_tune.history import history_mode
+from persona_tune.prompts import subsample_per_user
 from persona_tune.runfolder import REFERENCE_TUNING, RunFolder
 
 PREDICTORS = ("bias", "knn", "mf")
@@ -29,8 +32,11 @@ def _r(x: float) -> float:
     return round(float(x), 4)
 
 
-def summarise(run: RunFolder, n_boot: int = 1000) -> dict:
+def summarise(run: RunFolder, n_boot: int = 1000, max_rows: int | None = None) -> dict:
     preds = pd.read_parquet(run.baseline_predictions)
+    if max_rows:
+        test = run.read_ratings("test", columns=["user_id", "item_id"])
+        preds = subsample_per_user(test, max_rows, seed=0).merge(preds, on=["user_id", "item_id"], validate="one_to_one")
     missing = [p for p in PREDICTORS if p not in preds]
     if missing:
         raise SystemExit(f"{run.baseline_predictions} has no {', '.join(missing)}: run `persona-tune baselines "
@@ -51,9 +57,11 @@ def summarise(run: RunFolder, n_boot: int = 1000) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=RunFolder)
+    parser.add_argument("--also-rows", type=int, default=None, help="also score the rows of eval.max_rows N")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    results = [summarise(run) for run in args.runs]
+    sizes = [None] + ([args.also_rows] if args.also_rows else [])
+    results = [summarise(run, max_rows=rows) for rows in sizes for run in args.runs]
     print("| history | rows | bias | item-kNN | MF | kNN − bias | MF − bias | MF − kNN |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

@@ -68,6 +68,10 @@ REPORT = "eval/report.md"
 PLOTS = "eval/plots"
 TRUNK_CACHE = "trunk_cache"  # the frozen-trunk recipe's activations (configs/*_trunk: trunk_cache.dir)
 RATINGS = {"train": RATINGS_TRAIN, "test": RATINGS_TEST}
+# What an agent's predictions are built from (the rows, item texts and history, the prompts' profiles,
+# memories and retrieved memories, the persona of each user): an eval part's fingerprint and
+# eval_inputs.json record their checksums, so changed data is never published as current.
+AGENT_INPUTS = (RATINGS_TRAIN, RATINGS_TEST, ITEMS, HISTORY, PROFILES, MEMORIES, RETRIEVED, ASSIGNMENTS)
 
 # File names inside one variant's folder: configs/<variant>.yaml, adapters/<variant>/...,
 # eval/<name>/..., simulate/<name>/... (RunFolder.config_file, adapter_dir, eval_variant_dir).
@@ -130,8 +134,8 @@ def check_name(name: str, what: str = "variant name") -> str:
 
 
 # Temporary files of atomic writes: .<name>.tmp<pid>.<random><suffix> beside the target. A writer
-# killed by kill -9 leaves its temp behind; the next atomic write into that folder removes the temps
-# of processes that no longer exist.
+# killed by kill -9 leaves its temp behind; the next process's first atomic write into that folder
+# removes the temps of processes that no longer exist.
 _TEMP = re.compile(r"^\..+\.tmp(\d+)\.[^/]*$")
 
 
@@ -149,9 +153,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temp files of dead writers in ``folder`` (see _TEMP); returns what was removed."""
+_CLEANED: set[str] = set()  # folders this process has cleaned already (once is enough: its own temps live)
+
+
+def clean_temp_files(folder: str | os.PathLike, again: bool = False) -> list[Path]:
+    """Remove the temp files of dead writers in ``folder`` (see _TEMP), once per process and folder
+    unless ``again``; returns what was removed."""
     removed = []
+    key = os.path.abspath(folder)
+    if key in _CLEANED and not again:
+        return removed
+    _CLEANED.add(key)
     try:
         names = os.listdir(folder)
     except OSError:

@@ -43,8 +43,8 @@ from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, p
 from persona_tune.names import check_modes
 from persona_tune.prompts import load_prompt_rows
 from persona_tune.runfolder import (
+    AGENT_INPUTS,
     ASSIGNMENTS,
-    HISTORY,
     ITEMS,
     METRICS,
     PREDICTIONS,
@@ -119,8 +119,9 @@ class PersonaEvalRecipe:
             spec["remote"] = {k: v for k, v in remote.items() if k not in TRANSPORT_FIELDS}
             spec["bundle"] = self.predictor.spec["adapters"]
         spec["adapter"] = None if adapter is None else [str(adapter), file_sha256(adapter)]
-        spec["inputs"] = {f: file_sha256(self.run.path(f)) for f in (RATINGS_TEST, ITEMS) + (
-            (HISTORY,) if self.run.path(HISTORY).is_file() else ())}
+        if getattr(self, "_inputs", None) is None:  # the data every persona's prompts come from, hashed once
+            self._inputs = self.run.checksums(*AGENT_INPUTS)
+        spec["inputs"] = self._inputs
         spec["persona"] = persona
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 

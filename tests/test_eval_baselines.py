@@ -51,6 +51,18 @@ def test_a_run_without_history_leaves_the_references_out_with_a_warning(tmp_path
     assert list(metrics["predictors"]) == list(BASIC)
     assert "no history.parquet" in metrics["references_missing"] and "no history.parquet" in caplog.text
     assert not run.path(REFERENCE_PREDICTIONS).exists()
+    # The report of such a run pairs its cells with the four baselines only, never an old `mf` column.
+    from persona_tune.evaluation.report import paired_cells, references_note
+
+    preds = pd.read_parquet(run.baseline_predictions)
+    preds.assign(mf=3.0).to_parquet(run.baseline_predictions, index=False)
+    cell = run.eval_variant_dir("agent")
+    cell.mkdir(parents=True)
+    preds[["user_id", "item_id", "rating"]].assign(mode="scoring", prediction=3.5).to_parquet(
+        cell / "predictions.parquet", index=False)
+    [c] = paired_cells(run, n_boot=20)
+    assert list(c["paired"]) == list(BASIC)
+    assert references_note(run).startswith("No kNN or MF reference")
 
 
 def test_baselines_cli_writes_contract(tmp_path, capsys):

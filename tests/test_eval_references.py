@@ -209,3 +209,23 @@ def test_report_pairs_every_cell_with_the_references_even_for_old_baselines(tmp_
     mf_rmse = float(np.sqrt(np.mean((refs["mf"] - refs["rating"]) ** 2)))
     assert c["rmse"] - c["paired"]["mf"]["diff"] == pytest.approx(mf_rmse)  # the tuned MF, not the old column
     assert "biased MF (scikit-surprise SVD) with 8 factors, reg 0.05" in references_note(run)
+
+
+def test_references_table_script(tmp_path, one_point_grid, capsys):
+    """benchmarks/references_table.py: RMSEs and paired differences from eval/baselines/, on all rows
+    and on the rows of eval.max_rows N."""
+    from benchmarks.references_table import main as table_main
+    from persona_tune.evaluation.baselines import run_baselines
+
+    run = _prepared(tmp_path, history="before_split")
+    run_baselines(run.root, n_boot=20)
+    out = tmp_path / "references.json"
+    assert table_main([str(run.root), "--also-rows", "60", "--json", str(out)]) == 0
+    [full, part] = json.loads(out.read_text())["references"]
+    preds = pd.read_parquet(run.baseline_predictions)
+    assert (full["rows"], part["rows"], full["history"]) == (len(preds), 60, "before_split")
+    rmse = {p: float(np.sqrt(np.mean((preds[p] - preds["rating"]) ** 2))) for p in ("bias", "knn", "mf")}
+    assert full["mf"]["rmse"] == pytest.approx(rmse["mf"], abs=1e-4)
+    assert full["paired"]["mf-bias"]["diff"] == pytest.approx(rmse["mf"] - rmse["bias"], abs=2e-4)
+    assert full["mf_tuning"]["chosen"]["n_factors"] == 8
+    assert "| before_split | 60 |" in capsys.readouterr().out

@@ -28,7 +28,7 @@ from persona_tune.distill.run import DistillConfig, distill
 from persona_tune.errors import ConfigError, DataError, LLMError, StageMissingError
 from persona_tune.evaluation.run import check_adapters, results_key
 from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, file_lock
-from tests.fixtures_runs import make_prepared_run, with_personas
+from tests.fixtures_runs import make_distilled_run, make_prepared_run, with_personas
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -612,9 +612,12 @@ def test_temp_files_of_dead_writers_are_cleaned(tmp_path):
         assert f".tmp{os.getpid()}." in tmp.name
         tmp.write_bytes(b"png")
     assert not orphan.exists() and live.exists() and (plots / "calibration.png").read_bytes() == b"png"
-    (plots / f".x.json.tmp{dead}.zz.tmp").touch()
-    atomic_write_text(plots / "x.json", "{}")
-    assert sorted(p.name for p in plots.iterdir()) == [live.name, "calibration.png", "x.json"]
+    other = tmp_path / "eval" / "persona"  # each folder is cleaned at this process's first write into it
+    other.mkdir()
+    (other / f".x.json.tmp{dead}.zz.tmp").touch()
+    atomic_write_text(other / "x.json", "{}")
+    assert sorted(p.name for p in other.iterdir()) == ["x.json"]
+    assert sorted(p.name for p in plots.iterdir()) == [live.name, "calibration.png"]
 
 
 def test_train_force_retrains_with_new_overrides(tmp_path, monkeypatch, caplog):
@@ -830,15 +833,19 @@ def test_one_column_for_two_keys_is_named(tmp_path, capsys):
     assert "--columns maps user and item to the same column 'item_id'" in error_line(capsys)
 
 
-def test_tune_run_with_a_missing_config_is_one_line(tmp_path):
-    from persona_tune.resources import tune_executable
+def test_tune_run_with_a_missing_config_is_one_line(tmp_path, capsys):
+    """`tune run R --config X` for an X that is neither a file nor a config name: one line, exit 2
+    (persona_tune._hook patches torchtune's `tune run` command when it is imported)."""
+    import torchtune._cli.run as tune_run
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([tune_executable(), "run", "lora_finetune_single_device", "--config",
-                           str(tmp_path / "nope.yaml")], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (f"tune run: error: config '{tmp_path / 'nope.yaml'}' does not exist: neither a "
-                                   "file nor a config name (`tune ls` lists the names)")
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        tune_run.Run._get_config(None, missing, None)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"tune run: error: config '{missing}' does not exist: neither a "
+                                               "file nor a config name (`tune ls` lists the names)")
+    real = REPO / "configs" / "tiny_persona" / "persona_0.yaml"
+    assert tune_run.Run._get_config(None, str(real), None) is None  # a file: torchtune reads it as before
 
 
 def test_user_agent_refuses_a_partial_adapter_before_loading_the_model(tmp_path):
@@ -849,3 +856,42 @@ def test_user_agent_refuses_a_partial_adapter_before_loading_the_model(tmp_path)
     folder = _partial_adapter(RunFolder(run_dir), "single_max")
     with pytest.raises(StageMissingError, match=rf"{folder}: its training did not finish"):
         UserAgent.from_run(run_dir, variant="single_max", family="tiny")  # the model folder does not even exist
+
+
+def test_a_remote_eval_writes_no_password(tmp_path, monkeypatch):
+    """eval --backend openai: eval_config.yaml holds http://***@host; the `tune run` child gets the
+    real URL in its environment, and persona_tune.serving.remote.endpoint resolves it there."""
+    from persona_tune.evaluation import run as eval_run
+    from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
+    from persona_tune.serving import stage as serving_stage
+    from persona_tune.serving.remote import SECRET_URL_ENV, RemoteOptions, endpoint
+
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    folder = _partial_adapter(RunFolder(run_dir), "single_max")
+    atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
+    seen = {}
+    monkeypatch.setattr(serving_stage, "read_serving_spec", lambda run, variant: {})
+    monkeypatch.setattr(eval_run, "evaluate_variant", lambda run, v, cfg, force, adapters, env: seen.update(
+        cfg=cfg, env=env) or "done")
+    secret = "http://user:s3cret@127.0.0.1:9/v1"
+    eval_run.evaluate(run_dir, ["single_max"], "tiny", remote=eval_run.EvalConfig(backend="openai", base_url=secret))
+    assert seen["cfg"].remote.base_url == "http://***@127.0.0.1:9/v1" and "s3cret" not in str(seen["cfg"])
+    assert seen["env"][SECRET_URL_ENV] == secret
+    monkeypatch.setenv(SECRET_URL_ENV, secret)  # in the child
+    assert endpoint(RemoteOptions(backend="openai", base_url="http://***@127.0.0.1:9/v1")) == secret
+    assert endpoint(RemoteOptions(backend="openai", base_url="http://***@other:9/v1")) == "http://***@other:9/v1"
+
+
+def test_report_refuses_results_of_changed_data(tmp_path):
+    from persona_tune.evaluation.run import stale_results
+    from persona_tune.runfolder import AGENT_INPUTS, EVAL_INPUTS
+
+    run = RunFolder(make_distilled_run(tmp_path, n_users=4))
+    atomic_write_json(run.eval_variant_dir("prompted") / EVAL_INPUTS,
+                      {"config": "c", "adapters": {}, "data": run.checksums(*AGENT_INPUTS)})
+    assert stale_results(run) == []
+    profiles = run.read_profiles()
+    profiles.loc[0, "profile"] = "another profile"  # `distill` ran again since
+    atomic_write_parquet(profiles, run.path("distill/profiles.parquet"))
+    assert stale_results(run) == ["prompted"]

@@ -161,3 +161,17 @@ def test_collab_memories_in_prompts(tmp_path):
         assert all(not title.startswith(titles[row.item_id] + " (") for title, _, _ in row.parts.collab)
     with pytest.raises(ConfigError, match="collab_memories"):
         load_prompt_rows(run, split="test", memory="ms", collab_memories=-1)
+
+
+def test_collab_memories_for_an_agents_new_item(tmp_path):
+    """UserAgent and simulate build prompts with PromptBuilder.parts and item texts; an item the run
+    does not know (a negative id: a new item's text) gets no collaborative memories, the others do."""
+    from tests.fixtures_runs import make_distilled_run
+
+    run = RunFolder(make_distilled_run(tmp_path, n_users=12))
+    builder = PromptBuilder(run, "ms", "compact", collab_memories=2)
+    user = int(run.read_ratings("test")["user_id"].iloc[0])
+    item = int(run.read_ratings("test")["item_id"].iloc[0])
+    new, known = builder.parts([user, user], [-1, item], item_texts=["A film nobody rated", builder.text_of(user, item)])
+    assert new.collab == () and new.collab_expected is None
+    assert known.collab_expected is not None and len(known.collab) <= 2

@@ -42,7 +42,8 @@ PREDICTORS = (*BASIC, *REFERENCES)
 class BaselineConfig:
     lambda_item: float = 25.0
     lambda_user: float = 10.0
-    seed: int = 0
+    seed: int = field(default=0, metadata={
+        "help": "seed of the MF references (validation users' sample, SGD) and of the bootstrap"})
 
 
 @dataclass

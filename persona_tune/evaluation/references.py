@@ -163,7 +163,7 @@ class References:
                 "validation_users": VALIDATION_USERS}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _cached(self, relpath: str) -> pd.DataFrame | dict | None:
+    def _cached(self, relpath: str) -> pd.DataFrame | None:
         path = self.run.path(relpath)
         stamp = path.with_name(path.name + ".json")
         if not path.is_file() or not stamp.is_file():

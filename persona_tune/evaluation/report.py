@@ -561,9 +561,9 @@ def write_report(run_dir, json_out: str | Path | None = None, compare: list[str]
         raise StageMissingError(f"the evaluation of {', '.join(unfinished)} in {run.eval_dir} did not finish "
                                 f"(metrics.json without eval_inputs.json): re-run `persona-tune eval --run "
                                 f"{run.root} --variants {','.join(unfinished)}` (or the `grid` that made them)")
-    if stale := stale_results(run):  # never publish numbers of adapters that were retrained since
-        raise StageMissingError(f"the results of {', '.join(stale)} in {run.eval_dir} come from adapters retrained "
-                                f"since: re-run `persona-tune eval --run {run.root} --variants {','.join(stale)}`")
+    if stale := stale_results(run):  # never publish numbers of adapters or data that changed since
+        raise StageMissingError(f"the results of {', '.join(stale)} in {run.eval_dir} come from adapters or data "
+                                f"that changed since: re-run `persona-tune eval --run {run.root} --variants {','.join(stale)}`")
     comparisons = cell_comparisons(run, list(compare))  # bad pairs fail before anything is written
     results = collect(run)
     plots_dir = run.path(PLOTS)

@@ -31,6 +31,7 @@ from persona_tune.names import FAMILIES, MEMORY_TAGS, TAG_OF, check_modes
 from persona_tune.resources import die_with_parent, eval_template, tune_executable
 from persona_tune.runfolder import (
     ADAPTER_FILE,
+    AGENT_INPUTS,
     BASELINES,
     EVAL_CONFIG,
     EVAL_INPUTS,
@@ -185,14 +186,15 @@ def results_key(cfg: DictConfig) -> str:
 
 
 def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool = False,
-                     adapters: dict[str, str] | None = None) -> str:
+                     adapters: dict[str, str] | None = None, env: dict | None = None) -> str:
     """Run the recipe for one variant unless its results are current; returns 'done' or 'skipped'.
-    ``adapters``: checksums of the train summaries of the adapters it evaluates."""
+    ``adapters``: checksums of the train summaries of the adapters it evaluates; ``env``: the child's
+    environment (default: this process's)."""
     out = run.eval_variant_dir(variant)
     config_file = out / EVAL_CONFIG
     text = OmegaConf.to_yaml(cfg)
     metrics = out / METRICS
-    inputs = {"config": results_key(cfg), "adapters": adapters or {}}
+    inputs = {"config": results_key(cfg), "adapters": adapters or {}, "data": run.checksums(*AGENT_INPUTS)}
     inputs_file = out / EVAL_INPUTS
     # inputs_file is written only after the recipe succeeded (and removed before it starts).
     if (not force and inputs_file.is_file() and json.loads(inputs_file.read_text(encoding="utf-8")) == inputs
@@ -208,7 +210,7 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
     log.info("%s: %s", variant, " ".join(cmd))
     with open(out / EVAL_LOG, "w", encoding="utf-8") as logf:
         # The child dies with this process, even by kill -9 (then it writes nothing more).
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(env or os.environ),
                               preexec_fn=die_with_parent)
     if proc.returncode != 0:
         tail = (out / EVAL_LOG).read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
@@ -219,11 +221,18 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
 
 
 def stale_results(run: RunFolder) -> list[str]:
-    """Eval variants whose adapters changed since they were evaluated (see EVAL_INPUTS), or which
-    scored an adapter that is not its finished training's (e.g. epoch_0 of an interrupted one)."""
-    stale = []
+    """Eval variants whose adapters or data (AGENT_INPUTS) changed since they were evaluated (see
+    EVAL_INPUTS), or which scored an adapter that is not its finished training's (e.g. epoch_0 of an
+    interrupted one)."""
+    stale, data = [], None
     for inputs_file in sorted(run.eval_dir.glob(f"*/{EVAL_INPUTS}")):
-        recorded = json.loads(inputs_file.read_text(encoding="utf-8")).get("adapters", {})
+        inputs = json.loads(inputs_file.read_text(encoding="utf-8"))
+        if "data" in inputs:
+            data = run.checksums(*AGENT_INPUTS) if data is None else data
+            if inputs["data"] != data:
+                stale.append(inputs_file.parent.name)
+                continue
+        recorded = inputs.get("adapters", {})
         if run.checksums(*recorded) != recorded or not all(_finished_adapter(run, rel) for rel in recorded
                                                             if rel.endswith(ADAPTER_FILE)):
             stale.append(inputs_file.parent.name)
@@ -256,14 +265,21 @@ def evaluate(run_dir, variants: list[str], family: str | None = None, memory: st
     family = run_family(run, family)
     adapters = check_adapters(run, variants)
     configs = {v: build_eval_config(run, v, family, memory, mode, overrides) for v in variants}
+    env = None
     if remote is not None and remote.backend != "local":
+        from persona_tune.net import redact
+        from persona_tune.serving.remote import SECRET_URL_ENV, endpoint
         from persona_tune.serving.stage import read_serving_spec
 
+        url = endpoint(remote)
         for v, cfg in configs.items():
             read_serving_spec(run, v)  # exported? (names the command if not)
             cfg.backend = remote.backend
             cfg.remote = {k: remote.remote_dict()[k] for k in REMOTE_FIELDS if k != "backend"}
-    return {v: evaluate_variant(run, v, cfg, force, adapters[v]) for v, cfg in configs.items()}
+            if url and redact(url) != url:  # a password in the URL: never in eval_config.yaml or eval_inputs.json
+                cfg.remote.base_url = redact(url)
+                env = {**os.environ, SECRET_URL_ENV: url}
+    return {v: evaluate_variant(run, v, cfg, force, adapters[v], env) for v, cfg in configs.items()}
 
 
 @dataclass
