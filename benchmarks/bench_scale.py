@@ -1,6 +1,6 @@
 """The cost curve: every stage of the pipeline at rising population sizes, on this machine.
 
-    python benchmarks/bench_scale.py --sizes 20 60 200 600 --out /work/runs/scale      # measure (resumable)
+    python benchmarks/bench_scale.py --sizes 10 30 100 300 --out /work/runs/scale      # measure (resumable)
     python benchmarks/bench_scale.py --out /work/runs/scale --report docs                 # fit, extrapolate, plot
 
 Per size N: a run folder of N ML-1M users (every user of the ratings file is eligible: --min-ratings 20,
