@@ -7,12 +7,19 @@ training items, weighted by similarity squared:
 - `text neighbours K`: the K most similar of the user's training items by the run's item
   embeddings (memory/item_vectors.npy, MiniLM for the study), the signal a prompt of the user's
   history could hold at best through the text;
-- `rating neighbours K`: the same by cosine of the items' residual columns in the training ratings
-  (classical item-kNN), a reference for what the rows hold beyond the bias baseline at all.
+- `rating neighbours K`: the same by collaborative similarity: the shrunk Pearson-baseline similarity
+  of the items' residuals in every rating of the run's history (all users of the log, before the
+  user's cutoff; persona_tune/history.py's CollabIndex, the kNN reference's similarity), a reference
+  for what the rows hold beyond the bias baseline at all. (Until issue 24 this similarity came from
+  the 200 sampled users' train rows only, where the median item has 3 raters: it found almost nothing.)
 The bias baseline plus a linear fit of the residual on each feature, cross-fitted over users
-(5 folds), is compared with the bias baseline on the same rows, paired over users.
+(5 folds), is compared with the bias baseline on the same rows, paired over users. The item-kNN
+reference itself (bias + the similarity-weighted mean of the 50 nearest residuals, nothing fitted)
+is compared the same way. The bias baseline and the similarity use the run's history mode, or
+``--history all_time`` (every non-test rating, whatever the run's mode).
 
     python benchmarks/content_neighbours.py runs/ml1m --rows-of trunk-nall-prior-single_max-ms
+    python benchmarks/content_neighbours.py runs/ml1m --max-rows 2000   # the same rows, without the cell
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import pandas as pd
 from sklearn.linear_model import LinearRegression
 from sklearn.preprocessing import normalize
 
-from persona_tune.evaluation.baselines import BaselineConfig, bias_predict, bias_terms
-from persona_tune.evaluation.metrics import residual_over_bias
-from persona_tune.runfolder import ITEM_IDS, ITEM_VECTORS, RunFolder
+from persona_tune.evaluation.metrics import paired_rmse_diff, residual_over_bias
+from persona_tune.history import HISTORY_MODES, KNN_K, CollabIndex, History
+from persona_tune.prompts import subsample_per_user
+from persona_tune.runfolder import HISTORY, ITEM_IDS, ITEM_VECTORS, RunFolder
 
 NEIGHBOURS = (10, 50)
 
@@ -49,21 +57,52 @@ def weighted_residuals(test: pd.DataFrame, train: pd.DataFrame, vectors: np.ndar
     return out
 
 
+def collab_residuals(neighbours) -> np.ndarray:
+    """Per row: its collaborative neighbours' residuals (CollabRows.neighbours), weights similarity^2."""
+    out = np.zeros(len(neighbours))
+    for n, row in enumerate(neighbours):
+        if row:
+            sims = np.array([s for *_, s in row])
+            resid = np.array([r for _, _, r, _ in row])
+            out[n] = (sims ** 2 * resid).sum() / ((sims ** 2).sum() + 1e-9)
+    return out
+
+
+def load_history(run: RunFolder, mode: str | None) -> History:
+    """The run's history, or read as ``mode`` (all_time: every history row, whatever the run's mode)."""
+    if mode is None or mode == History.load(run).mode:
+        return History.load(run)
+    rows = run.read_table(HISTORY)
+    if mode == "all_time":
+        stats = rows.groupby("item_id")["rating"].agg(hist_avg="mean", hist_count="size").reset_index()
+        items = run.read_items(columns=["item_id"]).merge(stats, on="item_id", how="outer")
+        return History.from_items(items.fillna({"hist_count": 0}), rows)
+    return History.before_split(rows, run.read_ratings("test", columns=["user_id", "timestamp"]),
+                                run.read_items(columns=["item_id"])["item_id"].to_numpy())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=RunFolder)
     parser.add_argument("--rows-of", default=None, help="score on the rows of this eval cell (default: all test rows)")
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="score on the rows a cell with eval.max_rows N (eval.seed 0) scores")
+    parser.add_argument("--history", choices=HISTORY_MODES, default=None,
+                        help="read the run's history as this mode (default: the run's own)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     run: RunFolder = args.run
-    train, test, items = run.read_ratings("train"), run.read_ratings("test"), run.read_items()
-    mu, b_u, b_i = bias_terms(train, items, BaselineConfig())
-    train = train.assign(residual=train["rating"] - bias_predict(mu, b_u, b_i, train["user_id"], train["item_id"]))
+    train, test = run.read_ratings("train"), run.read_ratings("test")
+    index = CollabIndex(load_history(run, args.history), train)
+    train = train.assign(residual=index.train_residual)
     if args.rows_of:
         cell = pd.read_parquet(run.eval_variant_dir(args.rows_of) / "predictions.parquet", columns=["user_id", "item_id"])
         test = test.merge(cell, on=["user_id", "item_id"], validate="one_to_one")
-    test = test.reset_index(drop=True).assign(
-        bias=np.clip(bias_predict(mu, b_u, b_i, test["user_id"], test["item_id"]), 1, 5))
+    if args.max_rows:
+        test = subsample_per_user(test, args.max_rows, seed=0)
+    test = test.reset_index(drop=True)
+    collab = index.query(test["user_id"], test["item_id"], k=max(NEIGHBOURS), k_knn=KNN_K)
+    test = test.assign(bias=np.clip(collab.bias, 1, 5), knn=np.clip(collab.knn, 1, 5))
 
     features = {}
     retrieved = run.read_retrieved().query("split == 'test' and rank == 0")
@@ -74,16 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     ids = pd.read_parquet(run.root / ITEM_IDS)["item_id"]
     text = normalize(np.load(run.root / ITEM_VECTORS))
     text_index = {item: n for n, item in enumerate(ids)}
-    columns = train.pivot_table(index="item_id", columns="user_id", values="residual", fill_value=0.0)
-    ratings = normalize(columns.to_numpy())
-    rating_index = {item: n for n, item in enumerate(columns.index)}
     for k in NEIGHBOURS:
         features[f"text neighbours {k}"] = weighted_residuals(test, train, text, text_index, k)
-        features[f"rating neighbours {k}"] = weighted_residuals(test, train, ratings, rating_index, k)
+        features[f"rating neighbours {k}"] = collab_residuals([row[:k] for row in collab.neighbours])
 
     truth = test["rating"].to_numpy(float)
-    results = {"rows": len(test), "users": int(test["user_id"].nunique()),
+    results = {"rows": len(test), "users": int(test["user_id"].nunique()), "history": index.history.mode,
                "bias_rmse": round(float(np.sqrt(np.mean((test["bias"] - truth) ** 2))), 4)}
+    knn = paired_rmse_diff(test, "knn", "bias")
+    results[f"item-kNN reference {KNN_K}"] = {k: round(v, 4) for k, v in knn.items() if k != "n"}
+    print(f"{'item-kNN reference':22s} vs bias: {knn['diff']:+.4f} [{knn['lo']:+.4f}, {knn['hi']:+.4f}]", flush=True)
     for name, x in features.items():
         paired = residual_over_bias(test, x[:, None], LinearRegression)
         results[name] = {k: round(v, 4) for k, v in paired.items() if k != "n"}

@@ -1,7 +1,8 @@
 """How far the numbers already in the prompt go: RMSE of rules that read them, on a run's test rows.
 
 The offline profile (M_s) states the user's average rating and how far above or below the item's
-historical average the user rates; the item text states the item's historical average. A rule that
+historical average the user rates; the item text states the item's historical average (as known at
+the cutoff of the row's user under the run's history mode). A rule that
 adds the two is what a fine-tuned agent would have to learn to reach the bias baseline.
 
     python benchmarks/prompt_numbers.py runs/ml1m-cpu [--rows eval/persona-msml/predictions.parquet]
@@ -15,6 +16,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from persona_tune.history import History
 from persona_tune.runfolder import RunFolder
 
 AVERAGE = re.compile(r"([\d.]+) stars on average")
@@ -47,8 +49,9 @@ def main() -> None:
     if args.rows:
         rows = pd.read_parquet(run.root / args.rows, columns=["user_id", "item_id"]).drop_duplicates()
         test = test.merge(rows, on=["user_id", "item_id"])
-    items = run.read_items(columns=["item_id", "hist_avg"])
-    data = test.merge(stated_numbers(run.read_profiles()), on="user_id").merge(items, on="item_id")
+    data = test.merge(stated_numbers(run.read_profiles()), on="user_id")
+    # The item average each prompt states: at the cutoff of the row's user (persona_tune/history.py).
+    data["hist_avg"] = History.load(run).row_stats(data["user_id"].to_numpy(), data["item_id"].to_numpy())[0]
     mu = float(data["hist_avg"].mean())
     rules = {
         "the user's stated average": data["stated_average"],

@@ -3,7 +3,8 @@
     python benchmarks/results_tables.py docs/results/ml1m-smollm2.json
 
 Three markdown tables: the learning curve (RMSE by training rows, per series), every cell against
-the four classical baselines (paired over users), and each ablation against its reference (the
+the four classical baselines and, where the file has them, the kNN and MF references (paired over
+users), and each ablation against its reference (the
 report's `comparisons`, from `--compare A:B`).
 """
 
@@ -57,7 +58,9 @@ CHANGES = {
     ("trunk-n4000-prior-persona-ms", "trunk-n4000-prior-single_max-ms"): "θ_persona instead of θ_single",
     ("trunk-n1000-l14-single_max-ms", "trunk-n1000-single_max-ms"): "top 14 layers adapted (from layer 16), not 4",
 }
-BASELINES = ("global_mean", "user_mean", "item_mean", "bias")
+BASELINES = ("global_mean", "user_mean", "item_mean", "bias", "knn", "mf")
+HEADS = {"global_mean": "global mean", "user_mean": "user mean", "item_mean": "item mean", "bias": "bias",
+         "knn": "item-kNN", "mf": "MF"}
 
 
 def ci(p: dict, better: str = "✓", worse: str = "✗") -> str:
@@ -84,11 +87,13 @@ def main() -> None:
         row = [f"{scoring[name]['rmse']:.3f}" if (name := pattern.format(n=n)) in scoring else "-" for n in SIZES]
         print(f"| {label} | " + " | ".join(row) + " |")
 
-    print("\n| cell | mode | train rows | test rows | RMSE | r | sd | − global mean | − user mean | − item mean | − bias |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    names = [b for b in BASELINES if any(b in c["paired"] for c in data["cells"])]
+    print("\n| cell | mode | train rows | test rows | RMSE | r | sd | " + " | ".join(f"− {HEADS[b]}" for b in names) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(names))
     for c in sorted(data["cells"], key=lambda c: (c["mode"] != "scoring", c["rmse"])):
         print(f"| {c['name']} | {c['mode']} | {train_rows(c['name'])} | {c['rows']} | {c['rmse']:.3f} | "
-              f"{c['pearson_r']:.2f} | {c['pred_sd']:.2f} | " + " | ".join(ci(c["paired"][b]) for b in BASELINES) + " |")
+              f"{c['pearson_r']:.2f} | {c['pred_sd']:.2f} | "
+              + " | ".join(ci(c["paired"][b]) if b in c["paired"] else "-" for b in names) + " |")
 
     print("\n| A | what A changes | B | RMSE A | RMSE B | A − B, paired 95% CI |")
     print("|---|---|---|---|---|---|")

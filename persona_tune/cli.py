@@ -10,10 +10,10 @@ import argparse
 import errno
 import importlib
 import logging
-import math
 import sys
 
 from persona_tune.errors import PersonaTuneError
+from persona_tune.stage import ranged
 
 # name -> (module, one-line help). Order is the pipeline's order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,34 +52,6 @@ def _top_level_help() -> str:
     return "\n".join(lines)
 
 
-# Every numeric option must be a finite number >= 0; these must be >= 1 (counts, sizes, limits) or
-# > 0 (durations, scales), and these may be negative.
-AT_LEAST_ONE = {
-    "n_users", "n_items", "median_ratings", "min_ratings", "max_ratings", "epochs", "eval_rows", "max_steps",
-    "batch_size", "concurrency", "max_attempts", "max_profile_words", "max_tokens", "max_words", "users",
-    "n_boot", "k", "lora_rank", "n_init", "top_words", "nproc", "mf_epochs", "mf_rank", "k_max",
-}
-POSITIVE = {"timeout", "deadline", "lora_alpha", "backoff_max", "train_frac", "mf_lr"}
-SIGNED = {"delta"}
-
-
-def _ranged(convert, dest: str):
-    """``convert`` (int or float), then the range check for the option ``dest``."""
-    def parse(text: str):
-        value = convert(text)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if dest in SIGNED:
-            return value
-        low, strict = (1, False) if dest in AT_LEAST_ONE else (0, dest in POSITIVE)
-        if value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
-        return value
-
-    parse.__name__ = convert.__name__  # argparse names the type in "invalid int value"
-    return parse
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" unless the help text already says what the default is."""
 
@@ -100,9 +72,11 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show tracebacks")
     module.add_arguments(parser)
+    # Range rules: a Config's options carry their field's rule (persona_tune.stage); any other bare
+    # number option must be a finite number >= 0 (options with another rule say so: stage.ranged).
     for action in parser._actions:
         if action.type in (int, float):
-            action.type = _ranged(action.type, action.dest)
+            action.type = ranged(action.type)
     return parser, module
 
 

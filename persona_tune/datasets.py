@@ -8,6 +8,7 @@
       subsample: null      # about N rows, the same fraction of each user's rows
       prompt_template: paper  # paper | compact (persona_tune.prompts)
       state_numbers: False    # state the item's historical average and the user's offset before the answer
+      collab_memories: 0      # k collaborative memories (the user's ratings of the k most similar items); 0 = off
 
 Each row becomes system = role play + traits + M_s, user = task + retrieved M_l + item text,
 assistant = the rating (persona_tune.prompts), so training and evaluation prompts are identical.
@@ -15,7 +16,7 @@ Only the assistant turn is trained on unless ``train_on_input``.
 
 Length policy: a prompt longer than ``max_seq_len`` (default: the tokenizer's) is shrunk before it
 is tokenized for good, boilerplate before facts (persona_tune.prompts.fit_to_length): the preambles,
-then memories (last first), then the end of the profile, then the traits; the task, the item, the
+then memories (last first), then collaborative memories, then the end of the profile, then the traits; the task, the item, the
 stated numbers and the answer are never cut. Lengths are the tokenizer's own token
 counts. Works with any torchtune ModelTokenizer (Phi-3, Llama 3.2 / SmolLM2, the tiny test model).
 """
@@ -73,6 +74,7 @@ def persona_dataset(
     packed: bool = False,
     prompt_template: str = "paper",
     state_numbers: bool = False,
+    collab_memories: int = 0,
 ) -> SFTDataset | PackedDataset:
     """Rating rows of a run folder as a torchtune SFT dataset.
 
@@ -89,6 +91,8 @@ def persona_dataset(
         packed: pack samples into ``max_seq_len`` blocks (torchtune PackedDataset).
         prompt_template: "paper" (the paper's wording) or "compact" (the same facts in fewer tokens).
         state_numbers: state the item's historical average and the user's offset next to the task.
+        collab_memories: show the user's own ratings of the k items most similar to the target
+            (collaborative similarity, persona_tune.history) and the bias and item-kNN numbers; 0 = off.
     """
     max_seq_len = max_seq_len if max_seq_len is not None else getattr(tokenizer, "max_seq_len", None)
     if max_seq_len is not None and max_seq_len < 1:
@@ -96,7 +100,8 @@ def persona_dataset(
     if packed and max_seq_len is None:
         raise ConfigError("packed=True needs max_seq_len (on the dataset or the tokenizer)")
     table = load_prompt_rows(run_dir, split=split, memory=memory, persona=persona, subsample=subsample, seed=seed,
-                             template=prompt_template, state_numbers=state_numbers)
+                             template=prompt_template, state_numbers=state_numbers,
+                             collab_memories=collab_memories)
     rows = [{"parts": p, "rating": int(r)} for p, r in zip(table["parts"], table["rating"])]
     ds = PersonaSFTDataset(
         rows,

@@ -27,6 +27,7 @@ from pathlib import Path
 from persona_tune import cli
 from persona_tune.errors import PersonaTuneError
 from persona_tune.runfolder import PLOTS, REPORT, RunFolder
+from persona_tune.stage import ranged
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     if not (run.exists() and run.stage_record("prepare")):
         stage("prepare", [
             "--dataset", dataset, "--data-dir", str(data_dir), "--out", str(run.root),
-            "--n-users", str(args.n_users), "--seed", str(args.seed), *extra,
+            "--n-users", str(args.n_users), "--seed", str(args.seed), "--history", args.history, *extra,
         ])
     stage("distill", ["--run", str(run.root), "--backend", "offline", "--no-progress"])
     stage("embed", ["--run", str(run.root), "--backend", args.embedder])
@@ -129,8 +130,9 @@ def train_and_score_stock(run: RunFolder, args: argparse.Namespace, models: list
     """The paper's path: torchtune's LoRA recipe per variant, eval in both modes; returns the agents' variant."""
     if not run.config_file("persona_0").is_file():
         stage("configs", ["--run", str(run.root), "--family", args.model] + [a for o in models for a in ("--set", o)])
+    collab = [f"dataset.collab_memories={args.collab_memories}"] if args.collab_memories else []
     stage("train", ["--run", str(run.root), "--personas", "all", "--",
-                    f"max_steps_per_epoch={args.max_steps}", f"epochs={args.epochs or 1}"])
+                    f"max_steps_per_epoch={args.max_steps}", f"epochs={args.epochs or 1}", *collab])
     stage("baselines", ["--run", str(run.root)])
     stage("eval", ["--run", str(run.root), "--variants", "persona,single_min,single_max,prompted",
                    "--mode", "both", "--family", args.model, "--", f"max_rows={args.eval_rows or 60}", *models])
@@ -139,7 +141,9 @@ def train_and_score_stock(run: RunFolder, args: argparse.Namespace, models: list
 
 def train_and_score_trunk(run: RunFolder, args: argparse.Namespace, models: list[str]) -> str:
     """The frozen-trunk path: every cell trained and scored by `grid --path trunk`; returns the agents' variant."""
-    settings = ["head.prior=stated", f"eval.max_rows={args.eval_rows or 200}", *models,
+    prior = [f"collab_memories={args.collab_memories}", "head.prior=collab"] if args.collab_memories \
+        else ["head.prior=stated"]
+    settings = [*prior, f"eval.max_rows={args.eval_rows or 200}", *models,
                 *([f"epochs={args.epochs}"] if args.epochs else [])]
     stage("grid", ["--run", str(run.root), "--family", args.model, "--path", "trunk", "--label", DEMO_LABEL,
                    "--train-rows", str(args.train_rows), "--cells", "prompted-ms,persona-ms,single_min-ms,single_max-ms",
@@ -160,18 +164,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stock: torchtune's LoRA recipes, eval in scoring and paper mode (slow with SmolLM2)")
     parser.add_argument("--embedder", choices=["local", "hash"], default=default_embedder(),
                         help="embedding backend (local = packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--n-users", type=int, default=24, help="users sampled by the protocol")
+    parser.add_argument("--n-users", type=ranged(int, min=1), default=24, help="users sampled by the protocol")
     parser.add_argument("--k", default="auto", help="personas: a number or 'auto' (elbow)")
-    parser.add_argument("--k-max", type=int, default=6, help="largest K the elbow tries")
-    parser.add_argument("--max-steps", type=int, default=60, help="(stock) optimizer steps per epoch per adapter")
-    parser.add_argument("--train-rows", type=int, default=200,
+    parser.add_argument("--k-max", type=ranged(int, min=1), default=6, help="largest K the elbow tries")
+    parser.add_argument("--max-steps", type=ranged(int, min=1), default=60, help="(stock) optimizer steps per epoch per adapter")
+    parser.add_argument("--train-rows", type=ranged(int, min=1), default=200,
                         help="(trunk) training rows drawn over all users; each persona trains on its users' share")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per adapter (default: stock 1, trunk 2)")
-    parser.add_argument("--eval-rows", type=int, default=None,
+    parser.add_argument("--epochs", type=ranged(int, min=1), default=None, help="epochs per adapter (default: stock 1, trunk 2)")
+    parser.add_argument("--eval-rows", type=ranged(int, min=1), default=None,
                         help="test rows scored: stock, per persona (default 60); trunk, drawn over all users (200)")
-    parser.add_argument("--sim-users", type=int, default=None,
+    parser.add_argument("--sim-users", type=ranged(int, min=1), default=None,
                         help="users whose slates `persona-tune simulate` rates (8 reference recommenders; "
                              "default: stock 6, trunk 4)")
+    parser.add_argument("--history", choices=["before_split", "all_time"], default="before_split",
+                        help="other users' ratings of a row: those before its user's split time, or all non-test "
+                             "ones (persona_tune/history.py)")
+    parser.add_argument("--collab-memories", type=int, default=0,
+                        help="show each prompt the user's ratings of the k most similar items (collaborative "
+                             "similarity) and the bias/kNN numbers; the trunk path's head then reads those "
+                             "(head.prior=collab). 0 = off")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -247,11 +247,13 @@ def similarity(z: sp.csc_matrix, targets: np.ndarray, candidates: np.ndarray,
 class CollabRows:
     """Per query row: the bias prediction (mu + b_u + b_i), the kNN residual (the similarity-weighted
     mean of the neighbours' residuals over the k_knn most similar rated items with positive similarity;
-    0 without any), and the k nearest neighbours (item_id, rating, residual, similarity), most similar first."""
+    0 without any), the weight behind it (the sum of those neighbours' similarities), and the k nearest
+    neighbours (item_id, rating, residual, similarity), most similar first."""
 
     bias: np.ndarray
     knn_residual: np.ndarray
     neighbours: list[tuple[tuple[int, int, float, float], ...]]
+    knn_weight: np.ndarray | None = None
 
     @property
     def knn(self) -> np.ndarray:
@@ -286,7 +288,7 @@ class CollabIndex:
         item_ids = np.asarray(item_ids, dtype=np.int64)
         n = len(user_ids)
         bias = self.bias.predict(user_ids, item_ids)
-        knn = np.zeros(n)
+        knn, mass = np.zeros(n), np.zeros(n)
         neighbours: list = [()] * n
         buckets = self.history.bucket_of(user_ids)
         tidx_all = self.history.item_index(item_ids)
@@ -330,6 +332,7 @@ class CollabIndex:
                 pos = top > 0
                 weight = np.where(pos[:, :k_knn], top[:, :k_knn], 0.0)
                 total = weight.sum(1)
+                mass[rows_u] = total
                 knn[rows_u] = np.where(total > 0, (weight * resid[:, :k_knn]).sum(1) / np.maximum(total, 1e-12), 0.0)
                 ratings = self.train["rating"].to_numpy()[rows_own][order]
                 items = self.train["item_id"].to_numpy()[rows_own][order]
@@ -337,7 +340,7 @@ class CollabIndex:
                     m = int(pos[j, :k].sum())
                     neighbours[row] = tuple((int(items[j, q]), int(ratings[j, q]), float(resid[j, q]),
                                              float(top[j, q])) for q in range(m))
-        return CollabRows(bias, knn, neighbours)
+        return CollabRows(bias, knn, neighbours, mass)
 
     def knn_predict(self, user_ids, item_ids, k: int = KNN_K) -> np.ndarray:
         """Item-kNN with baseline: bias + the kNN residual over the ``k`` most similar rated items, unclipped."""

@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from persona_tune.errors import ConfigError, DataError
-from persona_tune.runfolder import atomic_write_bytes, atomic_write_json
+from persona_tune.runfolder import atomic_write_bytes, atomic_write_json, load_torch
+from persona_tune.stage import ranged
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ def load_adapter(path: str | Path) -> Dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_torch(path)
+    except DataError:
+        raise
     except Exception as e:  # corrupt or foreign file
         raise DataError(f"cannot read adapter weights: {e}", path) from e
     if not isinstance(state, dict) or not state:
@@ -362,8 +365,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true", help="write a merged full checkpoint instead of a PEFT adapter")
     parser.add_argument("--model-family", choices=["phi3", "llama"], default=None,
                         help="default: from the base's config.json model_type")
-    parser.add_argument("--lora-rank", type=int, default=None, help="check the adapter has this rank")
-    parser.add_argument("--lora-alpha", type=float, default=None,
+    parser.add_argument("--lora-rank", type=ranged(int, min=1), default=None, help="check the adapter has this rank")
+    parser.add_argument("--lora-alpha", type=ranged(float, gt=0), default=None,
                         help="the training lora_alpha (needed for Phi-3; Llama adapters carry it)")
     parser.add_argument("--target-modules", nargs="+", default=None,
                         help="check the adapter trained exactly these torchtune modules (e.g. q_proj k_proj)")

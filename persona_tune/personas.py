@@ -40,7 +40,7 @@ from persona_tune.runfolder import (
     atomic_write_parquet,
     atomic_write_text,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +167,16 @@ def _k_arg(value: str) -> int | str:
 class PersonasConfig:
     """The `personas` stage's options (its CLI arguments are generated from them)."""
 
-    k: int | str = field(default="auto", metadata={"type": _k_arg, "help": "number of personas, or 'auto' for the elbow"})
-    k_max: int = field(default=10, metadata={"help": "largest K tried by the elbow"})
+    k: int | str = field(default="auto", metadata={"min": 1, "type": _k_arg, "help": "number of personas, or 'auto' for the elbow"})
+    k_max: int = field(default=10, metadata={"min": 1, "help": "largest K tried by the elbow"})
     seed: int = field(default=0, metadata={"help": "KMeans seed"})
-    n_init: int = field(default=10, metadata={"help": "KMeans restarts per K"})
-    top_words: int = field(default=10, metadata={"help": "distinctive words listed per persona"})
+    n_init: int = field(default=10, metadata={"min": 1, "help": "KMeans restarts per K"})
+    top_words: int = field(default=10, metadata={"min": 1, "help": "distinctive words listed per persona"})
 
 
 def run(run: RunFolder, cfg: PersonasConfig) -> dict:
     """The `personas` stage: cluster the profile vectors; returns summary.json's content."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return run_personas(run.root, **asdict(cfg))
 
 

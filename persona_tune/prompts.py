@@ -8,12 +8,19 @@ compact template: the same facts (trait levels, the profile, the memories, the i
   genres and historical average) without the boilerplate, in about half the tokens.
 state_numbers (either template): a line just before the answer states the item's historical average
   and the user's offset from it (mean of rating - hist_avg over the user's train rows).
+collab_memories k (either template; 0 = off): the collaborative memories: the user's own train ratings
+  of the k items most similar to the target by collaborative similarity (persona_tune.history.CollabIndex),
+  each with the user's residual (rating - the bias baseline's expectation), and a line just before the
+  answer with the bias baseline's expectation and the item-kNN residual of the neighbours, e.g.
+  "Similar movies you rated: Fargo (1996) 5 (+0.9); ..." and "COLLAB: expected 3.62; similar movies +0.35
+  (weight 1.20)." (the weight: the sum of the neighbours' similarities, the evidence behind the residual).
 Every item average (in item texts, memories' item texts and the stated numbers) is the one known at
 the cutoff of the row's user under the run's history mode (persona_tune/history.py).
 
 Length policy (fit_to_length; FitToLength applies it with a model's tokenizer for training,
 evaluation and the frozen-trunk cache alike): boilerplate goes before facts. A prompt over the budget first loses
-the preambles and the long task wording, then memories (last first), then the end of the profile,
+the preambles and the long task wording, then memories (last first), then collaborative memories
+(last first), then the end of the profile,
 and the trait levels last; the task, the item and the stated numbers are never cut.
 
 Training datasets, the eval recipe and ``UserAgent`` all build prompts here, so training and test
@@ -34,7 +41,7 @@ from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from persona_tune.errors import ConfigError
-from persona_tune.history import History
+from persona_tune.history import CollabIndex, History
 from persona_tune.names import PROFILE_MEMORIES, RETRIEVED_MEMORIES, check_memory_mode
 from persona_tune.runfolder import ASSIGNMENTS, RunFolder
 
@@ -77,6 +84,17 @@ class PromptParts:
     item_avg: float | None = None  # stated before the answer when not None (state_numbers)
     user_offset: float | None = None
     terse: bool = False  # the length policy dropped the paper template's boilerplate
+    collab: tuple[tuple[str, int, float], ...] = ()  # (title, the user's rating, residual) of similar rated items
+    collab_expected: float | None = None  # the bias baseline's expectation (collab_memories)
+    collab_residual: float | None = None  # the item-kNN residual of the neighbours (0 without any)
+    collab_weight: float | None = None  # the sum of those neighbours' similarities (the evidence behind it)
+
+
+def check_collab_memories(k) -> int:
+    """collab_memories: how many collaborative memories a prompt shows (0 = off)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ConfigError(f"collab_memories must be an integer >= 0 (0 = off), got {k!r}")
+    return int(k)
 
 
 def check_template(template: str) -> str:
@@ -116,16 +134,31 @@ def numbers_line(parts: PromptParts) -> str | None:
     return ("NUMBERS: " + "; ".join(facts) + ".") if facts else None
 
 
+def collab_lines(parts: PromptParts) -> tuple[str | None, str | None]:
+    """The collaborative memories (one line) and their numbers (one line, before the answer)."""
+    similar = None
+    if parts.collab:
+        similar = "Similar movies you rated: " + "; ".join(
+            f"{title} {rating} ({residual:+.1f})" for title, rating, residual in parts.collab) + "."
+    numbers = None
+    if parts.collab_expected is not None:
+        numbers = (f"COLLAB: expected {parts.collab_expected:.2f}; similar movies "
+                   f"{(parts.collab_residual or 0.0):+.2f} (weight {(parts.collab_weight or 0.0):.2f}).")
+    return similar, numbers
+
+
 def user_text(parts: PromptParts) -> str:
     lines = []
     numbers = numbers_line(parts)
+    similar, collab_numbers = collab_lines(parts)
     if parts.template == "compact":
         if parts.memories:
             lines.append("Memories:")
             lines += [f"- {item_text}: {explanation}" for item_text, explanation in parts.memories]
+        if similar:
+            lines.append(similar)
         lines.append(f"Movie: {parts.item}")
-        if numbers:
-            lines.append(numbers)
+        lines += [line for line in (numbers, collab_numbers) if line]
         lines.append("Rating (1-5):")
         return "\n".join(lines)
     if parts.memories:
@@ -133,9 +166,10 @@ def user_text(parts: PromptParts) -> str:
         for item_text, explanation in parts.memories:
             lines += [f"- MOVIE: {item_text}", f"  MY MEMORY: {explanation}"]
         lines.append("")
+    if similar:
+        lines += [similar, ""]
     lines += [TERSE_TASK if parts.terse else TASK, f"MOVIE: {parts.item}"]
-    if numbers:
-        lines.append(numbers)
+    lines += [line for line in (numbers, collab_numbers) if line]
     lines.append("RATING:")
     return "\n".join(lines)
 
@@ -159,7 +193,8 @@ def fit_to_length(
 ) -> PromptParts:
     """Shrink a prompt to ``max_tokens``, boilerplate before facts: the paper template's preambles and
     long task wording (and trait descriptions, which become trait levels), then memories (last
-    first), then the end of the profile, then the trait levels (keeping as much profile as then fits).
+    first), then collaborative memories (last first), then the end of the profile, then the trait
+    levels (keeping as much profile as then fits).
 
     The task, the item text, the stated numbers and the answer are never cut. Raises ConfigError if
     even the bare task and item exceed ``max_tokens``.
@@ -174,6 +209,12 @@ def fit_to_length(
     while memories:
         memories.pop()
         parts = replace(parts, memories=tuple(memories))
+        if count_tokens(parts) <= max_tokens:
+            return parts
+    similar = list(parts.collab)
+    while similar:
+        similar.pop()
+        parts = replace(parts, collab=tuple(similar))
         if count_tokens(parts) <= max_tokens:
             return parts
     words = parts.profile.split()
@@ -256,8 +297,10 @@ class PromptBuilder:
     and the stated numbers. :func:`load_prompt_rows` (training and eval) and ``UserAgent`` use it, so
     their prompts are the same."""
 
-    def __init__(self, run: RunFolder, memory: str, template: str = "paper", state_numbers: bool = False):
+    def __init__(self, run: RunFolder, memory: str, template: str = "paper", state_numbers: bool = False,
+                 collab_memories: int = 0):
         self.memory, self.template = check_memory_mode(memory), check_template(template)
+        self.collab_memories = check_collab_memories(collab_memories)
         # Dicts of Python strings: every row that shows the same profile, traits, item or memory holds a
         # reference to one string object, so 490k rows stay small (a pandas .map copies each string).
         self._items = run.read_items()
@@ -277,6 +320,13 @@ class PromptBuilder:
         self.offsets = None
         if state_numbers:
             self.offsets = user_offsets(run.read_ratings("train", columns=["user_id", "item_id", "rating"]), self.history)
+        self.collab = None
+        if self.collab_memories:
+            from persona_tune.distill.offline import display_title
+
+            self.collab = CollabIndex(self.history, run.read_ratings("train", columns=["user_id", "item_id", "rating"]))
+            self.title = dict(zip(self._items["item_id"].tolist(),
+                                  (display_title(t, y) for t, y in zip(self._items["title"], self._items["year"]))))
 
     def _texts(self, items: pd.DataFrame) -> dict:
         if self.template == "compact":
@@ -312,10 +362,21 @@ class PromptBuilder:
             avg, _ = self.history.row_stats(list(user_ids), list(item_ids))
             item_avg = [None if np.isnan(a) else float(a) for a in avg]
             user_offset = [self.offsets.get(u, 0.0) for u in user_ids]
+        similar, expected, residual, weight = [()] * n, [None] * n, [None] * n, [None] * n
+        if self.collab is not None:
+            # Rows of items the run does not know (negative ids: a new item's text) get none.
+            known = [k for k, i in enumerate(item_ids) if i >= 0]
+            found = self.collab.query([user_ids[k] for k in known], [item_ids[k] for k in known],
+                                      k=self.collab_memories)
+            for j, k in enumerate(known):
+                similar[k] = tuple((self.title[i], r, res) for i, r, res, _ in found.neighbours[j])
+                expected[k], residual[k] = float(found.bias[j]), float(found.knn_residual[j])
+                weight[k] = float(found.knn_weight[j])
         return [
             PromptParts(item=i, profile=p, traits=t, memories=m, template=self.template, trait_levels=lv,
-                        item_avg=a, user_offset=o)
-            for i, p, t, m, lv, a, o in zip(item_texts, profile, traits, memories, levels, item_avg, user_offset)
+                        item_avg=a, user_offset=o, collab=c, collab_expected=e, collab_residual=r, collab_weight=w)
+            for i, p, t, m, lv, a, o, c, e, r, w in zip(item_texts, profile, traits, memories, levels, item_avg,
+                                                        user_offset, similar, expected, residual, weight)
         ]
 
 
@@ -329,12 +390,13 @@ def load_prompt_rows(
     users: Sequence[int] | None = None,
     template: str = "paper",
     state_numbers: bool = False,
+    collab_memories: int = 0,
 ) -> pd.DataFrame:
     """Join a run folder's tables into one row per rating with its prompt parts.
 
     Returns columns user_id, item_id, rating, timestamp, persona (-1 if personas were not computed),
     and ``parts`` (a PromptParts). Rows keep the order of the ratings file (user, then time).
-    ``template`` and ``state_numbers``: see the module docstring.
+    ``template``, ``state_numbers`` and ``collab_memories``: see the module docstring.
     """
     check_memory_mode(memory)
     check_template(template)
@@ -361,7 +423,7 @@ def load_prompt_rows(
     if subsample is not None:
         rows = subsample_per_user(rows, int(subsample), seed)
 
-    prompts = PromptBuilder(run, memory, template, state_numbers)
+    prompts = PromptBuilder(run, memory, template, state_numbers, collab_memories)
     user_ids, item_ids = rows["user_id"].tolist(), rows["item_id"].tolist()
     memories = None
     if memory in RETRIEVED_MEMORIES:

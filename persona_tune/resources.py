@@ -6,7 +6,9 @@ and :mod:`persona_tune.cpu_distributed` read :func:`resource_dirs` from here.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -62,3 +64,15 @@ def tune_executable() -> str:
 
         raise ConfigError("the `tune` command (torchtune) is not installed in this environment")
     return found
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of every child persona-tune starts (`tune run` from train and eval): in the child,
+    before exec, ask for SIGTERM when the parent dies, even by kill -9 (Linux prctl PR_SET_PDEATHSIG).
+    The signal follows the thread that started the child, so start children from a thread that lives
+    as long as they should."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the process group is still killed on normal exits
+        pass

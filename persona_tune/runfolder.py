@@ -12,15 +12,18 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from persona_tune import __version__
 from persona_tune.errors import ConfigError, DataError, StageMissingError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -65,6 +68,10 @@ REPORT = "eval/report.md"
 PLOTS = "eval/plots"
 TRUNK_CACHE = "trunk_cache"  # the frozen-trunk recipe's activations (configs/*_trunk: trunk_cache.dir)
 RATINGS = {"train": RATINGS_TRAIN, "test": RATINGS_TEST}
+# What an agent's predictions are built from (the rows, item texts and history, the prompts' profiles,
+# memories and retrieved memories, the persona of each user): an eval part's fingerprint and
+# eval_inputs.json record their checksums, so changed data is never published as current.
+AGENT_INPUTS = (RATINGS_TRAIN, RATINGS_TEST, ITEMS, HISTORY, PROFILES, MEMORIES, RETRIEVED, ASSIGNMENTS)
 
 # File names inside one variant's folder: configs/<variant>.yaml, adapters/<variant>/...,
 # eval/<name>/..., simulate/<name>/... (RunFolder.config_file, adapter_dir, eval_variant_dir).
@@ -79,6 +86,12 @@ EVAL_INPUTS = "eval_inputs.json"
 EVAL_CONFIG = "eval_config.yaml"
 EVAL_LOG = "eval.log"
 BASELINES = "baselines"  # eval/baselines/: the classical baselines' predictions and metrics
+# references/: the kNN and MF references of every test row, fitted once and cached (evaluation/references.py):
+# the MF tuning on validation users, one part per history bucket (each with a .json fingerprint), all rows.
+REFERENCES_DIR = "references"
+REFERENCE_TUNING = f"{REFERENCES_DIR}/mf_tuning.json"
+REFERENCE_PARTS = f"{REFERENCES_DIR}/parts"
+REFERENCE_PREDICTIONS = f"{REFERENCES_DIR}/predictions.parquet"
 SERVING_SPEC = "serving.json"  # serving/<variant>/: the bundle's description (persona-tune serve-export)
 
 # What another machine needs to train and evaluate a run (benchmarks/gpu_run.sh packs it): the stages'
@@ -121,8 +134,8 @@ def check_name(name: str, what: str = "variant name") -> str:
 
 
 # Temporary files of atomic writes: .<name>.tmp<pid>.<random><suffix> beside the target. A writer
-# killed by kill -9 leaves its temp behind; the next atomic write into that folder removes the temps
-# of processes that no longer exist.
+# killed by kill -9 leaves its temp behind; the next process's first atomic write into that folder
+# removes the temps of processes that no longer exist.
 _TEMP = re.compile(r"^\..+\.tmp(\d+)\.[^/]*$")
 
 
@@ -140,9 +153,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temp files of dead writers in ``folder`` (see _TEMP); returns what was removed."""
+_CLEANED: set[str] = set()  # folders this process has cleaned already (once is enough: its own temps live)
+
+
+def clean_temp_files(folder: str | os.PathLike, again: bool = False) -> list[Path]:
+    """Remove the temp files of dead writers in ``folder`` (see _TEMP), once per process and folder
+    unless ``again``; returns what was removed."""
     removed = []
+    key = os.path.abspath(folder)
+    if key in _CLEANED and not again:
+        return removed
+    _CLEANED.add(key)
     try:
         names = os.listdir(folder)
     except OSError:
@@ -287,6 +308,35 @@ def check_adapter(adapter_dir: str | os.PathLike, epoch: int | None = None, veri
                                 f"(sha256 recorded in {marker}); retrain with `persona-tune train --run "
                                 f"{run_root} --personas {adapter_dir.name} --force`", path)
     return adapter
+
+
+def load_torch(path: str | os.PathLike, *, weights_only: bool = True, hint: str = "") -> Any:
+    """``torch.load`` onto the CPU; a truncated or corrupt file is one DataError naming it (+ ``hint``)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # RuntimeError (zip), EOFError, OSError(22), UnpicklingError...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"unreadable, truncated or corrupt ({type(e).__name__}: {reason}){hint}", path) from None
+
+
+def read_or_discard(path: str | os.PathLike, read: Callable[[Path], Any], what: str = "file") -> Any | None:
+    """``read(path)``, or None when ``path`` is missing or corrupt: a corrupt one (a cache shard, a part,
+    a resume state: anything the stage recomputes) is named in a warning and removed."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        log.warning("%s: unreadable %s (%s): removed, it is recomputed", path, what, reason)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

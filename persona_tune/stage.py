@@ -23,12 +23,20 @@ False-by-default one set True), ``"parse"`` (the CLI
 value is a string that ``parse`` turns into the field's value; it raises ConfigError), ``"type"``
 (argparse's type callable, for a field of a union type such as ``int | str``), ``"metavar"``, ``"required"``, and for
 a tuple field ``"append"`` (a repeatable flag) or ``"positional"`` (the words after ``--``).
+
+Range rules live in the metadata too, and ``validate(cfg)`` checks them for every Config, from the CLI
+(``config_from_args``) and from Python (each stage's ``run`` calls it first) alike:
+``"min"`` (>=), ``"gt"`` (>), ``"max"`` (<=), ``"lt"`` (<), e.g. ``field(default=8, metadata={"min": 1})``.
+A number field without a rule must be >= 0 (counts, sizes, seeds); ``"signed": True`` allows any
+value. Every number must be finite, and an int field a whole number. The generated CLI option applies
+the same rule while parsing (``argument --k: must be >= 1, got 0``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -110,7 +118,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, s
             else:
                 target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        kwargs["type"] = kind if "type" in f.metadata else _parse_scalar(kind, flag)
+        kwargs["type"] = (kind if "type" in f.metadata else ranged(kind, range_rule(f.metadata))
+                          if kind in (int, float) else _parse_scalar(kind, flag))
         if sequence and f.metadata.get("positional"):  # `cmd ... -- a b c`
             kwargs.pop("dest")
             target.add_argument(f.name, nargs="*", metavar=f.metadata.get("metavar"),
@@ -126,6 +135,76 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, s
             kwargs["metavar"] = f.metadata["metavar"]
         target.add_argument(flag, **kwargs)
     return groups
+
+
+RANGE_KEYS = ("min", "gt", "max", "lt")
+_RANGE_WORDS = {"min": ">=", "gt": ">", "max": "<=", "lt": "<"}
+
+
+def range_rule(metadata) -> dict:
+    """The range rule of a field's metadata: its min/gt/max/lt, {} when signed, else {"min": 0}."""
+    rule = {k: metadata[k] for k in RANGE_KEYS if k in metadata}
+    return rule if rule or metadata.get("signed") else {"min": 0}
+
+
+def range_problem(value, rule: dict, kind: type | None = None) -> str | None:
+    """What is wrong with number ``value`` under ``rule`` (None when nothing), e.g. "must be >= 1, got 0"."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if kind is int and not isinstance(value, int):
+        return f"must be a whole number, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    holds = {"min": lambda b: value >= b, "gt": lambda b: value > b, "max": lambda b: value <= b,
+             "lt": lambda b: value < b}
+    if not all(holds[k](rule[k]) for k in RANGE_KEYS if k in rule):
+        return f"must be {' and '.join(f'{_RANGE_WORDS[k]} {rule[k]}' for k in RANGE_KEYS if k in rule)}, got {value!r}"
+    return None
+
+
+def ranged(kind: type, rule: dict | None = None, **bounds):
+    """An argparse type: ``kind`` (int or float), then the range rule (``rule`` or ``bounds``, as in the
+    metadata; none given: >= 0). For options outside a Config: ``type=ranged(int, min=1)``."""
+    rule = range_rule(bounds) if rule is None else rule
+
+    def parse(text: str):
+        value = kind(text)
+        problem = range_problem(value, rule, kind)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+def check_fields(cfg) -> None:
+    """Raise ConfigError for the first field of ``cfg`` whose value breaks its type or range rule."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        try:
+            kind, _, sequence = _unwrap(hints[f.name])
+        except TypeError:  # a union such as int | str: check numbers only
+            kind, sequence = None, False
+        value = getattr(cfg, f.name)
+        if kind not in (int, float, None) or kind is bool:
+            continue
+        if kind is None and not isinstance(value, (int, float)):
+            continue
+        if value is not None and not sequence and kind is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{_option(f)} must be {'a whole number' if kind is int else 'a number'}, "
+                              f"got {value!r}")
+        for item in (value if sequence and value is not None else [value]):
+            problem = range_problem(item, range_rule(f.metadata), kind)
+            if problem:
+                raise ConfigError(f"{_option(f)} {problem}")
+
+
+def _option(f: dataclasses.Field) -> str:
+    """How errors name a field: its CLI flag (``--k``)."""
+    flag = f.metadata.get("flag", "")
+    return flag if flag.startswith("--") and not flag.startswith("--no-") else "--" + f.name.replace("_", "-")
 
 
 def _negated(name: str) -> str:
@@ -159,7 +238,10 @@ def _strip_optional(tp):
 
 
 def validate(cfg) -> None:
-    """Call ``cfg.validate()`` when the Config defines one (it raises ConfigError)."""
+    """The one check of every Config, before anything is read or deleted: each field's type and range
+    rule (its metadata, see the module docstring), then ``cfg.validate()`` for the rules that tie
+    fields together, when the Config defines one. Raises ConfigError."""
+    check_fields(cfg)
     check = getattr(cfg, "validate", None)
     if callable(check):
         check()

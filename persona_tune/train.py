@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import ctypes
 import json
 import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -34,7 +32,7 @@ from pathlib import Path
 
 from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
-from persona_tune.resources import tune_executable
+from persona_tune.resources import die_with_parent, tune_executable
 from persona_tune.runfolder import (
     ASSIGNMENTS,
     ITEMS,
@@ -51,7 +49,7 @@ from persona_tune.runfolder import (
     file_lock,
     last_epoch_adapter,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +159,6 @@ def check_variant_config(run: RunFolder, variant: str, overrides: list[str]) -> 
         family = next((f for f in MODEL_HINTS if f in component), None)
         hint = MODEL_HINTS[family].format(parent=Path(model_dir).parent) if family else "download or convert it there"
         raise StageMissingError(f"{path}: the base model folder {model_dir} does not exist; {hint}")
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies, even by kill -9 (Linux prctl)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the process group is still killed on normal exits
-        pass
 
 
 def tune_command(config: Path, output_dir: Path, recipe: str, nproc: int, overrides: list[str]) -> list[str]:
@@ -299,7 +288,7 @@ def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrid
     start = time.time()
     # The child keeps the lock's descriptor, so a re-run sees a live writer even if this process is gone.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=run.root,
-                            preexec_fn=_die_with_parent, pass_fds=() if lock_fd is None else (lock_fd,))
+                            preexec_fn=die_with_parent, pass_fds=() if lock_fd is None else (lock_fd,))
     try:
         _stream(proc, log_file, echo)
         code = proc.wait()
@@ -438,7 +427,7 @@ class TrainConfig:
 
     personas: str = field(default="all", metadata={
         "help": "variants to train: all, or a comma list of persona ids and names (0,1,single_min)"})
-    nproc: int = field(default=1, metadata={"help": "processes per variant (>1: lora_finetune_distributed)"})
+    nproc: int = field(default=1, metadata={"min": 1, "help": "processes per variant (>1: lora_finetune_distributed)"})
     parallel: bool = field(default=False, metadata={
         "flag": "--parallel", "help": "train several variants at once over the available GPUs (or CPU cores)"})
     recipe: str | None = field(default=None, metadata={
@@ -455,6 +444,7 @@ class TrainConfig:
 
 def run(run: RunFolder, cfg: TrainConfig) -> list[VariantResult]:
     """The `train` stage: train every selected variant (skipping finished ones); one result per variant."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return train(run.root, cfg.personas, cfg.nproc, cfg.parallel, cfg.recipe, cfg.overrides, echo=cfg.echo,
                  force=cfg.force)
 

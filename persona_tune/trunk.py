@@ -50,11 +50,20 @@ from persona_tune.evaluation.predict import (
     run_suffixes,
     shared_prefix_len,
 )
-from persona_tune.runfolder import HEAD_FILE, atomic_path, atomic_write_json  # noqa: F401 (HEAD_FILE re-exported)
+from persona_tune.runfolder import (  # noqa: F401 (HEAD_FILE re-exported)
+    HEAD_FILE,
+    atomic_path,
+    atomic_write_json,
+    load_torch,
+    read_or_discard,
+)
 
 OBJECTIVES = ("ce", "mse", "ce+mse")
 HEAD_INITS = ("closed_form", "zero", "none")
-HEAD_PRIORS = ("none", "stated")
+HEAD_PRIORS = ("none", "stated", "collab")
+# How many numbers per row each head.prior reads (prior_features).
+PRIOR_FEATURES = {"none": 0, "stated": 2, "collab": 3}
+COLLAB_SHRINK = 1.0  # the kNN residual shrunk by weight / (weight + COLLAB_SHRINK): a third collab number
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -97,7 +106,10 @@ class TrunkCache:
     def _shard(self, user: int) -> dict:
         if user not in self._shards:
             path = self._path(user)
-            shard = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {"groups": []}
+            # A truncated shard (a full disk, a kill during a copy) is named, removed and recomputed.
+            shard = read_or_discard(path, load_torch, "trunk-cache shard")
+            if not isinstance(shard, dict):
+                shard = {"groups": []}
             if "groups" not in shard:
                 shard = {"groups": [shard]}
             self._shards[user] = shard
@@ -201,18 +213,24 @@ def _starts_with(tokens: Sequence[int], prefix: Sequence[int]) -> bool:
 class RatingHead(nn.Module):
     """A learned linear correction to the logits of the five rating tokens (see the module docstring).
 
-    With ``n_prior`` > 0 the correction also reads each row's stated numbers (prior_features: the
-    prior item average + user offset, and the item average), as given in the prompt: ``head.prior:
-    stated``. Missing numbers (an item nobody rated) take the training rows' mean (``prior_fill``).
+    With ``prior`` stated or collab the correction also reads each row's numbers as given in the
+    prompt (prior_features): ``stated``, the item average + user offset and the item average;
+    ``collab``, the bias baseline's expectation, the item-kNN prediction (expectation + the
+    neighbours' residual) and the same with the residual shrunk by its evidence. Missing numbers (an item nobody rated) take the training rows' mean
+    (``prior_fill``).
     """
 
-    def __init__(self, dim: int, rating_ids: Sequence[int], n_prior: int = 0):
+    def __init__(self, dim: int, rating_ids: Sequence[int], prior: str = "none"):
         super().__init__()
+        n_prior = PRIOR_FEATURES[check_choice("head.prior", prior, HEAD_PRIORS)]
+        self.prior = prior
         self.register_buffer("rating_ids", torch.tensor(list(rating_ids), dtype=torch.long), persistent=False)
         self.weight = nn.Parameter(torch.zeros(len(rating_ids), dim))
         self.bias = nn.Parameter(torch.zeros(len(rating_ids)))
         self.prior_weight = nn.Parameter(torch.zeros(len(rating_ids), n_prior))
         self.register_buffer("prior_fill", torch.zeros(n_prior))
+        # Saved with the head, so an evaluation knows which numbers it reads (0 none, 1 stated, 2 collab).
+        self.register_buffer("prior_kind", torch.tensor(HEAD_PRIORS.index(prior)))
 
     @property
     def n_prior(self) -> int:
@@ -222,22 +240,25 @@ class RatingHead(nn.Module):
         delta = h @ self.weight.T + self.bias
         if self.n_prior:
             if priors is None or priors.shape != (h.shape[0], self.n_prior):
-                raise ConfigError(f"this rating head reads the stated numbers of each row ({self.n_prior} per row); "
-                                  "evaluate it with prompts that state them (state_numbers: True)")
+                raise ConfigError(f"this rating head reads the {self.prior} numbers of each row ({self.n_prior} per row); "
+                                  "evaluate it with prompts that state them (state_numbers: True, or "
+                                  "collab_memories: k for head.prior: collab)")
             priors = torch.where(torch.isnan(priors), self.prior_fill.to(priors.dtype), priors)
             delta = delta + priors.to(h.dtype) @ self.prior_weight.T
         return logits.index_add(1, self.rating_ids, delta.to(logits.dtype))
 
 
-N_PRIOR = 2
-
-
-def prior_features(parts: Sequence) -> np.ndarray:
-    """[n, 2] per row from its PromptParts: (item average + user offset, item average); NaN when unstated."""
-    out = np.full((len(parts), N_PRIOR), np.nan)
+def prior_features(parts: Sequence, prior: str = "stated") -> np.ndarray:
+    """Per row from its PromptParts; NaN when unstated. ``stated``: (item average + user offset, item
+    average); ``collab``: (the bias expectation e, the item-kNN prediction e + r, and e + r w / (w +
+    COLLAB_SHRINK) with w the neighbours' similarity sum: a kNN residual trusted as far as its evidence)."""
+    out = np.full((len(parts), PRIOR_FEATURES[prior]), np.nan)
     for i, p in enumerate(parts):
-        if p.item_avg is not None:
+        if prior == "stated" and p.item_avg is not None:
             out[i] = (p.item_avg + (p.user_offset or 0.0), p.item_avg)
+        elif prior == "collab" and p.collab_expected is not None:
+            r, w = p.collab_residual or 0.0, p.collab_weight or 0.0
+            out[i] = (p.collab_expected, p.collab_expected + r, p.collab_expected + r * w / (w + COLLAB_SHRINK))
     return out
 
 
@@ -313,9 +334,12 @@ def swap_output(model: nn.Module, output) -> object:
 
 def load_rating_head(path: str | Path, dim: int) -> RatingHead:
     """A saved rating_head.pt (weight, bias; rating_ids are stored beside them)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path, hint="; retrain the adapter (`persona-tune train --force`)")
     n_prior = state["prior_weight"].shape[1] if "prior_weight" in state else 0
-    head = RatingHead(dim, state["rating_ids"].tolist(), n_prior)
+    # A head saved before prior_kind existed reads the stated numbers when it reads any.
+    if "prior_kind" not in state:
+        state["prior_kind"] = torch.tensor(HEAD_PRIORS.index("stated" if n_prior else "none"))
+    head = RatingHead(dim, state["rating_ids"].tolist(), HEAD_PRIORS[int(state["prior_kind"])])
     head.load_state_dict({k: v for k, v in state.items() if k != "rating_ids"})
     return head
 

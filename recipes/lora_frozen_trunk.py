@@ -56,11 +56,11 @@ from persona_tune.evaluation.predict import (
 from persona_tune.prompts import load_prompt_rows, subsample_per_user
 from persona_tune.runfolder import ITEMS, PREDICTIONS, RATINGS_TEST, RATINGS_TRAIN, TORCHTUNE_CONFIG, TRUNK_SUMMARY
 from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_parquet, file_sha256
+from persona_tune.runfolder import load_torch, read_or_discard
 from persona_tune.trunk import (
     HEAD_FILE,
     HEAD_INITS,
     HEAD_PRIORS,
-    N_PRIOR,
     OBJECTIVES,
     HeadedOutput,
     RatingHead,
@@ -99,6 +99,9 @@ class FrozenTrunkRecipe:
         if self.head_prior == "stated" and (self.head_init == "none" or not cfg.state_numbers):
             raise PersonaTuneError("head.prior: stated needs a head (head.init) and prompts that state the numbers "
                                    "(state_numbers: True)")
+        if self.head_prior == "collab" and (self.head_init == "none" or not cfg.get("collab_memories")):
+            raise PersonaTuneError("head.prior: collab needs a head (head.init) and prompts with collaborative "
+                                   "memories (collab_memories: k > 0)")
         self.run = RunFolder(cfg.run_dir)
         self.output_dir = Path(cfg.output_dir)
         self.progress = bool(cfg.get("progress", True))
@@ -126,8 +129,8 @@ class FrozenTrunkRecipe:
             p.requires_grad_(True)
         self.head = None
         if self.head_init != "none":
-            n_prior = N_PRIOR if self.head_prior == "stated" else 0
-            self.head = RatingHead(self.model.norm.scale.shape[0], self.answer.rating_ids, n_prior).to(self._device)
+            self.head = RatingHead(self.model.norm.scale.shape[0], self.answer.rating_ids,
+                                   prior=self.head_prior).to(self._device)
             self.trainable |= {f"head.{k}": p for k, p in self.head.named_parameters()}
 
         files = [Path(cfg.checkpointer.checkpoint_dir) / f for f in cfg.checkpointer.checkpoint_files]
@@ -139,7 +142,8 @@ class FrozenTrunkRecipe:
     # ------------------------------------------------------------------ 2. rows
     def rows(self, split: str) -> pd.DataFrame:
         cfg = self.cfg
-        common = dict(memory=cfg.memory, template=cfg.prompt_template, state_numbers=bool(cfg.state_numbers))
+        common = dict(memory=cfg.memory, template=cfg.prompt_template, state_numbers=bool(cfg.state_numbers),
+                      collab_memories=int(cfg.get("collab_memories", 0) or 0))
         # Rows are drawn over all users, then this variant's persona kept: every variant of a run that
         # asks for the same number of rows sees the same rows (and the trunk cache already holds them).
         subsample, seed = (cfg.subsample, cfg.seed) if split == "train" else (cfg.eval.max_rows, cfg.eval.seed)
@@ -175,8 +179,9 @@ class FrozenTrunkRecipe:
                             int(self.cfg.trees_per_step), int(self.cfg.seed), epoch, shuffle)
 
     def priors(self, rows: pd.DataFrame) -> np.ndarray | None:
-        """The rows' stated numbers, for a head that reads them (head.prior: stated)."""
-        return prior_features(list(rows["parts"])) if self.head is not None and self.head.n_prior else None
+        """The rows' stated numbers, for a head that reads them (head.prior: stated or collab)."""
+        return prior_features(list(rows["parts"]), self.head.prior) if self.head is not None and self.head.n_prior \
+            else None
 
     def read_out(self, rows: pd.DataFrame):
         """Features and rating logits of every row (features_and_logits), in row order."""
@@ -232,7 +237,8 @@ class FrozenTrunkRecipe:
         fingerprint = self.fingerprint(train)
         state_file = self.output_dir / STATE_FILE
         epoch = step = global_step = 0
-        state = torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
+        # A corrupt state (a kill while the disk was full) is named and removed: training starts afresh.
+        state = read_or_discard(state_file, lambda p: load_torch(p, weights_only=False), "training state")
         if state is not None and state["fingerprint"] == fingerprint:
             with torch.no_grad():
                 for k, p in self.trainable.items():

@@ -43,6 +43,7 @@ from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, p
 from persona_tune.names import check_modes
 from persona_tune.prompts import load_prompt_rows
 from persona_tune.runfolder import (
+    AGENT_INPUTS,
     ASSIGNMENTS,
     ITEMS,
     METRICS,
@@ -52,7 +53,10 @@ from persona_tune.runfolder import (
     atomic_write_json,
     atomic_write_parquet,
     file_sha256,
+    read_or_discard,
 )
+
+REMOTE_REQUESTS = "requests.sqlite"  # backend openai: the served agent's answers, so a stopped run resumes
 
 log = utils.get_logger("INFO")
 
@@ -79,6 +83,13 @@ class PersonaEvalRecipe:
 
     def setup(self, cfg: DictConfig) -> None:
         self.run.require(RATINGS_TEST, ITEMS)
+        if cfg.get("backend", "local") != "local":  # a served agent (persona_tune.serving.remote)
+            from persona_tune.serving.remote import RemoteOptions, remote_rater
+
+            options = RemoteOptions(backend=cfg.backend, **OmegaConf.to_container(cfg.remote, resolve=True))
+            self.loader = None
+            self.predictor = remote_rater(cfg, options, cache=self.output_dir / REMOTE_REQUESTS)
+            return
         self.loader = ModelLoader(cfg, self._device, self._dtype)
         self.predictor = RatingPredictor(
             self.loader.model, self.loader.tokenizer, device=self._device,
@@ -99,10 +110,18 @@ class PersonaEvalRecipe:
     def fingerprint(self, persona: int, adapter: Path | None) -> str:
         """What a persona's predictions depend on; a part with another fingerprint is recomputed."""
         keys = ("memory", "split", "mode", "max_rows", "merge_adapter", "max_seq_len", "seed", "generation",
-                "model", "dtype", "prompt_template", "state_numbers")
+                "model", "dtype", "prompt_template", "state_numbers", "collab_memories", "backend")
         spec = {k: OmegaConf.to_container(self.cfg, resolve=True).get(k) for k in keys}
+        if self.loader is None:  # served: the server and the bundle it serves, not how the answers arrive
+            from persona_tune.serving.remote import TRANSPORT_FIELDS
+
+            remote = OmegaConf.to_container(self.cfg.remote, resolve=True)
+            spec["remote"] = {k: v for k, v in remote.items() if k not in TRANSPORT_FIELDS}
+            spec["bundle"] = self.predictor.spec["adapters"]
         spec["adapter"] = None if adapter is None else [str(adapter), file_sha256(adapter)]
-        spec["inputs"] = {f: file_sha256(self.run.path(f)) for f in (RATINGS_TEST, ITEMS)}
+        if getattr(self, "_inputs", None) is None:  # the data every persona's prompts come from, hashed once
+            self._inputs = self.run.checksums(*AGENT_INPUTS)
+        spec["inputs"] = self._inputs
         spec["persona"] = persona
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -111,16 +130,22 @@ class PersonaEvalRecipe:
         part = self.output_dir / "parts" / f"persona_{persona}.parquet"
         stamp = part.with_suffix(".json")
         fingerprint = self.fingerprint(persona, adapter)
-        if part.exists() and stamp.exists() and json.loads(stamp.read_text())["fingerprint"] == fingerprint:
+        stamped = read_or_discard(stamp, lambda p: json.loads(p.read_text())["fingerprint"], "part stamp")
+        done = read_or_discard(part, pd.read_parquet, "predictions part") if stamped == fingerprint else None
+        if done is not None:  # a corrupt part (or stamp) is named, removed and recomputed
             log.info(f"persona {persona}: predictions exist, skipped")
-            return pd.read_parquet(part)
+            return done
 
         rows = load_prompt_rows(
             self.cfg.run_dir, split=self.cfg.split, memory=self.cfg.memory,
             persona=None if persona < 0 else persona, subsample=self.cfg.get("max_rows"), seed=self.cfg.seed,
             template=self.cfg.get("prompt_template", "paper"), state_numbers=bool(self.cfg.get("state_numbers", False)),
+            collab_memories=int(self.cfg.get("collab_memories", 0) or 0),
         )
-        self.loader.load(adapter, merge=self.cfg.merge_adapter)
+        if self.loader is None:
+            self.predictor.use(persona)
+        else:
+            self.loader.load(adapter, merge=self.cfg.merge_adapter)
         start, stats_before = time.perf_counter(), dict(self.predictor.stats.as_dict())
         predictions = predict_rows(self.predictor, rows, self.modes, self.generation)
         seconds = time.perf_counter() - start
@@ -152,6 +177,7 @@ class PersonaEvalRecipe:
             fill_value = global_mean(self.run.read_items(columns=["hist_avg", "hist_count"]))
         profiles = self.run.read_profiles(missing_ok=True)
         info = {"variant": self.cfg.variant, "memory": self.cfg.memory, "adapter_dir": self.cfg.adapter_dir,
+                "backend": self.cfg.get("backend", "local"),
                 "model_component": self.cfg.model._component_, "model_dir": str(self.cfg.model_dir),
                 "per_persona_adapter": "{persona}" in str(self.cfg.adapter_dir or ""),
                 "timing": {str(p): json.loads((self.output_dir / "parts" / f"persona_{p}.json").read_text())

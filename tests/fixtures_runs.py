@@ -60,11 +60,11 @@ def make_prepared_run(root: Path, n_users: int = 12, seed: int = 0, history: str
     return root / "run"
 
 
-def make_distilled_run(root, n_users: int = 12, seed: int = 0):
+def make_distilled_run(root, n_users: int = 12, seed: int = 0, history: str = "all_time"):
     """A prepared synthetic run, distilled with the offline backend (no LLM)."""
     from persona_tune.distill.run import DistillConfig, distill
 
-    run = make_prepared_run(root, n_users=n_users, seed=seed)
+    run = make_prepared_run(root, n_users=n_users, seed=seed, history=history)
     distill(RunFolder(run), DistillConfig(backend="offline", progress=False))
     return run
 

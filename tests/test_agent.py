@@ -56,3 +56,36 @@ def test_unknown_item_and_user_are_clear_errors(agent):
         agent.rate(int(agent.persona_of.index[0]), [10**9])
     with pytest.raises(DataError, match="no profile|no persona"):
         agent.rate(10**9, [int(agent.item_text.index[0])])
+
+
+def test_public_methods_check_their_arguments(agent):
+    """Issue 26: each wrong argument is a TypeError or ValueError that says what is wrong, before any work."""
+    user = int(agent.persona_of.index[0])
+    item = int(agent.item_text.index[0])
+    title = agent.run.read_items(columns=["item_id", "title"]).set_index("item_id")["title"][item]
+    cases = [
+        (lambda: agent.rate(user, []), ValueError, "items is empty"),
+        (lambda: agent.rate(user, None), TypeError, "items must be a list of item ids"),
+        (lambda: agent.rate(user, item), TypeError, "wrap one item in a list"),
+        (lambda: agent.rate(user, "A film"), TypeError, "wrap one item in a list"),
+        (lambda: agent.rate(None, [item]), TypeError, "user_id must be an integer user id, got None"),
+        (lambda: agent.rate(2.5, [item]), TypeError, "user_id must be an integer user id, got 2.5"),
+        (lambda: agent.rate("7", [item]), TypeError, "user_id must be an integer user id, got '7'"),
+        (lambda: agent.rate(user, [item, None]), TypeError, r"items\[1\] must be an item id"),
+        (lambda: agent.rate(user, [1.5]), TypeError, r"items\[0\] must be an item id \(int\)"),
+        (lambda: agent.rate(user, [str(item)]), ValueError, rf"pass an item id as an integer \({item}\)"),
+        (lambda: agent.rate(user, ["  "]), ValueError, "empty text"),
+        (lambda: agent.rate(user, [title]), ValueError, f"is the title of item {item}: pass its id"),
+        (lambda: agent.rate_many([(user, item)]), TypeError, "requests must be a pandas DataFrame"),
+        (lambda: agent.rate_many(pd.DataFrame({"user": [user], "item": [item]})), ValueError, "lack the column"),
+        (lambda: agent.rate_many(pd.DataFrame({"user_id": [], "item": []})), ValueError, "requests is empty"),
+        (lambda: agent.rate_slate(user, []), ValueError, "items is empty"),
+        (lambda: agent.rate_slate_many(pd.DataFrame({"user_id": [user]})), ValueError, "item_id"),
+        (lambda: agent.prompt_rows([user, user], [item]), ValueError, "same length"),
+        (lambda: agent.persona(None), TypeError, "user_id must be an integer"),
+        (lambda: UserAgent.from_run(None), TypeError, "run_dir must be a run folder path"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    assert agent.rate(np.int64(user), [np.int64(item), float(item)])["item_id"].tolist() == [item, item]

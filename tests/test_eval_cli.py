@@ -39,7 +39,7 @@ def test_eval_baselines_report(capsys, monkeypatch, eval_run):
     assert saved.adapter_dir.endswith("adapters/persona_{persona}") and saved.model == OmegaConf.merge(
         OmegaConf.load(run / "configs" / "persona_0.yaml").model, {"lora_dropout": 0.0})
 
-    assert cli_main(["baselines", "--run", str(run), "--n-boot", "50", "--mf-epochs", "50"]) == 0
+    assert cli_main(["baselines", "--run", str(run), "--n-boot", "50"]) == 0
     assert cli_main(["report", "--run", str(run), "--compare", "single_max:prompted"]) == 0
     printed = capsys.readouterr().out
     results = json.loads((run / "eval" / "results.json").read_text())
@@ -50,7 +50,8 @@ def test_eval_baselines_report(capsys, monkeypatch, eval_run):
     assert cli_main(["report", "--run", str(run), "--compare", "single_max:nope"]) == 2  # one clear line
     adapters = {r["adapter"] for r in results["agents"]}
     assert {"θ_persona", "θ_single(max)", "none"} <= adapters
-    assert [b["key"] for b in results["baselines"]] == ["global_mean", "user_mean", "item_mean", "bias", "mf"]
+    assert [b["key"] for b in results["baselines"]] == ["global_mean", "user_mean", "item_mean", "bias", "knn", "mf"]
+    assert all(set(c["paired"]) == {"global_mean", "user_mean", "item_mean", "bias", "knn", "mf"} for c in results["cells"])
     assert {b["n"] for b in results["baselines"]} == {r["n"] for r in results["agents"]} == {8}  # the same rows
     assert len(results["paper_table_1"]) == 11
     report = (run / "eval" / "report.md").read_text()

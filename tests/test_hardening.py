@@ -28,7 +28,7 @@ from persona_tune.distill.run import DistillConfig, distill
 from persona_tune.errors import ConfigError, DataError, LLMError, StageMissingError
 from persona_tune.evaluation.run import check_adapters, results_key
 from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet, file_lock
-from tests.fixtures_runs import make_prepared_run, with_personas
+from tests.fixtures_runs import make_distilled_run, make_prepared_run, with_personas
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -300,14 +300,24 @@ def test_a_live_writer_is_detected(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
-def test_tune_run_child_dies_with_train(tmp_path):
-    """kill -9 of `persona-tune train` takes its `tune run` child along (no orphan keeps training)."""
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_tune_run_child_dies_with_its_parent(tmp_path, command):
+    """kill -9 of `persona-tune train` or `eval` takes its `tune run` child along (no orphan keeps
+    training or writing metrics.json). simulate scores in its own process: it starts no child."""
+    from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
+
     run_dir = with_personas(tmp_path)
     generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    if command == "eval":
+        folder = _partial_adapter(RunFolder(run_dir), "single_max")
+        atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
     pid_file = tmp_path / "child.pid"
     tune = fake_tune(tmp_path, f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}\nexec sleep 600\n")
-    code = (f"import sys; from persona_tune import train, cli; train.tune_executable = lambda: {tune!r}; "
-            f"sys.exit(cli.main(['train', '--run', {str(run_dir)!r}, '--personas', '0']))")
+    module, argv = {"train": ("persona_tune.train", ["train", "--run", str(run_dir), "--personas", "0"]),
+                    "eval": ("persona_tune.evaluation.run", ["eval", "--run", str(run_dir), "--variants", "single_max"])
+                    }[command]
+    code = (f"import sys, importlib; from persona_tune import cli; "
+            f"importlib.import_module({module!r}).tune_executable = lambda: {tune!r}; sys.exit(cli.main({argv!r}))")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):  # wait for the child to start (no timing assertion: the loop only polls)
@@ -329,7 +339,7 @@ def test_tune_run_child_dies_with_train(tmp_path):
         time.sleep(0.1)
     else:
         os.kill(child, signal.SIGKILL)
-        pytest.fail("the `tune run` child outlived `persona-tune train`")
+        pytest.fail(f"the `tune run` child outlived `persona-tune {command}`")
 
 
 # ---------------------------------------------------------------- what a new user meets
@@ -602,9 +612,12 @@ def test_temp_files_of_dead_writers_are_cleaned(tmp_path):
         assert f".tmp{os.getpid()}." in tmp.name
         tmp.write_bytes(b"png")
     assert not orphan.exists() and live.exists() and (plots / "calibration.png").read_bytes() == b"png"
-    (plots / f".x.json.tmp{dead}.zz.tmp").touch()
-    atomic_write_text(plots / "x.json", "{}")
-    assert sorted(p.name for p in plots.iterdir()) == [live.name, "calibration.png", "x.json"]
+    other = tmp_path / "eval" / "persona"  # each folder is cleaned at this process's first write into it
+    other.mkdir()
+    (other / f".x.json.tmp{dead}.zz.tmp").touch()
+    atomic_write_text(other / "x.json", "{}")
+    assert sorted(p.name for p in other.iterdir()) == ["x.json"]
+    assert sorted(p.name for p in plots.iterdir()) == [live.name, "calibration.png"]
 
 
 def test_train_force_retrains_with_new_overrides(tmp_path, monkeypatch, caplog):
@@ -622,3 +635,263 @@ def test_train_force_retrains_with_new_overrides(tmp_path, monkeypatch, caplog):
     assert not (folder / train.SUMMARY).exists()  # the old marker went before training started
     parser, _ = cli.build_parser("train")
     assert parser.parse_args(["--run", "r", "--force"]).force is True
+
+
+# ---------------------------------------------------------------- issue 26: integrity of what is loaded
+
+
+def _truncated_torch_file(path: Path, obj) -> Path:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def test_truncated_torch_files_are_named(tmp_path, capsys):
+    import torch
+
+    from persona_tune.peft_export import load_adapter
+    from persona_tune.runfolder import load_torch
+    from persona_tune.trunk import load_rating_head
+
+    head = _truncated_torch_file(tmp_path / "epoch_1" / "rating_head.pt", {"weight": torch.zeros(5, 8)})
+    with pytest.raises(DataError, match=rf"^{head}: unreadable, truncated or corrupt .*train --force"):
+        load_rating_head(head, 8)
+    adapter = _truncated_torch_file(tmp_path / "epoch_1" / "adapter_model.pt", {"a": torch.ones(64, 64)})
+    with pytest.raises(DataError, match=rf"^{adapter}: unreadable, truncated or corrupt"):
+        load_torch(adapter)
+    with pytest.raises(DataError, match=rf"^{adapter}: unreadable"):  # peft_export's own load
+        load_adapter(adapter)
+    (tmp_path / "zero.pt").write_bytes(b"")
+    with pytest.raises(DataError, match="zero.pt: unreadable"):
+        load_torch(tmp_path / "zero.pt")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "phi3"}')
+    assert cli.main(["export-peft", "--adapter", str(adapter), "--base", str(tmp_path / "base"), "--out",
+                     str(tmp_path / "out")]) == 2
+    assert f"{adapter}: unreadable, truncated or corrupt" in error_line(capsys)
+
+
+def test_truncated_trunk_cache_shard_is_named_and_recomputed(tmp_path, caplog):
+    from persona_tune.trunk import TrunkCache
+
+    cache = TrunkCache(tmp_path, {"model": "tiny"}, "fp32")
+    shard = _truncated_torch_file(cache._path(7), {"groups": []})
+    with caplog.at_level(logging.WARNING):
+        assert cache.missing([[1, 2, 3]], [7]) == 1  # computed again by the next build
+    assert f"{shard}: unreadable trunk-cache shard" in caplog.text and not shard.exists()
+
+
+def test_corrupt_parts_are_recomputed(tmp_path, caplog):
+    from persona_tune.runfolder import SimulationFolder
+    from persona_tune.simulate.run import read_parts
+
+    sim = SimulationFolder(tmp_path / "sim")
+    sim.parts_dir.mkdir(parents=True)
+    atomic_write_json(sim.parts_dir / "part_0.json", {"fingerprint": "f"})
+    (sim.parts_dir / "part_0.parquet").write_bytes(b"PAR1 truncated")
+    with caplog.at_level(logging.WARNING):
+        assert read_parts(sim, "f").empty  # its rows are scored again
+    assert "part_0.parquet: unreadable agent scores part" in caplog.text
+    assert not (sim.parts_dir / "part_0.parquet").exists()
+
+
+def test_corrupt_request_store_is_named_not_replaced(tmp_path):
+    from persona_tune.distill.store import RequestStore
+
+    store = tmp_path / "requests.sqlite"
+    store.write_bytes(b"not a database, but paid for" * 100)
+    with pytest.raises(DataError, match=rf"^{store}: not a readable request store .*not replaced"):
+        RequestStore(store)
+    assert store.read_bytes().startswith(b"not a database")
+
+
+# ---------------------------------------------------------------- issue 26/27: validation before destruction
+
+
+STAGE_CONFIGS = [  # (command, module, Config class name): the stages whose CLI is generated from a Config
+    ("prepare", "persona_tune.data.prepare", "PrepareConfig"), ("distill", "persona_tune.distill.run", "DistillConfig"),
+    ("embed", "persona_tune.memory.stage", "EmbedConfig"), ("personas", "persona_tune.personas", "PersonasConfig"),
+    ("configs", "persona_tune.configgen", "ConfigsConfig"), ("train", "persona_tune.train", "TrainConfig"),
+    ("eval", "persona_tune.evaluation.run", "EvalConfig"), ("baselines", "persona_tune.evaluation.baselines",
+                                                            "BaselinesConfig"),
+    ("simulate", "persona_tune.simulate.run", "SimulateConfig"), ("report", "persona_tune.evaluation.report",
+                                                                  "ReportConfig"),
+    ("grid", "persona_tune.evaluation.grid", "GridConfig"),
+]
+
+
+def _bad_values(rule: dict) -> list:
+    """Values just outside a range rule (persona_tune.stage)."""
+    bad = [float("nan")]
+    bad += [rule["min"] - 1] if "min" in rule else []
+    bad += [rule["gt"]] if "gt" in rule else []
+    bad += [rule["max"] + 1] if "max" in rule else []
+    bad += [rule["lt"]] if "lt" in rule else []
+    return bad
+
+
+@pytest.mark.parametrize("command, module, name", STAGE_CONFIGS)
+def test_every_config_is_checked_alike_by_cli_and_python(command, module, name):
+    """One rule per field (its metadata); the CLI's parser and stage.validate refuse the same values."""
+    import dataclasses
+    import importlib
+
+    from persona_tune.stage import check_fields, range_rule, validate
+
+    config_cls = getattr(importlib.import_module(module), name)
+    validate(config_cls())  # the defaults are valid
+    parser, _ = cli.build_parser(command)
+    flags = {a.dest: a for a in parser._actions}
+    checked = 0
+    for f in dataclasses.fields(config_cls):
+        default = getattr(config_cls(), f.name)
+        kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+        if kind is None or f.name not in flags:
+            continue
+        for bad in _bad_values(range_rule(f.metadata)):
+            if kind is int and bad != bad:  # nan is no int
+                continue
+            with pytest.raises(ConfigError, match=f"--{f.name.replace('_', '-')} must be"):
+                check_fields(dataclasses.replace(config_cls(), **{f.name: kind(bad)}))
+            with pytest.raises(Exception) as e:  # argparse's ArgumentTypeError (or ConfigError for int|str)
+                flags[f.name].type(str(kind(bad)))
+            assert "must be" in str(e.value)
+            checked += 1
+    assert checked or command in ("eval", "report", "configs")
+
+
+def test_simulate_n_boot_zero_is_refused_by_python_too():
+    from persona_tune.simulate.run import SimulateConfig
+    from persona_tune.stage import validate
+
+    with pytest.raises(ConfigError, match="--n-boot must be >= 1, got 0"):
+        validate(SimulateConfig(n_boot=0))
+    with pytest.raises(ConfigError, match="--k must be a whole number, got 2.5"):
+        validate(SimulateConfig(k=2.5))
+    assert not hasattr(cli, "AT_LEAST_ONE") and not hasattr(cli, "POSITIVE")  # no by-name lists left
+
+
+def test_stage_run_validates_python_callers(tmp_path):
+    from persona_tune.personas import PersonasConfig
+    from persona_tune.personas import run as personas_run
+
+    run_dir = make_prepared_run(tmp_path)
+    with pytest.raises(ConfigError, match="--k-max must be >= 1, got 0"):
+        personas_run(RunFolder(run_dir), PersonasConfig(k_max=0))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.lora_rank=-4", "model.lora_rank must be >= 1, got -4"),
+    ("model.lora_dropout=7", "model.lora_dropout must be >= 0 and < 1, got 7"),
+    ("optimizer.lr=0", "optimizer.lr must be > 0, got 0"),
+])
+def test_bad_config_values_are_refused_before_anything_is_deleted(tmp_path, capsys, override, message):
+    run_dir = with_personas(tmp_path, n_personas=3)
+    model = "model_dir=" + str(tmp_path)
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--set", model]) == 0
+    configs = {p.name: p.read_bytes() for p in (run_dir / "configs").iterdir()}
+    capsys.readouterr()
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--force", "--set", model,
+                     "--set", override]) == 2
+    assert message in error_line(capsys)
+    assert {p.name: p.read_bytes() for p in (run_dir / "configs").iterdir()} == configs  # untouched
+    run = RunFolder(run_dir)  # a trained variant: `train --force` with a bad override keeps it
+    folder = _partial_adapter(run, "single_max")
+    atomic_write_json(folder / train.SUMMARY, {"inputs": train.variant_inputs(run, "single_max")})
+    assert cli.main(["train", "--run", str(run_dir), "--personas", "single_max", "--force", "--", override]) == 2
+    assert message in error_line(capsys)
+    assert (folder / train.SUMMARY).is_file() and (folder / "epoch_0" / "adapter_model.pt").is_file()
+
+
+# ---------------------------------------------------------------- issue 26: API and file inputs
+
+
+@pytest.mark.parametrize("rank, message", [
+    (str(10**30), "rank '1000000000000000000000000000000' is out of range (a 64-bit integer"),
+    ("18446744073709551615", "out of range"), ("2.5", "rank must be an integer >= 1, got '2.5'"),
+])
+def test_recs_ranks_are_integers_within_int64(tmp_path, rank, message):
+    from persona_tune.simulate.recs import validate_recs
+
+    recs = tmp_path / "recs.csv"
+    recs.write_text(f"recommender,user_id,item_id,rank\nA,1,2,1\nA,1,3,{rank}\n")
+    with pytest.raises(DataError) as e:
+        validate_recs(recs, [1], [2, 3])
+    assert f"{recs}:3: " in str(e.value) and message in str(e.value)
+    recs.write_text("recommender,user_id,item_id,rank\nA,9223372036854775807,2,1\n")  # int64's largest
+    assert validate_recs(recs, [2**63 - 1], [2])["user_id"].tolist() == [2**63 - 1]
+
+
+def test_one_column_for_two_keys_is_named(tmp_path, capsys):
+    (tmp_path / "r.csv").write_text("user,item_id,rating,timestamp\n1,1,4,10\n")
+    args = ["prepare", "--dataset", "generic", "--ratings-file", str(tmp_path / "r.csv"), "--out", str(tmp_path / "run"),
+            "--columns", "user=item_id"]
+    assert cli.main(args) == 2
+    assert "--columns maps user and item to the same column 'item_id'" in error_line(capsys)
+
+
+def test_tune_run_with_a_missing_config_is_one_line(tmp_path, capsys):
+    """`tune run R --config X` for an X that is neither a file nor a config name: one line, exit 2
+    (persona_tune._hook patches torchtune's `tune run` command when it is imported)."""
+    import torchtune._cli.run as tune_run
+
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        tune_run.Run._get_config(None, missing, None)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"tune run: error: config '{missing}' does not exist: neither a "
+                                               "file nor a config name (`tune ls` lists the names)")
+    real = REPO / "configs" / "tiny_persona" / "persona_0.yaml"
+    assert tune_run.Run._get_config(None, str(real), None) is None  # a file: torchtune reads it as before
+
+
+def test_user_agent_refuses_a_partial_adapter_before_loading_the_model(tmp_path):
+    from persona_tune.agent import UserAgent
+
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path / "no-model")])
+    folder = _partial_adapter(RunFolder(run_dir), "single_max")
+    with pytest.raises(StageMissingError, match=rf"{folder}: its training did not finish"):
+        UserAgent.from_run(run_dir, variant="single_max", family="tiny")  # the model folder does not even exist
+
+
+def test_a_remote_eval_writes_no_password(tmp_path, monkeypatch):
+    """eval --backend openai: eval_config.yaml holds http://***@host; the `tune run` child gets the
+    real URL in its environment, and persona_tune.serving.remote.endpoint resolves it there."""
+    from persona_tune.evaluation import run as eval_run
+    from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
+    from persona_tune.serving import stage as serving_stage
+    from persona_tune.serving.remote import SECRET_URL_ENV, RemoteOptions, endpoint
+
+    run_dir = with_personas(tmp_path)
+    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    folder = _partial_adapter(RunFolder(run_dir), "single_max")
+    atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
+    seen = {}
+    monkeypatch.setattr(serving_stage, "read_serving_spec", lambda run, variant: {})
+    monkeypatch.setattr(eval_run, "evaluate_variant", lambda run, v, cfg, force, adapters, env: seen.update(
+        cfg=cfg, env=env) or "done")
+    secret = "http://user:s3cret@127.0.0.1:9/v1"
+    eval_run.evaluate(run_dir, ["single_max"], "tiny", remote=eval_run.EvalConfig(backend="openai", base_url=secret))
+    assert seen["cfg"].remote.base_url == "http://***@127.0.0.1:9/v1" and "s3cret" not in str(seen["cfg"])
+    assert seen["env"][SECRET_URL_ENV] == secret
+    monkeypatch.setenv(SECRET_URL_ENV, secret)  # in the child
+    assert endpoint(RemoteOptions(backend="openai", base_url="http://***@127.0.0.1:9/v1")) == secret
+    assert endpoint(RemoteOptions(backend="openai", base_url="http://***@other:9/v1")) == "http://***@other:9/v1"
+
+
+def test_report_refuses_results_of_changed_data(tmp_path):
+    from persona_tune.evaluation.run import stale_results
+    from persona_tune.runfolder import AGENT_INPUTS, EVAL_INPUTS
+
+    run = RunFolder(make_distilled_run(tmp_path, n_users=4))
+    atomic_write_json(run.eval_variant_dir("prompted") / EVAL_INPUTS,
+                      {"config": "c", "adapters": {}, "data": run.checksums(*AGENT_INPUTS)})
+    assert stale_results(run) == []
+    profiles = run.read_profiles()
+    profiles.loc[0, "profile"] = "another profile"  # `distill` ran again since
+    atomic_write_parquet(profiles, run.path("distill/profiles.parquet"))
+    assert stale_results(run) == ["prompted"]

@@ -137,3 +137,41 @@ def test_history_rows_drop_test_rows_only():
     test = ratings.iloc[[1]]
     rows = history_rows(ratings, test)
     assert rows[["user_id", "item_id"]].values.tolist() == [[2, 1], [1, 1]]  # time order
+
+
+def test_collab_memories_in_prompts(tmp_path):
+    from persona_tune.prompts import load_prompt_rows, user_text
+    from tests.fixtures_runs import make_distilled_run
+
+    run = make_distilled_run(tmp_path, n_users=12, history="before_split")
+    rows = load_prompt_rows(run, split="test", memory="ms", template="compact", collab_memories=3)
+    index = CollabIndex.load(run)
+    found = index.query(rows["user_id"], rows["item_id"], k=3)
+    parts = list(rows["parts"])
+    assert all(len(p.collab) <= 3 and p.collab_expected is not None for p in parts)
+    assert sum(len(p.collab) > 0 for p in parts) > 10  # 12 users: a thin history, yet neighbours
+    np.testing.assert_allclose([p.collab_expected for p in parts], found.bias)
+    np.testing.assert_allclose([p.collab_residual for p in parts], found.knn_residual)
+    first = next(p for p in parts if p.collab)
+    text = user_text(first)
+    assert "Similar movies you rated: " in text and f"COLLAB: expected {first.collab_expected:.2f}" in text and "(weight " in text
+    train = load_prompt_rows(run, split="train", memory="ms", template="paper", collab_memories=2)
+    titles = RunFolder(run).read_items().set_index("item_id")["title"]
+    for row in train.head(50).itertuples():  # never the row's own item
+        assert all(not title.startswith(titles[row.item_id] + " (") for title, _, _ in row.parts.collab)
+    with pytest.raises(ConfigError, match="collab_memories"):
+        load_prompt_rows(run, split="test", memory="ms", collab_memories=-1)
+
+
+def test_collab_memories_for_an_agents_new_item(tmp_path):
+    """UserAgent and simulate build prompts with PromptBuilder.parts and item texts; an item the run
+    does not know (a negative id: a new item's text) gets no collaborative memories, the others do."""
+    from tests.fixtures_runs import make_distilled_run
+
+    run = RunFolder(make_distilled_run(tmp_path, n_users=12))
+    builder = PromptBuilder(run, "ms", "compact", collab_memories=2)
+    user = int(run.read_ratings("test")["user_id"].iloc[0])
+    item = int(run.read_ratings("test")["item_id"].iloc[0])
+    new, known = builder.parts([user, user], [-1, item], item_texts=["A film nobody rated", builder.text_of(user, item)])
+    assert new.collab == () and new.collab_expected is None
+    assert known.collab_expected is not None and len(known.collab) <= 2

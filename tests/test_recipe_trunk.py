@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def train_once(module, cfg, stop_at: int | None = None):
     return result, {k: v.detach().clone() for k, v in recipe.trainable.items()}
 
 
-def test_a_stopped_training_run_resumes_to_the_same_adapter(tiny, tmp_path):
+def test_a_stopped_training_run_resumes_to_the_same_adapter(tiny, tmp_path, caplog):
     module = recipe_module()
     run = make_persona_run(tmp_path, n_users=6, k=2)
     whole, weights = train_once(module, tiny_cfg(run, tiny, tmp_path / "whole"))
@@ -69,8 +70,18 @@ def test_a_stopped_training_run_resumes_to_the_same_adapter(tiny, tmp_path):
     for name, value in weights.items():
         torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=0)
     # Another config (here the objective) does not resume from that state: it starts afresh.
-    other, _ = train_once(module, tiny_cfg(run, tiny, tmp_path / "stopped", objective="ce"))
+    other, other_weights = train_once(module, tiny_cfg(run, tiny, tmp_path / "stopped", objective="ce"))
     assert len(other["losses"]) == 6
+    # A corrupt resume state and a truncated trunk-cache shard are named, removed and recomputed.
+    (tmp_path / "stopped" / module.STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
+    shard = sorted((run / "trunk_cache").rglob("user_*.pt"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        again, again_weights = train_once(module, tiny_cfg(run, tiny, tmp_path / "stopped", objective="ce"))
+    assert "unreadable training state" in caplog.text and f"{shard}: unreadable trunk-cache shard" in caplog.text
+    assert len(again["losses"]) == 6 and shard.stat().st_size > 100
+    for name, value in other_weights.items():
+        torch.testing.assert_close(again_weights[name], value, rtol=0, atol=0)
 
 
 def grid(run, tiny, *args) -> subprocess.CompletedProcess:
@@ -111,9 +122,16 @@ def test_grid_trunk_trains_with_tune_run_evaluates_and_invalidates(tiny, tmp_pat
     # The same command again: nothing is retrained and the test rows' trunk outputs are reused.
     again = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "eval.paper_rows=4")
     assert "train trunk-single_max-ms: skipped" in again.stdout
-    # Another prompt template changes the config: it is retrained, on newly computed trunk outputs.
+    # Another prompt (the paper template, with collaborative memories and a head that reads their
+    # numbers) changes the config: it is retrained, on newly computed trunk outputs.
     changed = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "eval.paper_rows=4",
-                   "--train-set", "prompt_template=paper")
+                   "--train-set", "prompt_template=paper", "--train-set", "collab_memories=3",
+                   "--train-set", "head.prior=collab")
     assert "train trunk-single_max-ms: trained" in changed.stdout
     summary = json.loads((adapter / "trunk_summary.json").read_text())
     assert summary["cache"]["train"]["rows_computed"] >= summary["train_rows"] > 0
+    head = torch.load(adapter / "epoch_1" / "rating_head.pt", weights_only=True)
+    assert int(head["prior_kind"]) == 2 and head["prior_weight"].shape == (5, 3) and head["prior_weight"].abs().sum() > 0
+    assert OmegaConf.load(adapter / "torchtune_config.yaml").collab_memories == 3
+    preds = pd.read_parquet(run / "eval" / "trunk-single_max-ms" / "predictions.parquet")
+    assert preds.loc[preds["mode"] == "scoring", "prediction"].between(1, 5).all()

@@ -59,7 +59,7 @@ def test_single_device_new_config_by_name_with_overrides(ready_run, tmp_path):
         tune_run(
             ["lora_finetune_single_device", "--config", f"tiny_persona/{name}", f"run_dir={run}",
              f"model_dir={tiny / 'model'}", f"output_dir={out}", "persona=1", "max_steps_per_epoch=4",
-             "optimizer.lr=0.02", *FAST],
+             "optimizer.lr=0.02", "dataset.collab_memories=2", *FAST],
             cwd=tmp_path,
         )
     finally:
@@ -69,6 +69,7 @@ def test_single_device_new_config_by_name_with_overrides(ready_run, tmp_path):
     assert all(0 <= lr <= 0.02 for lr in lrs) and lrs[0] > 0.015  # cosine decay from the overridden 0.02
     used = OmegaConf.load(out / "torchtune_config.yaml")
     assert (used.dataset.persona, used.dataset.run_dir, used.tokenizer.max_seq_len) == (1, str(run), 384)
+    assert used.dataset.collab_memories == 2  # the collaborative memory mode on the stock path
 
 
 def test_distributed_two_processes_on_generated_config(ready_run, tmp_path):

@@ -1,12 +1,11 @@
 """`persona-tune serve-export`: the rating head folded into an output-projection LoRA gives the head's
-logits (tied and untied output, stated-number terms included), and the exported bundle gives the
-local path's ratings through HF PEFT and through llama.cpp (its Python API on the GGUF pair)."""
+logits (tied and untied output, stated-number terms included), and the exported PEFT adapters give
+the local path's ratings through HF PEFT (the GGUF pair through llama.cpp's server:
+tests/test_serving_llamacpp.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -18,20 +17,20 @@ from torchtune.modules import TiedLinear
 from persona_tune.errors import PersonaTuneError, StageMissingError
 from persona_tune.serving import export as ex
 from persona_tune.trunk import HeadedOutput, RatingHead
-from tests.serving_fixtures import STOCK, TRUNK, build_serving_run
+from tests.serving_fixtures import STOCK, TRUNK, build_serving_run, export_all
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RATINGS = np.arange(1, 6)
 
 
-def _head(dim: int, rating_ids, n_prior: int) -> RatingHead:
+def _head(dim: int, rating_ids, prior: str) -> RatingHead:
     torch.manual_seed(1)
-    head = RatingHead(dim, rating_ids, n_prior)
+    head = RatingHead(dim, rating_ids, prior)
     with torch.no_grad():
         for p in (head.weight, head.bias, head.prior_weight):
             p.normal_(0, 0.5)
-        head.prior_fill.copy_(torch.arange(n_prior, dtype=torch.float32) + 3.0)
+        head.prior_fill.copy_(torch.arange(head.n_prior, dtype=torch.float32) + 3.0)
     return head
 
 
@@ -44,7 +43,7 @@ def test_the_head_folded_into_an_output_lora_gives_the_heads_logits(tied, output
     embedding = nn.Embedding(V, D)
     output = TiedLinear(embedding) if tied else nn.Linear(D, V, bias=False)
     base_weight = embedding.weight if tied else output.weight
-    head = _head(D, rating_ids, n_prior=2)
+    head = _head(D, rating_ids, "stated")
     h = torch.randn(6, D)
     priors = torch.tensor([[3.5, 3.4], [np.nan, np.nan], [4.1, 3.9], [2.2, 2.0], [np.nan, np.nan], [3.0, 3.1]])
     # An adapter that also trained a LoRA on the output (torchtune names): the head must join it.
@@ -84,11 +83,8 @@ def test_head_terms_refuse_prompts_without_the_stated_numbers():
 
 @pytest.fixture(scope="module")
 def served_run(tmp_path_factory):
-    from persona_tune.cli import main
-
     run, tiny = build_serving_run(tmp_path_factory.mktemp("serving"))
-    for variant in (TRUNK, STOCK):
-        assert main(["serve-export", "--run", str(run), "--variant", variant, "--gguf-type", "f32"]) == 0
+    export_all(run)
     return run, tiny
 
 
@@ -131,7 +127,7 @@ def test_the_bundle_lists_its_files_and_head_terms(served_run):
     assert spec["base"]["gguf"] == "serving/base/tiny-f32.gguf" and (run / spec["base"]["gguf"]).is_file()
     (entry,) = spec["adapters"]
     assert entry["model"] == TRUNK and entry["head"]["prior_fill"] == pytest.approx([3.6, 3.5])
-    assert spec["prior_features"] == ex.PRIOR_FEATURES and spec["prompt"]["state_numbers"] is True
+    assert entry["head"]["prior"] == "stated" and spec["prompt"]["state_numbers"] is True
     config = json.loads((run / entry["peft"] / "adapter_config.json").read_text())
     assert "lm_head" in config["target_modules"] and config["r"] >= 5
     stock = json.loads((run / "serving" / STOCK / "serving.json").read_text())
@@ -160,34 +156,6 @@ def test_hf_peft_on_the_bundle_gives_the_local_ratings(served_run, variant):
             logits = models[entry["model"]](torch.tensor([tokens])).logits[0, -1].float()
         served.append(_expected(torch.log_softmax(logits, -1).numpy()[spec["rating_token_ids"]], entry, prior))
     np.testing.assert_allclose(served, local, atol=1e-4)
-
-
-@pytest.mark.parametrize("variant", [TRUNK, STOCK])
-def test_llama_cpp_on_the_gguf_pair_gives_the_local_ratings(served_run, variant):
-    if importlib.util.find_spec("llama_cpp") is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but llama_cpp is not installed (make install-llamacpp)")
-        pytest.skip("llama_cpp is not installed (make install-llamacpp)")
-    from llama_cpp import Llama
-
-    run, _ = served_run
-    spec = json.loads((run / "serving" / variant / "serving.json").read_text())
-    local, prompts, priors, personas = _local_and_prompts(run, variant)
-    engines, served = {}, []
-    for tokens, prior, persona in zip(prompts, priors, personas):
-        entry = _entry(spec, persona)
-        if entry["model"] not in engines:  # f32 KV cache: llama.cpp's default f16 cache rounds keys and values
-            engines[entry["model"]] = Llama(str(run / spec["base"]["gguf"]), lora_path=str(run / entry["gguf"]),
-                                            n_ctx=2048, logits_all=True, verbose=False, n_threads=1,
-                                            n_threads_batch=1, type_k=0, type_v=0)
-        llm = engines[entry["model"]]
-        llm.reset()
-        llm.eval(tokens)
-        logprobs = torch.log_softmax(torch.tensor(llm.scores[len(tokens) - 1]), -1).numpy()
-        served.append(_expected(logprobs[spec["rating_token_ids"]], entry, prior))
-    for llm in engines.values():
-        llm.close()
-    np.testing.assert_allclose(served, local, atol=1e-3)
 
 
 def test_exporting_an_untrained_variant_names_the_command(served_run):

@@ -264,7 +264,7 @@ def test_residual_over_bias_cross_fits_over_users():
 
 def test_a_head_that_reads_the_stated_numbers():
     from persona_tune.prompts import PromptParts
-    from persona_tune.trunk import N_PRIOR, prior_features
+    from persona_tune.trunk import prior_features
 
     parts = [PromptParts(item="a", item_avg=3.5, user_offset=-0.5), PromptParts(item="b")]
     np.testing.assert_array_equal(prior_features(parts)[0], [3.0, 3.5])
@@ -276,7 +276,7 @@ def test_a_head_that_reads_the_stated_numbers():
     priors = np.c_[prior, prior + rng.normal(scale=0.1, size=n)]
     ratings = np.clip(np.round(prior + rng.normal(scale=0.6, size=n)), 1, 5).astype(int)
     priors[:5] = np.nan  # unstated numbers take the training mean
-    head = RatingHead(dim, [0, 1, 2, 3, 4], N_PRIOR)
+    head = RatingHead(dim, [0, 1, 2, 3, 4], prior="stated")
     info = fit_head_closed_form(head, torch.zeros(5, dim), features, ratings, np.zeros((n, 6)),
                                 np.repeat(np.arange(40), n // 40), l2_grid=(1.0, 100.0), priors=priors)
     assert head.prior_weight.abs().sum() > 0 and info["train_rmse"] < 0.8
@@ -287,6 +287,36 @@ def test_a_head_that_reads_the_stated_numbers():
     assert np.corrcoef(expected[5:], prior[5:])[0, 1] > 0.9
     with pytest.raises(ConfigError, match="stated numbers"):
         head(torch.from_numpy(features), torch.zeros(n, 5))
+
+
+def test_a_head_that_reads_the_collab_numbers(tmp_path):
+    """head.prior: collab reads (bias expectation, item-kNN prediction) from the prompt parts; fitted in
+    closed form on rows whose rating follows the kNN prediction, it beats the bias expectation."""
+    from persona_tune.prompts import PromptParts
+    from persona_tune.trunk import load_rating_head, prior_features
+
+    parts = [PromptParts(item="a", collab_expected=3.2, collab_residual=0.5, collab_weight=1.0), PromptParts(item="b")]
+    np.testing.assert_allclose(prior_features(parts, "collab")[0], [3.2, 3.7, 3.45])
+    assert np.isnan(prior_features(parts, "collab")[1]).all()
+    rng = np.random.default_rng(2)
+    n, dim = 1000, 8
+    bias = rng.uniform(2.0, 4.5, size=n)
+    knn = bias + rng.normal(scale=0.7, size=n)  # what the neighbours add beyond the bias baseline
+    ratings = np.clip(np.round(knn + rng.normal(scale=0.5, size=n)), 1, 5).astype(int)
+    priors = prior_features([PromptParts(item="x", collab_expected=b, collab_residual=k - b, collab_weight=2.0)
+                             for b, k in zip(bias, knn)], "collab")
+    features = rng.normal(size=(n, dim)).astype(np.float32)
+    head = RatingHead(dim, [0, 1, 2, 3, 4], prior="collab")
+    fit_head_closed_form(head, torch.zeros(5, dim), features, ratings, np.zeros((n, 6)),
+                         np.repeat(np.arange(50), n // 50), l2_grid=(1.0, 100.0), priors=priors)
+    with torch.no_grad():
+        out = head(torch.from_numpy(features), torch.zeros(n, 5), torch.from_numpy(priors))
+    expected = torch.softmax(out.double(), dim=-1).numpy() @ np.arange(1, 6)
+    rmse = lambda p: float(np.sqrt(np.mean((p - ratings) ** 2)))  # noqa: E731
+    assert rmse(expected) < rmse(bias) - 0.1
+    # Saved and loaded, it still reads the collab numbers.
+    torch.save({**head.state_dict(), "rating_ids": head.rating_ids}, tmp_path / "head.pt")
+    assert load_rating_head(tmp_path / "head.pt", dim).prior == "collab"
 
 
 def test_swap_output_handles_tied_embeddings():

@@ -97,6 +97,22 @@ def _on_torch_distributed(module) -> None:
         cpu_distributed.patch_init_process_group(module)
 
 
+def _on_tune_run(module) -> None:
+    """`tune run RECIPE --config X`: an X that is neither a config name nor a file is one line and exit
+    status 2 (torchtune would start the recipe and fail in it with a FileNotFoundError traceback)."""
+    original = module.Run._get_config
+
+    def _get_config(self, config_str, specific_recipe):
+        config = original(self, config_str, specific_recipe)
+        if config is None and not os.path.isfile(config_str):
+            print(f"tune run: error: config {config_str!r} does not exist: neither a file nor a config name "
+                  "(`tune ls` lists the names)", file=sys.stderr)
+            sys.exit(2)
+        return config
+
+    module.Run._get_config = _get_config
+
+
 class _PostExecLoader:
     """Runs the wrapped loader, then a callback on the fresh module; delegates everything else."""
 
@@ -153,7 +169,8 @@ def install() -> PostImportFinder | None:
     for finder in sys.meta_path:
         if isinstance(finder, PostImportFinder):
             return finder
-    hooks = {"torchtune._recipe_registry": register, "torch": _on_torch, "torch.distributed": _on_torch_distributed}
+    hooks = {"torchtune._recipe_registry": register, "torch": _on_torch, "torch.distributed": _on_torch_distributed,
+             "torchtune._cli.run": _on_tune_run}
     # A module imported before the hook (e.g. via PYTHONSTARTUP) is handled right away.
     for name in [n for n in hooks if n in sys.modules]:
         hooks.pop(name)(sys.modules[name])

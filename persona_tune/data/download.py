@@ -24,6 +24,7 @@ from tqdm import tqdm
 from persona_tune.errors import PersonaTuneError
 from persona_tune.net import Deadline, redact
 from persona_tune.runfolder import atomic_path, atomic_write_bytes, file_sha256
+from persona_tune.stage import ranged
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(SOURCES), help="which MovieLens release")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the zip and its files go")
     parser.add_argument("--url", help="download from this address instead (a mirror); checksums still apply")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds without a byte before giving up")
-    parser.add_argument("--deadline", type=float, default=1800.0, help="seconds for the whole download at most")
+    parser.add_argument("--timeout", type=ranged(float, gt=0), default=30.0, help="seconds without a byte before giving up")
+    parser.add_argument("--deadline", type=ranged(float, gt=0), default=1800.0, help="seconds for the whole download at most")
 
 
 def main(args: argparse.Namespace) -> int:

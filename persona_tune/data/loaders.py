@@ -416,6 +416,13 @@ def parse_columns(spec: str | None) -> dict[str, str]:
         if key not in mapping:
             raise ConfigError(f"--columns key {key!r} unknown; keys are {', '.join(mapping)}")
         mapping[key] = col
+    used: dict[str, str] = {}
+    for key in ("user", "item", "rating", "timestamp"):  # the ratings file's columns: one per key
+        if mapping[key] in used:
+            raise ConfigError(f"--columns maps {used[mapping[key]]} and {key} to the same column "
+                              f"{mapping[key]!r}; each needs a column of its own (e.g. --columns "
+                              f"user=COL,item=COL)")
+        used[mapping[key]] = key
     return mapping
 
 

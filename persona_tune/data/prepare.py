@@ -26,7 +26,7 @@ from persona_tune.data.metadata import DEFAULT_SUMMARY_WORDS, attach_metadata, l
 from persona_tune.errors import ConfigError
 from persona_tune.history import DEFAULT_HISTORY, HISTORY_MODES, N_BUCKETS, History, check_history_mode, history_rows
 from persona_tune.runfolder import HISTORY, RunFolder, atomic_write_parquet, file_sha256
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -258,11 +258,11 @@ class PrepareConfig:
                               "ml1m_dbpedia_abstracts.json, or CSV/Parquet with item_id, summary, cast"})
     summary_words: int = field(default=DEFAULT_SUMMARY_WORDS, metadata={
         "help": "truncate summaries to this many words (0: no limit)"})
-    min_ratings: int = field(default=_D.min_ratings, metadata={"help": "keep users with at least this many ratings"})
-    max_ratings: int = field(default=_D.max_ratings, metadata={"help": "... and at most this many"})
-    n_users: int = field(default=_D.n_users, metadata={"help": "users to sample among the eligible ones"})
+    min_ratings: int = field(default=_D.min_ratings, metadata={"min": 1, "help": "keep users with at least this many ratings"})
+    max_ratings: int = field(default=_D.max_ratings, metadata={"min": 1, "help": "... and at most this many"})
+    n_users: int = field(default=_D.n_users, metadata={"min": 1, "help": "users to sample among the eligible ones"})
     seed: int = field(default=_D.seed, metadata={"help": "seed of the user sample"})
-    train_frac: float = field(default=_D.train_frac, metadata={
+    train_frac: float = field(default=_D.train_frac, metadata={"gt": 0, 
         "help": "share of each user's ratings (oldest first) for training"})
     duplicates: str = field(default="error", metadata={
         "choices": DUPLICATE_POLICIES,
@@ -290,6 +290,7 @@ _INPUT_FIELDS = ("dataset", "data_dir", "ratings_file", "items_file", "columns",
 
 def run(run: RunFolder, cfg: PrepareConfig) -> dict:
     """The `prepare` stage: load the log, apply the protocol, write the run folder; returns the manifest's counts."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     _out_folder(run.root)  # before loading a large log
     log_ = load_ratings(cfg.dataset, cfg.data_dir, ratings_file=cfg.ratings_file, items_file=cfg.items_file,
                         columns=cfg.columns, duplicates=cfg.duplicates)

@@ -20,6 +20,7 @@ import numpy as np
 from persona_tune.data.loaders import ML_GENRES
 from persona_tune.errors import ConfigError
 from persona_tune.runfolder import atomic_write_bytes
+from persona_tune.stage import ranged
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,10 @@ def write_synthetic(out: str | Path, cfg: SynthConfig = SynthConfig()) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SynthConfig()
     parser.add_argument("--out", required=True, type=Path, help="folder to write ratings.dat, movies.dat, users.dat")
-    parser.add_argument("--n-users", type=int, default=d.n_users, help="number of users")
-    parser.add_argument("--n-items", type=int, default=d.n_items, help="number of items")
+    parser.add_argument("--n-users", type=ranged(int, min=1), default=d.n_users, help="number of users")
+    parser.add_argument("--n-items", type=ranged(int, min=1), default=d.n_items, help="number of items")
     parser.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed, same bytes)")
-    parser.add_argument("--median-ratings", type=int, default=d.median_ratings,
+    parser.add_argument("--median-ratings", type=ranged(int, min=1), default=d.median_ratings,
                         help="median number of ratings per user (log-normal spread, 20 at least)")
 
 

@@ -1,4 +1,4 @@
-"""Chat completions through the ``openai`` client, with our own explicit retry loop.
+"""Chat completions (and completions) through the ``openai`` client, with our own explicit retry loop.
 
 Works with anything that speaks the OpenAI chat API: OpenAI, vLLM, llama.cpp's server, Ollama.
 The client's own retries are switched off (``max_retries=0``) so the policy is in one place here:
@@ -87,6 +87,30 @@ class ChatClient:
             # Sent as-is: the client's type-driven transform of a large JSON schema costs more than the
             # whole HTTP round trip to a local server.
             params["extra_body"] = {**params.get("extra_body", {}), "response_format": params.pop("response_format")}
+        response, latency, retries = await self._send(
+            lambda: self._client.chat.completions.create(model=self.settings.model, messages=messages, **params),
+            "chat completion", "chat-completions", "response_format" if "response_format" in params.get("extra_body", {}) else None)
+        choice = response.choices[0] if response.choices else None
+        usage = response.usage
+        return Answer(
+            content=choice.message.content if choice is not None else None,
+            finish_reason=choice.finish_reason if choice is not None else None,
+            prompt_tokens=int(usage.prompt_tokens or 0) if usage else 0,
+            completion_tokens=int(usage.completion_tokens or 0) if usage else 0,
+            latency_s=latency,
+            transport_retries=retries,
+        )
+
+    async def complete(self, prompt: list[int] | str, params: dict, model: str | None = None):
+        """One (legacy) completion: ``(response, latency_s, transport_retries)``; ``params`` go to
+        ``completions.create`` as keywords, ``model`` defaults to the settings' model."""
+        return await self._send(
+            lambda: self._client.completions.create(model=model or self.settings.model, prompt=prompt, **params),
+            "completion", "completions", "'prompt'" if isinstance(prompt, list) else None)
+
+    async def _send(self, create, what_call: str, endpoint: str, refusable: str | None = None):
+        """``create()`` under the retry policy of the module docstring: (response, latency_s, retries).
+        ``refusable``: a parameter that llama_cpp.server refuses with HTTP 500 naming it."""
         retries = 0
         while True:
             started = time.perf_counter()
@@ -95,9 +119,7 @@ class ChatClient:
                     if self._fatal is not None:  # the endpoint refused another request: send no more
                         raise self._fatal
                     started = time.perf_counter()
-                    response = await await_with_deadline(
-                        self._client.chat.completions.create(model=self.settings.model, messages=messages, **params),
-                        self.settings.timeout, f"chat completion from {self.url}")
+                    response = await await_with_deadline(create(), self.settings.timeout, f"{what_call} from {self.url}")
             except (DeadlineExceeded, self._openai.APITimeoutError, self._openai.APIConnectionError, self._openai.APIStatusError,
                     json.JSONDecodeError) as e:  # a 200 whose body is not JSON (e.g. truncated)
                 status = getattr(e, "status_code", None)
@@ -105,9 +127,8 @@ class ChatClient:
                         else f"no complete answer within {self.settings.timeout:g} s" if isinstance(e, DeadlineExceeded)
                         else "no connection" if isinstance(e, self._openai.APIConnectionError) else type(e).__name__)
                 message = self._scrub(str(e))
-                # A refused response_format: 400/422 from most servers, 500 from llama_cpp.server.
-                if status in (400, 422) or (status is not None and "response_format" in params.get("extra_body", {})
-                                            and "response_format" in message):
+                # A refused parameter: 400/422 from most servers, 500 naming it from llama_cpp.server.
+                if status in (400, 422) or (status is not None and refusable and refusable in message):
                     raise UnsupportedParameter(f"{what} from {self.url}: {message}") from None
                 if status in (401, 403, 404):
                     self._fatal = EndpointError(f"{what} from {self.url} (check the URL, --model "
@@ -130,18 +151,9 @@ class ChatClient:
             if not isinstance(getattr(response, "choices", None), list):
                 body = self._scrub(str(response.model_dump() if hasattr(response, "model_dump") else response))[:200]
                 self._fatal = EndpointError(f"{self.url} answered without `choices`: not an OpenAI "
-                                            f"chat-completions endpoint (check --base-url; it usually ends in /v1): {body}")
+                                            f"{endpoint} endpoint (check --base-url; it usually ends in /v1): {body}")
                 raise self._fatal
-            choice = response.choices[0] if response.choices else None
-            usage = response.usage
-            return Answer(
-                content=choice.message.content if choice is not None else None,
-                finish_reason=choice.finish_reason if choice is not None else None,
-                prompt_tokens=int(usage.prompt_tokens or 0) if usage else 0,
-                completion_tokens=int(usage.completion_tokens or 0) if usage else 0,
-                latency_s=latency,
-                transport_retries=retries,
-            )
+            return response, latency, retries
 
     async def close(self) -> None:
         await self._client.close()

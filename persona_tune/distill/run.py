@@ -40,7 +40,7 @@ from persona_tune.runfolder import (
     atomic_write_parquet,
     atomic_write_text,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 BACKENDS = ("offline", "openai")
@@ -74,7 +74,7 @@ class DistillConfig:
     backend: str = field(default="offline", metadata={
         "choices": BACKENDS, "help": "offline: rule-based text from each user's statistics, no LLM; "
                                      "openai: the paper's self-reflection through an OpenAI-compatible server"})
-    users: int | None = field(default=None, metadata={"help": "distil the first N users (by user_id) only"})
+    users: int | None = field(default=None, metadata={"min": 1, "help": "distil the first N users (by user_id) only"})
     trait_cuts: dict[str, tuple[float, float]] | None = field(default=None, metadata={
         "parse": parse_trait_cuts,
         "help": 'fixed trait cut points as JSON, e.g. \'{"activity": [60, 120], "conformity": [0.6, 1.2], '
@@ -85,19 +85,19 @@ class DistillConfig:
     model: str | None = field(default=None, metadata={"group": LLM, "help": "model name the server serves"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
         "group": LLM, "help": "environment variable that holds the API key"})
-    concurrency: int = field(default=8, metadata={"group": LLM, "help": "requests in flight at most"})
-    batch_size: int = field(default=10, metadata={"group": LLM, "help": "ratings per reflection step"})
-    max_words: int = field(default=2000, metadata={"group": LLM, "help": "reject generations longer than this"})
-    max_attempts: int = field(default=3, metadata={
+    concurrency: int = field(default=8, metadata={"min": 1, "group": LLM, "help": "requests in flight at most"})
+    batch_size: int = field(default=10, metadata={"min": 1, "group": LLM, "help": "ratings per reflection step"})
+    max_words: int = field(default=2000, metadata={"min": 1, "group": LLM, "help": "reject generations longer than this"})
+    max_attempts: int = field(default=3, metadata={"min": 1, 
         "group": LLM, "help": "generations per step before the step (and its user) is rejected"})
     max_retries: int = field(default=6, metadata={"group": LLM, "help": "retries per request on 429/5xx/timeouts"})
-    timeout: float = field(default=120.0, metadata={"group": LLM, "help": "seconds per request"})
+    timeout: float = field(default=120.0, metadata={"gt": 0, "group": LLM, "help": "seconds per request"})
     backoff_base: float = field(default=0.5, metadata={"group": LLM, "help": "first retry delay, seconds (doubles)"})
-    backoff_max: float = field(default=30.0, metadata={"group": LLM, "help": "longest retry delay, seconds"})
+    backoff_max: float = field(default=30.0, metadata={"gt": 0, "group": LLM, "help": "longest retry delay, seconds"})
     temperature: float = field(default=0.3, metadata={
         "group": LLM, "help": "sampling temperature of the first generation of a step (retries sample hotter)"})
-    max_tokens: int | None = field(default=None, metadata={"group": LLM, "help": "completion token limit per request"})
-    max_profile_words: int = field(default=400, metadata={"group": LLM, "help": "profile length asked for"})
+    max_tokens: int | None = field(default=None, metadata={"min": 1, "group": LLM, "help": "completion token limit per request"})
+    max_profile_words: int = field(default=400, metadata={"min": 1, "group": LLM, "help": "profile length asked for"})
     response_format: str = field(default="json_schema", metadata={
         "group": LLM, "choices": RESPONSE_FORMATS,
         "help": "structured output to ask for; falls back to the next one if the server refuses it"})
@@ -114,7 +114,7 @@ class DistillConfig:
     batch_in: tuple[str, ...] = field(default=(), metadata={
         "group": BATCH, "metavar": "FILE",
         "help": "load OpenAI Batch output files (or `vllm run-batch` output) into the request store first"})
-    batch_max_lines: int = field(default=batch.MAX_LINES, metadata={
+    batch_max_lines: int = field(default=batch.MAX_LINES, metadata={"min": 1, 
         "group": BATCH, "help": "requests per Batch input file at most"})
 
     def validate(self) -> None:
@@ -122,13 +122,7 @@ class DistillConfig:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.response_format not in RESPONSE_FORMATS:
             raise ConfigError(f"--response-format must be one of {', '.join(RESPONSE_FORMATS)}")
-        for name in ("concurrency", "batch_size", "max_words", "max_attempts", "max_profile_words", "batch_max_lines"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.users is not None and self.users < 1:
-            raise ConfigError(f"--users must be >= 1, got {self.users}")
-        if self.max_retries < 0 or self.timeout <= 0:
-            raise ConfigError("--max-retries must be >= 0 and --timeout > 0")
+        # The numbers' ranges are in the fields' metadata (persona_tune.stage.validate checks them first).
         if (self.batch_out or self.batch_in) and self.backend != "openai":
             raise ConfigError("--batch-out and --batch-in need --backend openai")
 
@@ -204,7 +198,7 @@ def write_outputs(run: RunFolder, profiles: pd.DataFrame, memories: pd.DataFrame
 
 def distill(run: RunFolder, cfg: DistillConfig, dry_run: bool = False, price_per_1k: tuple[float, float] | None = None) -> dict:
     """The stage's core. Returns the summary (also recorded in the manifest)."""
-    cfg.validate()
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     started = time.perf_counter()
     inputs = run.checksums(*INPUTS)
     record = run.stage_record("distill")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_tune.errors import DataError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
     key               TEXT PRIMARY KEY,
@@ -68,10 +70,16 @@ class RequestStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: committed rows survive a process kill
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: committed rows survive a process kill
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:  # never deleted: it holds answers already paid for
+            self._db.close()
+            raise DataError(f"not a readable request store ({e}); it holds the answers already paid for, so it "
+                            "is not replaced: restore it from a backup, or move it aside to start a new one "
+                            "(every request is then sent again)", self.path) from None
 
     def get(self, key: str) -> Answer | None:
         row = self._db.execute(

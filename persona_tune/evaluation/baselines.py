@@ -10,11 +10,9 @@ the row's user count, so mu, hist_avg and hist_count below are those of the user
 - bias: mu + b_u + b_i (Koren's regularised baseline). b_i = n_i (hist_avg_i - mu) / (lambda_i + n_i)
   from the item's non-test ratings (hist_avg, hist_count); b_u = sum over the user's train rows of
   (r - mu - b_i) / (lambda_u + n_u). Defaults lambda_i = 25, lambda_u = 10.
-- mf: the bias baseline plus p_u . q_i, a rank-``mf_rank`` factorisation of the bias residuals fit on
-  the run's train rows only (full-batch Adam, L2 ``mf_reg``, seeded). An item with no train row keeps
-  q_i = 0, so it falls back to the bias baseline. ``mf_reg`` None (the default) picks the L2 weight
-  from MF_REGS by RMSE on a validation slice (the last 20% of each user's train rows, fit on the
-  rest), then refits on all train rows.
+- knn, mf: the item-kNN and tuned matrix-factorisation references of evaluation/references.py, fitted
+  on the same information (the run's history and the user's train rows); left out, with a warning,
+  for a run prepared before history.parquet existed.
 Predictions are clipped to [1, 5].
 """
 
@@ -22,41 +20,37 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pandas as pd
-import torch
 
 from persona_tune.errors import DataError
 from persona_tune.evaluation.metrics import grouped_metrics
+from persona_tune.evaluation.references import REFERENCES, References
 from persona_tune.history import History
-from persona_tune.runfolder import ITEMS, METRICS, PREDICTIONS, RunFolder, atomic_write_json, atomic_write_parquet
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.runfolder import HISTORY, ITEMS, METRICS, PREDICTIONS, RunFolder, atomic_write_json, atomic_write_parquet
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
-PREDICTORS = ("global_mean", "user_mean", "item_mean", "bias", "mf")
-MF_REGS = (0.05, 0.3, 1.0, 3.0)
+BASIC = ("global_mean", "user_mean", "item_mean", "bias")
+PREDICTORS = (*BASIC, *REFERENCES)
 
 
 @dataclass
 class BaselineConfig:
     lambda_item: float = 25.0
     lambda_user: float = 10.0
-    mf_rank: int = 8
-    mf_reg: float | None = field(default=None, metadata={
-        "help": f"MF L2 weight (default: chosen from {MF_REGS} on a validation slice)"})
-    mf_epochs: int = 300
-    mf_lr: float = 0.02
-    seed: int = 0
+    seed: int = field(default=0, metadata={
+        "help": "seed of the MF references (validation users' sample, SGD) and of the bootstrap"})
 
 
 @dataclass
 class BaselinesConfig(BaselineConfig):
     """The `baselines` stage's options: the fit (BaselineConfig) and the bootstrap (CLI generated from them)."""
 
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples (users) for the CIs"})
+    n_boot: int = field(default=1000, metadata={"min": 1, "help": "bootstrap resamples (users) for the CIs"})
 
     def fit(self) -> BaselineConfig:
         return BaselineConfig(**{f.name: getattr(self, f.name) for f in fields(BaselineConfig)})
@@ -92,43 +86,6 @@ def bias_predict(mu: float, b_u: pd.Series, b_i: pd.Series, user_ids, item_ids) 
             + pd.Series(item_ids).map(b_i).fillna(0.0).to_numpy())
 
 
-def fit_mf(train: pd.DataFrame, residual: np.ndarray, cfg: BaselineConfig) -> tuple[dict, dict]:
-    """Factorise ``residual`` (one value per train row) as p_u . q_i; returns user and item factor maps."""
-    users, u_idx = np.unique(train["user_id"].to_numpy(), return_inverse=True)
-    items, i_idx = np.unique(train["item_id"].to_numpy(), return_inverse=True)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    p = (0.1 * torch.randn(len(users), cfg.mf_rank, generator=gen)).requires_grad_()
-    q = (0.1 * torch.randn(len(items), cfg.mf_rank, generator=gen)).requires_grad_()
-    u_t, i_t = torch.as_tensor(u_idx), torch.as_tensor(i_idx)
-    target = torch.as_tensor(residual, dtype=torch.float32)
-    opt = torch.optim.Adam([p, q], lr=cfg.mf_lr)
-    for _ in range(cfg.mf_epochs):
-        opt.zero_grad()
-        pred = (p[u_t] * q[i_t]).sum(-1)
-        loss = ((pred - target) ** 2).mean() + cfg.mf_reg * ((p[u_t] ** 2).sum(-1) + (q[i_t] ** 2).sum(-1)).mean()
-        loss.backward()
-        opt.step()
-    p_np, q_np = p.detach().numpy(), q.detach().numpy()
-    return dict(zip(users.tolist(), p_np)), dict(zip(items.tolist(), q_np))
-
-
-def choose_mf_reg(train: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig,
-                  history: History | None = None) -> float:
-    """The L2 weight in MF_REGS with the lowest MF RMSE on the last 20% of each user's train rows."""
-    position = train.groupby("user_id").cumcount()
-    size = train.groupby("user_id")["user_id"].transform("size")
-    held_out = position >= np.ceil(0.8 * size)
-    fit, val = train[~held_out], train[held_out]
-    if val.empty:
-        return MF_REGS[0]
-    rmse = {}
-    for reg in MF_REGS:
-        pred = predict_baselines(fit, val, items, replace(cfg, mf_reg=reg), history)
-        rmse[reg] = float(np.sqrt(((pred["mf"] - pred["rating"]) ** 2).mean()))
-    log.info("mf: validation RMSE by L2 weight %s", {k: round(v, 4) for k, v in rmse.items()})
-    return min(rmse, key=rmse.get)
-
-
 def predict_baselines(
     train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, cfg: BaselineConfig | None = None,
     history: History | None = None,
@@ -137,8 +94,6 @@ def predict_baselines(
     run's (History.load), else all_time from ``items``."""
     cfg = cfg or BaselineConfig()
     history = history or History.from_items(items)
-    if cfg.mf_reg is None:
-        cfg = replace(cfg, mf_reg=choose_mf_reg(train, items, cfg, history))
     out = test.copy()
     mu = history.global_mean()[history.bucket_of(out["user_id"].to_numpy())]
     out["global_mean"] = mu
@@ -152,13 +107,7 @@ def predict_baselines(
     bias = history.fit_bias(train, cfg.lambda_item, cfg.lambda_user)
     out["bias"] = bias.predict(out["user_id"], out["item_id"])
 
-    train_bias = bias.predict(train["user_id"], train["item_id"])
-    p, q = fit_mf(train, train["rating"].to_numpy(dtype=float) - train_bias, cfg)
-    zero = np.zeros(cfg.mf_rank, dtype=np.float32)
-    dot = np.array([float(p.get(u, zero) @ q.get(i, zero)) for u, i in zip(out["user_id"], out["item_id"])])
-    out["mf"] = out["bias"] + dot
-
-    for name in PREDICTORS:
+    for name in BASIC:
         out[name] = out[name].clip(1.0, 5.0)
     return out
 
@@ -171,24 +120,35 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
     test = run.read_ratings("test")
     items = run.read_items(columns=["item_id", "hist_avg", "hist_count"])
     history = History.load(run)
-    if cfg.mf_reg is None:
-        cfg = replace(cfg, mf_reg=choose_mf_reg(train, items, cfg, history))
     preds = predict_baselines(train, test, items, cfg, history)
+    names, missing, fitted = list(PREDICTORS), None, None
+    if run.path(HISTORY).is_file():
+        references = References(run, cfg.seed)
+        refs = references.predictions()[["user_id", "item_id", *REFERENCES]]
+        preds = preds.merge(refs, on=["user_id", "item_id"], how="left", validate="one_to_one")
+        fitted = references.describe()
+    else:
+        names = list(BASIC)
+        missing = (f"no {HISTORY} (the run was prepared before it existed): the kNN and MF references are left "
+                   f"out; prepare the data again into a new --out for them")
+        log.warning(missing)
     assignments = run.read_assignments(missing_ok=True)
     persona = assignments.set_index("user_id")["persona"] if assignments is not None else None
     preds.insert(0, "persona", preds["user_id"].map(persona).fillna(-1).astype("int64") if persona is not None else -1)
     profiles = run.read_profiles(missing_ok=True)
 
     out_dir = run.baselines_dir
-    columns = ["persona", "user_id", "item_id", "rating", *PREDICTORS]
+    columns = ["persona", "user_id", "item_id", "rating", *names]
     atomic_write_parquet(preds[columns], out_dir / PREDICTIONS)
     metrics = {
         "kind": "baselines",
         "global_mean_rating": global_mean(items),
         "history": history.mode,
         "fit": {k: v for k, v in asdict(cfg).items()},
+        "references": fitted,
+        "references_missing": missing,
         "predictors": {
-            name: grouped_metrics(preds, name, profiles=profiles, n_boot=n_boot, seed=seed) for name in PREDICTORS
+            name: grouped_metrics(preds, name, profiles=profiles, n_boot=n_boot, seed=seed) for name in names
         },
     }
     atomic_write_json(out_dir / METRICS, metrics)
@@ -198,6 +158,7 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
 
 def run(run: RunFolder, cfg: BaselinesConfig) -> dict:
     """The `baselines` stage: every classical baseline on the run's test rows; returns metrics.json's content."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return run_baselines(run.root, cfg.fit(), n_boot=cfg.n_boot, seed=cfg.seed)
 
 
@@ -208,8 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     metrics = run(RunFolder(args.run), config_from_args(BaselinesConfig, args))
-    for name in PREDICTORS:
-        m = metrics["predictors"][name]["overall"]
+    for name, block in metrics["predictors"].items():
+        m = block["overall"]
         print(f"{name:<12} RMSE {m['rmse']:.3f} [{m['ci']['rmse'][0]:.3f}, {m['ci']['rmse'][1]:.3f}]  "
               f"MAE {m['mae']:.3f} [{m['ci']['mae'][0]:.3f}, {m['ci']['mae'][1]:.3f}]  n={m['n']}")
     return 0

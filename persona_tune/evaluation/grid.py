@@ -57,7 +57,7 @@ from persona_tune.runfolder import (
     atomic_write_text,
     check_name,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,8 @@ def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: i
             "trunk": {"adapted_layers": int(cfg.adapted_layers), "objective": cfg.objective,
                       "head_init": cfg.head.init, "prompt_template": cfg.prompt_template,
                       "state_numbers": bool(cfg.state_numbers), "epochs": int(cfg.epochs),
+                      "collab_memories": int(cfg.get("collab_memories", 0) or 0),
+                      "head_prior": cfg.head.get("prior", "none"),
                       "lora_attn_modules": list(cfg.model.lora_attn_modules),
                       "variants": {v: json.loads(p.read_text()) for v, p in summaries.items()
                                    if p.is_file()}}}
@@ -271,7 +273,7 @@ class GridConfig:
 
     family: str | None = field(default=None, metadata={
         "required": True, "choices": ("smollm2", "tiny", "phi3"), "help": "model family"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps per epoch cap for training"})
+    max_steps: int | None = field(default=None, metadata={"min": 1, "help": "optimizer steps per epoch cap for training"})
     cells: str | None = field(default=None, metadata={
         "help": "comma list of eval cells to run (default: all), e.g. prompted-msml,persona-msml,single_max-msml,single_max-ms"})
     parallel: bool = field(default=False, metadata={
@@ -286,7 +288,7 @@ class GridConfig:
         "metavar": "N|all", "help": "(--path trunk) training rows: N drawn over all users (each persona: its users' "
                                     "share of them; single_max: all N; single_min: the smallest persona's share), "
                                     "or all; default: the paper's sizes"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
+    n_boot: int = field(default=1000, metadata={"min": 1, "help": "bootstrap resamples for the CIs"})
     train_overrides: tuple[str, ...] = field(default=(), metadata={
         "flag": "--train-set", "append": True, "metavar": "KEY=VALUE",
         "help": "override a key of every training config (repeatable)"})
@@ -300,6 +302,7 @@ class GridConfig:
 
 def run(run: RunFolder, cfg: GridConfig) -> dict:
     """The `grid` stage: configs, training and eval of every cell, then the report; returns what ran and the table."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return run_grid(run.root, cfg.family, cfg.max_steps, cfg.mode, list(cfg.eval_overrides), list(cfg.train_overrides),
                     cfg.n_boot, cfg.cell_list(), cfg.parallel, cfg.path, cfg.label, cfg.train_rows)
 

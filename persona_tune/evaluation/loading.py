@@ -18,7 +18,7 @@ from torchtune import config, training
 from torchtune.modules.peft import LoRALinear, get_adapter_params
 
 from persona_tune.errors import ConfigError
-from persona_tune.runfolder import ADAPTER_FILE, check_adapter  # noqa: F401 (ADAPTER_FILE: its old home)
+from persona_tune.runfolder import ADAPTER_FILE, check_adapter, load_torch  # noqa: F401 (ADAPTER_FILE: its old home)
 
 
 class ModelLoader:
@@ -56,7 +56,7 @@ class ModelLoader:
         else:
             if not lora_modules:
                 raise ConfigError("cfg.model has no LoRA modules; use the LoRA builder the adapter was trained with")
-            state = torch.load(adapter_path, map_location="cpu", weights_only=True)
+            state = load_torch(adapter_path, hint="; retrain the adapter (`persona-tune train --force`)")
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             absent = self.adapter_keys - set(state)
             if unexpected or absent:

@@ -216,10 +216,13 @@ def predict_rows(predictor: RatingPredictor, rows: pd.DataFrame, modes: Sequence
     prompts = predictor.encode(rows["parts"])
     groups = rows["user_id"].tolist()
     head = getattr(getattr(predictor.model, "output", None), "head", None)
-    if getattr(head, "n_prior", 0):  # a frozen-trunk rating head that reads the rows' stated numbers
+    # A frozen-trunk rating head that reads the rows' stated numbers (or a remote rater, which adds
+    # its head's terms itself: persona_tune.serving.remote).
+    prior = head.prior if getattr(head, "n_prior", 0) else getattr(predictor, "prior", None)
+    if prior not in (None, "none"):
         from persona_tune.trunk import prior_features
 
-        predictor.row_priors = prior_features(list(rows["parts"]))
+        predictor.row_priors = prior_features(list(rows["parts"]), prior)
     base = rows.drop(columns=["parts"]).reset_index(drop=True)
     base["n_prompt_tokens"] = [len(p) for p in prompts]
     blocks = []

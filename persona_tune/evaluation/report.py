@@ -27,6 +27,8 @@ from persona_tune.evaluation.metrics import metrics_with_ci, paired_rmse_diff
 from persona_tune.names import MEMORY_LABELS
 from persona_tune.runfolder import (
     ELBOW_PLOT,
+    HISTORY,
+    METRICS,
     PLOTS,
     PREDICTIONS,
     REPORT,
@@ -37,7 +39,7 @@ from persona_tune.runfolder import (
     atomic_write_json,
     atomic_write_text,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 # Thakur et al. 2024, Table 1 (their split of ML-1M, 200 users): base, adapter, memories, RMSE, MAE, URR %.
 PAPER_TABLE_1 = [
@@ -55,7 +57,8 @@ PAPER_TABLE_1 = [
 ]
 BASELINE_NAMES = {"global_mean": "global mean", "user_mean": "user mean (own train rows)",
                   "item_mean": "item mean (all non-test ratings)", "bias": "user+item bias baseline",
-                  "mf": "matrix factorisation (bias + rank-8)"}
+                  "knn": "item-kNN with baseline (k = 50)", "mf": "biased MF (SVD, tuned on validation users)"}
+REFERENCE_KEYS = ("knn", "mf")  # evaluation/references.py, fitted on the agents' information
 
 
 def base_model_name(component: str) -> str:
@@ -110,6 +113,35 @@ def _agent_rows(run: RunFolder) -> pd.DataFrame | None:
     return pd.concat(frames).drop_duplicates(ignore_index=True) if frames else None
 
 
+def references_current(run: RunFolder) -> bool:
+    """Whether eval/baselines/ holds this version's kNN and MF references (its metrics.json names how they
+    were fitted); baselines written before them have none, or the old hand-written ``mf``."""
+    path = run.baselines_dir / METRICS
+    return path.is_file() and json.loads(path.read_text()).get("references") is not None
+
+
+def baseline_frame(run: RunFolder) -> pd.DataFrame | None:
+    """eval/baselines/predictions.parquet, with the kNN and MF references taken from references/ (fitted
+    once and cached there) when the baselines were written before them and the run has a history."""
+    if not run.baseline_predictions.is_file():
+        return None
+    frame = pd.read_parquet(run.baseline_predictions)
+    if not references_current(run):
+        frame = frame.drop(columns=[k for k in REFERENCE_KEYS if k in frame])
+    missing = [k for k in REFERENCE_KEYS if k not in frame]
+    if missing and run.path(HISTORY).is_file():
+        from persona_tune.evaluation.references import reference_predictions
+
+        refs = reference_predictions(run)[["user_id", "item_id", *missing]]
+        frame = frame.merge(refs, on=["user_id", "item_id"], how="left", validate="one_to_one")
+    return frame
+
+
+def baseline_keys(frame: pd.DataFrame | None) -> list[str]:
+    """The baselines of ``frame``, in BASELINE_NAMES' order."""
+    return [] if frame is None else [k for k in BASELINE_NAMES if k in frame]
+
+
 def collect(run: RunFolder) -> dict:
     """Rows of the agents' table and the baselines' table from RUN/eval/*/metrics.json."""
     agents, baselines = [], []
@@ -117,16 +149,16 @@ def collect(run: RunFolder) -> dict:
     for path in run.eval_metric_files():
         data = json.loads(path.read_text())
         if data.get("kind") == "baselines":
-            preds = pd.read_parquet(path.with_name(PREDICTIONS))
-            if agent_rows is not None and len(agent_rows) < len(preds):
-                # The agents ran on a subset (max_rows): score the baselines on exactly those rows.
+            preds = baseline_frame(run)
+            current = references_current(run)
+            subset = agent_rows is not None and len(agent_rows) < len(preds)
+            if subset:  # the agents ran on a subset (max_rows): score the baselines on exactly those rows
                 preds = preds.merge(agent_rows, on=["user_id", "item_id"])
-                for name in data["predictors"]:
-                    m = {"overall": metrics_with_ci(preds, name, n_boot=1000, seed=0)}
-                    baselines.append({"predictor": BASELINE_NAMES.get(name, name), "key": name, **_row(m)})
-            else:
-                for name, m in data["predictors"].items():
-                    baselines.append({"predictor": BASELINE_NAMES.get(name, name), "key": name, **_row(m)})
+            for name in baseline_keys(preds):
+                stored = data["predictors"].get(name) if current or name not in REFERENCE_KEYS else None
+                m = stored if stored is not None and not subset else {
+                    "overall": metrics_with_ci(preds, name, n_boot=1000, seed=0)}
+                baselines.append({"predictor": BASELINE_NAMES.get(name, name), "key": name, **_row(m)})
             continue
         for mode, block in data["modes"].items():
             agents.append({
@@ -178,9 +210,9 @@ DIAGNOSTIC_BASELINES = ("user_mean", "item_mean", "bias")
 
 def diagnostics(run: RunFolder) -> list[dict]:
     """Per agent variant and mode: prediction mean/sd vs the truth's, and Pearson r with the truth and baselines."""
-    baseline_file = run.baseline_predictions
-    base = pd.read_parquet(baseline_file, columns=["user_id", "item_id", *DIAGNOSTIC_BASELINES]) \
-        if baseline_file.is_file() else None
+    base = baseline_frame(run)
+    if base is not None:
+        base = base[["user_id", "item_id", *DIAGNOSTIC_BASELINES]]
     rows = []
     for path in run.eval_prediction_files(baselines=False):
         preds = pd.read_parquet(path, columns=["user_id", "item_id", "rating", "mode", "prediction"])
@@ -216,17 +248,15 @@ def diagnostics_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PAIRED_BASELINES = ("global_mean", "user_mean", "item_mean", "bias")
-
-
 def paired_cells(run: RunFolder, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """Per agent cell and mode, on its own rows: RMSE, MAE, Pearson r with the truth, sd of the
-    predictions, and RMSE(agent) - RMSE(baseline) for each classical baseline with a paired
-    bootstrap CI over users (both RMSEs on the same resampled rows)."""
-    baseline_file = run.baseline_predictions
-    if not baseline_file.is_file():
+    predictions, and RMSE(agent) - RMSE(baseline) for each classical baseline and reference (bias,
+    kNN, MF) with a paired bootstrap CI over users (both RMSEs on the same resampled rows)."""
+    base = baseline_frame(run)
+    if base is None:
         return []
-    base = pd.read_parquet(baseline_file, columns=["user_id", "item_id", *PAIRED_BASELINES])
+    names = baseline_keys(base)
+    base = base[["user_id", "item_id", *names]]
     cells = []
     for path in run.eval_prediction_files(baselines=False):
         preds = pd.read_parquet(path, columns=["user_id", "item_id", "rating", "mode", "prediction"])
@@ -240,7 +270,7 @@ def paired_cells(run: RunFolder, n_boot: int = 1000, seed: int = 0) -> list[dict
                 "rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err))),
                 "pearson_r": _finite(_pearson(rows["prediction"], rows["rating"])),
                 "pred_sd": _finite(float(rows["prediction"].std())),
-                "paired": {b: paired_rmse_diff(rows, "prediction", b, n_boot=n_boot, seed=seed) for b in PAIRED_BASELINES},
+                "paired": {b: paired_rmse_diff(rows, "prediction", b, n_boot=n_boot, seed=seed) for b in names},
             })
     return cells
 
@@ -280,18 +310,39 @@ def _finite(x: float) -> float | None:
     return None if x is None or math.isnan(x) else x
 
 
+SHORT_NAMES = {"global_mean": "global mean", "user_mean": "user mean", "item_mean": "item mean",
+               "bias": "bias baseline", "knn": "item-kNN", "mf": "MF"}
+
+
+def references_note(run: RunFolder) -> str:
+    """One sentence on what the kNN and MF references were fitted with, or why they are absent."""
+    if not run.path(HISTORY).is_file():
+        return (f"No kNN or MF reference: the run has no {HISTORY} (prepared before it existed; prepare the data "
+                "again into a new --out for them).")
+    from persona_tune.evaluation.references import References
+
+    d = References(run).describe()
+    mf = d["mf"]
+    return (f"The references see what the agents see (history `{d['history']}`, {d['buckets']} bucket(s); "
+            f"evaluation/references.py): item-kNN with baseline, k = {d['knn_k']}, shrunk Pearson-baseline "
+            f"similarity; biased MF (scikit-surprise SVD) with {mf['n_factors']} factors, reg {mf['reg']:g}, "
+            f"{mf['n_epochs']} epochs, chosen from factors {d['mf_grid']['n_factors']} x reg {d['mf_grid']['reg']} "
+            f"on validation rows: {d['mf_validation']}.")
+
+
 def paired_table(cells: list[dict]) -> str:
     def diff(d: dict) -> str:
         mark = " ✓" if d["hi"] < 0 else (" ✗" if d["lo"] > 0 else "")
         return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]{mark}"
 
-    head = " | ".join(f"− {BASELINE_NAMES[b].split(' (')[0]}" for b in PAIRED_BASELINES)
-    lines = [f"| Cell | Mode | rows | RMSE | r | sd | {head} |", "|---|---|---|---|---|---|" + "---|" * len(PAIRED_BASELINES)]
+    names = [b for b in BASELINE_NAMES if any(b in c["paired"] for c in cells)]
+    head = " | ".join(f"− {SHORT_NAMES.get(b, b)}" for b in names)
+    lines = [f"| Cell | Mode | rows | RMSE | r | sd | {head} |", "|---|---|---|---|---|---|" + "---|" * len(names)]
     for c in cells:
         r = "-" if c["pearson_r"] is None else f"{c['pearson_r']:.2f}"
         sd = "-" if c["pred_sd"] is None else f"{c['pred_sd']:.2f}"
         lines.append(f"| {c['name']} | {c['mode']} | {c['rows']} | {c['rmse']:.3f} | {r} | {sd} | "
-                     + " | ".join(diff(c["paired"][b]) for b in PAIRED_BASELINES) + " |")
+                     + " | ".join(diff(c["paired"][b]) if b in c["paired"] else "-" for b in names) + " |")
     return "\n".join(lines)
 
 
@@ -383,9 +434,11 @@ def plot_learning_curve(run: RunFolder, out: Path, cells: list[dict]) -> Path | 
     for key, pts in series.items():
         ax.plot([p[0] for p in pts], [p[1]["rmse"] for p in pts], marker="o", label=key)
     reference = next(iter(series.values()))[0][1]
-    for name, style in (("global_mean", ":"), ("user_mean", "--"), ("item_mean", "-."), ("bias", "-")):
-        value = reference["rmse"] - reference["paired"][name]["diff"]
-        ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=BASELINE_NAMES[name].split(" (")[0])
+    for name, style, color in (("global_mean", ":", "grey"), ("user_mean", "--", "grey"), ("item_mean", "-.", "grey"),
+                               ("bias", "-", "grey"), ("knn", "--", "black"), ("mf", "-", "black")):
+        if name in reference["paired"]:
+            value = reference["rmse"] - reference["paired"][name]["diff"]
+            ax.axhline(value, color=color, linestyle=style, linewidth=1, label=SHORT_NAMES[name])
     ax.set_xscale("log")
     ax.set_xlabel("training rows")
     ax.set_ylabel(f"RMSE on the same {reference['rows']} test rows")
@@ -508,9 +561,9 @@ def write_report(run_dir, json_out: str | Path | None = None, compare: list[str]
         raise StageMissingError(f"the evaluation of {', '.join(unfinished)} in {run.eval_dir} did not finish "
                                 f"(metrics.json without eval_inputs.json): re-run `persona-tune eval --run "
                                 f"{run.root} --variants {','.join(unfinished)}` (or the `grid` that made them)")
-    if stale := stale_results(run):  # never publish numbers of adapters that were retrained since
-        raise StageMissingError(f"the results of {', '.join(stale)} in {run.eval_dir} come from adapters retrained "
-                                f"since: re-run `persona-tune eval --run {run.root} --variants {','.join(stale)}`")
+    if stale := stale_results(run):  # never publish numbers of adapters or data that changed since
+        raise StageMissingError(f"the results of {', '.join(stale)} in {run.eval_dir} come from adapters or data "
+                                f"that changed since: re-run `persona-tune eval --run {run.root} --variants {','.join(stale)}`")
     comparisons = cell_comparisons(run, list(compare))  # bad pairs fail before anything is written
     results = collect(run)
     plots_dir = run.path(PLOTS)
@@ -533,10 +586,10 @@ def write_report(run_dir, json_out: str | Path | None = None, compare: list[str]
                "same rows. An agent that reads the user's average from M_s follows the user mean; one that reads "
                "the item's historical average follows the item mean.", "", diagnostics_table(signal), ""]
     if paired:
-        md += ["## Paired comparisons with the classical baselines", "",
+        md += ["## Paired comparisons with the classical baselines and references", "",
                "RMSE(agent) − RMSE(baseline) on each cell's own rows, with a 95% CI from a paired bootstrap over "
-               "users (both RMSEs on the same resampled rows). ✓: the agent is better (CI below 0); ✗: worse.", "",
-               paired_table(paired), ""]
+               "users (both RMSEs on the same resampled rows). ✓: the agent is better (CI below 0); ✗: worse. "
+               + references_note(run), "", paired_table(paired), ""]
     if comparisons:
         md += ["## Paired comparisons between cells", "",
                "RMSE(A) − RMSE(B) on the rows both cells scored, with a 95% CI from a paired bootstrap over users.",
@@ -573,6 +626,7 @@ class ReportConfig:
 
 def run(run: RunFolder, cfg: ReportConfig) -> str:
     """The `report` stage: report.md, results.json and plots/ from RUN/eval; returns the markdown table."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return write_report(run.root, cfg.json_out, list(cfg.compare))
 
 

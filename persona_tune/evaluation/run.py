@@ -28,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.names import FAMILIES, MEMORY_TAGS, TAG_OF, check_modes
-from persona_tune.resources import eval_template, tune_executable
+from persona_tune.resources import die_with_parent, eval_template, tune_executable
 from persona_tune.runfolder import (
     ADAPTER_FILE,
+    AGENT_INPUTS,
     BASELINES,
     EVAL_CONFIG,
     EVAL_INPUTS,
@@ -44,12 +45,13 @@ from persona_tune.runfolder import (
     check_adapter,
     check_name,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.serving.remote import REMOTE_FIELDS, TRANSPORT_FIELDS, RemoteOptions
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
 # Keys that change how fast the recipe runs or what it prints, not its results.
-RUNTIME_KEYS = ("num_threads", "batching.progress")
+RUNTIME_KEYS = ("num_threads", "batching.progress", *(f"remote.{k}" for k in TRANSPORT_FIELDS))
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
@@ -108,7 +110,7 @@ def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mo
         cfg.adapter_dir = str(run.adapters_dir / (f"{check_name(base)}_{{persona}}{suffix}" if per_persona(base)
                                                   else check_name(variant)))
         cfg.memory = train_cfg.memory
-        for key in ("prompt_template", "state_numbers"):  # top level (trunk configs) or the dataset's
+        for key in ("prompt_template", "state_numbers", "collab_memories"):  # top level (trunk configs) or the dataset's
             value = train_cfg.get(key, train_cfg.get("dataset", {}).get(key))
             if value is not None:
                 cfg[key] = value
@@ -184,14 +186,15 @@ def results_key(cfg: DictConfig) -> str:
 
 
 def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool = False,
-                     adapters: dict[str, str] | None = None) -> str:
+                     adapters: dict[str, str] | None = None, env: dict | None = None) -> str:
     """Run the recipe for one variant unless its results are current; returns 'done' or 'skipped'.
-    ``adapters``: checksums of the train summaries of the adapters it evaluates."""
+    ``adapters``: checksums of the train summaries of the adapters it evaluates; ``env``: the child's
+    environment (default: this process's)."""
     out = run.eval_variant_dir(variant)
     config_file = out / EVAL_CONFIG
     text = OmegaConf.to_yaml(cfg)
     metrics = out / METRICS
-    inputs = {"config": results_key(cfg), "adapters": adapters or {}}
+    inputs = {"config": results_key(cfg), "adapters": adapters or {}, "data": run.checksums(*AGENT_INPUTS)}
     inputs_file = out / EVAL_INPUTS
     # inputs_file is written only after the recipe succeeded (and removed before it starts).
     if (not force and inputs_file.is_file() and json.loads(inputs_file.read_text(encoding="utf-8")) == inputs
@@ -206,7 +209,9 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
     cmd = [tune_executable(), "run", "persona_eval", "--config", str(config_file)]
     log.info("%s: %s", variant, " ".join(cmd))
     with open(out / EVAL_LOG, "w", encoding="utf-8") as logf:
-        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy())
+        # The child dies with this process, even by kill -9 (then it writes nothing more).
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(env or os.environ),
+                              preexec_fn=die_with_parent)
     if proc.returncode != 0:
         tail = (out / EVAL_LOG).read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         raise PersonaTuneError(f"evaluating {variant} failed (exit {proc.returncode}); end of {out / EVAL_LOG}:\n"
@@ -216,11 +221,18 @@ def evaluate_variant(run: RunFolder, variant: str, cfg: DictConfig, force: bool 
 
 
 def stale_results(run: RunFolder) -> list[str]:
-    """Eval variants whose adapters changed since they were evaluated (see EVAL_INPUTS), or which
-    scored an adapter that is not its finished training's (e.g. epoch_0 of an interrupted one)."""
-    stale = []
+    """Eval variants whose adapters or data (AGENT_INPUTS) changed since they were evaluated (see
+    EVAL_INPUTS), or which scored an adapter that is not its finished training's (e.g. epoch_0 of an
+    interrupted one)."""
+    stale, data = [], None
     for inputs_file in sorted(run.eval_dir.glob(f"*/{EVAL_INPUTS}")):
-        recorded = json.loads(inputs_file.read_text(encoding="utf-8")).get("adapters", {})
+        inputs = json.loads(inputs_file.read_text(encoding="utf-8"))
+        if "data" in inputs:
+            data = run.checksums(*AGENT_INPUTS) if data is None else data
+            if inputs["data"] != data:
+                stale.append(inputs_file.parent.name)
+                continue
+        recorded = inputs.get("adapters", {})
         if run.checksums(*recorded) != recorded or not all(_finished_adapter(run, rel) for rel in recorded
                                                             if rel.endswith(ADAPTER_FILE)):
             stale.append(inputs_file.parent.name)
@@ -243,7 +255,9 @@ def _finished_adapter(run: RunFolder, rel: str) -> bool:
 
 
 def evaluate(run_dir, variants: list[str], family: str | None = None, memory: str = "ms+ml", mode: str = "scoring",
-             overrides: list[str] = (), force: bool = False) -> dict[str, str]:
+             overrides: list[str] = (), force: bool = False, remote=None) -> dict[str, str]:
+    """``remote``: a persona_tune.serving.remote.RemoteOptions; with backend openai the recipe rates
+    through the server that serves each variant's `persona-tune serve-export` bundle."""
     run = RunFolder(run_dir)
     run.require(RATINGS_TEST)
     variants = [check_name(v) for v in variants]
@@ -251,12 +265,27 @@ def evaluate(run_dir, variants: list[str], family: str | None = None, memory: st
     family = run_family(run, family)
     adapters = check_adapters(run, variants)
     configs = {v: build_eval_config(run, v, family, memory, mode, overrides) for v in variants}
-    return {v: evaluate_variant(run, v, cfg, force, adapters[v]) for v, cfg in configs.items()}
+    env = None
+    if remote is not None and remote.backend != "local":
+        from persona_tune.net import redact
+        from persona_tune.serving.remote import SECRET_URL_ENV, endpoint
+        from persona_tune.serving.stage import read_serving_spec
+
+        url = endpoint(remote)
+        for v, cfg in configs.items():
+            read_serving_spec(run, v)  # exported? (names the command if not)
+            cfg.backend = remote.backend
+            cfg.remote = {k: remote.remote_dict()[k] for k in REMOTE_FIELDS if k != "backend"}
+            if url and redact(url) != url:  # a password in the URL: never in eval_config.yaml or eval_inputs.json
+                cfg.remote.base_url = redact(url)
+                env = {**os.environ, SECRET_URL_ENV: url}
+    return {v: evaluate_variant(run, v, cfg, force, adapters[v], env) for v, cfg in configs.items()}
 
 
 @dataclass
-class EvalConfig:
-    """The `eval` stage's options (its CLI arguments are generated from them)."""
+class EvalConfig(RemoteOptions):
+    """The `eval` stage's options (its CLI arguments are generated from them); --backend openai rates
+    with the served agents (docs/serving.md)."""
 
     variants: str = field(default="persona,single_min,single_max", metadata={
         "help": "comma list: persona, single_min, single_max, prompted, any trained variant; "
@@ -272,13 +301,20 @@ class EvalConfig:
     overrides: tuple[str, ...] = field(default=(), metadata={
         "positional": True, "metavar": "KEY=VALUE", "help": "eval config overrides, after `--`"})
 
+    def validate(self) -> None:
+        self.validate_remote()
+        if self.backend != "local" and self.mode != "scoring":
+            raise ConfigError("--backend openai rates in scoring mode only (the expected rating): use --mode scoring")
+
     def variant_list(self) -> list[str]:
         return [v.strip() for v in self.variants.split(",") if v.strip()]
 
 
 def run(run: RunFolder, cfg: EvalConfig) -> dict[str, str]:
     """The `eval` stage: `tune run persona_eval` per variant unless current; variant -> 'done' or 'skipped'."""
-    return evaluate(run.root, cfg.variant_list(), cfg.family, cfg.memory, cfg.mode, list(cfg.overrides), cfg.force)
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
+    return evaluate(run.root, cfg.variant_list(), cfg.family, cfg.memory, cfg.mode, list(cfg.overrides), cfg.force,
+                    remote=cfg)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -50,7 +50,7 @@ from persona_tune.runfolder import (
     atomic_write_parquet,
     file_sha256,
 )
-from persona_tune.stage import add_config_arguments, config_from_args
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
@@ -293,16 +293,16 @@ class EmbedConfig:
 
     backend: str = field(default="local", metadata={"choices": BACKENDS, "help": "embedding backend"})
     model: str | None = field(default=None, metadata={"help": f"embedding model (defaults: {DEFAULT_MODELS})"})
-    k: int = field(default=1, metadata={"help": "memories retrieved per row (top-k)"})
-    delta: float = field(default=DEFAULT_DELTA, metadata={"help": "minimum cosine similarity"})
+    k: int = field(default=1, metadata={"min": 1, "help": "memories retrieved per row (top-k)"})
+    delta: float = field(default=DEFAULT_DELTA, metadata={"signed": True, "help": "minimum cosine similarity"})
     query: str = field(default="user+item", metadata={"choices": QUERY_FORMS, "help": "what the query embeds"})
-    batch_size: int | None = field(default=None, metadata={
+    batch_size: int | None = field(default=None, metadata={"min": 1, 
         "help": f"texts per request (defaults: {DEFAULT_BATCH_SIZES})"})
     base_url: str | None = field(default=None, metadata={
         "help": "openai backend: endpoint (default $OPENAI_BASE_URL)"})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={
         "help": "openai backend: environment variable holding the key"})
-    timeout: float = field(default=120.0, metadata={
+    timeout: float = field(default=120.0, metadata={"gt": 0, 
         "help": "openai backend: seconds per request in total (connect and whole answer)"})
     device: str = field(default="cpu", metadata={"help": "local backend: torch device"})
     force: bool = field(default=False, metadata={"flag": "--force", "help": "recompute vectors even if current ones exist"})
@@ -316,6 +316,7 @@ class EmbedConfig:
 
 def run(run: RunFolder, cfg: EmbedConfig) -> dict:
     """The `embed` stage: vectors and retrieved memories; returns the summary recorded in the manifest."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     return run_embed(run.root, backend=cfg.backend, model=cfg.model, k=cfg.k, delta=cfg.delta, query=cfg.query,
                      batch_size=cfg.batch_size, force=cfg.force, embedder_kwargs=cfg.embedder_kwargs())
 

@@ -43,10 +43,13 @@ from persona_tune.runfolder import atomic_path
 log = logging.getLogger(__name__)
 
 SERVING_FORMAT = 1
-PRIOR_FEATURES = ["stated item average + user offset", "stated item average"]  # persona_tune.trunk.prior_features
+# The numbers a head reads per row (persona_tune.trunk.prior_features), by its head.prior.
+PRIOR_FEATURES = {"stated": ["stated item average + user offset", "stated item average"],
+                  "collab": ["stated bias-baseline expectation", "expectation + item-kNN neighbours' residual"]}
 LOGIT_BIAS_RULE = ("add c[r] = bias[r] + sum_j prior_weight[r][j] * x[j] to the engine's log-probability of "
-                   "rating_token_ids[r] (x[j]: the prior feature the prompt states, prior_fill[j] where it "
-                   "states none), then renormalise over the five tokens: p[r] = softmax(logprob + c)[r]")
+                   "rating_token_ids[r] (x[j]: the number prior_features[head.prior][j] the prompt states, "
+                   "prior_fill[j] where it states none), then renormalise over the five tokens: "
+                   "p[r] = softmax(logprob + c)[r]")
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_0", "q5_1")
 ARCHS = {"llama": "llama", "phi3": "phi3"}  # HF model_type -> llama.cpp architecture
 
@@ -56,11 +59,13 @@ ARCHS = {"llama": "llama", "phi3": "phi3"}  # HF model_type -> llama.cpp archite
 
 @dataclass
 class HeadTerms:
-    """What a client adds per request: ``bias`` [5] and ``prior_weight`` [5, n] on the stated numbers."""
+    """What a client adds per request: ``bias`` [5] and ``prior_weight`` [5, n] on the numbers the
+    prompt states (which ones: ``prior``, the head's head.prior: none, stated or collab)."""
 
     bias: np.ndarray
     prior_weight: np.ndarray
     prior_fill: np.ndarray
+    prior: str = "none"
 
     @classmethod
     def zero(cls) -> "HeadTerms":
@@ -69,17 +74,18 @@ class HeadTerms:
     @classmethod
     def from_head(cls, head) -> "HeadTerms":
         return cls(head.bias.detach().double().numpy(), head.prior_weight.detach().double().numpy(),
-                   head.prior_fill.detach().double().numpy())
+                   head.prior_fill.detach().double().numpy(), str(getattr(head, "prior", "none")))
 
     @classmethod
     def from_json(cls, d: dict | None) -> "HeadTerms":
         if not d:
             return cls.zero()
         weight = np.asarray(d["prior_weight"], dtype=float).reshape(5, -1)
-        return cls(np.asarray(d["bias"], dtype=float), weight, np.asarray(d["prior_fill"], dtype=float))
+        return cls(np.asarray(d["bias"], dtype=float), weight, np.asarray(d["prior_fill"], dtype=float),
+                   d.get("prior", "stated" if weight.shape[1] else "none"))
 
     def to_json(self) -> dict:
-        return {"bias": self.bias.tolist(), "prior_weight": self.prior_weight.tolist(),
+        return {"bias": self.bias.tolist(), "prior": self.prior, "prior_weight": self.prior_weight.tolist(),
                 "prior_fill": self.prior_fill.tolist()}
 
     @property

@@ -33,7 +33,7 @@ from persona_tune.runfolder import (
     file_sha256,
 )
 from persona_tune.serving import export as ex
-from persona_tune.stage import add_config_arguments, config_dict, config_from_args, require
+from persona_tune.stage import add_config_arguments, config_dict, config_from_args, require, validate
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def write_base(run: RunFolder, eval_cfg, tokenizer, model_dir: Path, kind: str) 
 
 def run(run: RunFolder, cfg: ServeExportConfig) -> dict:
     """The `serve-export` stage: RUN/serving/<variant>/ (see the module docstring)."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     from safetensors.torch import save
     from torchtune import config as tt_config
 
@@ -187,10 +188,11 @@ def run(run: RunFolder, cfg: ServeExportConfig) -> dict:
         "rating_token_ids": list(answer.rating_ids),
         "rating_texts": texts,
         "rating_texts_shared": shared,
-        "prior_features": ex.PRIOR_FEATURES if any((e["head"] or {}).get("prior_fill") for e in entries) else [],
+        "prior_features": ex.PRIOR_FEATURES,
         "logit_bias_rule": ex.LOGIT_BIAS_RULE,
         "prompt": {"memory": str(eval_cfg.memory), "template": str(eval_cfg.get("prompt_template", "paper")),
-                   "state_numbers": bool(eval_cfg.get("state_numbers", False))},
+                   "state_numbers": bool(eval_cfg.get("state_numbers", False)),
+                   "collab_memories": int(eval_cfg.get("collab_memories", 0) or 0)},
         "adapters": entries,
         "adapter_checksums": adapters,
     }

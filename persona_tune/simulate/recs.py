@@ -12,7 +12,8 @@ A CSV (with a header) or Parquet file with one row per recommended item:
 Extra columns (a ``score``, say) are ignored. Every check runs before anything is written, and the
 first failure is one DataError naming the file and the line (CSV: the file's line, the header being
 line 1) or row (Parquet: 1-based): unknown users or items, a duplicate (recommender, user, rank) or
-(recommender, user, item), a rank that is not a positive integer, missing columns, an empty file.
+(recommender, user, item), a rank that is not a positive integer, a number outside int64, missing
+columns, an empty file.
 """
 
 from __future__ import annotations
@@ -52,17 +53,33 @@ def read_recs_file(path: str | Path) -> tuple[pd.DataFrame, bool]:
     return table, csv
 
 
+INT64_LIMIT = 2.0 ** 63  # |value| below this fits int64
+
+
 def _integers(table: pd.DataFrame, column: str, path: Path, csv: bool, minimum: int | None = None) -> np.ndarray:
+    """The column as int64; the first value that is not an integer (>= ``minimum``) within int64 is a
+    DataError naming its line (a rank of 10**30 would otherwise wrap to a negative number)."""
     raw = table[column]
-    values = pd.to_numeric(raw.astype(str).str.strip() if raw.dtype == object else raw, errors="coerce")
-    values = values.to_numpy(dtype=float)
+    parsed = pd.to_numeric(raw.astype(str).str.strip() if raw.dtype == object else raw, errors="coerce")
+    values = parsed.to_numpy(dtype=float)
     bad = ~np.isfinite(values) | (values != np.round(values))
     if minimum is not None:
         bad |= np.nan_to_num(values, nan=minimum) < minimum
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    if parsed.dtype.kind == "i":  # parsed exactly as int64
+        too_large = np.zeros(len(values), bool)
+    elif parsed.dtype.kind == "u":
+        too_large = parsed.to_numpy() > np.iinfo(np.int64).max
+    else:
+        too_large = np.abs(np.nan_to_num(values)) >= INT64_LIMIT
+    if (bad | too_large).any():
+        i = int(np.flatnonzero(bad | too_large)[0])
+        if too_large[i] and not bad[i]:
+            raise DataError(f"{column} {raw.iloc[i]!r} is out of range (a 64-bit integer, below 2**63)",
+                            **_where(path, csv, i))
         need = f"an integer >= {minimum}" if minimum is not None else "an integer"
         raise DataError(f"{column} must be {need}, got {raw.iloc[i]!r}", **_where(path, csv, i))
+    if parsed.dtype.kind in "iu":  # exact, also above 2**53 where a float would round
+        return parsed.to_numpy(dtype=np.int64)
     return values.astype(np.int64)
 
 

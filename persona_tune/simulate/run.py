@@ -50,24 +50,29 @@ from persona_tune.runfolder import (
     atomic_write_json,
     atomic_write_parquet,
     file_sha256,
+    read_or_discard,
 )
+from persona_tune.serving.remote import TRANSPORT_FIELDS, RemoteOptions
 from persona_tune.simulate import fidelity
 from persona_tune.simulate.classical import BiasRater
 from persona_tune.simulate.fidelity import PROB_COLUMNS
 from persona_tune.simulate.recommenders import HELDOUT_SUFFIX, REFERENCE, reference_recs
 from persona_tune.simulate.recs import load_recs
-from persona_tune.stage import add_config_arguments, config_dict, config_from_args, require
+from persona_tune.stage import add_config_arguments, config_dict, config_from_args, require, validate
 
 log = logging.getLogger(__name__)
 
 CLASSICAL = "classical"  # the simulator name of the bias-baseline rater
+REMOTE_REQUESTS = "requests.sqlite"  # --backend openai: the served agent's answers (resumable)
 SCORE_COLUMNS = ["user_id", "item_id", "persona", "expected_rating", "p_like", *PROB_COLUMNS, "rating_mass",
                  "n_prompt_tokens"]
 FAMILY_CHOICES = FAMILIES
 
 
 @dataclass
-class SimulateConfig:
+class SimulateConfig(RemoteOptions):
+    """`persona-tune simulate`'s options; --backend openai rates with a served agent (docs/serving.md)."""
+
     variant: str = field(default="persona", metadata={
         "help": "the agents: persona, single_min, single_max, prompted or any trained variant (suffix -ms/-msml/-ml)"})
     recs: tuple[str, ...] = field(default=(), metadata={
@@ -78,18 +83,18 @@ class SimulateConfig:
         "choices": FAMILY_CHOICES, "help": "model family (None: the one `persona-tune configs` recorded)"})
     memory: str = field(default="ms+ml", metadata={
         "choices": MEMORY_MODES, "help": "memory mode of `prompted` (adapters use their training memory)"})
-    k: int = field(default=10, metadata={"help": "slate length of the reference top-k slates and of nDCG@k"})
+    k: int = field(default=10, metadata={"min": 1, "help": "slate length of the reference top-k slates and of nDCG@k"})
     candidates: int = field(default=20, metadata={
         "help": "held-out test items per user to probe and re-rank (a seeded sample; 0 = all)"})
     negatives: int = field(default=3, metadata={"help": "unrated items sampled per held-out item (Agent4Rec's 1:3)"})
-    users: int | None = field(default=None, metadata={
+    users: int | None = field(default=None, metadata={"min": 1, 
         "help": "simulate a seeded sample of this many users (reference slates and probes); None = all"})
     probes: bool = field(default=True, metadata={
         "help": "rate probe rows (held-out candidates and unrated items) for the fidelity metrics"})
     topk: bool = field(default=True, metadata={"help": "reference top-k slates of unseen items (besides @heldout)"})
-    like_threshold: float = field(default=0.5, metadata={"help": "p_like at which a simulator 'would watch'"})
-    chunk_rows: int = field(default=256, metadata={"help": "(user, item) pairs per resumable chunk"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of users for the CIs"})
+    like_threshold: float = field(default=0.5, metadata={"gt": 0, "lt": 1, "help": "p_like at which a simulator 'would watch'"})
+    chunk_rows: int = field(default=256, metadata={"min": 1, "help": "(user, item) pairs per resumable chunk"})
+    n_boot: int = field(default=1000, metadata={"min": 1, "help": "bootstrap resamples of users for the CIs"})
     seed: int = 0
     num_threads: int | None = field(default=None, metadata={"help": "torch threads (None: torch's default)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -104,13 +109,8 @@ class SimulateConfig:
     overrides: tuple[str, ...] = field(default=(), metadata={"cli": False})
 
     def validate(self) -> None:
-        require(self.k >= 1, f"--k must be >= 1, got {self.k}")
-        require(self.candidates >= 0, f"--candidates must be >= 0, got {self.candidates}")
-        require(self.negatives >= 0, f"--negatives must be >= 0, got {self.negatives}")
-        require(self.users is None or self.users >= 1, f"--users must be >= 1, got {self.users}")
-        require(0.0 < self.like_threshold < 1.0, f"--like-threshold must be in (0, 1), got {self.like_threshold}")
-        require(self.chunk_rows >= 1, f"--chunk-rows must be >= 1, got {self.chunk_rows}")
-        require(self.n_boot >= 0, f"--n-boot must be >= 0, got {self.n_boot}")
+        self.validate_remote()
+        # The numbers' ranges are in the fields' metadata (persona_tune.stage.validate checks them first).
         require(bool(self.recs) or self.reference or self.validity,
                 "nothing to simulate: give --recs FILE or keep --reference")
         require(not (self.validity and self.recs), "--recs is for slates; --validity ranks each user's held-out set "
@@ -185,8 +185,9 @@ def make_probes(train: pd.DataFrame, test: pd.DataFrame, item_ids: np.ndarray, u
 # ---------------------------------------------------------------- the agent's scores, resumable
 
 
-def agent_fingerprint(run: RunFolder, eval_cfg) -> str:
-    """What an agent's scores depend on: the eval config (model, adapters, memory) and the input files."""
+def agent_fingerprint(run: RunFolder, eval_cfg, remote: RemoteOptions | None = None) -> str:
+    """What an agent's scores depend on: the eval config (model, adapters, memory) and the input files;
+    with a served agent (``remote``, backend openai), also the server and its bundle."""
     from omegaconf import OmegaConf
 
     from persona_tune.evaluation.loading import adapter_path
@@ -203,6 +204,12 @@ def agent_fingerprint(run: RunFolder, eval_cfg) -> str:
             path = adapter_path(adapter_dir, int(p), eval_cfg.get("adapter_epoch"))
             adapters[str(p)] = file_sha256(path)
     spec["adapter_sha256"] = adapters
+    if remote is not None and remote.backend != "local":
+        from persona_tune.runfolder import SERVING_SPEC
+
+        spec["served"] = {k: v for k, v in remote.remote_dict().items() if k not in TRANSPORT_FIELDS}
+        spec["served"]["bundle"] = file_sha256(run.serving_variant_dir(eval_cfg.variant) / SERVING_SPEC) \
+            if (run.serving_variant_dir(eval_cfg.variant) / SERVING_SPEC).is_file() else None
     spec["inputs"] = {f: file_sha256(run.path(f)) for f in (ITEMS, RATINGS_TRAIN, PROFILES, MEMORIES,
                                                                 EMBEDDINGS_META, ASSIGNMENTS)
                       if run.path(f).is_file()}
@@ -217,8 +224,9 @@ def read_parts(sim: SimulationFolder, fingerprint: str) -> pd.DataFrame:
             ok = json.loads(stamp.read_text())["fingerprint"] == fingerprint
         except (OSError, ValueError, KeyError):
             ok = False
-        if ok and part.is_file():
-            frames.append(pd.read_parquet(part))
+        frame = read_or_discard(part, pd.read_parquet, "agent scores part") if ok else None
+        if frame is not None:  # a corrupt part is named, removed and scored again
+            frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=SCORE_COLUMNS)
     return pd.concat(frames, ignore_index=True).drop_duplicates(["user_id", "item_id"], keep="last")
@@ -244,7 +252,7 @@ def score_with_agent(run: RunFolder, sim: SimulationFolder, cfg: SimulateConfig,
 
     eval_cfg = build_eval_config(run, cfg.variant, run_family(run, cfg.family), cfg.memory, "scoring",
                                  list(cfg.overrides))
-    fingerprint = agent_fingerprint(run, eval_cfg)
+    fingerprint = agent_fingerprint(run, eval_cfg, cfg)
     have = read_parts(sim, fingerprint)
     key = pd.MultiIndex.from_frame(pairs[["user_id", "item_id"]])
     done = key.isin(pd.MultiIndex.from_frame(have[["user_id", "item_id"]])) if len(have) else np.zeros(len(pairs), bool)
@@ -268,7 +276,7 @@ def _score_missing(run, sim, cfg, eval_cfg, fingerprint, todo) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        agent = UserAgent(eval_cfg, mode="scoring")
+        agent = UserAgent(eval_cfg, mode="scoring", remote=cfg, cache=sim.root / REMOTE_REQUESTS)
         todo = todo.assign(persona=[agent.persona(int(u)) for u in todo["user_id"]])
         start_index = len(list(sim.parts_dir.glob("part_*.parquet"))) if sim.parts_dir.is_dir() else 0
         seconds, before = 0.0, dict(agent.predictor.stats.as_dict())
@@ -297,7 +305,7 @@ def _score_missing(run, sim, cfg, eval_cfg, fingerprint, todo) -> dict:
 def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
     """Rate every recs and probe row with the agent and the classical simulator; write RUN/simulate/<name>/.
     With ``cfg.validity``: the validity protocol (persona_tune.simulate.validity.run; its summary)."""
-    cfg.validate()
+    validate(cfg)  # ranges (field metadata), then SimulateConfig.validate
     if cfg.validity:
         from persona_tune.simulate import validity
 
