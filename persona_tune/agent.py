@@ -16,6 +16,10 @@ rating plus p1..p5, in paper mode a generated answer parsed to a rating (NaN whe
 An item is an item_id of items.parquet or, for an item the run has never seen, its text; a new
 item's text is embedded with the run's embedding backend to retrieve memories.
 ``rate_many`` batches users of the same persona together (one adapter load per persona).
+
+Served agents: ``UserAgent.from_run(run, variant, remote=RemoteOptions(backend="openai",
+base_url=URL))`` builds the same prompts and rates them through an OpenAI-compatible server that
+serves the variant's `persona-tune serve-export` bundle (persona_tune.serving.remote; scoring mode).
 """
 
 from __future__ import annotations

@@ -185,7 +185,7 @@ class RemoteRater:
             self.use(-1)
         entry = self.entries[self.persona]
         terms = self.terms[self.persona]
-        logprobs = self._run(entry, [list(map(int, p)) for p in prompts])
+        logprobs = self.logprobs([(entry, [list(map(int, p)) for p in prompts])])[0]
         extra = head_terms(terms, self.row_priors if terms.n_prior else None)
         z = logprobs + (extra if len(extra) == len(prompts) else np.tile(extra[0], (len(prompts), 1)))
         probs = np.exp(z - z.max(1, keepdims=True))
@@ -202,13 +202,15 @@ class RemoteRater:
         return out
 
     # ---------------------------------------------------------------- requests
-    def _run(self, entry: dict, prompts: list[list[int]]) -> np.ndarray:
+    def logprobs(self, groups: list[tuple[dict, list[list[int]]]]) -> list[np.ndarray]:
+        """The engine's log-probabilities [n, 5] of the rating tokens for each (adapter entry, prompts)
+        group, all groups' requests in flight together (up to the concurrency)."""
         from persona_tune.distill.client import ChatClient, ClientSettings
         from persona_tune.distill.llm import resolve_api_key
         from persona_tune.distill.store import RequestStore
 
         o = self.options
-        settings = ClientSettings(base_url=self.url, model=entry["model"], api_key=resolve_api_key(o.api_key_env),
+        settings = ClientSettings(base_url=self.url, model=groups[0][0]["model"], api_key=resolve_api_key(o.api_key_env),
                                   timeout=o.timeout, max_retries=o.max_retries, concurrency=o.concurrency)
         store = RequestStore(self.cache_path) if self.cache_path is not None else None
         try:
@@ -217,11 +219,14 @@ class RemoteRater:
             async def go():
                 client = ChatClient(settings, rng=random.Random(0))
                 try:
-                    return await asyncio.gather(*(self._rate_one(client, store, known, entry, p) for p in prompts))
+                    return await asyncio.gather(*(self._rate_one(client, store, known, entry, p)
+                                                  for entry, prompts in groups for p in prompts))
                 finally:
                     await client.close()
 
-            return np.array(asyncio.run(go()), dtype=float).reshape(len(prompts), 5)
+            flat = np.array(asyncio.run(go()), dtype=float).reshape(-1, 5)
+            ends = np.cumsum([len(prompts) for _, prompts in groups])
+            return np.split(flat, ends[:-1])
         finally:
             if store is not None:
                 store.close()
