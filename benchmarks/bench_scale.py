@@ -1,6 +1,6 @@
 """The cost curve: every stage of the pipeline at rising population sizes, on this machine.
 
-    python benchmarks/bench_scale.py --sizes 20 60 200 600 --out /work/runs/scale      # measure (resumable)
+    python benchmarks/bench_scale.py --sizes 10 30 100 300 --out /work/runs/scale      # measure (resumable)
     python benchmarks/bench_scale.py --out /work/runs/scale --report docs                 # fit, extrapolate, plot
 
 Per size N: a run folder of N ML-1M users (every user of the ratings file is eligible: --min-ratings 20,
@@ -243,6 +243,35 @@ def report(out: Path, docs: Path) -> dict:
     return result
 
 
+def markdown(result: dict) -> str:
+    """The tables of docs/scale.md, from scale.json."""
+    head = "| users | memories | " + " | ".join(STAGES) + " | LLM calls | LLM tokens | Batch rounds |"
+    lines = [head, "|" + "---|" * (len(STAGES) + 5)]
+    for s in result["sizes"]:
+        cells = [f"{s['stages'][n]['cpu_seconds']:.1f} / {s['stages'][n]['seconds']:.0f} s, "
+                 f"{s['stages'][n]['peak_rss_mb']:.0f} MB" for n in STAGES]
+        lines.append(f"| {s['users']:,} | {s['memories']:,} | " + " | ".join(cells)
+                     + f" | {s['llm_calls']:,} | {s['llm_tokens']:,} | {s['batch_rounds']} |")
+    lines.append("| exponent b (CPU) | | " + " | ".join(f"{result['exponents'][n]:.2f}" for n in STAGES)
+                 + f" | {result['llm_exponents']['calls']:.2f} | {result['llm_exponents']['tokens']:.2f} | |")
+    lines.append("| b, two largest sizes | | " + " | ".join(f"{result['local_exponents'][n]:.2f}" for n in STAGES) + " | | | |")
+    lines += ["", "| users | " + " | ".join(STAGES) + " | dominant | LLM calls | LLM tokens | GPU: embed | GPU: agent simulate | "
+              "LLM tokens/s for 24 h |", "|" + "---|" * (len(STAGES) + 7)]
+    for target, p in result["extrapolated"].items():
+        g = p["gpu_estimates"]
+        lines.append(f"| {int(target):,} | " + " | ".join(_duration(p["stages"][n]["cpu_seconds"]) for n in STAGES)
+                     + f" | {p['dominant']} | {p['llm_calls']:,} | {p['llm_tokens']:.2e} | ~{_duration(g['embed_seconds'])}"
+                     f" | ~{_duration(g['simulate_agent_seconds'])} | {g['distill_tokens_per_s_for_24h']:,} |")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def plot(sizes: list[dict], affine: dict, fits: dict, path: Path) -> None:
     import matplotlib
 
@@ -282,8 +311,7 @@ def main() -> int:
         sys.exit(f"{GNU_TIME} (GNU time, apt-get install time) is needed to read each stage's peak RSS")
     if args.report is not None:
         result = report(args.out, args.report)
-        print(json.dumps({"exponents": result["exponents"],
-                          "dominant": {k: v["dominant"] for k, v in result["extrapolated"].items()}}))
+        print(markdown(result))
         return 0
     for users in args.sizes:
         measure(users, args.out)

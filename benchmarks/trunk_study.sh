@@ -102,6 +102,9 @@ collab)
   "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells single_max-ms "${C[@]}" \
       --train-set epochs=0 --train-set head.prior=collab
   "${GRID[@]}" --label n1000-collab-lm-probe --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set epochs=0
+  # The same head on the other cells' 2,000 test rows.
+  "${GRID[@]}" --label n1000-collab-probe-test2000 --train-rows 1000 --cells single_max-ms "${C[@]}" \
+      --train-set eval.max_rows=2000 --train-set epochs=0 --train-set head.prior=collab
   "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells persona-ms "${C[@]}" \
       --train-set epochs=0 --train-set head.prior=collab
   "${GRID[@]}" --label collab --cells prompted-ms "${C[@]}"

@@ -117,7 +117,7 @@ def test_grid_trunk_trains_with_tune_run_evaluates_and_invalidates(tiny, tmp_pat
     cells = json.loads((run / "eval" / "results.json").read_text())["cells"]
     assert {c["name"] for c in cells} == {"trunk-prompted-ms", "trunk-single_max-ms"}
     for cell in cells:
-        assert set(cell["paired"]) == {"global_mean", "user_mean", "item_mean", "bias"}
+        assert set(cell["paired"]) == {"global_mean", "user_mean", "item_mean", "bias", "knn", "mf"}
         assert all(p["lo"] <= p["diff"] <= p["hi"] for p in cell["paired"].values())
     # The same command again: nothing is retrained and the test rows' trunk outputs are reused.
     again = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "eval.paper_rows=4")

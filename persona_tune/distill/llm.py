@@ -204,7 +204,12 @@ class LLMDistiller:
                     self.tally.users_failed += 1
                 bar.set_postfix(done=self.tally.users_done, failed=self.tally.users_failed, cached=self.tally.cached)
 
-            await asyncio.gather(*(one(u, b) for u, b in plan.items()))
+            # Every task's outcome is collected (none is left unretrieved at shutdown); a fatal endpoint
+            # error stops the run once.
+            outcomes = await asyncio.gather(*(one(u, b) for u, b in plan.items()), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         failures.sort(key=lambda f: f["user_id"])
         return results, failures
 
