@@ -302,6 +302,15 @@ def _score_missing(run, sim, cfg, eval_cfg, fingerprint, todo) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
+def read_inputs(run: RunFolder) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+    """(train, test, items, sorted item ids, sorted ids of users with train rows): what a simulation reads."""
+    run.require(RATINGS_TRAIN, RATINGS_TEST, ITEMS)
+    train = run.read_ratings("train")
+    items = run.read_items(columns=["item_id", "hist_avg", "hist_count"])
+    return (train, run.read_ratings("test"), items, np.sort(items["item_id"].to_numpy()),
+            np.sort(train["user_id"].unique()))
+
+
 def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
     """Rate every recs and probe row with the agent and the classical simulator; write RUN/simulate/<name>/.
     With ``cfg.validity``: the validity protocol (persona_tune.simulate.validity.run; its summary)."""
@@ -310,12 +319,7 @@ def run(run: RunFolder, cfg: SimulateConfig) -> SimulateSummary:
         from persona_tune.simulate import validity
 
         return validity.run(run, cfg)
-    run.require(RATINGS_TRAIN, RATINGS_TEST, ITEMS)
-    train = run.read_ratings("train")
-    test = run.read_ratings("test")
-    items = run.read_items(columns=["item_id", "hist_avg", "hist_count"])
-    item_ids = np.sort(items["item_id"].to_numpy())
-    train_users = np.sort(train["user_id"].unique())
+    train, test, items, item_ids, train_users = read_inputs(run)
 
     # 1. Inputs, every check before anything is written.
     recs = load_recs(cfg.recs, train_users, item_ids)

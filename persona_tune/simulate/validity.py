@@ -41,7 +41,7 @@ from sklearn.metrics import ndcg_score
 
 from persona_tune.errors import ConfigError, DataError
 from persona_tune.history import History
-from persona_tune.runfolder import RATINGS_TEST, RATINGS_TRAIN, ITEMS, RunFolder, atomic_write_json, atomic_write_parquet
+from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_parquet
 from persona_tune.simulate.classical import BiasRater, rating_distribution
 from persona_tune.simulate.fidelity import LIKE_AT, PROB_COLUMNS, RATINGS, resample_weights
 from persona_tune.simulate.recommenders import VALIDITY, Interactions, score_matrices
@@ -397,14 +397,9 @@ def validity_rows(train: pd.DataFrame, test: pd.DataFrame, item_ids: np.ndarray,
 
 def run(run_folder: RunFolder, cfg) -> ValiditySummary:
     """The protocol on ``run_folder`` with a validated SimulateConfig ``cfg`` (``cfg.validity``)."""
-    from persona_tune.simulate.run import sample_users, score_with_agent
+    from persona_tune.simulate.run import read_inputs, sample_users, score_with_agent
 
-    run_folder.require(RATINGS_TRAIN, RATINGS_TEST, ITEMS)
-    train = run_folder.read_ratings("train")
-    test = run_folder.read_ratings("test")
-    items = run_folder.read_items(columns=["item_id", "hist_avg", "hist_count"])
-    item_ids = np.sort(items["item_id"].to_numpy())
-    train_users = np.sort(train["user_id"].unique())
+    train, test, items, item_ids, train_users = read_inputs(run_folder)
     users = sample_users(test[test["user_id"].isin(train_users)], cfg.users, cfg.seed)
     heldout, unrated = validity_rows(train, test, item_ids, users, cfg.candidates, cfg.negatives, cfg.seed)
     rows = pd.concat([heldout[["user_id", "item_id"]], unrated[["user_id", "item_id"]]]).drop_duplicates(ignore_index=True)
