@@ -24,15 +24,16 @@ import argparse
 import importlib.util
 import json
 import shlex
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from persona_tune.errors import ConfigError
+from persona_tune.serving.parity import free_port, wait_until_serving
 
 
 def why_not() -> str | None:
@@ -49,12 +50,6 @@ def why_not() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vllm's --max-lora-rank accepts
 
 
@@ -68,15 +63,10 @@ def vllm_command(run, specs: list[dict], port: int, gpu_memory: float) -> list[s
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 900.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url + "/models", timeout=5).read()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"vllm serve did not start (exit {proc.poll()}); see its log")
-            time.sleep(2)
+    try:
+        wait_until_serving(url, proc, timeout, poll=2.0)
+    except ConfigError:
+        raise SystemExit(f"vllm serve did not start (exit {proc.poll()}); see its log") from None
 
 
 def spread_rows(run, n: int, seed: int = 0) -> pd.DataFrame:

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from persona_tune.distill.run import DistillConfig, distill
+from persona_tune.errors import ConfigError
 from persona_tune.runfolder import RunFolder, atomic_write_parquet
+from persona_tune.serving.parity import free_port, wait_until_serving
 from tests.fixtures_runs import make_prepared_run
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,17 +41,11 @@ def _gguf() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def llama_server():
     _require("llama_cpp")
     gguf = _gguf()
-    port = _free_port()
+    port = free_port()
     # One thread: on a busy 2-core machine llama.cpp's spinning worker threads slow it down ~4x.
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
@@ -61,16 +54,11 @@ def llama_server():
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"llama_cpp.server did not start: {proc.stderr.read()[-2000:]}")
-            time.sleep(0.5)
+    try:
+        wait_until_serving(url, proc, 120)
+    except ConfigError:
+        proc.kill()
+        pytest.fail(f"llama_cpp.server did not start: {proc.stderr.read()[-2000:]}")
     yield url
     proc.terminate()
     proc.wait(30)

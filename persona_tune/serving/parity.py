@@ -56,6 +56,19 @@ def server_config(run: RunFolder, spec: dict, port: int, n_ctx: int = 2048, thre
     return {"host": "127.0.0.1", "port": port, "models": models}
 
 
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float, poll: float = 0.3) -> None:
+    """Return once ``url``/models answers; ConfigError when ``proc`` exits or ``timeout`` s pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url + "/models", timeout=5).read()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ConfigError(f"the server of {url} did not start (exit code {proc.poll()})") from None
+            time.sleep(poll)
+
+
 @contextlib.contextmanager
 def llama_cpp_server(run: RunFolder | str | Path, spec: dict, n_ctx: int = 2048, threads: int = 1, kv: str = "f32",
                      start_timeout: float = 120.0) -> Iterator[str]:
@@ -70,16 +83,11 @@ def llama_cpp_server(run: RunFolder | str | Path, spec: dict, n_ctx: int = 2048,
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
         url = f"http://127.0.0.1:{port}/v1"
         try:
-            deadline = time.monotonic() + start_timeout
-            while True:
-                try:
-                    urllib.request.urlopen(url + "/models", timeout=2).read()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log.seek(0)
-                        raise ConfigError(f"llama_cpp.server did not start: {log.read()[-2000:]}") from None
-                    time.sleep(0.3)
+            try:
+                wait_until_serving(url, proc, start_timeout)
+            except ConfigError:
+                log.seek(0)
+                raise ConfigError(f"llama_cpp.server did not start: {log.read()[-2000:]}") from None
             yield url
         finally:
             proc.terminate()
