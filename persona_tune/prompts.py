@@ -205,18 +205,13 @@ def fit_to_length(
         parts = replace(parts, terse=True)
         if count_tokens(parts) <= max_tokens:
             return parts
-    memories = list(parts.memories)
-    while memories:
-        memories.pop()
-        parts = replace(parts, memories=tuple(memories))
-        if count_tokens(parts) <= max_tokens:
-            return parts
-    similar = list(parts.collab)
-    while similar:
-        similar.pop()
-        parts = replace(parts, collab=tuple(similar))
-        if count_tokens(parts) <= max_tokens:
-            return parts
+    for name in ("memories", "collab"):  # last first
+        kept = list(getattr(parts, name))
+        while kept:
+            kept.pop()
+            parts = replace(parts, **{name: tuple(kept)})
+            if count_tokens(parts) <= max_tokens:
+                return parts
     words = parts.profile.split()
 
     def longest_profile(parts: PromptParts) -> PromptParts:

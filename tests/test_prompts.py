@@ -16,6 +16,7 @@ from persona_tune.prompts import (
     TERSE_TASK,
     PromptParts,
     check_template,
+    collab_lines,
     fit_to_length,
     numbers_line,
     load_prompt_rows,
@@ -80,6 +81,17 @@ def test_fit_to_length_cuts_boilerplate_before_facts():
     assert words(no_traits) <= bare + 4
     with pytest.raises(ConfigError, match="task and item text alone"):
         fit_to_length(parts, words, bare - 1)
+
+
+def test_fit_to_length_cuts_collaborative_memories_after_text_memories_and_keeps_their_numbers():
+    parts = replace(PARTS, terse=True, collab=(("Heat", 5, 0.6), ("Ronin", 4, -0.1)),
+                    collab_expected=3.6, collab_residual=0.35, collab_weight=1.2)
+    no_memory = words(replace(parts, memories=()))
+    kept = fit_to_length(parts, words, no_memory)
+    assert kept.memories == () and kept.collab == parts.collab
+    one = fit_to_length(parts, words, no_memory - 1)
+    assert one.memories == () and one.collab == parts.collab[:1] and one.profile == parts.profile
+    assert collab_lines(one)[1] == collab_lines(parts)[1]  # the COLLAB numbers are never cut
 
 
 def test_compact_template_keeps_every_fact_in_fewer_words():
