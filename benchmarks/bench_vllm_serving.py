@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from persona_tune.errors import ConfigError
-from persona_tune.serving.parity import free_port, wait_until_serving
+from persona_tune.serving.parity import free_port, stop_server, wait_until_serving
 
 
 def why_not() -> str | None:
@@ -151,11 +151,7 @@ def main() -> int:
                 "throughput": throughput(run, variant, rows, url, [int(c) for c in args.concurrency.split(",")])}
             print(f"{variant}: parity max |diff| {m['max_abs_diff']:.5f} on {m['rows']} rows", flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, 60)
         log.close()
     best = max((t["rows_per_s"] for v in result["variants"].values() for t in v["throughput"]), default=None)
     result["best_rows_per_s"] = best

@@ -69,6 +69,15 @@ def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float, poll: f
             time.sleep(poll)
 
 
+def stop_server(proc: subprocess.Popen, grace: float) -> None:
+    """Terminate ``proc``; kill it if it has not exited after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @contextlib.contextmanager
 def llama_cpp_server(run: RunFolder | str | Path, spec: dict, n_ctx: int = 2048, threads: int = 1, kv: str = "f32",
                      start_timeout: float = 120.0) -> Iterator[str]:
@@ -90,11 +99,7 @@ def llama_cpp_server(run: RunFolder | str | Path, spec: dict, n_ctx: int = 2048,
                 raise ConfigError(f"llama_cpp.server did not start: {log.read()[-2000:]}") from None
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc, 30)
             log.close()
 
 
