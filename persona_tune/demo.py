@@ -28,6 +28,7 @@ from persona_tune import cli
 from persona_tune.errors import PersonaTuneError
 from persona_tune.runfolder import PLOTS, REPORT, RunFolder
 from persona_tune.stage import ranged
+from persona_tune.variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def train_and_score_trunk(run: RunFolder, args: argparse.Namespace, models: list
     stage("grid", ["--run", str(run.root), "--family", args.model, "--path", "trunk", "--label", DEMO_LABEL,
                    "--train-rows", str(args.train_rows), "--cells", "prompted-ms,persona-ms,single_min-ms,single_max-ms",
                    "--n-boot", "200", *[a for s in settings for a in ("--train-set", s)]])
-    return f"trunk-{DEMO_LABEL}-persona-ms"
+    return Variant.of("persona", "ms", trunk=True, label=DEMO_LABEL).name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
