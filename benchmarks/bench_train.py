@@ -122,7 +122,9 @@ def build_run(base: Path) -> Path:
 
 
 def family_config(run: Path, family: str, base: Path) -> Path:
-    from persona_tune.configgen import generate_configs
+    from persona_tune import configgen
+    from persona_tune.configgen import ConfigsConfig
+    from persona_tune.runfolder import RunFolder
 
     if family == "tiny":
         from persona_tune.models.tiny import write_tiny_phi3
@@ -136,7 +138,7 @@ def family_config(run: Path, family: str, base: Path) -> Path:
     out.mkdir()
     # a copy of the run per family, so configs/ holds that family's files
     shutil.copytree(run, out / "run")
-    targets = generate_configs(out / "run", family=family, overrides=[f"model_dir={model_dir}"])
+    targets = configgen.run(RunFolder(out / "run"), ConfigsConfig(family=family, overrides=[f"model_dir={model_dir}"]))
     return targets["single_max"]
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_tune.errors import ConfigError, DataError
-from persona_tune.names import DEFAULT_MEMORY, FAMILIES, MEMORY_MODES, check_memory_mode
+from persona_tune.names import DEFAULT_MEMORY, FAMILIES, MEMORY_MODES
 from persona_tune.resources import template_dir
 from persona_tune.runfolder import ASSIGNMENTS, RATINGS_TRAIN, RunFolder, atomic_write_text, check_name
 from persona_tune.stage import add_config_arguments, config_from_args, validate
@@ -229,19 +229,31 @@ def write_variant_config(run: RunFolder, variant: str, template: Path, spec: dic
     return target
 
 
-def generate_configs(
-    run_dir: str | Path,
-    family: str = "phi3",
-    memory: str = "ms+ml",
-    overrides: list[str] | tuple[str, ...] = (),
-    force: bool = False,
-) -> dict[str, Path]:
-    """Write RUN/configs/<variant>.yaml for every persona and single_min/single_max; return name -> path."""
-    run = RunFolder(run_dir)
+@dataclass
+class ConfigsConfig:
+    """The `configs` stage's options (its CLI arguments are generated from them)."""
+
+    family: str = field(default="phi3", metadata={
+        "choices": FAMILIES, "help": "model family: phi3 (the paper's Phi-3-mini), smollm2 (CPU-sized), tiny (tests)"})
+    memory: str = field(default=DEFAULT_MEMORY, metadata={
+        "choices": (DEFAULT_MEMORY, *(m for m in MEMORY_MODES if m != DEFAULT_MEMORY)),  # the default first
+        "help": "prompt memory: profile (ms), profile + retrieved explanation (ms+ml), explanation (ml)"})
+    force: bool = field(default=False, metadata={"flag": "--force", "help": "overwrite existing configs"})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--set", "append": True, "metavar": "KEY=VALUE",
+        "help": "override a config key in every generated file (repeatable), e.g. --set optimizer.lr=1e-4"})
+
+    def validate(self) -> None:
+        parse_overrides(list(self.overrides))
+
+
+def run(run: RunFolder, cfg: ConfigsConfig) -> dict[str, Path]:
+    """The `configs` stage: RUN/configs/<variant>.yaml for every persona and single_min/single_max;
+    returns name -> path."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     run.require(*CONFIG_INPUTS)
-    check_memory_mode(memory)
+    family, memory, overrides, force = cfg.family, cfg.memory, list(cfg.overrides), cfg.force
     templates = template_dir(family)
-    parse_overrides(list(overrides))
     variants = plan_variants(persona_sizes(run))
     params = {"family": family, "memory": memory, "overrides": list(overrides)}
     inputs = run.checksums(*CONFIG_INPUTS)
@@ -288,27 +300,6 @@ def generate_configs(
         variants={name: {**spec, "config": run.config_relpath(name)} for name, spec in variants.items()},
     )
     return targets
-
-
-@dataclass
-class ConfigsConfig:
-    """The `configs` stage's options (its CLI arguments are generated from them)."""
-
-    family: str = field(default="phi3", metadata={
-        "choices": FAMILIES, "help": "model family: phi3 (the paper's Phi-3-mini), smollm2 (CPU-sized), tiny (tests)"})
-    memory: str = field(default=DEFAULT_MEMORY, metadata={
-        "choices": (DEFAULT_MEMORY, *(m for m in MEMORY_MODES if m != DEFAULT_MEMORY)),  # the default first
-        "help": "prompt memory: profile (ms), profile + retrieved explanation (ms+ml), explanation (ml)"})
-    force: bool = field(default=False, metadata={"flag": "--force", "help": "overwrite existing configs"})
-    overrides: tuple[str, ...] = field(default=(), metadata={
-        "flag": "--set", "append": True, "metavar": "KEY=VALUE",
-        "help": "override a config key in every generated file (repeatable), e.g. --set optimizer.lr=1e-4"})
-
-
-def run(run: RunFolder, cfg: ConfigsConfig) -> dict[str, Path]:
-    """The `configs` stage: RUN/configs/<variant>.yaml for every persona and single_min/single_max."""
-    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
-    return generate_configs(run.root, cfg.family, cfg.memory, list(cfg.overrides), cfg.force)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

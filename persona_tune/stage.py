@@ -28,7 +28,8 @@ Range rules live in the metadata too, and ``validate(cfg)`` checks them for ever
 (``config_from_args``) and from Python (each stage's ``run`` calls it first) alike:
 ``"min"`` (>=), ``"gt"`` (>), ``"max"`` (<=), ``"lt"`` (<), e.g. ``field(default=8, metadata={"min": 1})``.
 A number field without a rule must be >= 0 (counts, sizes, seeds); ``"signed": True`` allows any
-value. Every number must be finite, and an int field a whole number. The generated CLI option applies
+value. Every number must be finite, and an int field a whole number; a field with ``"choices"`` must
+hold one of them. The generated CLI option applies
 the same rule while parsing (``argument --k: must be >= 1, got 0``).
 """
 
@@ -182,6 +183,11 @@ def check_fields(cfg) -> None:
     """Raise ConfigError for the first field of ``cfg`` whose value breaks its type or range rule."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        for item in (value if isinstance(value, (tuple, list)) else [value]) if choices is not None else ():
+            if item is not None and item not in choices:
+                raise ConfigError(f"{_option(f)} must be one of {', '.join(map(str, choices))}, got {item!r}")
         try:
             kind, _, sequence = _unwrap(hints[f.name])
         except TypeError:  # a union such as int | str: check numbers only

@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from persona_tune import cli, train
-from persona_tune.configgen import apply_overrides, generate_configs
+from persona_tune import cli, configgen, train
+from persona_tune.configgen import ConfigsConfig, apply_overrides
 from persona_tune.data.loaders import read_text
 from persona_tune.distill.run import DistillConfig, distill
 from persona_tune.errors import ConfigError, DataError, LLMError, StageMissingError
@@ -61,7 +61,7 @@ def test_reclustering_makes_adapters_stale_and_configs_follow(tmp_path, monkeypa
     run_dir = with_personas(tmp_path, n_personas=3)
     run = RunFolder(run_dir)
     model = ["model_dir=" + str(tmp_path)]  # any existing folder: `tune` is faked
-    generate_configs(run_dir, family="tiny", overrides=model)
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=model))
     for variant in ("persona_0", "persona_1", "persona_2"):  # as if trained on these assignments
         (run.adapters_dir / variant / "epoch_0").mkdir(parents=True)
         (run.adapters_dir / variant / "epoch_0" / "adapter_model.pt").write_bytes(b"x")
@@ -76,25 +76,25 @@ def test_reclustering_makes_adapters_stale_and_configs_follow(tmp_path, monkeypa
     with pytest.raises(StageMissingError, match=r"persona_0 \(.*personas/assignments.parquet"):
         check_adapters(run, ["persona"])
     with pytest.raises(ConfigError, match="assignments.parquet changed.*--force"):
-        generate_configs(run_dir, family="tiny", overrides=model)
-    generate_configs(run_dir, family="tiny", overrides=model, force=True)
+        configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=model))
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=model, force=True))
     assert not (run.configs_dir / "persona_2.yaml").exists()  # the old K's config is gone
     assert train.select_variants(run, "all") == ["persona_0", "persona_1", "single_max", "single_min"]
 
     # train redoes the stale ones (here a fake `tune` that fails, so they end "failed", not "skipped").
     monkeypatch.setattr(train, "tune_executable", lambda: fake_tune(tmp_path, "exit 3\n"))
     with caplog.at_level(logging.WARNING):
-        results = train.train(run_dir, "0,1")
+        results = train.run(RunFolder(run_dir), train.TrainConfig(personas="0,1"))
     assert [r.status for r in results] == ["failed", "failed"]
     assert "persona_0 was trained on other inputs (configs/persona_0.yaml, personas/assignments.parquet changed)" in caplog.text
 
 
 def test_configs_rerun_is_skipped_untouched(tmp_path):
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny")
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny"))
     manifest = (run_dir / "manifest.json").read_bytes()
     mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "configs").iterdir()}
-    generate_configs(run_dir, family="tiny")  # no --force needed
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny"))  # no --force needed
     assert (run_dir / "manifest.json").read_bytes() == manifest
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "configs").iterdir()} == mtimes
 
@@ -169,7 +169,7 @@ def test_eval_before_training_says_train_first(tmp_path, capsys):
     run_dir = with_personas(tmp_path)
     assert cli.main(["eval", "--run", str(run_dir), "--variants", "persona"]) == 2
     assert "persona-tune configs" in (line := error_line(capsys)) and "train" in line
-    generate_configs(run_dir, family="tiny")
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny"))
     assert cli.main(["eval", "--run", str(run_dir), "--variants", "persona,single_max"]) == 2
     assert "no trained adapter for persona_0, persona_1, single_max" in (line := error_line(capsys))
     assert "persona-tune train" in line
@@ -177,7 +177,7 @@ def test_eval_before_training_says_train_first(tmp_path, capsys):
 
 def test_train_checks_before_tune_run(tmp_path, monkeypatch, capsys):
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path / "kit" / "model")])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path / "kit" / "model")]))
     started = tmp_path / "started"
     monkeypatch.setattr(train, "tune_executable", lambda: fake_tune(tmp_path, f"touch {started}\n"))
     assert cli.main(["train", "--run", str(run_dir), "--personas", "0", "--", "batch_size=abc"]) == 2
@@ -277,7 +277,8 @@ def test_unrecorded_prepare_output_is_not_an_output(tmp_path):
 
 
 def test_partial_distill_is_a_warning_downstream(tmp_path, caplog):
-    from persona_tune.memory.stage import run_embed
+    from persona_tune.memory.stage import EmbedConfig
+    from persona_tune.memory.stage import run as embed
 
     run = RunFolder(make_prepared_run(tmp_path, n_users=6))
     distill(run, DistillConfig())
@@ -287,13 +288,13 @@ def test_partial_distill_is_a_warning_downstream(tmp_path, caplog):
     atomic_write_parquet(memories[memories["user_id"].isin(profiles["user_id"].iloc[:4])],
                          run.path("distill/memories.parquet"))
     with caplog.at_level(logging.WARNING):
-        run_embed(run.root, backend="hash")
+        embed(run, EmbedConfig(backend="hash"))
     assert "covers 4 of the 6 users: 2 are missing" in caplog.text
 
 
 def test_a_live_writer_is_detected(tmp_path, capsys):
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     with file_lock(RunFolder(run_dir).root / ".train.lock", "training"):
         assert cli.main(["train", "--run", str(run_dir), "--personas", "single_min"]) == 2
     assert f"another process (pid {os.getpid()}) is training adapters" in error_line(capsys)
@@ -307,7 +308,7 @@ def test_tune_run_child_dies_with_its_parent(tmp_path, command):
     from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
 
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     if command == "eval":
         folder = _partial_adapter(RunFolder(run_dir), "single_max")
         atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
@@ -536,7 +537,7 @@ def test_partial_adapter_is_refused_by_eval_and_the_agent(tmp_path, capsys):
     from persona_tune.evaluation.loading import adapter_path
 
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     run = RunFolder(run_dir)
     folder = _partial_adapter(run, "single_max")  # kill -9 during `train`: epoch_0 of 2, no marker
     assert cli.main(["eval", "--run", str(run_dir), "--variants", "single_max"]) == 2
@@ -563,7 +564,7 @@ def test_failed_eval_leaves_no_numbers_for_report(tmp_path, monkeypatch, capsys)
     from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
 
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     run = RunFolder(run_dir)
     folder = _partial_adapter(run, "single_max")
     atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
@@ -622,13 +623,13 @@ def test_temp_files_of_dead_writers_are_cleaned(tmp_path):
 
 def test_train_force_retrains_with_new_overrides(tmp_path, monkeypatch, caplog):
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     run = RunFolder(run_dir)
     folder = _partial_adapter(run, "single_max")
     atomic_write_json(folder / train.SUMMARY, {"inputs": train.variant_inputs(run, "single_max")})
     monkeypatch.setattr(train, "tune_executable", lambda: fake_tune(tmp_path, "exit 3\n"))
     with caplog.at_level(logging.WARNING):
-        [result] = train.train(run_dir, "single_max", overrides=["epochs=2"])
+        [result] = train.run(RunFolder(run_dir), train.TrainConfig(personas="single_max", overrides=("epochs=2",)))
     assert result.status == "skipped" and "single_max already trained: skipped" in caplog.text
     [result] = train.run(run, train.TrainConfig(personas="single_max", overrides=("epochs=2",), force=True))
     assert result.status == "failed"  # it ran `tune run` (the fake one fails)
@@ -852,7 +853,7 @@ def test_user_agent_refuses_a_partial_adapter_before_loading_the_model(tmp_path)
     from persona_tune.agent import UserAgent
 
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path / "no-model")])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path / "no-model")]))
     folder = _partial_adapter(RunFolder(run_dir), "single_max")
     with pytest.raises(StageMissingError, match=rf"{folder}: its training did not finish"):
         UserAgent.from_run(run_dir, variant="single_max", family="tiny")  # the model folder does not even exist
@@ -867,7 +868,7 @@ def test_a_remote_eval_writes_no_password(tmp_path, monkeypatch):
     from persona_tune.serving.remote import SECRET_URL_ENV, RemoteOptions, endpoint
 
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     folder = _partial_adapter(RunFolder(run_dir), "single_max")
     atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
     seen = {}
@@ -875,7 +876,8 @@ def test_a_remote_eval_writes_no_password(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_run, "evaluate_variant", lambda run, v, cfg, force, adapters, env: seen.update(
         cfg=cfg, env=env) or "done")
     secret = "http://user:s3cret@127.0.0.1:9/v1"
-    eval_run.evaluate(run_dir, ["single_max"], "tiny", remote=eval_run.EvalConfig(backend="openai", base_url=secret))
+    eval_run.run(RunFolder(run_dir), eval_run.EvalConfig(variants="single_max", family="tiny", backend="openai",
+                                                         base_url=secret))
     assert seen["cfg"].remote.base_url == "http://***@127.0.0.1:9/v1" and "s3cret" not in str(seen["cfg"])
     assert seen["env"][SECRET_URL_ENV] == secret
     monkeypatch.setenv(SECRET_URL_ENV, secret)  # in the child

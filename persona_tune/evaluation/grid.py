@@ -39,7 +39,6 @@ from persona_tune.configgen import (
     write_variant_config,
 )
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
-from persona_tune.evaluation.run import evaluate
 from persona_tune.names import MEMORY_MODES, MEMORY_TAGS, TAG_OF
 from persona_tune.resources import template_dir
 from persona_tune.runfolder import (
@@ -57,7 +56,7 @@ from persona_tune.runfolder import (
     atomic_write_text,
     check_name,
 )
-from persona_tune.stage import add_config_arguments, config_from_args, validate
+from persona_tune.stage import add_config_arguments, config_from_args, require, validate
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +207,14 @@ def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: lis
               label: str | None, train_overrides: list[str], n_boot: int, parallel: bool,
               train_rows: str | None = None) -> tuple[list, dict]:
     """Train the trunk variants the cells need, then gather each cell's predictions."""
-    from persona_tune.train import TRUNK_RECIPE, train
+    from persona_tune import train
+    from persona_tune.train import TRUNK_RECIPE, TrainConfig
 
     prefix = trunk_prefix(label)
     names = list(train_names) + [c for c in eval_names if c.startswith("prompted-")]
     variants = write_trunk_configs(run, family, names, prefix, train_overrides, train_rows)
-    results = train(run.root, ",".join(variants), parallel=parallel, recipe=TRUNK_RECIPE) if variants else []
+    results = train.run(run, TrainConfig(personas=",".join(variants), parallel=parallel, recipe=TRUNK_RECIPE)) \
+        if variants else []
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
@@ -224,47 +225,6 @@ def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: lis
         collect_trunk_cell(run, f"{prefix}{cell}", members, n_boot)
         statuses[f"{prefix}{cell}"] = "done"
     return results, statuses
-
-
-def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "scoring",
-             eval_overrides: list[str] = (), train_overrides: list[str] = (), n_boot: int = 1000,
-             cells: list[str] | None = None, parallel: bool = False, path: str = "stock",
-             label: str | None = None, train_rows: str | None = None) -> dict:
-    from persona_tune.evaluation.baselines import run_baselines
-    from persona_tune.evaluation.report import write_report
-    from persona_tune.train import train
-
-    if path not in PATHS:
-        raise ConfigError(f"--path must be one of {', '.join(PATHS)}, got {path!r}")
-    if train_rows is not None and (path != "trunk" or not (train_rows == "all" or str(train_rows).isdigit())):
-        raise ConfigError(f"--train-rows takes a number of rows or 'all' with --path trunk, got {train_rows!r}")
-    if label is not None:
-        check_name(label, "--label")
-    run = RunFolder(run_dir)
-    run.require(RATINGS_TRAIN, RATINGS_TEST, ASSIGNMENTS)
-    personas = sorted(persona_sizes(run)["persona"].tolist())
-    train_names, eval_names = select_cells(personas, cells)
-    run.record_stage(f"grid/{trunk_prefix(label)[:-1]}" if path == "trunk" else "grid",
-                     {"family": family, "max_steps": max_steps, "mode": mode, "cells": eval_names, "path": path,
-                      "label": label, "eval_overrides": list(eval_overrides), "train_overrides": list(train_overrides)})
-    steps = [f"max_steps_per_epoch={max_steps}"] if max_steps else []
-    if path == "trunk":
-        if mode != "scoring":
-            raise ConfigError("--path trunk evaluates in scoring mode only; use the stock path for paper mode")
-        results, statuses = run_trunk(run, family, personas, train_names, eval_names, label,
-                                      [*train_overrides, *steps], n_boot, parallel, train_rows)
-    else:
-        write_grid_configs(run, family, train_overrides)
-        results = train(run.root, ",".join(train_names), parallel=parallel, overrides=steps) if train_names else []
-        failed = [r for r in results if r.status == "failed"]
-        if failed:
-            raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
-        statuses = evaluate(run.root, eval_names, family=family, mode=mode,
-                            overrides=[*eval_overrides, f"metrics.n_boot={n_boot}"])
-    if not (run.baselines_dir / METRICS).is_file():
-        run_baselines(run.root, n_boot=n_boot)
-    table = write_report(run.root)
-    return {"trained": {r.variant: r.status for r in results}, "evaluated": statuses, "table": table}
 
 
 @dataclass
@@ -296,15 +256,56 @@ class GridConfig:
         "flag": "--eval-set", "append": True, "metavar": "KEY=VALUE",
         "help": "override a key of every eval config (repeatable), e.g. --eval-set max_rows=50"})
 
+    def validate(self) -> None:
+        train_rows = self.train_rows
+        require(train_rows is None or (self.path == "trunk" and (train_rows == "all" or str(train_rows).isdigit())),
+                f"--train-rows takes a number of rows or 'all' with --path trunk, got {train_rows!r}")
+        if self.label is not None:
+            check_name(self.label, "--label")
+        require(self.path != "trunk" or self.mode == "scoring",
+                "--path trunk evaluates in scoring mode only; use the stock path for paper mode")
+        parse_overrides([*self.train_overrides, *self.eval_overrides])
+
     def cell_list(self) -> list[str] | None:
         return [c.strip() for c in self.cells.split(",") if c.strip()] if self.cells else None
 
 
 def run(run: RunFolder, cfg: GridConfig) -> dict:
     """The `grid` stage: configs, training and eval of every cell, then the report; returns what ran and the table."""
+    from persona_tune import train
+    from persona_tune.evaluation import baselines, report
+    from persona_tune.evaluation import run as eval_stage
+    from persona_tune.evaluation.baselines import BaselinesConfig
+    from persona_tune.evaluation.report import ReportConfig
+    from persona_tune.train import TrainConfig
+
     validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
-    return run_grid(run.root, cfg.family, cfg.max_steps, cfg.mode, list(cfg.eval_overrides), list(cfg.train_overrides),
-                    cfg.n_boot, cfg.cell_list(), cfg.parallel, cfg.path, cfg.label, cfg.train_rows)
+    family, mode, path, label = cfg.family, cfg.mode, cfg.path, cfg.label
+    train_overrides, eval_overrides = list(cfg.train_overrides), list(cfg.eval_overrides)
+    run.require(RATINGS_TRAIN, RATINGS_TEST, ASSIGNMENTS)
+    personas = sorted(persona_sizes(run)["persona"].tolist())
+    train_names, eval_names = select_cells(personas, cfg.cell_list())
+    run.record_stage(f"grid/{trunk_prefix(label)[:-1]}" if path == "trunk" else "grid",
+                     {"family": family, "max_steps": cfg.max_steps, "mode": mode, "cells": eval_names, "path": path,
+                      "label": label, "eval_overrides": eval_overrides, "train_overrides": train_overrides})
+    steps = [f"max_steps_per_epoch={cfg.max_steps}"] if cfg.max_steps else []
+    if path == "trunk":
+        results, statuses = run_trunk(run, family, personas, train_names, eval_names, label,
+                                      [*train_overrides, *steps], cfg.n_boot, cfg.parallel, cfg.train_rows)
+    else:
+        write_grid_configs(run, family, train_overrides)
+        results = train.run(run, TrainConfig(personas=",".join(train_names), parallel=cfg.parallel,
+                                             overrides=tuple(steps))) if train_names else []
+        failed = [r for r in results if r.status == "failed"]
+        if failed:
+            raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
+        statuses = eval_stage.run(run, eval_stage.EvalConfig(
+            variants=",".join(eval_names), family=family, mode=mode,
+            overrides=(*eval_overrides, f"metrics.n_boot={cfg.n_boot}")))
+    if not (run.baselines_dir / METRICS).is_file():
+        baselines.run(run, BaselinesConfig(n_boot=cfg.n_boot))
+    table = report.run(run, ReportConfig())
+    return {"trained": {r.variant: r.status for r in results}, "evaluated": statuses, "table": table}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
