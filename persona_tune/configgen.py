@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from persona_tune.errors import ConfigError, DataError
 from persona_tune.names import DEFAULT_MEMORY, FAMILIES, MEMORY_MODES
 from persona_tune.resources import template_dir
 from persona_tune.runfolder import ASSIGNMENTS, RATINGS_TRAIN, RunFolder, atomic_write_text, check_name
-from persona_tune.stage import add_config_arguments, config_from_args, validate
+from persona_tune.stage import add_config_arguments, config_from_args, parse_overrides, validate
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +104,6 @@ def check_key_ranges(cfg, source) -> None:
         problem = range_problem(value, rule)
         if problem:
             raise ConfigError(f"{key} {problem} (in {source})")
-
-
-def parse_overrides(overrides: list[str]) -> list[str]:
-    """Check the syntax of torchtune's ``key=value`` / ``~key`` overrides before anything is written."""
-    for item in overrides:
-        key, sep, _ = (item[1:], "=", "") if item.startswith("~") else item.partition("=")
-        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", key):
-            raise ConfigError(f"invalid override {item!r}: expected key=value (or ~key), e.g. optimizer.lr=1e-4")
-    return list(overrides)
 
 
 def _leaf_keys(cfg, prefix: str = "") -> list[str]:
@@ -240,8 +230,8 @@ class ConfigsConfig:
         "help": "prompt memory: profile (ms), profile + retrieved explanation (ms+ml), explanation (ml)"})
     force: bool = field(default=False, metadata={"flag": "--force", "help": "overwrite existing configs"})
     overrides: tuple[str, ...] = field(default=(), metadata={
-        "flag": "--set", "append": True, "metavar": "KEY=VALUE",
-        "help": "override a config key in every generated file (repeatable), e.g. --set optimizer.lr=1e-4"})
+        "positional": True, "metavar": "KEY=VALUE", "aliases": {"--set": ""},
+        "help": "config overrides for every generated file, after `--`: -- optimizer.lr=1e-4"})
 
     def validate(self) -> None:
         parse_overrides(list(self.overrides))
@@ -307,8 +297,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, ConfigsConfig)
 
 
-def main(args: argparse.Namespace) -> int:
-    targets = run(RunFolder(args.run), config_from_args(ConfigsConfig, args))
+def print_result(folder: RunFolder, cfg: ConfigsConfig, targets: dict[str, Path]) -> int:
+    """What `persona-tune configs` prints of ``run``'s result; the exit code."""
     for name, path in targets.items():
         print(f"{name:<12} {path}")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(ConfigsConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

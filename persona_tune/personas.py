@@ -151,23 +151,21 @@ def load_profile_vectors(run: RunFolder) -> tuple[np.ndarray, np.ndarray]:
     return ids, vectors
 
 
-def _k_arg(value: str) -> int | str:
+def parse_k(value: str) -> int | str:
+    """--k: 'auto' or a whole number."""
     if value == "auto":
         return value
     try:
-        k = int(value)
+        return int(value)  # its range: PersonasConfig's metadata (stage.validate)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--k must be 'auto' or an integer, got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"--k must be >= 1, got {k}")
-    return k
 
 
 @dataclass
 class PersonasConfig:
     """The `personas` stage's options (its CLI arguments are generated from them)."""
 
-    k: int | str = field(default="auto", metadata={"min": 1, "type": _k_arg, "help": "number of personas, or 'auto' for the elbow"})
+    k: int | str = field(default="auto", metadata={"min": 1, "type": parse_k, "help": "number of personas, or 'auto' for the elbow"})
     k_max: int = field(default=10, metadata={"min": 1, "help": "largest K tried by the elbow"})
     seed: int = field(default=0, metadata={"help": "KMeans seed"})
     n_init: int = field(default=10, metadata={"min": 1, "help": "KMeans restarts per K"})
@@ -266,7 +264,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PersonasConfig, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    summary = run(RunFolder(args.run), config_from_args(PersonasConfig, args))
+def print_result(folder: RunFolder, cfg: PersonasConfig, summary: dict) -> int:
+    """What `persona-tune personas` prints of ``run``'s result; the exit code."""
     print(_summary_markdown(summary), end="")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(PersonasConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

@@ -49,7 +49,7 @@ from persona_tune.runfolder import (
     file_lock,
     last_epoch_adapter,
 )
-from persona_tune.stage import add_config_arguments, config_from_args, validate
+from persona_tune.stage import add_config_arguments, config_from_args, parse_overrides, validate
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,7 @@ def _natural_key(name: str):
 
 def check_overrides(overrides: list[str]) -> list[str]:
     """torchtune `key=value` / `~key` overrides; the keys the file contract fixes are refused."""
-    for item in overrides:
-        key = item[1:] if item.startswith("~") else item.partition("=")[0]
-        if not key or (not item.startswith("~") and "=" not in item):
-            raise ConfigError(f"invalid override {item!r}: expected key=value or ~key")
-        if key in _CONTRACT_KEYS:
-            raise ConfigError(f"{key} is fixed by the run folder (RUN/adapters/<variant>); it cannot be overridden")
-    return overrides
+    return parse_overrides(overrides, fixed=_CONTRACT_KEYS)
 
 
 def variant_inputs(run: RunFolder, variant: str, shared: dict[str, str] | None = None) -> dict[str, str]:
@@ -448,10 +442,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, TrainConfig, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    results = run(RunFolder(args.run), config_from_args(TrainConfig, args, echo=args.verbose))
-    print(summary_table(RunFolder(args.run), results))
+def print_result(folder: RunFolder, cfg: TrainConfig, results: list[VariantResult]) -> int:
+    """What `persona-tune train` prints of ``run``'s result; the exit code (1 when a variant failed)."""
+    print(summary_table(folder, results))
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"\n{r.variant}: {r.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(TrainConfig, args, echo=args.verbose)
+    return print_result(folder, cfg, run(folder, cfg))

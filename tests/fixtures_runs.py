@@ -149,7 +149,7 @@ def build_eval_run(root: Path) -> tuple[Path, Path]:
 
     run = make_persona_run(root, n_users=8, seed=0, k=2)
     tiny = write_tiny_phi3(root / "tiny", seed=0)
-    assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--set", f"model_dir={tiny / 'model'}"]) == 0
+    assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--", f"model_dir={tiny / 'model'}"]) == 0
     model_cfg = OmegaConf.load(RunFolder(run).config_file("persona_0")).model  # what training would use
     for k in (0, 1):
         write_adapter(RunFolder(run).adapter_dir(f"persona_{k}") / "epoch_1", seed=k, model_cfg=model_cfg)

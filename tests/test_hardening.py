@@ -113,9 +113,9 @@ def test_mixed_encodings_are_decoded_per_line(tmp_path, caplog):
 
 def test_misspelt_and_fixed_config_keys(tmp_path, capsys):
     run_dir = with_personas(tmp_path)
-    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--set", "optimzer.lr=5"]) == 2
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--", "optimzer.lr=5"]) == 2
     assert "unknown config key 'optimzer.lr'" in (line := error_line(capsys)) and "did you mean optimizer.lr?" in line
-    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--set", "output_dir=/tmp/x"]) == 2
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--", "output_dir=/tmp/x"]) == 2
     assert "output_dir is fixed by the run folder" in error_line(capsys)
     assert not (run_dir / "configs").exists()
     cfg = OmegaConf.create({"epochs": 1, "batch_size": 4, "optimizer": {"lr": 0.001}, "profiler": {"enabled": False}})
@@ -129,16 +129,20 @@ def test_misspelt_and_fixed_config_keys(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["personas", "--run", "R", "--top-words", "-1"], "argument --top-words: must be >= 1, got -1"),
-    (["personas", "--run", "R", "--k", "0"], "--k must be >= 1"),
-    (["distill", "--run", "R", "--timeout", "0"], "argument --timeout: must be > 0"),
-    (["distill", "--run", "R", "--temperature", "nan"], "must be a finite number"),
-    (["prepare", "--dataset", "synthetic", "--out", "R", "--seed", "-3"], "argument --seed: must be >= 0"),
+    (["personas", "--run", "R", "--top-words", "-1"], "--top-words must be >= 1, got -1"),
+    (["personas", "--run", "R", "--k", "0"], "--k must be >= 1, got 0"),
+    (["distill", "--run", "R", "--timeout", "0"], "--timeout must be > 0, got 0.0"),
+    (["distill", "--run", "R", "--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["prepare", "--dataset", "synthetic", "--out", "R", "--seed", "-3"], "--seed must be >= 0, got -3"),
+    (["simulate", "--run", "R", "--n-boot", "0"], "--n-boot must be >= 1, got 0"),
 ])
-def test_numeric_options_are_range_checked(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(argv)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+def test_numeric_options_are_range_checked(argv, message, capsys, tmp_path, monkeypatch):
+    """The CLI checks through the Config's validate: exit 2 and one line naming the option, nothing read."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"persona-tune {argv[0]}: error: {message}\n"
+    assert not (tmp_path / "R").exists()
 
 
 # ---------------------------------------------------------------- tracebacks and misleading messages
@@ -724,6 +728,9 @@ STAGE_CONFIGS = [  # (command, module, Config class name): the stages whose CLI 
 ]
 
 
+REQUIRED = {"prepare": ["--dataset", "synthetic", "--out", "R"], "grid": ["--run", "R", "--family", "tiny"]}
+
+
 def _bad_values(rule: dict) -> list:
     """Values just outside a range rule (persona_tune.stage)."""
     bad = [float("nan")]
@@ -740,7 +747,7 @@ def test_every_config_is_checked_alike_by_cli_and_python(command, module, name):
     import dataclasses
     import importlib
 
-    from persona_tune.stage import check_fields, range_rule, validate
+    from persona_tune.stage import check_fields, config_from_args, range_rule, validate
 
     config_cls = getattr(importlib.import_module(module), name)
     validate(config_cls())  # the defaults are valid
@@ -755,21 +762,30 @@ def test_every_config_is_checked_alike_by_cli_and_python(command, module, name):
         for bad in _bad_values(range_rule(f.metadata)):
             if kind is int and bad != bad:  # nan is no int
                 continue
-            with pytest.raises(ConfigError, match=f"--{f.name.replace('_', '-')} must be"):
+            with pytest.raises(ConfigError, match=f"--{f.name.replace('_', '-')} must be") as python:
                 check_fields(dataclasses.replace(config_cls(), **{f.name: kind(bad)}))
-            with pytest.raises(Exception) as e:  # argparse's ArgumentTypeError (or ConfigError for int|str)
-                flags[f.name].type(str(kind(bad)))
-            assert "must be" in str(e.value)
+            args = parser.parse_args([*REQUIRED.get(command, ["--run", "R"]), flags[f.name].option_strings[0],
+                                      str(kind(bad))])
+            with pytest.raises(ConfigError) as from_cli:  # the CLI: the same validate, the same line
+                config_from_args(config_cls, args)
+            assert str(from_cli.value) == str(python.value)
             checked += 1
     assert checked or command in ("eval", "report", "configs")
 
 
-def test_simulate_n_boot_zero_is_refused_by_python_too():
+def test_simulate_n_boot_zero_is_refused_by_python_too(tmp_path, capsys):
+    from persona_tune.simulate import run as simulate
     from persona_tune.simulate.run import SimulateConfig
     from persona_tune.stage import validate
 
-    with pytest.raises(ConfigError, match="--n-boot must be >= 1, got 0"):
+    with pytest.raises(ConfigError) as python:
         validate(SimulateConfig(n_boot=0))
+    with pytest.raises(ConfigError) as stage_run:  # the stage itself, before it reads anything
+        simulate.run(RunFolder(tmp_path / "missing"), SimulateConfig(n_boot=0))
+    assert cli.main(["simulate", "--run", str(tmp_path / "missing"), "--n-boot", "0"]) == 2
+    cli_line = error_line(capsys)
+    assert str(python.value) == str(stage_run.value) == "--n-boot must be >= 1, got 0"
+    assert cli_line == f"persona-tune simulate: error: {python.value}"
     with pytest.raises(ConfigError, match="--k must be a whole number, got 2.5"):
         validate(SimulateConfig(k=2.5))
     assert not hasattr(cli, "AT_LEAST_ONE") and not hasattr(cli, "POSITIVE")  # no by-name lists left
@@ -792,11 +808,10 @@ def test_stage_run_validates_python_callers(tmp_path):
 def test_bad_config_values_are_refused_before_anything_is_deleted(tmp_path, capsys, override, message):
     run_dir = with_personas(tmp_path, n_personas=3)
     model = "model_dir=" + str(tmp_path)
-    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--set", model]) == 0
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--", model]) == 0
     configs = {p.name: p.read_bytes() for p in (run_dir / "configs").iterdir()}
     capsys.readouterr()
-    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--force", "--set", model,
-                     "--set", override]) == 2
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--force", "--", model, override]) == 2
     assert message in error_line(capsys)
     assert {p.name: p.read_bytes() for p in (run_dir / "configs").iterdir()} == configs  # untouched
     run = RunFolder(run_dir)  # a trained variant: `train --force` with a bad override keeps it
@@ -897,3 +912,43 @@ def test_report_refuses_results_of_changed_data(tmp_path):
     profiles.loc[0, "profile"] = "another profile"  # `distill` ran again since
     atomic_write_parquet(profiles, run.path("distill/profiles.parquet"))
     assert stale_results(run) == ["prompted"]
+
+
+# ---------------------------------------------------------------- issue 27: one override syntax
+
+
+@pytest.mark.parametrize("command, required, old, new", [
+    ("configs", ["--run", "R"], ["--set", "epochs=2", "--set", "~profiler"], ["--", "epochs=2", "~profiler"]),
+    ("grid", ["--run", "R", "--family", "tiny"],
+     ["--train-set", "epochs=2", "--eval-set", "max_rows=5", "--eval-set", "~metrics.n_boot"],
+     ["--", "epochs=2", "eval.max_rows=5", "~eval.metrics.n_boot"]),
+])
+def test_old_override_flags_are_aliases_of_the_one_syntax(command, required, old, new, caplog):
+    """`-- KEY=VALUE` in every command; `configs --set` and `grid --train-set/--eval-set` still work for one
+    release (a warning names the new spelling) and give the same Config."""
+    import importlib
+
+    from persona_tune.stage import config_from_args
+
+    parser, module = cli.build_parser(command)
+    config_cls = {"configs": "ConfigsConfig", "grid": "GridConfig"}[command]
+    config_cls = getattr(importlib.import_module(module.__name__), config_cls)
+    with caplog.at_level(logging.WARNING):
+        aliased = config_from_args(config_cls, parser.parse_args([*required, *old]))
+    assert aliased == config_from_args(config_cls, parser.parse_args([*required, *new]))
+    assert aliased.overrides == tuple(new[1:])
+    assert f"{old[0]} {old[1]} is deprecated" in caplog.text and f"write `-- {new[1]}`" in caplog.text
+    assert "deprecated alias of `-- " in parser.format_help()
+
+
+def test_grid_overrides_split_into_training_and_eval_configs():
+    from persona_tune.evaluation.grid import GridConfig
+    from persona_tune.stage import validate as validate_config
+
+    items = ("epochs=2", "eval.max_rows=5", "~eval.metrics.n_boot", "~profiler")
+    stock = GridConfig(family="tiny", overrides=items)
+    assert stock.split_overrides() == (["epochs=2", "~profiler"], ["max_rows=5", "~metrics.n_boot"])
+    trunk = GridConfig(family="tiny", path="trunk", overrides=items)  # its training config has the eval section
+    assert trunk.split_overrides() == (list(items), [])
+    with pytest.raises(ConfigError, match="invalid override 'max_rows'"):
+        validate_config(GridConfig(family="tiny", overrides=("max_rows",)))

@@ -311,9 +311,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PrepareConfig, skip=_INPUT_FIELDS, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    folder = RunFolder(args.out)
-    c = run(folder, config_from_args(PrepareConfig, args))
+def print_result(folder: RunFolder, cfg: PrepareConfig, c: dict) -> int:
+    """What `persona-tune prepare` prints of ``run``'s result; the exit code."""
     print(f"{folder.root}: {c['users']} users ({c['eligible_users']} eligible), "
           f"{c['train_rows']} train / {c['test_rows']} test rows, {c['items']} items")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.out), config_from_args(PrepareConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

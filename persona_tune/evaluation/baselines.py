@@ -163,7 +163,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    metrics = run(RunFolder(args.run), config_from_args(BaselinesConfig, args))
+    folder, cfg = RunFolder(args.run), config_from_args(BaselinesConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))
+
+
+def print_result(folder: RunFolder, cfg: BaselinesConfig, metrics: dict) -> int:
+    """What `persona-tune baselines` prints of ``run``'s result; the exit code."""
     for name, block in metrics["predictors"].items():
         m = block["overall"]
         print(f"{name:<12} RMSE {m['rmse']:.3f} [{m['ci']['rmse'][0]:.3f}, {m['ci']['rmse'][1]:.3f}]  "

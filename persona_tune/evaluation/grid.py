@@ -10,13 +10,15 @@ RUN/adapters/<variant>-<ms|msml>/; evaluation runs `tune run persona_eval` per c
 (`persona-tune eval`); then `persona-tune baselines` (if missing) and `persona-tune report`.
 Every step skips finished work: existing configs, trained adapters (train_summary.json), current
 eval results. `--max-steps N` caps optimizer steps per epoch (a quick CPU pass); `--cells` runs part
-of the matrix (only the adapters those cells need are trained), e.g. on a CPU.
+of the matrix (only the adapters those cells need are trained), e.g. on a CPU. Arguments after `--`
+override config keys: `KEY=VALUE` of every training config, `eval.KEY=VALUE` of every eval config
+(`--train-set KEY=VALUE` / `--eval-set KEY=VALUE`: the old spelling, kept for one release).
 
 `--path trunk` runs the same cells on the frozen-trunk recipe (`lora_frozen_trunk`, from the
 family's <family>_trunk templates): configs RUN/configs/trunk[-LABEL]-<variant>-<tag>.yaml, adapters
 RUN/adapters/trunk[-LABEL]-<variant>-<tag>/, and the cells RUN/eval/trunk[-LABEL]-<cell>/ gathered
 from the predictions each training run writes (one trunk pass over the test rows serves every
-cell). `--label` names a set of `--train-set` overrides (e.g. a learning-curve point) so that
+cell). `--label` names a set of `-- KEY=VALUE` overrides (e.g. a learning-curve point) so that
 several sets live side by side. A config whose settings changed is rewritten and its adapter
 retrained; the recipe itself resumes a stopped training run.
 """
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 PATHS = ("stock", "trunk")
 TRAINED_MEMORIES = ("ms", "ms+ml")
 PROMPTED_MEMORIES = MEMORY_MODES
+EVAL_PREFIX = "eval."  # `-- eval.KEY=VALUE`: a key of the evaluation (the stock path's eval configs)
 
 
 def grid_cells(personas: list[int]) -> tuple[list[str], list[str]]:
@@ -243,18 +246,17 @@ class GridConfig:
         "choices": PATHS, "help": "stock: torchtune's LoRA recipes + persona_eval; trunk: lora_frozen_trunk (top layers "
                                   "on cached lower-layer outputs, a rating head; scoring mode)"})
     label: str | None = field(default=None, metadata={
-        "help": "(--path trunk) name for this set of --train-set overrides: cells become trunk-LABEL-<cell>"})
+        "help": "(--path trunk) name for this set of `-- KEY=VALUE` overrides: cells become trunk-LABEL-<cell>"})
     train_rows: str | None = field(default=None, metadata={
         "metavar": "N|all", "help": "(--path trunk) training rows: N drawn over all users (each persona: its users' "
                                     "share of them; single_max: all N; single_min: the smallest persona's share), "
                                     "or all; default: the paper's sizes"})
     n_boot: int = field(default=1000, metadata={"min": 1, "help": "bootstrap resamples for the CIs"})
-    train_overrides: tuple[str, ...] = field(default=(), metadata={
-        "flag": "--train-set", "append": True, "metavar": "KEY=VALUE",
-        "help": "override a key of every training config (repeatable)"})
-    eval_overrides: tuple[str, ...] = field(default=(), metadata={
-        "flag": "--eval-set", "append": True, "metavar": "KEY=VALUE",
-        "help": "override a key of every eval config (repeatable), e.g. --eval-set max_rows=50"})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "positional": True, "metavar": "KEY=VALUE", "aliases": {"--train-set": "", "--eval-set": EVAL_PREFIX},
+        "help": "config overrides, after `--`: KEY=VALUE sets a key of every training config, eval.KEY=VALUE one "
+                "of the evaluation (stock path: every eval config; trunk path: the training config's eval "
+                "section), e.g. -- epochs=2 eval.max_rows=50"})
 
     def validate(self) -> None:
         train_rows = self.train_rows
@@ -264,7 +266,22 @@ class GridConfig:
             check_name(self.label, "--label")
         require(self.path != "trunk" or self.mode == "scoring",
                 "--path trunk evaluates in scoring mode only; use the stock path for paper mode")
-        parse_overrides([*self.train_overrides, *self.eval_overrides])
+        parse_overrides(self.overrides)
+
+    def split_overrides(self) -> tuple[list[str], list[str]]:
+        """(training config overrides, eval config overrides): on the stock path the ``eval.KEY`` ones
+        go to the eval configs as ``KEY``; on the trunk path every override is the training config's."""
+        if self.path == "trunk":
+            return list(self.overrides), []
+        train, evals = [], []
+        for item in self.overrides:
+            delete = item.startswith("~")
+            key = item[1:] if delete else item
+            if key.startswith(EVAL_PREFIX):
+                evals.append(("~" if delete else "") + key[len(EVAL_PREFIX):])
+            else:
+                train.append(item)
+        return train, evals
 
     def cell_list(self) -> list[str] | None:
         return [c.strip() for c in self.cells.split(",") if c.strip()] if self.cells else None
@@ -281,7 +298,7 @@ def run(run: RunFolder, cfg: GridConfig) -> dict:
 
     validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     family, mode, path, label = cfg.family, cfg.mode, cfg.path, cfg.label
-    train_overrides, eval_overrides = list(cfg.train_overrides), list(cfg.eval_overrides)
+    train_overrides, eval_overrides = cfg.split_overrides()
     run.require(RATINGS_TRAIN, RATINGS_TEST, ASSIGNMENTS)
     personas = sorted(persona_sizes(run)["persona"].tolist())
     train_names, eval_names = select_cells(personas, cfg.cell_list())
@@ -314,7 +331,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    out = run(RunFolder(args.run), config_from_args(GridConfig, args))
+    folder, cfg = RunFolder(args.run), config_from_args(GridConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))
+
+
+def print_result(folder: RunFolder, cfg: GridConfig, out: dict) -> int:
+    """What `persona-tune grid` prints of ``run``'s result; the exit code."""
     for variant, status in out["trained"].items():
         print(f"train {variant}: {status}")
     for variant, status in out["evaluated"].items():

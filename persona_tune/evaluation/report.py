@@ -630,7 +630,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, ReportConfig, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    print(run(RunFolder(args.run), config_from_args(ReportConfig, args)))
-    print(f"\nwrote {RunFolder(args.run).path(REPORT)} and {RunFolder(args.run).path(RESULTS).name}")
+def print_result(folder: RunFolder, cfg: ReportConfig, table: str) -> int:
+    """What `persona-tune report` prints of ``run``'s result; the exit code."""
+    print(table)
+    print(f"\nwrote {folder.path(REPORT)} and {folder.path(RESULTS).name}")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(ReportConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

@@ -315,8 +315,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, EvalConfig, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    results = run(RunFolder(args.run), config_from_args(EvalConfig, args))
+def print_result(folder: RunFolder, cfg: EvalConfig, results: dict[str, str]) -> int:
+    """What `persona-tune eval` prints of ``run``'s result; the exit code."""
     for variant, status in results.items():
-        print(f"{variant:<16} {status:<8} {RunFolder(args.run).eval_metrics(variant)}")
+        print(f"{variant:<16} {status:<8} {folder.eval_metrics(variant)}")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(EvalConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

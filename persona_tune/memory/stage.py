@@ -300,7 +300,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, EmbedConfig, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    summary = run(RunFolder(args.run), config_from_args(EmbedConfig, args))
+def print_result(folder: RunFolder, cfg: EmbedConfig, summary: dict) -> int:
+    """What `persona-tune embed` prints of ``run``'s result; the exit code."""
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(EmbedConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))
