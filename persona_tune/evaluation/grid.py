@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from persona_tune.configgen import (
-    parse_overrides,
     persona_sizes,
     plan_variants,
     variant_config_text,
@@ -58,7 +57,7 @@ from persona_tune.runfolder import (
     atomic_write_text,
     check_name,
 )
-from persona_tune.stage import add_config_arguments, config_from_args, require, validate
+from persona_tune.stage import add_config_arguments, config_from_args, parse_overrides, require, validate
 
 log = logging.getLogger(__name__)
 

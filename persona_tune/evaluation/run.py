@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from persona_tune.configgen import apply_overrides, parse_overrides
+from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.names import FAMILIES, MEMORY_TAGS, TAG_OF
 from persona_tune.resources import die_with_parent, eval_template, tune_executable
@@ -46,7 +46,7 @@ from persona_tune.runfolder import (
     check_name,
 )
 from persona_tune.serving.remote import REMOTE_FIELDS, TRANSPORT_FIELDS, RemoteOptions
-from persona_tune.stage import add_config_arguments, config_from_args, validate
+from persona_tune.stage import add_config_arguments, config_from_args, parse_overrides, validate
 
 log = logging.getLogger(__name__)
 
