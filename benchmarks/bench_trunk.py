@@ -37,8 +37,8 @@ import persona_tune.trunk as trunk_module  # noqa: E402
 from persona_tune.prompts import FitToLength  # noqa: E402
 from persona_tune.evaluation.predict import answer_tokens, encode_prompt  # noqa: E402
 from persona_tune.prompts import load_prompt_rows  # noqa: E402
+from persona_tune.evaluation.head import RatingHead  # noqa: E402
 from persona_tune.trunk import (  # noqa: E402
-    RatingHead,
     TrunkCache,
     make_trees,
     rating_loss,

@@ -5,7 +5,7 @@
 On the study's test rows (eval.max_rows 2000, eval.seed 0: the rows every trunk cell scores) and the
 study's training rows (``--train-rows`` drawn over all users with seed 0, as ``grid --train-rows``
 draws them), a multinomial logistic regression of the rating on the three numbers that
-``head.prior: collab`` reads (persona_tune.trunk.prior_features: the bias expectation, the item-kNN
+``head.prior: collab`` reads (persona_tune.evaluation.head.prior_features: the bias expectation, the item-kNN
 prediction, the shrunk kNN prediction), with the same L2 choice as the rating head's closed form
 (held-out users), scored by its expected rating. Prints RMSE(read-out) - RMSE(reference) for the
 bias baseline and item-kNN, paired over users (95% bootstrap CI). It is the check that a rating head
@@ -30,7 +30,7 @@ from persona_tune.evaluation.report import baseline_frame, baseline_keys
 from persona_tune.history import CollabIndex
 from persona_tune.prompts import PromptParts, subsample_per_user
 from persona_tune.runfolder import RunFolder, atomic_write_json
-from persona_tune.trunk import RatingHead, fit_head_closed_form, prior_features
+from persona_tune.evaluation.head import RatingHead, fit_head_closed_form, prior_features
 
 L2_GRID = (1.0, 10.0, 100.0, 1000.0, 10000.0)  # configs/*_trunk: head.l2_grid
 

@@ -44,7 +44,7 @@ def main() -> int:
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.preprocessing import StandardScaler
 
-    from persona_tune.trunk import prior_features
+    from persona_tune.evaluation.head import prior_features
 
     cfg = OmegaConf.load(args.config)
     cfg.progress, cfg.output_dir, cfg.head.init = False, str(Path("/tmp") / "trunk_probes"), "none"

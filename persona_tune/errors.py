@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 
 class PersonaTuneError(Exception):
     """Base class of every error persona-tune raises on purpose."""
@@ -29,3 +31,10 @@ class StageMissingError(PersonaTuneError):
 
 class LLMError(PersonaTuneError):
     """An LLM or embedding endpoint failed or returned something unusable."""
+
+
+def check_choice(key: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``; otherwise a ConfigError naming ``key`` and the choices."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value

@@ -43,7 +43,7 @@ from torchtune.modules.peft import get_adapter_params
 from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 
 from persona_tune.prompts import FitToLength
-from persona_tune.errors import PersonaTuneError
+from persona_tune.errors import PersonaTuneError, check_choice
 from persona_tune.evaluation.predict import (
     PROB_COLUMNS,
     RATING_VALUES,
@@ -54,25 +54,25 @@ from persona_tune.evaluation.predict import (
     predict_rows,
 )
 from persona_tune.prompts import load_prompt_rows, subsample_per_user
-from persona_tune.runfolder import ITEMS, PREDICTIONS, RATINGS_TEST, RATINGS_TRAIN, TORCHTUNE_CONFIG, TRUNK_SUMMARY
+from persona_tune.runfolder import HEAD_FILE, ITEMS, PREDICTIONS, RATINGS_TEST, RATINGS_TRAIN, TORCHTUNE_CONFIG, TRUNK_SUMMARY
 from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_parquet, file_sha256
 from persona_tune.runfolder import load_torch, read_or_discard
-from persona_tune.trunk import (
-    HEAD_FILE,
+from persona_tune.evaluation.head import (
     HEAD_INITS,
     HEAD_PRIORS,
-    OBJECTIVES,
     HeadedOutput,
     RatingHead,
-    TrunkCache,
-    check_choice,
-    features_and_logits,
     fit_head_closed_form,
-    make_trees,
     prior_features,
+    swap_output,
+)
+from persona_tune.trunk import (
+    OBJECTIVES,
+    TrunkCache,
+    features_and_logits,
+    make_trees,
     rating_loss,
     split_layer,
-    swap_output,
     top_forward,
     tree_batches,
 )

@@ -18,7 +18,7 @@ STOCK = "persona"
 
 def write_head(path: Path, dim: int, rating_ids, prior: str = "stated", seed: int = 0) -> Path:
     """A rating_head.pt as the frozen-trunk recipe saves it, with random weights and prior terms."""
-    from persona_tune.trunk import RatingHead
+    from persona_tune.evaluation.head import RatingHead
 
     torch.manual_seed(seed)
     head = RatingHead(dim, rating_ids, prior)

@@ -659,7 +659,7 @@ def test_truncated_torch_files_are_named(tmp_path, capsys):
 
     from persona_tune.peft_export import load_adapter
     from persona_tune.runfolder import load_torch
-    from persona_tune.trunk import load_rating_head
+    from persona_tune.evaluation.head import load_rating_head
 
     head = _truncated_torch_file(tmp_path / "epoch_1" / "rating_head.pt", {"weight": torch.zeros(5, 8)})
     with pytest.raises(DataError, match=rf"^{head}: unreadable, truncated or corrupt .*train --force"):

@@ -16,7 +16,7 @@ from torchtune.modules import TiedLinear
 
 from persona_tune.errors import PersonaTuneError, StageMissingError
 from persona_tune.serving import export as ex
-from persona_tune.trunk import HeadedOutput, RatingHead
+from persona_tune.evaluation.head import HeadedOutput, RatingHead
 from tests.serving_fixtures import STOCK, TRUNK, build_serving_run, export_all
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -100,7 +100,7 @@ def _local_and_prompts(run, variant, n=8):
 
 def _rate_locally(run, variant, n):
     from persona_tune.agent import UserAgent
-    from persona_tune.trunk import prior_features
+    from persona_tune.evaluation.head import prior_features
 
     agent = UserAgent.from_run(run, variant=variant)
     test = pd.read_parquet(run / "ratings_test.parquet").sort_values(["user_id", "item_id"]).groupby("user_id").head(2)

@@ -14,11 +14,9 @@ from persona_tune.evaluation import predict
 from persona_tune.evaluation.metrics import paired_rmse_diff
 from persona_tune.evaluation.predict import answer_tokens, encode_prompt
 from persona_tune.prompts import FitToLength, load_prompt_rows
+from persona_tune.evaluation.head import HeadedOutput, RatingHead, fit_head_closed_form
 from persona_tune.trunk import (
-    HeadedOutput,
-    RatingHead,
     TrunkCache,
-    fit_head_closed_form,
     full_layer_at_answers,
     last_layer_at_answers,
     make_trees,
@@ -264,7 +262,7 @@ def test_residual_over_bias_cross_fits_over_users():
 
 def test_a_head_that_reads_the_stated_numbers():
     from persona_tune.prompts import PromptParts
-    from persona_tune.trunk import prior_features
+    from persona_tune.evaluation.head import prior_features
 
     parts = [PromptParts(item="a", item_avg=3.5, user_offset=-0.5), PromptParts(item="b")]
     np.testing.assert_array_equal(prior_features(parts)[0], [3.0, 3.5])
@@ -293,7 +291,7 @@ def test_a_head_that_reads_the_collab_numbers(tmp_path):
     """head.prior: collab reads (bias expectation, item-kNN prediction) from the prompt parts; fitted in
     closed form on rows whose rating follows the kNN prediction, it beats the bias expectation."""
     from persona_tune.prompts import PromptParts
-    from persona_tune.trunk import load_rating_head, prior_features
+    from persona_tune.evaluation.head import load_rating_head, prior_features
 
     parts = [PromptParts(item="a", collab_expected=3.2, collab_residual=0.5, collab_weight=1.0), PromptParts(item="b")]
     np.testing.assert_allclose(prior_features(parts, "collab")[0], [3.2, 3.7, 3.45])
@@ -322,7 +320,7 @@ def test_a_head_that_reads_the_collab_numbers(tmp_path):
 def test_swap_output_handles_tied_embeddings():
     from torchtune.models.llama3_2 import llama3_2
 
-    from persona_tune.trunk import swap_output
+    from persona_tune.evaluation.head import swap_output
 
     torch.manual_seed(0)
     model = llama3_2(vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=16, max_seq_len=32,

@@ -39,7 +39,8 @@ class ModelLoader:
         key = f"{adapter_path}|{merge}"
         if key == self.current:
             return self.model
-        from persona_tune.trunk import HEAD_FILE, HeadedOutput, load_rating_head, swap_output
+        from persona_tune.evaluation.head import HeadedOutput, load_rating_head, swap_output
+        from persona_tune.runfolder import HEAD_FILE
 
         if isinstance(self.model.output, HeadedOutput):  # the previous adapter's rating head
             swap_output(self.model, self.model.output.inner)
@@ -69,7 +70,7 @@ class ModelLoader:
             if merge:
                 merge_lora_in_place(self.model)
             head_file = Path(adapter_path).with_name(HEAD_FILE)
-            if head_file.is_file():  # a frozen-trunk adapter's rating head (persona_tune.trunk)
+            if head_file.is_file():  # a frozen-trunk adapter's rating head (persona_tune.evaluation.head)
                 head = load_rating_head(head_file, self.model.norm.scale.shape[0]).to(self.device, self.dtype)
                 swap_output(self.model, HeadedOutput(self.model.output, head))
         self.model.to(self.device).eval()

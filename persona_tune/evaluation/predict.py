@@ -54,6 +54,7 @@ from persona_tune.evaluation.engine import (  # noqa: F401 (the engine's public 
     shared_prefix_len,
     top_p_filter,
 )
+from persona_tune.evaluation.head import prior_features
 from persona_tune.evaluation.parsing import get_parser
 from persona_tune.prompts import PromptParts
 
@@ -220,8 +221,6 @@ def predict_rows(predictor: RatingPredictor, rows: pd.DataFrame, modes: Sequence
     # its head's terms itself: persona_tune.serving.remote).
     prior = head.prior if getattr(head, "n_prior", 0) else getattr(predictor, "prior", None)
     if prior not in (None, "none"):
-        from persona_tune.trunk import prior_features
-
         predictor.row_priors = prior_features(list(rows["parts"]), prior)
     base = rows.drop(columns=["parts"]).reset_index(drop=True)
     base["n_prompt_tokens"] = [len(p) for p in prompts]

@@ -1,7 +1,7 @@
 """A trained agent as something a serving engine loads: a LoRA on the output projection, plus a few
 constants that a client adds per request.
 
-The frozen-trunk path's rating head (persona_tune.trunk.RatingHead) adds ``W h + b + P x`` to the
+The frozen-trunk path's rating head (persona_tune.evaluation.head.RatingHead) adds ``W h + b + P x`` to the
 logits of the five rating tokens "1".."5", where ``h`` is the output projection's input (the final
 normed state), ``x`` the numbers the prompt states (``head.prior: stated``, missing ones filled with
 ``prior_fill``) and ``W`` [5, D], ``b`` [5], ``P`` [5, n_prior] are learned. Every other token keeps
@@ -43,7 +43,7 @@ from persona_tune.runfolder import atomic_path
 log = logging.getLogger(__name__)
 
 SERVING_FORMAT = 1
-# The numbers a head reads per row (persona_tune.trunk.prior_features), by its head.prior.
+# The numbers a head reads per row (persona_tune.evaluation.head.prior_features), by its head.prior.
 PRIOR_FEATURES = {"stated": ["stated item average + user offset", "stated item average"],
                   "collab": ["stated bias-baseline expectation", "expectation + item-kNN neighbours' residual"]}
 LOGIT_BIAS_RULE = ("add c[r] = bias[r] + sum_j prior_weight[r][j] * x[j] to the engine's log-probability of "

@@ -124,7 +124,8 @@ def run(run: RunFolder, cfg: ServeExportConfig) -> dict:
     from persona_tune.evaluation.engine import answer_tokens
     from persona_tune.evaluation.loading import adapter_path
     from persona_tune.evaluation.run import adapter_variants, build_eval_config, check_adapters, run_family
-    from persona_tune.trunk import HEAD_FILE, load_rating_head
+    from persona_tune.evaluation.head import load_rating_head
+    from persona_tune.runfolder import HEAD_FILE
 
     cfg.validate()
     family = run_family(run, cfg.family)
