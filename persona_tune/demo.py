@@ -108,7 +108,7 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> Path:
-    from persona_tune import configgen, personas, train
+    from persona_tune import personas
     from persona_tune.data import prepare
     from persona_tune.distill import run as distill
     from persona_tune.evaluation import report
@@ -127,7 +127,7 @@ def run_demo(args: argparse.Namespace) -> Path:
     if args.path == "trunk":
         agents = train_and_score_trunk(run, args, models)
     else:
-        agents = train_and_score_stock(run, args, models, configgen, train)
+        agents = train_and_score_stock(run, args, models)
     # The trunk path's agents run all 30 SmolLM2 layers per slate row: rank held-out items only, 1:1 probes.
     trunk = args.path == "trunk"
     quick = {"topk": False, "negatives": 1} if trunk else {}
@@ -138,8 +138,9 @@ def run_demo(args: argparse.Namespace) -> Path:
     return run.root
 
 
-def train_and_score_stock(run: RunFolder, args: argparse.Namespace, models: list[str], configgen, train) -> str:
+def train_and_score_stock(run: RunFolder, args: argparse.Namespace, models: list[str]) -> str:
     """The paper's path: torchtune's LoRA recipe per variant, eval in both modes; returns the agents' variant."""
+    from persona_tune import configgen, train
     from persona_tune.evaluation import baselines
     from persona_tune.evaluation import run as evaluate
 

@@ -49,7 +49,7 @@ import types
 import typing
 from typing import Any
 
-from persona_tune.errors import ConfigError
+from persona_tune.errors import ConfigError, check_choice
 
 log = logging.getLogger(__name__)
 _SCALARS = (int, float, str, bool)
@@ -207,8 +207,8 @@ def check_fields(cfg) -> None:
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
         for item in (value if isinstance(value, (tuple, list)) else [value]) if choices is not None else ():
-            if item is not None and item not in choices:
-                raise ConfigError(f"{_option(f)} must be one of {', '.join(map(str, choices))}, got {item!r}")
+            if item is not None:
+                check_choice(_option(f), item, choices)
         try:
             kind, _, sequence = _unwrap(hints[f.name])
         except TypeError:  # a union such as int | str: check numbers only
