@@ -65,10 +65,10 @@ def persona_sizes(run: RunFolder):
 
 def plan_variants(sizes) -> dict[str, dict]:
     """variant name -> dataset settings (persona, subsample) and the training rows it stands for."""
-    variants = {
-        Variant(PER_PERSONA).for_persona(int(row.persona)).name: {"persona": int(row.persona), "subsample": None, "n_train_rows": int(row.n_train_rows)}
-        for row in sizes.itertuples()
-    }
+    variants = {}
+    for row in sizes.itertuples():
+        persona = Variant(PER_PERSONA).for_persona(int(row.persona)).name
+        variants[persona] = {"persona": int(row.persona), "subsample": None, "n_train_rows": int(row.n_train_rows)}
     smallest, largest = int(sizes["n_train_rows"].min()), int(sizes["n_train_rows"].max())
     variants["single_min"] = {"persona": None, "subsample": smallest, "n_train_rows": smallest}
     variants["single_max"] = {"persona": None, "subsample": largest, "n_train_rows": largest}
