@@ -204,7 +204,9 @@ class FrozenTrunkRecipe:
             else self.model.output.weight
         info = fit_head_closed_form(self.head, output_weight.detach(), features, train["rating"].to_numpy(),
                                     base, train["user_id"].to_numpy(), l2_grid=tuple(self.cfg.head.l2_grid),
-                                    seed=self.cfg.seed, priors=self.priors(train))
+                                    prior_l2_grid=tuple(self.cfg.head.get("prior_l2_grid", (0.01, 1.0, 100.0))),
+                                    folds=int(self.cfg.head.get("folds", 5)), seed=self.cfg.seed,
+                                    priors=self.priors(train))
         info["seconds"] = round(time.perf_counter() - start, 2)
         log.info(f"rating head fitted in closed form: {info}")
         return {"init": self.head_init, **info}
