@@ -152,7 +152,8 @@ def bench_retrieval(run: Path, dim: int = 384, seed: int = 0) -> dict:
 def score_distribution(run: Path) -> dict:
     """Top-1 cosine of every row with no threshold, per query form, from the run's stored vectors."""
     from persona_tune.memory.retrieval import retrieve
-    from persona_tune.memory.stage import load_vectors, query_rows
+    from persona_tune.memory.stage import query_rows
+    from persona_tune.memory.vectors import load_vectors
     from persona_tune.runfolder import RunFolder
 
     r = RunFolder(run)

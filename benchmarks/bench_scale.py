@@ -40,11 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
+from persona_tune.variants import Variant
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PERSONA_TUNE_SHARED", REPO.parent / "shared")).resolve()
 STAGES = ("prepare", "distill", "embed", "personas", "train", "simulate")
 LABEL = "scale"
-AGENT = f"trunk-{LABEL}-single_max-ms"
+AGENT = Variant.of("single_max", "ms", trunk=True, label=LABEL).name
 DRY_RUN_MODEL = "gpt-4o-mini"  # only names the model in the dry run's keys; nothing is sent
 TARGETS = (10_000, 100_000, 1_000_000)
 GNU_TIME = "/usr/bin/time"

@@ -30,7 +30,9 @@ from persona_tune.agent import UserAgent
 from persona_tune.runfolder import RunFolder, atomic_write_json
 from persona_tune.serving.parity import llama_cpp_server, measure
 from persona_tune.serving.remote import RemoteOptions
-from persona_tune.serving.stage import ServeExportConfig, read_serving_spec, run as serve_export
+from persona_tune.serving.export import read_serving_spec
+from persona_tune.serving.stage import ServeExportConfig, run as serve_export
+from persona_tune.variants import Variant
 
 
 def sample_rows(run: RunFolder, n: int, seed: int = 0) -> pd.DataFrame:
@@ -83,7 +85,7 @@ def main() -> int:
             print(f"{variant} [{kind}] max |diff| {m['max_abs_diff']:.5f}  mean {m['mean_abs_diff']:.5f}  "
                   f"({m['remote_seconds']:.0f} s, {m['requests']})", flush=True)
         heads = [a["head"] is not None for a in spec["adapters"]]
-        entry["path"] = "trunk" if variant.startswith("trunk-") else "stock"
+        entry["path"] = "trunk" if Variant.parse(variant).trunk else "stock"
         entry["head"] = bool(any(heads))
         entry["head_prior"] = next((a["head"]["prior"] for a in spec["adapters"] if a["head"]), None)
         entry["adapters"] = len(spec["adapters"])

@@ -34,6 +34,7 @@ import pandas as pd
 
 from persona_tune.errors import ConfigError
 from persona_tune.serving.parity import free_port, stop_server, wait_until_serving
+from persona_tune.variants import Variant
 
 
 def why_not() -> str | None:
@@ -125,7 +126,7 @@ def main() -> int:
     from persona_tune.runfolder import RunFolder
     from persona_tune.serving.parity import measure
     from persona_tune.serving.remote import RemoteOptions
-    from persona_tune.serving.stage import read_serving_spec
+    from persona_tune.serving.export import read_serving_spec
 
     run = RunFolder(args.run)
     variants = [v for v in args.variants.split(",") if v]
@@ -146,7 +147,7 @@ def main() -> int:
         for variant in variants:
             m = measure(run, variant, parity_rows, RemoteOptions(backend="openai", base_url=url, concurrency=64))
             result["variants"][variant] = {
-                "path": "trunk" if variant.startswith("trunk-") else "stock", "rows": m["rows"],
+                "path": "trunk" if Variant.parse(variant).trunk else "stock", "rows": m["rows"],
                 "max_abs_diff": m["max_abs_diff"], "mean_abs_diff": m["mean_abs_diff"],
                 "throughput": throughput(run, variant, rows, url, [int(c) for c in args.concurrency.split(",")])}
             print(f"{variant}: parity max |diff| {m['max_abs_diff']:.5f} on {m['rows']} rows", flush=True)

@@ -7,8 +7,8 @@ study's training rows (``--train-rows`` drawn over all users with seed 0, as ``g
 draws them), a multinomial logistic regression of the rating on the three numbers that
 ``head.prior: collab`` reads (persona_tune.evaluation.head.prior_features: the bias expectation, the item-kNN
 prediction, the shrunk kNN prediction), with the same L2 choice as the rating head's closed form
-(held-out users), scored by its expected rating. Prints RMSE(read-out) - RMSE(reference) for the
-bias baseline and item-kNN, paired over users (95% bootstrap CI). It is the check that a rating head
+(5-fold cross-validation over users), scored by its expected rating. Prints RMSE(read-out) -
+RMSE(reference) for the bias baseline and item-kNN, paired over users (95% bootstrap CI). It is the check that a rating head
 given these numbers can beat the bias baseline before any trunk pass or LoRA training is spent.
 ``--into FILE``: add these read-outs to a report's JSON (``persona-tune report --json-out``) as cells
 of its ``cells`` list (same keys: name, rows, users, rmse, mae, pearson_r, pred_sd, mode, paired over

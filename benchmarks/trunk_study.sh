@@ -92,38 +92,36 @@ collab)
   # Beyond the bias baseline (docs/results.md, issue 24), on a run prepared with the leak-free history
   # (prepare --history before_split, the default): collaborative memories and a head that reads the
   # bias and item-kNN numbers (head.prior=collab). CPU budget of the 2026-12-06 session (2 cores shared
-  # by six jobs, ~0.7 trunk rows/s): 1 collaborative memory (the most similar film the user rated) and
-  # the COLLAB line without the NUMBERS line (82 prompt tokens per row against 172 with 5 memories and
-  # both lines; the trunk pass costs in proportion), and 500 test rows (eval.max_rows) instead of
-  # the 2,000 of the other cells. Most informative first: θ_single(max)'s closed-form head (0 epochs),
-  # then on the same cached rows the LM alone (its head reads the final state only), θ_persona, the
-  # base model; then LoRA, then 4,000 training rows (3,000 more rows through the trunk).
-  C=(--train-set collab_memories=1 --train-set state_numbers=False --train-set eval.max_rows=500)
+  # by several jobs, ~1.5 trunk rows/s): 1 collaborative memory (the most similar film the user rated)
+  # and the COLLAB line without the NUMBERS line (82 prompt tokens per row against 172 with 5 memories
+  # and both lines; the trunk pass costs in proportion). Every cell scores the other cells' 2,000 test
+  # rows. Most informative first: θ_single(max)'s closed-form head (0 epochs; the features' and the
+  # numbers' L2 weights chosen by 5-fold cross-validation over users), then on the same cached rows
+  # the LM alone (its head reads the final state only) and θ_persona; then 4,000 training rows (about
+  # 3,000 more rows through the trunk), then LoRA (collab_lora).
+  C=(--train-set collab_memories=1 --train-set state_numbers=False --train-set eval.max_rows=2000)
   "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells single_max-ms "${C[@]}" \
       --train-set epochs=0 --train-set head.prior=collab
   "${GRID[@]}" --label n1000-collab-lm-probe --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set epochs=0
-  # The same head on the other cells' 2,000 test rows.
-  "${GRID[@]}" --label n1000-collab-probe-test2000 --train-rows 1000 --cells single_max-ms "${C[@]}" \
-      --train-set eval.max_rows=2000 --train-set epochs=0 --train-set head.prior=collab
   "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells persona-ms "${C[@]}" \
       --train-set epochs=0 --train-set head.prior=collab
-  "${GRID[@]}" --label collab --cells prompted-ms "${C[@]}"
-  ;;
-collab_lora)
-  C=(--train-set collab_memories=1 --train-set state_numbers=False --train-set eval.max_rows=500)
-  "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set head.prior=collab
   "${GRID[@]}" --label n4000-collab-probe --train-rows 4000 --cells single_max-ms,persona-ms "${C[@]}" \
       --train-set epochs=0 --train-set head.prior=collab
+  ;;
+collab_lora)
+  C=(--train-set collab_memories=1 --train-set state_numbers=False --train-set eval.max_rows=2000)
+  "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set head.prior=collab
   "${GRID[@]}" --label n1000-collab-lm --train-rows 1000 --cells single_max-ms "${C[@]}"
   "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells persona-ms "${C[@]}" --train-set head.prior=collab
   ;;
 collab_report)
   # Every cell against the bias baseline and the classical references (paired.bias, paired.knn,
   # paired.mf), and each step against the one before it on the same rows (the pairs whose cells ran).
-  P1=trunk-n1000-collab-probe P4=trunk-n4000-collab-probe T1=trunk-n1000-collab T4=trunk-n4000-collab
-  PAIRS=(trunk-n1000-collab-probe-test2000-single_max-ms:$P1-single_max-ms $P4-single_max-ms:$P1-single_max-ms $P1-persona-ms:$P1-single_max-ms $P4-persona-ms:$P4-single_max-ms
+  P1=trunk-n1000-collab-probe P4=trunk-n4000-collab-probe T1=trunk-n1000-collab
+  PAIRS=($P1-single_max-ms:trunk-n1000-collab-probe-oldhead-single_max-ms
+         $P4-single_max-ms:$P1-single_max-ms $P1-persona-ms:$P1-single_max-ms $P4-persona-ms:$P4-single_max-ms
          $P1-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms $T1-single_max-ms:$P1-single_max-ms
-         $T1-persona-ms:$T1-single_max-ms $T4-single_max-ms:$P4-single_max-ms $T4-persona-ms:$T4-single_max-ms
+         $T1-persona-ms:$T1-single_max-ms
          trunk-n1000-collab-lm-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms)
   COMPARE=()
   for pair in "${PAIRS[@]}"; do
@@ -134,8 +132,7 @@ collab_report)
   sed 's|!\[elbow\](plots/elbow.png)||; s|(plots/calibration.png)|(results-ml1m-beyond-bias-calibration.png)|' \
       "$RUN/eval/report.md" > docs/results-ml1m-beyond-bias.md
   cp "$RUN/eval/plots/calibration.png" docs/results-ml1m-beyond-bias-calibration.png
-  # The numbers alone through the head's closed form, on the cells' rows (500) and the 2,000 rows.
-  python benchmarks/collab_numbers.py "$RUN" --test-rows 500 --train-rows 1000 --into docs/results/ml1m-beyond-bias.json
+  # The numbers alone through the head's closed form, on the cells' 2,000 test rows.
   python benchmarks/collab_numbers.py "$RUN" --test-rows 2000 --train-rows 1000 4000 \
       --into docs/results/ml1m-beyond-bias.json
   ;;

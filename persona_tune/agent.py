@@ -129,7 +129,7 @@ class UserAgent:
         ``remote``: a persona_tune.serving.remote.RemoteOptions with ``backend="openai"`` rates through
         a server that serves the variant's `persona-tune serve-export` bundle (``cache``: the SQLite
         file that keeps its answers)."""
-        from persona_tune.evaluation.run import build_eval_config, run_family
+        from persona_tune.evaluation.evalconfig import build_eval_config, run_family
 
         if not isinstance(run_dir, (str, Path)):
             raise TypeError(f"run_dir must be a run folder path (str or Path), got {run_dir!r}")
@@ -165,7 +165,7 @@ class UserAgent:
                            else pd.Series(dtype="int64"))
         self.vectors = None
         if self.memory in RETRIEVED_MEMORIES:
-            from persona_tune.memory.stage import load_vectors
+            from persona_tune.memory.vectors import load_vectors
 
             run.require(MEMORY_VECTORS, MEMORIES)
             self.embed_meta = run.read_embeddings_meta()

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "personas": ("persona_tune.personas", "cluster users into personas (KMeans++, elbow)"),
     "configs": ("persona_tune.configgen", "write drop-in torchtune configs for each persona and baseline"),
     "train": ("persona_tune.train", "train LoRA adapters for personas / baselines via `tune run`"),
-    "export-peft": ("persona_tune.peft_export", "convert a torchtune adapter to PEFT format (or merge it)"),
+    "export-peft": ("persona_tune.peft_command", "convert a torchtune adapter to PEFT format (or merge it)"),
     "eval": ("persona_tune.evaluation.run", "evaluate variants via `tune run persona_eval`"),
     "baselines": ("persona_tune.evaluation.baselines", "classical baselines on the run's test rows"),
     "serve-export": ("persona_tune.serving.stage", "export an agent for vLLM / llama.cpp: PEFT + GGUF, head folded in"),

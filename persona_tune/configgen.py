@@ -18,9 +18,11 @@ from pathlib import Path
 
 from persona_tune.errors import ConfigError, DataError
 from persona_tune.names import DEFAULT_MEMORY, FAMILIES, MEMORY_MODES
+from persona_tune.overrides import apply_overrides, parse_overrides
 from persona_tune.resources import template_dir
 from persona_tune.runfolder import ASSIGNMENTS, RATINGS_TRAIN, RunFolder, atomic_write_text, check_name
-from persona_tune.stage import add_config_arguments, config_from_args, parse_overrides, validate
+from persona_tune.stage import add_config_arguments, config_from_args, validate
+from persona_tune.variants import PER_PERSONA, Variant
 
 log = logging.getLogger(__name__)
 
@@ -63,112 +65,16 @@ def persona_sizes(run: RunFolder):
 
 def plan_variants(sizes) -> dict[str, dict]:
     """variant name -> dataset settings (persona, subsample) and the training rows it stands for."""
-    variants = {
-        f"persona_{int(row.persona)}": {"persona": int(row.persona), "subsample": None, "n_train_rows": int(row.n_train_rows)}
-        for row in sizes.itertuples()
-    }
+    variants = {}
+    for row in sizes.itertuples():
+        persona = Variant(PER_PERSONA).for_persona(int(row.persona)).name
+        variants[persona] = {"persona": int(row.persona), "subsample": None, "n_train_rows": int(row.n_train_rows)}
     smallest, largest = int(sizes["n_train_rows"].min()), int(sizes["n_train_rows"].max())
     variants["single_min"] = {"persona": None, "subsample": smallest, "n_train_rows": smallest}
     variants["single_max"] = {"persona": None, "subsample": largest, "n_train_rows": largest}
     for name in variants:
         check_name(name)
     return variants
-
-
-# Keys `configs` and `train` fill in from the run folder's file contract: never overridden.
-FIXED_KEYS = ("run_dir", "persona", "subsample", "memory", "output_dir")
-# Training keys that must be whole numbers >= 1 (a wrong value otherwise fails only after the model loads).
-POSITIVE_INT_KEYS = ("epochs", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch")
-# Range rules of config keys by their last name (the rule format of persona_tune/stage.py), checked on
-# every config `configs` writes and `train` runs, before anything old is deleted.
-KEY_RANGES = {
-    "lora_rank": {"min": 1}, "lora_alpha": {"gt": 0}, "lora_dropout": {"min": 0, "lt": 1},
-    "lr": {"gt": 0}, "weight_decay": {"min": 0}, "num_warmup_steps": {"min": 0}, "clip_grad_norm": {"gt": 0},
-    "max_seq_len": {"min": 1}, "log_every_n_steps": {"min": 1}, "adapted_layers": {"min": 1},
-    "trees_per_step": {"min": 1}, "rows_per_tree": {"min": 1}, "token_budget": {"min": 1},
-    "max_new_tokens": {"min": 1}, "temperature": {"min": 0},
-}
-
-
-def check_key_ranges(cfg, source) -> None:
-    """Raise ConfigError naming the first key of ``cfg`` whose value breaks its KEY_RANGES rule."""
-    from omegaconf import OmegaConf
-
-    from persona_tune.stage import range_problem
-
-    for key in _leaf_keys(cfg):
-        rule = KEY_RANGES.get(key.rpartition(".")[2])
-        if rule is None:
-            continue
-        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
-        problem = range_problem(value, rule)
-        if problem:
-            raise ConfigError(f"{key} {problem} (in {source})")
-
-
-def _leaf_keys(cfg, prefix: str = "") -> list[str]:
-    from omegaconf import DictConfig
-
-    keys = []
-    for key in cfg.keys():
-        path = f"{prefix}{key}"
-        keys.append(path)
-        value = cfg._get_node(key)
-        if isinstance(value, DictConfig) and not value._is_none():
-            keys += _leaf_keys(value, f"{path}.")
-    return keys
-
-
-def apply_overrides(cfg, overrides: list[str], source) -> "DictConfig":  # noqa: F821
-    """``cfg`` with the ``key=value`` / ``~key`` overrides applied (torchtune's syntax), checked first:
-    the key must exist in ``cfg`` (else the error names the closest one), must not be a FIXED_KEY,
-    and the value must have the type of the value it replaces. ``source`` names the config in errors."""
-    import difflib
-
-    from omegaconf import OmegaConf
-
-    cfg = cfg.copy()
-    known = _leaf_keys(cfg)
-    for item in parse_overrides(overrides):
-        delete = item.startswith("~")
-        key, _, text = (item[1:], "", "") if delete else item.partition("=")
-        if key in FIXED_KEYS:
-            raise ConfigError(f"{key} is fixed by the run folder (RUN/adapters/<variant>); it cannot be overridden")
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r} in {item!r} (not in {source}){hint}")
-        if delete:
-            parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            node.pop(leaf)
-            known = _leaf_keys(cfg)
-            continue
-        value = OmegaConf.from_dotlist([item]) if text else OmegaConf.create()
-        new = OmegaConf.select(value, key, default=None)
-        old = OmegaConf.select(cfg, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
-        # The frozen-trunk recipe (configs with adapted_layers) also runs 0 epochs: the closed-form head alone.
-        least = 0 if key == "epochs" and "adapted_layers" in cfg else 1
-        if _type_mismatch(old, new) or (key.rpartition(".")[2] in POSITIVE_INT_KEYS and new is not None
-                                        and not (type(new) is int and new >= least)):
-            want = f"a whole number >= {least}" if key.rpartition(".")[2] in POSITIVE_INT_KEYS else type(old).__name__
-            raise ConfigError(f"{key} must be {want}, got {text!r} (in {item!r})")
-        cfg = OmegaConf.merge(cfg, value)
-    check_key_ranges(cfg, source)
-    return cfg
-
-
-def _type_mismatch(old, new) -> bool:
-    """A value must keep its type: a number stays a number (an int may replace a float), a bool a bool."""
-    if old is None or new is None or isinstance(old, str) and not isinstance(new, (bool,)):
-        return False
-    if isinstance(old, bool) or isinstance(new, bool):
-        return type(old) is not type(new)
-    if isinstance(old, float):
-        return not isinstance(new, (int, float))
-    if isinstance(old, int):
-        return type(new) is not int
-    return False
 
 
 def render_config(template: Path, settings: dict, overrides: list[str]) -> str:
@@ -191,7 +97,7 @@ def variant_template(templates: Path, name: str) -> Path:
     """The family's template of variant ``name``: persona_0 is the pattern for personas beyond the shipped ones."""
     template = templates / f"{name}.yaml"
     if not template.is_file():
-        template = templates / ("persona_0.yaml" if name.startswith("persona_") else f"{name}.yaml")
+        template = templates / ("persona_0.yaml" if Variant.parse(name).persona is not None else f"{name}.yaml")
     return template
 
 

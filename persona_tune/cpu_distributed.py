@@ -6,12 +6,18 @@ On a torch without NCCL, ``tune run --nproc_per_node N lora_finetune_distributed
 2. ``training.get_memory_stats`` raises "Logging memory stats is not supported on CPU devices";
 3. ``training.cleanup_before_training`` calls ``torch.cpu.empty_cache``, which does not exist.
 
+A fourth fault is intermittent: the recipe's ``cleanup`` calls ``destroy_process_group`` on every rank
+with no barrier, so a rank that has nothing to save tears gloo down while rank 0 is still writing the
+checkpoint. One CI run (2026-12-06) had rank 1 die with "terminate called without an active
+exception" (SIGABRT) after training had finished; 8 runs here did not reproduce it.
+
 The start-up hook (:mod:`persona_tune._hook`) applies :func:`patch_init_process_group` right after
 ``torch.distributed`` is imported, and only in a torchtune recipe process (the ``tune`` CLI, or a
 script in torchtune's or persona-tune's recipes folder) on a torch without NCCL. The wrapped
 ``init_process_group`` maps an NCCL backend string to its gloo part and then patches the two
 torchtune memory helpers: on CPU, memory stats report the process's peak resident set size, and the
-cache clean-up is a ``gc.collect()``. Where NCCL exists nothing is touched.
+cache clean-up is a ``gc.collect()``. ``destroy_process_group`` of a group that fell back to gloo
+waits at a barrier first, so all ranks tear down together. Where NCCL exists nothing is touched.
 Set ``PERSONA_TUNE_CPU_DISTRIBUTED=1`` to treat any process as a recipe process (e.g. a recipe
 copied out with ``tune cp``), or ``PERSONA_TUNE_NO_TUNE_HOOK=1`` to switch the hook off.
 """
@@ -98,6 +104,23 @@ def patch_init_process_group(dist) -> None:
 
     setattr(init_process_group, _MARK, True)
     dist.init_process_group = init_process_group
+    dist.destroy_process_group = barrier_before_destroy(dist, dist.destroy_process_group)
+
+
+def barrier_before_destroy(dist, original):
+    """``destroy_process_group`` that, for the default gloo group, waits for every rank first."""
+
+    @functools.wraps(original)
+    def destroy_process_group(group=None, *args, **kwargs):
+        if group is None and dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except RuntimeError as err:  # a peer already gone: tear down anyway
+                log.warning("persona-tune: barrier before destroy_process_group failed: %s", err)
+        return original(group, *args, **kwargs)
+
+    setattr(destroy_process_group, _MARK, True)
+    return destroy_process_group
 
 
 def cpu_memory_stats() -> dict[str, float]:

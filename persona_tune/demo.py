@@ -28,6 +28,7 @@ from persona_tune import cli
 from persona_tune.errors import PersonaTuneError
 from persona_tune.runfolder import PLOTS, REPORT, RunFolder
 from persona_tune.stage import config_argv, ranged
+from persona_tune.variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def train_and_score_trunk(run: RunFolder, args: argparse.Namespace, models: list
     stage(grid, run, grid.GridConfig(family=args.model, path="trunk", label=DEMO_LABEL, train_rows=str(args.train_rows),
                                      cells="prompted-ms,persona-ms,single_min-ms,single_max-ms", n_boot=200,
                                      overrides=tuple(settings)))
-    return f"trunk-{DEMO_LABEL}-persona-ms"
+    return Variant.of("persona", "ms", trunk=True, label=DEMO_LABEL).name
 
 
 def _k(value: str) -> int | str:

@@ -23,7 +23,7 @@ items most similar to a target: the collaborative memories).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -73,6 +73,17 @@ def bucket_cutoffs(times: np.ndarray, n_buckets: int = N_BUCKETS) -> np.ndarray:
     if len(times) == 0:
         raise DataError("no test rows: no split time to cut the history at")
     return np.unique(np.quantile(times, np.arange(n_buckets) / n_buckets, method="higher")).astype(np.int64)
+
+
+@dataclass
+class BaselineConfig:
+    """The bias baseline's fit: its regularisation (lambda_i, lambda_u), and the seed of the MF references
+    fitted beside it (`persona-tune baselines`, the classical simulator)."""
+
+    lambda_item: float = 25.0
+    lambda_user: float = 10.0
+    seed: int = field(default=0, metadata={
+        "help": "seed of the MF references (validation users' sample, SGD) and of the bootstrap"})
 
 
 @dataclass

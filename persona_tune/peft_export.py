@@ -10,7 +10,6 @@ as is. Llama-family models (SmolLM2) need no fusing: torchtune's own key mapping
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -21,13 +20,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from persona_tune.errors import ConfigError, DataError
-from persona_tune.runfolder import atomic_write_bytes, atomic_write_json, load_torch
-from persona_tune.stage import ranged
+from persona_tune.runfolder import ADAPTER_FILE, atomic_write_bytes, atomic_write_json, last_epoch_adapter, load_torch
 
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
-ADAPTER_FILES = ("adapter_model.pt", "adapter_model.safetensors")
+ADAPTER_FILES = (ADAPTER_FILE, "adapter_model.safetensors")
 
 # torchtune module (under layers.N) -> (HF Phi-3 module, index of the part inside a fused module or None)
 PHI3_MODULES = {
@@ -55,11 +53,9 @@ def find_adapter(path: str | Path) -> Path:
         for name in ADAPTER_FILES:
             if (path / name).is_file():
                 return path / name
-        epochs = sorted(
-            (p for p in path.glob("epoch_*") if p.name[6:].isdigit()), key=lambda p: int(p.name[6:])
-        )
-        if epochs:
-            return find_adapter(epochs[-1])
+        last = last_epoch_adapter(path, ADAPTER_FILES, missing_ok=True)
+        if last is not None:
+            return last
     raise ConfigError(f"no torchtune adapter at {path} (expected {' or '.join(ADAPTER_FILES)} or epoch_N/)")
 
 
@@ -355,26 +351,3 @@ def merge_adapter(
             atomic_write_bytes(out / f.name, f.read_bytes())
     log.info("wrote merged checkpoint to %s", out)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, type=Path,
-                        help="torchtune adapter_model.pt, a folder holding it, or a torchtune output dir (last epoch)")
-    parser.add_argument("--base", required=True, type=Path, help="the base model's HF checkpoint folder")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--merge", action="store_true", help="write a merged full checkpoint instead of a PEFT adapter")
-    parser.add_argument("--model-family", choices=["phi3", "llama"], default=None,
-                        help="default: from the base's config.json model_type")
-    parser.add_argument("--lora-rank", type=ranged(int, min=1), default=None, help="check the adapter has this rank")
-    parser.add_argument("--lora-alpha", type=ranged(float, gt=0), default=None,
-                        help="the training lora_alpha (needed for Phi-3; Llama adapters carry it)")
-    parser.add_argument("--target-modules", nargs="+", default=None,
-                        help="check the adapter trained exactly these torchtune modules (e.g. q_proj k_proj)")
-
-
-def main(args: argparse.Namespace) -> int:
-    fn = merge_adapter if args.merge else export_peft
-    out = fn(args.adapter, args.base, args.out, args.model_family, args.lora_rank, args.lora_alpha,
-             args.target_modules)
-    print(out)
-    return 0

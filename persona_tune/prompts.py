@@ -334,7 +334,7 @@ class PromptBuilder:
             return self.item_text[item_id]
         bucket = self.history.user_bucket.get(int(user_id), self.history.n_buckets - 1)
         if bucket not in self._bucket_texts:
-            from persona_tune.data.prepare import render_items
+            from persona_tune.data.metadata import render_items
 
             self._bucket_texts[bucket] = self._texts(render_items(self._items, self.history.bucket_stats(bucket),
                                                                   self._noun))

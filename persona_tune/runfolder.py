@@ -18,7 +18,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from persona_tune import __version__
 from persona_tune.errors import ConfigError, DataError, StageMissingError
@@ -76,6 +76,13 @@ AGENT_INPUTS = (RATINGS_TRAIN, RATINGS_TEST, ITEMS, HISTORY, PROFILES, MEMORIES,
 # File names inside one variant's folder: configs/<variant>.yaml, adapters/<variant>/...,
 # eval/<name>/..., simulate/<name>/... (RunFolder.config_file, adapter_dir, eval_variant_dir).
 PREDICTIONS = "predictions.parquet"
+# The columns of an agent's predictions.parquet (eval/<variant>/, and adapters/<variant>/ of the frozen-trunk
+# recipe), in this order (write_predictions): the row, then how it was rated and the ratings read off the
+# model (p1..p5: the five rating tokens' probabilities renormalised over the five), then its prompt's length.
+PROB_COLUMNS = [f"p{r}" for r in range(1, 6)]
+PREDICTION_COLUMNS = ["mode", "raw_text", "parsed_rating", "expected_rating", "argmax_rating", *PROB_COLUMNS,
+                      "rating_mass", "prediction"]
+PREDICTIONS_LAYOUT = ["persona", "user_id", "item_id", "rating", *PREDICTION_COLUMNS, "n_prompt_tokens"]
 METRICS = "metrics.json"
 TRAIN_SUMMARY = "train_summary.json"  # written last by `train`: the adapter is complete (check_adapter)
 ADAPTER_FILE = "adapter_model.pt"  # torchtune's LoRA weights, adapters/<variant>/epoch_N/
@@ -233,6 +240,17 @@ def atomic_write_parquet(df, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def write_predictions(predictions, path: str | os.PathLike):
+    """An agent's predictions.parquet, written atomically: the PREDICTIONS_LAYOUT columns of
+    ``predictions``, in that order. Returns the frame written."""
+    missing = [c for c in PREDICTIONS_LAYOUT if c not in predictions.columns]
+    if missing:
+        raise DataError(f"predictions without the column(s) {', '.join(missing)}", path)
+    predictions = predictions[PREDICTIONS_LAYOUT]
+    atomic_write_parquet(predictions, path)
+    return predictions
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[int]:
     """Hold an exclusive fcntl lock on ``path``; yield its file descriptor (pass it to child processes
@@ -263,11 +281,25 @@ def adapter_files(adapter: str | os.PathLike) -> dict[str, str]:
     return {str(p.relative_to(adapter.parent.parent)): file_sha256(p) for p in files}
 
 
-def last_epoch_adapter(adapter_dir: str | os.PathLike) -> Path | None:
-    """adapter_dir/epoch_<last>/adapter_model.pt (finished or not: check_adapter for a usable one)."""
-    adapter_dir = Path(adapter_dir)
-    epochs = [p for p in adapter_dir.glob(f"epoch_*/{ADAPTER_FILE}") if p.parent.name[6:].isdigit()]
-    return max(epochs, key=lambda p: int(p.parent.name[6:])) if epochs else None
+def epoch_adapters(adapter_dir: str | os.PathLike, names: Sequence[str] = (ADAPTER_FILE,)) -> list[Path]:
+    """adapter_dir/epoch_<N>/<name> of every epoch N that holds one (the first of ``names`` there), by N:
+    torchtune's layout of a training run's checkpoints."""
+    found = {}
+    for folder in Path(adapter_dir).glob("epoch_*"):
+        file = next((folder / n for n in names if (folder / n).is_file()), None)
+        if folder.name[6:].isdigit() and file is not None:
+            found[int(folder.name[6:])] = file
+    return [found[n] for n in sorted(found)]
+
+
+def last_epoch_adapter(adapter_dir: str | os.PathLike, names: Sequence[str] = (ADAPTER_FILE,),
+                       missing_ok: bool = False) -> Path | None:
+    """adapter_dir/epoch_<last>/adapter_model.pt (or the first of ``names``), finished or not (check_adapter
+    for a usable one). None when no epoch holds one and ``missing_ok``, else StageMissingError."""
+    epochs = epoch_adapters(adapter_dir, names)
+    if not epochs and not missing_ok:
+        raise StageMissingError(f"{adapter_dir} holds no trained epoch (epoch_N/{names[0]}): train it first")
+    return epochs[-1] if epochs else None
 
 
 def check_adapter(adapter_dir: str | os.PathLike, epoch: int | None = None, verify: bool = True) -> Path:
@@ -281,7 +313,7 @@ def check_adapter(adapter_dir: str | os.PathLike, epoch: int | None = None, veri
         raise StageMissingError(f"{adapter_dir} is missing: train it first (`persona-tune train --run {run_root}`)")
     marker = adapter_dir / TRAIN_SUMMARY
     if not marker.is_file():
-        partial = sorted(p.parent.name for p in adapter_dir.glob(f"epoch_*/{ADAPTER_FILE}"))
+        partial = [p.parent.name for p in epoch_adapters(adapter_dir)]
         found = f"; it holds only {', '.join(partial)}" if partial else ""
         raise StageMissingError(
             f"{adapter_dir}: its training did not finish (no {TRAIN_SUMMARY}{found}): run "
@@ -295,7 +327,7 @@ def check_adapter(adapter_dir: str | os.PathLike, epoch: int | None = None, veri
         adapter = adapter_dir / f"epoch_{int(epoch)}" / ADAPTER_FILE
     else:
         named = [rel for rel in recorded if Path(rel).name == ADAPTER_FILE]
-        adapter = adapter_dir / named[0] if named else last_epoch_adapter(adapter_dir)
+        adapter = adapter_dir / named[0] if named else last_epoch_adapter(adapter_dir, missing_ok=True)
     if adapter is None or not adapter.is_file():
         raise StageMissingError(f"{adapter or adapter_dir / 'epoch_N' / ADAPTER_FILE} is missing though {marker} "
                                 f"exists: retrain with `persona-tune train --run {run_root} --personas "

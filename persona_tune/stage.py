@@ -44,7 +44,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import types
 import typing
 from typing import Any
@@ -290,18 +289,6 @@ def validate(cfg) -> None:
     check = getattr(cfg, "validate", None)
     if callable(check):
         check()
-
-
-def parse_overrides(overrides, fixed: tuple[str, ...] = ()) -> list[str]:
-    """Check config-file overrides (torchtune's ``key=value`` / ``~key``, the words after ``--``) before
-    anything is written; ``fixed``: keys the run folder's file contract sets, refused. Returns them as a list."""
-    for item in overrides:
-        key, sep, _ = (item[1:], "=", "") if item.startswith("~") else item.partition("=")
-        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", key):
-            raise ConfigError(f"invalid override {item!r}: expected key=value (or ~key), e.g. optimizer.lr=1e-4")
-        if key in fixed:
-            raise ConfigError(f"{key} is fixed by the run folder (RUN/adapters/<variant>); it cannot be overridden")
-    return list(overrides)
 
 
 def require(condition: bool, message: str) -> None:

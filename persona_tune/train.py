@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona_tune.configgen import apply_overrides
+from persona_tune.overrides import apply_overrides, parse_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.resources import die_with_parent, tune_executable
 from persona_tune.runfolder import (
@@ -49,7 +49,8 @@ from persona_tune.runfolder import (
     file_lock,
     last_epoch_adapter,
 )
-from persona_tune.stage import add_config_arguments, config_from_args, parse_overrides, validate
+from persona_tune.stage import add_config_arguments, config_from_args, validate
+from persona_tune.variants import PER_PERSONA, Variant
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,15 @@ def select_variants(run: RunFolder, spec: str) -> list[str]:
     if spec.strip() == "all":
         generated = (run.stage_record("configs") or {}).get("variants")
         if generated is None:  # configs written by hand: the training variants by their names
-            generated = [n for n in available if n.startswith(("persona_", "single_"))]
-        names = sorted(generated, key=lambda n: (not n.startswith("persona_"), _natural_key(n)))
+            generated = [n for n in available if (v := Variant.maybe(n)) and (v.single or v.persona is not None
+                                                                               and not v.prefix)]
+        names = sorted(generated, key=lambda n: (_persona_of(n) is None, _natural_key(n)))
     else:
         names = []
         for item in (s.strip() for s in spec.split(",")):
             if not item:
                 continue
-            name = f"persona_{item}" if item.isdigit() else check_name(item)
+            name = Variant(PER_PERSONA).for_persona(item).name if item.isdigit() else check_name(item)
             if name not in names:
                 names.append(name)
     if not names:
@@ -105,6 +107,11 @@ def select_variants(run: RunFolder, spec: str) -> list[str]:
             f"run `persona-tune configs --run {run.root}`"
         )
     return names
+
+
+def _persona_of(name: str) -> int | None:
+    v = Variant.maybe(name)
+    return None if v is None or v.prefix else v.persona
 
 
 def _natural_key(name: str):
@@ -191,11 +198,6 @@ def metrics_log(output_dir: Path, since: float = 0.0) -> Path | None:
         log_dir = Path(OmegaConf.select(cfg, "metric_logger.log_dir", default=str(log_dir)))
     logs = [p for p in log_dir.glob("log_*.txt") if p.stat().st_mtime >= since]
     return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
-
-
-def final_adapter(output_dir: Path) -> Path | None:
-    """epoch_<last>/adapter_model.pt, the adapter after the last epoch."""
-    return last_epoch_adapter(output_dir)
 
 
 def export_variant_peft(output_dir: Path, adapter: Path) -> Path:
@@ -295,7 +297,7 @@ def train_variant(run: RunFolder, variant: str, recipe: str, nproc: int, overrid
         tail = log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         return VariantResult(variant, "failed", seconds, error=f"`tune run` exited with {code}; last lines of {log_file}:\n"
                              + "\n".join(tail))
-    adapter = final_adapter(output_dir)
+    adapter = last_epoch_adapter(output_dir, missing_ok=True)  # the adapter after the last epoch
     metrics_file = metrics_log(output_dir, since=start - 1)
     if adapter is None or metrics_file is None:
         tail = log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-5:]

@@ -45,18 +45,19 @@ from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 from persona_tune.prompts import FitToLength
 from persona_tune.errors import PersonaTuneError, check_choice
 from persona_tune.evaluation.predict import (
-    PROB_COLUMNS,
-    RATING_VALUES,
     GenerationConfig,
     RatingPredictor,
     answer_tokens,
     encode_prompt,
+    prediction_block,
     predict_rows,
+    scored_frame,
 )
 from persona_tune.prompts import load_prompt_rows, subsample_per_user
-from persona_tune.runfolder import HEAD_FILE, ITEMS, PREDICTIONS, RATINGS_TEST, RATINGS_TRAIN, TORCHTUNE_CONFIG, TRUNK_SUMMARY
-from persona_tune.runfolder import RunFolder, atomic_path, atomic_write_json, atomic_write_parquet, file_sha256
-from persona_tune.runfolder import load_torch, read_or_discard
+from persona_tune.runfolder import ADAPTER_FILE, HEAD_FILE, ITEMS, PREDICTIONS, RATINGS_TEST, RATINGS_TRAIN
+from persona_tune.runfolder import TORCHTUNE_CONFIG, TRUNK_SUMMARY
+from persona_tune.runfolder import PREDICTIONS_LAYOUT, RunFolder, atomic_path, atomic_write_json, file_sha256
+from persona_tune.runfolder import load_torch, read_or_discard, write_predictions
 from persona_tune.evaluation.head import (
     HEAD_INITS,
     HEAD_PRIORS,
@@ -80,7 +81,6 @@ from persona_tune.trunk import (
 log = utils.get_logger("INFO")
 
 STATE_FILE = "recipe_state.pt"
-ADAPTER_FILE = "adapter_model.pt"
 RUNTIME_KEYS = ("num_threads", "progress", "output_dir", "metric_logger", "save_every_n_steps")
 
 
@@ -204,7 +204,9 @@ class FrozenTrunkRecipe:
             else self.model.output.weight
         info = fit_head_closed_form(self.head, output_weight.detach(), features, train["rating"].to_numpy(),
                                     base, train["user_id"].to_numpy(), l2_grid=tuple(self.cfg.head.l2_grid),
-                                    seed=self.cfg.seed, priors=self.priors(train))
+                                    prior_l2_grid=tuple(self.cfg.head.get("prior_l2_grid", (0.01, 1.0, 100.0))),
+                                    folds=int(self.cfg.head.get("folds", 5)), seed=self.cfg.seed,
+                                    priors=self.priors(train))
         info["seconds"] = round(time.perf_counter() - start, 2)
         log.info(f"rating head fitted in closed form: {info}")
         return {"init": self.head_init, **info}
@@ -310,19 +312,12 @@ class FrozenTrunkRecipe:
         digits = torch.from_numpy(z[:, :5])
         probs = torch.softmax(digits, dim=-1).numpy()
         every = torch.logsumexp(torch.from_numpy(z), dim=-1)
-        out = test[["persona", "user_id", "item_id", "rating"]].copy()
-        out["mode"] = "scoring"
-        out["raw_text"] = ""
-        out["parsed_rating"] = np.nan
-        out["expected_rating"] = probs @ RATING_VALUES
-        out["argmax_rating"] = probs.argmax(1) + 1.0
-        for k, col in enumerate(PROB_COLUMNS):
-            out[col] = probs[:, k]
-        out["rating_mass"] = torch.exp(torch.logsumexp(digits, dim=-1) - every).numpy()
-        out["prediction"] = out["expected_rating"]
+        mass = torch.exp(torch.logsumexp(digits, dim=-1) - every).numpy()
+        out = prediction_block(test[["persona", "user_id", "item_id", "rating"]], "scoring", scored_frame(probs, mass))
         out["n_prompt_tokens"] = [len(p) for p in test["prompt"]]
+        out = out[PREDICTIONS_LAYOUT]
         if int(self.cfg.eval.get("paper_rows") or 0) > 0:
-            out = pd.concat([out, self.evaluate_paper(test, list(out.columns))], ignore_index=True)
+            out = pd.concat([out, self.evaluate_paper(test)], ignore_index=True)
         seconds = time.perf_counter() - start
         log.info(f"evaluated {len(out)} test rows in {seconds:.1f}s: RMSE "
                  f"{np.sqrt(np.mean((out['prediction'] - out['rating']) ** 2)):.4f}, "
@@ -330,7 +325,7 @@ class FrozenTrunkRecipe:
         self.eval_seconds = seconds
         return out
 
-    def evaluate_paper(self, test: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    def evaluate_paper(self, test: pd.DataFrame) -> pd.DataFrame:
         """The paper's mode on ``eval.paper_rows`` of the test rows: the whole model (LoRA and, on the
         answer token, the rating head) generates ``eval.generation.max_new_tokens`` tokens; the regex
         parser reads the rating (persona_tune.evaluation.predict)."""
@@ -345,7 +340,7 @@ class FrozenTrunkRecipe:
             paper = predict_rows(predictor, rows.drop(columns=["prompt"]), ["paper"], generation)
         finally:
             swap_output(self.model, output)
-        return paper[columns]
+        return paper[PREDICTIONS_LAYOUT]
 
     def cleanup(self) -> None:
         self.metric_logger.close()
@@ -371,7 +366,7 @@ def recipe_main(cfg: DictConfig) -> None:
         test = recipe.rows("test")
         recipe.build_cache(test, "test")
         predictions = recipe.evaluate(test)
-        atomic_write_parquet(predictions, recipe.output_dir / PREDICTIONS)
+        write_predictions(predictions, recipe.output_dir / PREDICTIONS)
         atomic_write_json(recipe.output_dir / TRUNK_SUMMARY, {
             "train_rows": 0 if train is None else len(train), "test_rows": len(test),
             "paper_rows": int((predictions["mode"] == "paper").sum()), "split_layer": recipe.split,

@@ -38,7 +38,7 @@ from torchtune import config, training, utils
 from persona_tune.errors import PersonaTuneError
 from persona_tune.evaluation.baselines import global_mean
 from persona_tune.evaluation.loading import ModelLoader, adapter_path
-from persona_tune.evaluation.metrics import grouped_metrics, train_rows_per_persona, variant_metrics
+from persona_tune.evaluation.metrics import grouped_metrics, metrics_info, train_rows_per_persona, variant_metrics
 from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor, predict_rows
 from persona_tune.names import check_modes
 from persona_tune.prompts import load_prompt_rows
@@ -51,19 +51,14 @@ from persona_tune.runfolder import (
     RATINGS_TEST,
     RunFolder,
     atomic_write_json,
-    atomic_write_parquet,
     file_sha256,
     read_or_discard,
+    write_predictions,
 )
 
 REMOTE_REQUESTS = "requests.sqlite"  # backend openai: the served agent's answers, so a stopped run resumes
 
 log = utils.get_logger("INFO")
-
-OUTPUT_COLUMNS = [
-    "persona", "user_id", "item_id", "rating", "mode", "raw_text", "parsed_rating", "expected_rating",
-    "argmax_rating", "p1", "p2", "p3", "p4", "p5", "rating_mass", "prediction", "n_prompt_tokens",
-]
 
 
 class PersonaEvalRecipe:
@@ -151,8 +146,7 @@ class PersonaEvalRecipe:
         seconds = time.perf_counter() - start
         stats = {k: v - stats_before.get(k, 0) for k, v in self.predictor.stats.as_dict().items()
                  if k in ("rows", "forward_passes", "tokens_processed", "prompt_tokens", "floor_tokens")}
-        predictions = predictions[OUTPUT_COLUMNS]
-        atomic_write_parquet(predictions, part)
+        predictions = write_predictions(predictions, part)
         atomic_write_json(stamp, {"fingerprint": fingerprint, "adapter": adapter, "seconds": seconds,
                                   "rows": len(rows), "rows_per_s": len(rows) / seconds, **stats})
         log.info(f"persona {persona}: {len(rows)} rows x {len(self.modes)} mode(s) in {seconds:.1f}s "
@@ -163,7 +157,7 @@ class PersonaEvalRecipe:
         personas = self.personas()
         parts = [self.evaluate_persona(p) for p in personas]
         predictions = pd.concat(parts, ignore_index=True)
-        atomic_write_parquet(predictions, self.output_dir / PREDICTIONS)
+        write_predictions(predictions, self.output_dir / PREDICTIONS)
         atomic_write_json(self.output_dir / METRICS, self.metrics(predictions, personas))
         self.run.record_stage(f"eval/{self.cfg.variant}", OmegaConf.to_container(self.cfg, resolve=True))
         for mode, block in predictions.groupby("mode"):
@@ -176,12 +170,10 @@ class PersonaEvalRecipe:
         if fill_value == "global_mean":  # the mean of every non-test rating (as the global-mean baseline)
             fill_value = global_mean(self.run.read_items(columns=["hist_avg", "hist_count"]))
         profiles = self.run.read_profiles(missing_ok=True)
-        info = {"variant": self.cfg.variant, "memory": self.cfg.memory, "adapter_dir": self.cfg.adapter_dir,
-                "backend": self.cfg.get("backend", "local"),
-                "model_component": self.cfg.model._component_, "model_dir": str(self.cfg.model_dir),
-                "per_persona_adapter": "{persona}" in str(self.cfg.adapter_dir or ""),
-                "timing": {str(p): json.loads((self.output_dir / "parts" / f"persona_{p}.json").read_text())
-                           for p in personas}}
+        info = metrics_info(self.cfg, self.cfg.variant, self.cfg.adapter_dir,
+                            "{persona}" in str(self.cfg.adapter_dir or ""), backend=self.cfg.get("backend", "local"),
+                            timing={str(p): json.loads((self.output_dir / "parts" / f"persona_{p}.json").read_text())
+                                    for p in personas})
         return variant_metrics(predictions, info, profiles=profiles,
                                train_rows_per_persona=train_rows_per_persona(self.run, personas),
                                unparsable=m.unparsable, fill_value=None if fill_value is None else float(fill_value),

@@ -49,7 +49,7 @@ def build_serving_run(root: Path, family: str = "tiny", scale: float = 0.3) -> t
         tiny = write_tiny_phi3(root / "tiny", seed=0)
         sets = [f"model_dir={tiny / 'model'}"]
     assert cli_main(["configs", "--run", str(run), "--family", family, "--", *sets]) == 0
-    write_trunk_configs(folder, family, ["single_max-ms"], "trunk-", sets)
+    write_trunk_configs(folder, family, ["single_max-ms"], None, sets)
     model_cfg = OmegaConf.load(folder.config_file("persona_0")).model
     for k in (0, 1):
         write_adapter(folder.adapter_dir(f"persona_{k}") / "epoch_1", seed=k, scale=scale, model_cfg=model_cfg)

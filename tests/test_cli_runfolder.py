@@ -92,3 +92,30 @@ def test_atomic_path_leaves_old_file_on_failure_and_uses_umask_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_last_epoch_adapter_is_the_highest_epoch_that_holds_one(tmp_path):
+    from persona_tune.runfolder import ADAPTER_FILE, epoch_adapters, last_epoch_adapter
+
+    for n in (0, 2, 10):
+        (tmp_path / f"epoch_{n}").mkdir()
+        (tmp_path / f"epoch_{n}" / ADAPTER_FILE).write_bytes(b"x")
+    (tmp_path / "epoch_11").mkdir()  # a checkpoint being written: no adapter yet
+    (tmp_path / "epoch_x").mkdir()
+    (tmp_path / "epoch_x" / ADAPTER_FILE).write_bytes(b"x")
+    assert [p.parent.name for p in epoch_adapters(tmp_path)] == ["epoch_0", "epoch_2", "epoch_10"]  # by number
+    assert last_epoch_adapter(tmp_path) == tmp_path / "epoch_10" / ADAPTER_FILE
+    (tmp_path / "epoch_12").mkdir()
+    (tmp_path / "epoch_12" / "adapter_model.safetensors").write_bytes(b"x")
+    assert last_epoch_adapter(tmp_path, (ADAPTER_FILE, "adapter_model.safetensors")).parent.name == "epoch_12"
+
+
+def test_no_epoch_is_one_clear_error(tmp_path):
+    from persona_tune.runfolder import last_epoch_adapter
+
+    (tmp_path / "epoch_0").mkdir()  # an epoch folder without its adapter
+    with pytest.raises(StageMissingError) as e:
+        last_epoch_adapter(tmp_path)
+    assert str(e.value) == f"{tmp_path} holds no trained epoch (epoch_N/adapter_model.pt): train it first"
+    assert last_epoch_adapter(tmp_path, missing_ok=True) is None
+    assert last_epoch_adapter(tmp_path / "missing", missing_ok=True) is None

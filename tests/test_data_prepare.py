@@ -12,7 +12,9 @@ import pytest
 from persona_tune import cli
 from persona_tune.data.loaders import load_ratings
 from persona_tune.data.metadata import cast_from_abstract, load_metadata, truncate_words
-from persona_tune.data.prepare import Protocol, n_train_rows, prepare, render_item_text, sample_users
+from persona_tune.data.metadata import render_item_text
+from persona_tune.data.prepare import Protocol, prepare, sample_users
+from persona_tune.data.split import n_train_rows
 from persona_tune.data.synthetic import SynthConfig, write_synthetic
 from persona_tune.errors import ConfigError
 from persona_tune.runfolder import RunFolder
@@ -66,7 +68,7 @@ def test_split_is_chronological_60_40_with_floor(tmp_path, synth_dir):
 def test_ties_are_broken_by_item_id():
     ratings = pd.DataFrame({"user_id": [1] * 5, "item_id": [50, 40, 30, 20, 10], "rating": [1, 2, 3, 4, 5],
                             "timestamp": [100, 100, 100, 50, 200]})
-    from persona_tune.data.prepare import split_chronological
+    from persona_tune.data.split import split_chronological
     train, test = split_chronological(ratings, np.array([1]), 0.6)
     assert train["item_id"].tolist() == [20, 30, 40]
     assert test["item_id"].tolist() == [50, 10]
@@ -203,7 +205,7 @@ def test_split_invariants_hold_for_any_log():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from persona_tune.data.prepare import split_chronological
+    from persona_tune.data.split import split_chronological
 
     rows = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 30), st.integers(1, 5), st.integers(0, 20)),
                     min_size=1, max_size=80, unique_by=lambda r: (r[0], r[1]))

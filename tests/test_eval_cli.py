@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from persona_tune.cli import main as cli_main
 from persona_tune.errors import ConfigError
 from persona_tune.evaluation.grid import grid_cells, select_cells, write_grid_configs
-from persona_tune.evaluation.run import adapter_variants, build_eval_config, split_variant
+from persona_tune.evaluation.run import adapter_variants, build_eval_config
+from persona_tune.variants import Variant
 from persona_tune.models.tiny import write_tiny_phi3
 from persona_tune.runfolder import RunFolder
 from tests.fixtures_runs import make_persona_run, write_adapter
@@ -66,8 +67,6 @@ def test_eval_baselines_report(capsys, monkeypatch, eval_run):
 
 def test_variant_names_and_eval_config(eval_run):
     run, _ = eval_run
-    assert split_variant("persona-msml") == ("persona", "msml")
-    assert split_variant("single_max") == ("single_max", None)
     cfg = build_eval_config(RunFolder(run), "prompted-ml", "tiny", "ms+ml", "both")
     assert cfg.adapter_dir is None and cfg.memory == "ml" and cfg.mode == "both"
     assert cfg.output_dir == str(run / "eval" / "prompted-ml")
@@ -87,11 +86,11 @@ def test_grid_plan_and_configs(eval_run):
     base = {n: OmegaConf.load(run / "configs" / f"{n}.yaml") for n in ("persona_0", "single_min", "single_max")}
     for name in names:
         cfg = OmegaConf.load(run / "configs" / f"{name}.yaml")
-        variant, tag = split_variant(name)
-        assert cfg.memory == {"ms": "ms", "msml": "ms+ml"}[tag]
+        variant = Variant.parse(name)
+        assert cfg.memory == variant.memory
         assert cfg.output_dir == str(run / "adapters" / name)
-        if variant in base:
-            assert cfg.subsample == base[variant].subsample and cfg.persona == base[variant].persona
+        if variant.base in base:
+            assert cfg.subsample == base[variant.base].subsample and cfg.persona == base[variant.base].persona
     # --cells: only the adapters the chosen cells need; unknown cells are named with the valid ones.
     assert select_cells([0, 1], ["prompted-msml", "persona-msml", "single_max-ms"]) == (
         ["single_max-ms", "persona_0-msml", "persona_1-msml"], ["prompted-msml", "single_max-ms", "persona-msml"])
@@ -132,14 +131,14 @@ def test_grid_cells_end_to_end(tmp_path, capsys, monkeypatch):
 def test_trunk_grid_configs_sizes_and_the_untrained_base(eval_run):
     """`grid --path trunk --train-rows N`: each variant's rows; the prompted cell ignores training and head
     overrides; a trunk persona cell's eval config points at its per-persona adapters."""
-    from persona_tune.evaluation.grid import trunk_prefix, write_trunk_configs
+    from persona_tune.evaluation.grid import write_trunk_configs
     from persona_tune.configgen import persona_sizes
 
     run, tiny = eval_run
     sizes = persona_sizes(RunFolder(run)).set_index("persona")["n_train_rows"]
     total = int(sizes.sum())
     names = write_trunk_configs(RunFolder(run), "tiny", ["prompted-ms", "persona_0-ms", "single_min-ms", "single_max-ms"],
-                                trunk_prefix("t"), [f"model_dir={tiny / 'model'}", "head.prior=stated", "epochs=3"], "60")
+                                "t", [f"model_dir={tiny / 'model'}", "head.prior=stated", "epochs=3"], "60")
     assert names == ["trunk-t-prompted-ms", "trunk-t-persona_0-ms", "trunk-t-single_min-ms", "trunk-t-single_max-ms"]
     cfgs = {n: OmegaConf.load(run / "configs" / f"{n}.yaml") for n in names}
     assert (cfgs["trunk-t-single_max-ms"].subsample, cfgs["trunk-t-single_max-ms"].persona) == (60, None)

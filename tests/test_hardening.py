@@ -22,7 +22,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from persona_tune import cli, configgen, train
-from persona_tune.configgen import ConfigsConfig, apply_overrides
+from persona_tune.configgen import ConfigsConfig
+from persona_tune.overrides import apply_overrides
 from persona_tune.data.loaders import read_text
 from persona_tune.distill.run import DistillConfig, distill
 from persona_tune.errors import ConfigError, DataError, LLMError, StageMissingError
@@ -691,7 +692,7 @@ def test_truncated_trunk_cache_shard_is_named_and_recomputed(tmp_path, caplog):
 
 def test_corrupt_parts_are_recomputed(tmp_path, caplog):
     from persona_tune.runfolder import SimulationFolder
-    from persona_tune.simulate.run import read_parts
+    from persona_tune.simulate.scoring import read_parts
 
     sim = SimulationFolder(tmp_path / "sim")
     sim.parts_dir.mkdir(parents=True)
@@ -879,7 +880,7 @@ def test_a_remote_eval_writes_no_password(tmp_path, monkeypatch):
     real URL in its environment, and persona_tune.serving.remote.endpoint resolves it there."""
     from persona_tune.evaluation import run as eval_run
     from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
-    from persona_tune.serving import stage as serving_stage
+    from persona_tune.serving import export as serving_export
     from persona_tune.serving.remote import SECRET_URL_ENV, RemoteOptions, endpoint
 
     run_dir = with_personas(tmp_path)
@@ -887,7 +888,7 @@ def test_a_remote_eval_writes_no_password(tmp_path, monkeypatch):
     folder = _partial_adapter(RunFolder(run_dir), "single_max")
     atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
     seen = {}
-    monkeypatch.setattr(serving_stage, "read_serving_spec", lambda run, variant: {})
+    monkeypatch.setattr(serving_export, "read_serving_spec", lambda run, variant: {})
     monkeypatch.setattr(eval_run, "evaluate_variant", lambda run, v, cfg, force, adapters, env: seen.update(
         cfg=cfg, env=env) or "done")
     secret = "http://user:s3cret@127.0.0.1:9/v1"

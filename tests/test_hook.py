@@ -51,6 +51,7 @@ RECIPE_PROCESS_PROBE = """
     result = {"finders": [type(f).__name__ for f in sys.meta_path],
               "recipes": {r.name: {c.name: c.file_path for c in r.configs} for r in get_all_recipes()},
               "patched": hasattr(dist.init_process_group, "_persona_tune_cpu_patch"),
+              "destroy_patched": hasattr(dist.destroy_process_group, "_persona_tune_cpu_patch"),
               "nccl": dist.is_nccl_available()}
     if result["patched"]:
         from torchtune import training
@@ -134,9 +135,52 @@ def test_recipe_process_gets_gloo_and_cpu_memory_stats(recipe_process):
         assert out["patched"] is False  # inert where NCCL exists
         return
     assert out["patched"] is True
+    assert out["destroy_patched"] is True
     assert out["backend"] == "gloo"
     assert set(out["stats"]) == {"peak_memory_active", "peak_memory_alloc", "peak_memory_reserved"}
     assert 0.05 < out["stats"]["peak_memory_alloc"] < 64  # GiB: the process's peak RSS
+
+
+class FakeDist:
+    """The four torch.distributed calls the barrier wrapper makes, recording their order."""
+
+    def __init__(self, backend="gloo", world_size=2, barrier_error=None):
+        self.calls, self.backend, self.world_size, self.barrier_error = [], backend, world_size, barrier_error
+
+    def is_initialized(self):
+        return True
+
+    def get_backend(self):
+        return self.backend
+
+    def get_world_size(self):
+        return self.world_size
+
+    def barrier(self):
+        self.calls.append("barrier")
+        if self.barrier_error:
+            raise RuntimeError(self.barrier_error)
+
+
+@pytest.mark.parametrize("backend, world_size, group, expected", [
+    ("gloo", 2, None, ["barrier", "destroy"]),   # every rank waits, then all tear down together
+    ("gloo", 1, None, ["destroy"]),              # nobody to wait for
+    ("nccl", 2, None, ["destroy"]),              # untouched where NCCL runs
+    ("gloo", 2, "subgroup", ["destroy"]),        # only the default group
+])
+def test_destroy_waits_for_every_rank_on_gloo(backend, world_size, group, expected):
+    fake = FakeDist(backend, world_size)
+    destroy = cpu_distributed.barrier_before_destroy(fake, lambda group=None: fake.calls.append("destroy"))
+    destroy(group)
+    assert fake.calls == expected
+
+
+def test_destroy_still_tears_down_when_a_peer_is_gone(caplog):
+    fake = FakeDist(barrier_error="Connection closed by peer")
+    destroy = cpu_distributed.barrier_before_destroy(fake, lambda group=None: fake.calls.append("destroy"))
+    destroy()
+    assert fake.calls == ["barrier", "destroy"]
+    assert "Connection closed by peer" in caplog.text
 
 
 def test_cpu_backend_mapping():

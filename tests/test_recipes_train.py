@@ -17,7 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from persona_tune.resources import resource_dirs
-from persona_tune.train import final_adapter, metrics_log, read_metrics
+from persona_tune.runfolder import last_epoch_adapter
+from persona_tune.train import metrics_log, read_metrics
 from tests.fixtures_runs import FAST
 
 pytestmark = [pytest.mark.recipe, pytest.mark.slow]
@@ -39,7 +40,7 @@ def check_trained(out: Path, steps: int) -> list[dict]:
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     losses = [m["loss"] for m in metrics]
     assert losses[-1] < losses[0], losses
-    adapter = final_adapter(out)
+    adapter = last_epoch_adapter(out)
     assert adapter is not None and adapter.parent.name == "epoch_0"
     state = torch.load(adapter, map_location="cpu", weights_only=True)
     assert state and all("lora" in k for k in state), sorted(state)[:5]

@@ -159,7 +159,8 @@ def test_hf_peft_on_the_bundle_gives_the_local_ratings(served_run, variant):
 
 
 def test_exporting_an_untrained_variant_names_the_command(served_run):
-    from persona_tune.serving.stage import ServeExportConfig, read_serving_spec, run as export
+    from persona_tune.serving.export import read_serving_spec
+    from persona_tune.serving.stage import ServeExportConfig, run as export
     from persona_tune.runfolder import RunFolder
 
     run, _ = served_run

@@ -21,7 +21,7 @@ from persona_tune.agent import UserAgent
 from persona_tune.runfolder import RunFolder
 from persona_tune.serving.parity import llama_cpp_server, measure
 from persona_tune.serving.remote import RemoteOptions
-from persona_tune.serving.stage import read_serving_spec
+from persona_tune.serving.export import read_serving_spec
 from tests.serving_fixtures import STOCK, TRUNK, build_serving_run, export_all, require_llama_cpp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -266,3 +266,29 @@ def test_validity_input_checks(tmp_path):
         v.run(RunFolder(run), cfg)
     assert cli_main(["simulate", "--run", str(run), "--validity", "--no-agent", "--predictions",
                      str(tmp_path / "nowhere.csv")]) == 2
+
+
+def test_validity_on_a_seeded_subset_of_users(tmp_path):
+    """--users N: the protocol (truth, every simulator, the statistics) on a seeded sample of N users
+    only; a predictions file then needs the held-out rows of those users only."""
+    from persona_tune.simulate.run import sample_users
+
+    run = make_prepared_run(tmp_path, n_users=12)
+    test = pd.read_parquet(run / "ratings_test.parquet")
+    users = sample_users(test, 4, 0)
+    assert len(users) == 4 and set(users) < set(test["user_id"])
+    preds = test[test["user_id"].isin(users)][["user_id", "item_id"]].copy()  # the sample's rows only
+    preds[PROB_COLUMNS] = np.eye(5)[test[test["user_id"].isin(users)]["rating"].to_numpy(int) - 1]
+    preds.to_parquet(tmp_path / "perfect.parquet")
+    argv = ["simulate", "--run", str(run), "--validity", "--no-agent", "--users", "4", "--name", "subset",
+            "--predictions", f"perfect={tmp_path / 'perfect.parquet'}", "--candidates", "3", "--negatives", "1",
+            "--n-boot", "50", "--no-progress"]
+    assert cli_main(argv) == 0
+    sim = RunFolder(run).simulation("subset")
+    results = json.loads(sim.validity.read_text())
+    assert results["users_sampled"] == 4 and results["users"] == 4 - results["users_without_liked_item"]
+    rated = pd.read_parquet(sim.validity_rows)
+    assert set(rated["user_id"]) == set(users)
+    assert set(rated.loc[rated["simulator"] == "perfect", "user_id"]) == set(users)
+    assert set(pd.read_parquet(sim.validity_users)["user_id"]) <= set(users)
+    assert results["simulators"]["perfect"]["fidelity"]["rating_w1"]["value"] == pytest.approx(0.0)

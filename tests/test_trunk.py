@@ -335,3 +335,72 @@ def test_swap_output_handles_tied_embeddings():
     assert torch.allclose(model(x)[..., 1:6], before[..., 1:6] + 2.0, atol=1e-5)
     swap_output(model, tied)
     assert model.output is tied and torch.allclose(model(x), before)
+
+
+def test_user_folds_keep_each_user_in_one_fold():
+    from persona_tune.evaluation.head import user_folds
+
+    users = np.repeat([7, 3, 9, 1, 5, 2, 8], [3, 1, 4, 2, 2, 5, 1])
+    fold = user_folds(users, 5, seed=0)
+    assert all(len(set(fold[users == u])) == 1 for u in np.unique(users))
+    assert sorted(np.bincount([fold[users == u][0] for u in np.unique(users)])) == [1, 1, 1, 2, 2]
+    assert set(user_folds(users[:4], 5)) == {0, 1}  # two users: two folds
+    np.testing.assert_array_equal(fold, user_folds(users, 5, seed=0))
+
+
+def _collab_rows(rng, n: int, dim: int, signal: float = 0.0):
+    """Rows whose rating follows the kNN number, plus ``dim`` features: noise, or with ``signal`` one
+    feature that carries a part of the rating the numbers do not."""
+    bias = rng.uniform(2.0, 4.5, size=n)
+    knn = bias + rng.normal(scale=0.5, size=n)
+    features = rng.normal(size=(n, dim)).astype(np.float32)
+    ratings = np.clip(np.round(knn + signal * features[:, 0] + rng.normal(scale=0.8, size=n)), 1, 5).astype(int)
+    return features, np.c_[bias, knn, (bias + knn) / 2], ratings
+
+
+def _held_out_rmse(dim, features, priors, ratings, users, train, **grids) -> tuple[float, dict]:
+    head = RatingHead(dim, [0, 1, 2, 3, 4], prior="collab")
+    m = train
+    info = fit_head_closed_form(head, torch.zeros(5, dim), features[m], ratings[m], np.zeros((m.sum(), 6)),
+                                users[m], priors=priors[m], **grids)
+    with torch.no_grad():
+        out = head(torch.from_numpy(features[~m]), torch.zeros((~m).sum(), 5), torch.from_numpy(priors[~m]))
+    expected = torch.softmax(out.double(), dim=-1).numpy() @ np.arange(1, 6)
+    return float(np.sqrt(np.mean((expected - ratings[~m]) ** 2))), info
+
+
+def test_noise_features_cannot_make_the_head_worse_than_the_numbers_alone():
+    """Pure-noise features beside informative numbers: the cross-validated pair of L2 weights (features,
+    numbers) scores the held-out users no worse than the numbers-only read-out, which a single weak
+    feature penalty (the old diagonal grid's choice at these sizes) does not."""
+    rng = np.random.default_rng(3)
+    n, dim = 1200, 150
+    users = np.repeat(np.arange(60), n // 60)
+    features, priors, ratings = _collab_rows(rng, n, dim)
+    train = users < 40  # 20 users held out of the fit entirely
+    grids = {"l2_grid": (1.0, 100.0), "prior_l2_grid": (0.01, 1.0)}
+    chosen, info = _held_out_rmse(dim, features, priors, ratings, users, train, **grids)
+    numbers_only, _ = _held_out_rmse(0, features[:, :0], priors, ratings, users, train, **grids)
+    # One fold: no choice, the middle of each grid (here the weak feature penalty 1 is kept).
+    weak, fixed = _held_out_rmse(dim, features, priors, ratings, users, train, l2_grid=(1.0,), prior_l2_grid=(0.01,),
+                                 folds=1)
+    assert fixed["folds"] == 1 and fixed["l2"] == 1.0 and not fixed["validation_rmse"]
+    assert info["folds"] == 5 and len(info["validation_rmse"]) == 3 * 2  # (1, 100, off) x (0.01, 1)
+    assert {(s["l2"], s["prior_l2"]) for s in info["validation_rmse"]} == {
+        (lf, lp) for lf in (1.0, 100.0, None) for lp in (0.01, 1.0)}
+    best = min(info["validation_rmse"], key=lambda s: s["rmse"])
+    assert (info["l2"], info["prior_l2"]) == (best["l2"], best["prior_l2"])
+    assert chosen <= numbers_only + 0.005
+    assert weak > numbers_only + 0.02  # the noise the choice avoids is real
+
+
+def test_the_head_keeps_features_that_carry_signal():
+    rng = np.random.default_rng(4)
+    n, dim = 1200, 20
+    users = np.repeat(np.arange(60), n // 60)
+    features, priors, ratings = _collab_rows(rng, n, dim, signal=0.8)
+    train = users < 40
+    grids = {"l2_grid": (1.0, 100.0), "prior_l2_grid": (0.01, 1.0)}
+    chosen, info = _held_out_rmse(dim, features, priors, ratings, users, train, **grids)
+    numbers_only, _ = _held_out_rmse(0, features[:, :0], priors, ratings, users, train, **grids)
+    assert info["l2"] is not None and chosen < numbers_only - 0.05

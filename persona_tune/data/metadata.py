@@ -127,3 +127,44 @@ def attach_metadata(items: pd.DataFrame, meta: pd.DataFrame, path: str | Path) -
     out["summary"] = out["summary"].fillna("").astype(str)
     out["cast"] = out["cast"].fillna("").astype(str)
     return out[items.columns]
+
+
+def render_item_text(title: str, year, genres: str, hist_avg: float, summary: str = "", cast: str = "",
+                     noun: str = "movie") -> str:
+    """The item description of the paper's prompts, e.g. "The movie Big Lebowski, The was released
+    in the year 1998 is of Comedy, Crime genre with historical average rating of 3.74."."""
+    text = f"The {noun} {title}"
+    if year is not None and not pd.isna(year):
+        text += f" was released in the year {int(year)}"
+    parts = [g for g in genres.split("|") if g]
+    if parts:
+        text += f" is of {', '.join(parts)} genre"
+    if hist_avg is not None and not pd.isna(hist_avg):
+        text += f" with historical average rating of {hist_avg:.2f}."
+    else:
+        text += " with no historical ratings yet."
+    if summary:
+        text += f" Summary: {summary}"
+    if cast:
+        text += f" Cast: {cast}."
+    return text
+
+
+def render_items(items: pd.DataFrame, stats: pd.DataFrame, noun: str = "movie") -> pd.DataFrame:
+    """The items table's columns from the item metadata and (item_id, hist_avg, hist_count) ``stats``."""
+    items = items.drop(columns=["hist_avg", "hist_count", "text"], errors="ignore")
+    items = items.merge(stats[stats["hist_count"] > 0] if len(stats) else stats, on="item_id", how="left")
+    items = items.sort_values("item_id").reset_index(drop=True)
+    items["hist_avg"] = items["hist_avg"].astype("float64")
+    items["hist_count"] = items["hist_count"].fillna(0).astype("int64")
+    items["text"] = [
+        render_item_text(t, y, g, a, s, c, noun)
+        for t, y, g, a, s, c in zip(items["title"], items["year"], items["genres"], items["hist_avg"],
+                                    items["summary"], items["cast"])
+    ]
+    cols = ["item_id", "title", "year", "genres", "hist_avg", "hist_count", "summary", "cast", "text"]
+    items = items[cols]
+    items["year"] = items["year"].astype("Int64")
+    for col in ("title", "genres", "summary", "cast", "text"):
+        items[col] = items[col].astype(str)
+    return items

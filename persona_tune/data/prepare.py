@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from persona_tune.data.loaders import DUPLICATE_POLICIES, RatingLog, load_ratings
-from persona_tune.data.metadata import DEFAULT_SUMMARY_WORDS, attach_metadata, load_metadata
+from persona_tune.data.metadata import DEFAULT_SUMMARY_WORDS, attach_metadata, load_metadata, render_items
+from persona_tune.data.split import split_chronological
 from persona_tune.errors import ConfigError
 from persona_tune.history import DEFAULT_HISTORY, HISTORY_MODES, N_BUCKETS, History, check_history_mode, history_rows
 from persona_tune.runfolder import HISTORY, RunFolder, atomic_write_parquet, file_sha256
@@ -57,11 +58,6 @@ class Protocol:
             raise ConfigError("--train-frac * --min-ratings must leave every user at least one train row")
 
 
-def n_train_rows(n: int, train_frac: float) -> int:
-    """How many of a user's n ratings go to training: floor(train_frac * n), at least 1 and at most n - 1."""
-    return min(max(math.floor(train_frac * n + 1e-9), 1), n - 1)
-
-
 def sample_users(ratings: pd.DataFrame, protocol: Protocol) -> tuple[np.ndarray, int]:
     """Return the sampled user ids (sorted) and the number of eligible users."""
     counts = ratings.groupby("user_id").size()
@@ -80,18 +76,6 @@ def sample_users(ratings: pd.DataFrame, protocol: Protocol) -> tuple[np.ndarray,
     return np.sort(rng.choice(eligible, size=protocol.n_users, replace=False)), len(eligible)
 
 
-def split_chronological(ratings: pd.DataFrame, users: np.ndarray, train_frac: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split each user's ratings in time order: the first floor(train_frac * n) train, the rest test."""
-    cols = ["user_id", "item_id", "rating", "timestamp"]
-    df = ratings.loc[ratings["user_id"].isin(users), cols]
-    df = df.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
-    position = df.groupby("user_id").cumcount().to_numpy()
-    n = df.groupby("user_id")["item_id"].transform("size").to_numpy()
-    n_train = np.array([n_train_rows(int(k), train_frac) for k in n]) if len(n) else n
-    is_train = position < n_train
-    return df[is_train].reset_index(drop=True), df[~is_train].reset_index(drop=True)
-
-
 def historical_stats(ratings: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
     """Per item: mean and count of every source rating that is not one of the test rows."""
     key = ["user_id", "item_id"]
@@ -99,27 +83,6 @@ def historical_stats(ratings: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
     hist = merged[merged["_test"].isna()]
     stats = hist.groupby("item_id")["rating"].agg(hist_avg="mean", hist_count="size").reset_index()
     return stats
-
-
-def render_item_text(title: str, year, genres: str, hist_avg: float, summary: str = "", cast: str = "",
-                     noun: str = "movie") -> str:
-    """The item description of the paper's prompts, e.g. "The movie Big Lebowski, The was released
-    in the year 1998 is of Comedy, Crime genre with historical average rating of 3.74."."""
-    text = f"The {noun} {title}"
-    if year is not None and not pd.isna(year):
-        text += f" was released in the year {int(year)}"
-    parts = [g for g in genres.split("|") if g]
-    if parts:
-        text += f" is of {', '.join(parts)} genre"
-    if hist_avg is not None and not pd.isna(hist_avg):
-        text += f" with historical average rating of {hist_avg:.2f}."
-    else:
-        text += " with no historical ratings yet."
-    if summary:
-        text += f" Summary: {summary}"
-    if cast:
-        text += f" Cast: {cast}."
-    return text
 
 
 HIST_AVG_RULES = {
@@ -139,26 +102,6 @@ def build_items(log_: RatingLog, test: pd.DataFrame, noun: str = "movie", histor
         hist = History.before_split(rows, test, log_.items["item_id"].to_numpy())
         stats = hist.bucket_stats(hist.n_buckets - 1)
     return render_items(log_.items, stats, noun)
-
-
-def render_items(items: pd.DataFrame, stats: pd.DataFrame, noun: str = "movie") -> pd.DataFrame:
-    """The items table's columns from the item metadata and (item_id, hist_avg, hist_count) ``stats``."""
-    items = items.drop(columns=["hist_avg", "hist_count", "text"], errors="ignore")
-    items = items.merge(stats[stats["hist_count"] > 0] if len(stats) else stats, on="item_id", how="left")
-    items = items.sort_values("item_id").reset_index(drop=True)
-    items["hist_avg"] = items["hist_avg"].astype("float64")
-    items["hist_count"] = items["hist_count"].fillna(0).astype("int64")
-    items["text"] = [
-        render_item_text(t, y, g, a, s, c, noun)
-        for t, y, g, a, s, c in zip(items["title"], items["year"], items["genres"], items["hist_avg"],
-                                    items["summary"], items["cast"])
-    ]
-    cols = ["item_id", "title", "year", "genres", "hist_avg", "hist_count", "summary", "cast", "text"]
-    items = items[cols]
-    items["year"] = items["year"].astype("Int64")
-    for col in ("title", "genres", "summary", "cast", "text"):
-        items[col] = items[col].astype(str)
-    return items
 
 
 def _check_not_overwriting_other_stages(run: RunFolder, proto: dict, inputs: dict, force: bool) -> None:

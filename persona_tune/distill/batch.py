@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from persona_tune.distill.config import MAX_LINES, DistillConfig
 from persona_tune.distill.llm import Deferred, LLMDistiller, assemble, plan_batches
 from persona_tune.distill.reflect import load_prompts
 from persona_tune.distill.store import Answer, RequestStore
@@ -48,12 +49,10 @@ from persona_tune.runfolder import DISTILL_REQUESTS, RunFolder
 
 if TYPE_CHECKING:
     from persona_tune.distill.reflect import BatchItem
-    from persona_tune.distill.run import DistillConfig
 
 log = logging.getLogger(__name__)
 
 BATCH_URL = "/v1/chat/completions"
-MAX_LINES = 50_000  # OpenAI's limit of requests per batch file
 FILE_PATTERN = "requests-r{round:04d}-{part:03d}.jsonl"
 
 

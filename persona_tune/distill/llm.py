@@ -15,12 +15,13 @@ import os
 import random
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 from tqdm import tqdm
 
 from persona_tune.distill.client import ChatClient, ClientSettings, EndpointError, UnsupportedParameter
+from persona_tune.distill.config import RESPONSE_FORMATS, DistillConfig
 from persona_tune.distill.offline import display_title
 from persona_tune.distill.reflect import BatchItem, Prompts, load_prompts, step_messages, step_schema, validate_step
 from persona_tune.distill.store import RequestStore, request_key
@@ -28,13 +29,9 @@ from persona_tune.distill.traits import render_traits_text
 from persona_tune.errors import ConfigError, LLMError
 from persona_tune.runfolder import DISTILL_REQUESTS, RunFolder
 
-if TYPE_CHECKING:
-    from persona_tune.distill.run import DistillConfig
-
 log = logging.getLogger(__name__)
 
 BACKEND = "openai"
-RESPONSE_FORMATS = ("json_schema", "json_object", "text")
 RETRY_TEMPERATURE = 0.7  # a retried generation samples at least this hot, with a new seed
 # The columns a backend fills (the stage adds backend, model and prompt_version).
 PROFILE_FIELDS = ["user_id", "profile", "activity", "conformity", "diversity", "traits_text"]

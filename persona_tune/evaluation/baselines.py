@@ -28,7 +28,7 @@ import pandas as pd
 from persona_tune.errors import DataError
 from persona_tune.evaluation.metrics import grouped_metrics
 from persona_tune.evaluation.references import REFERENCES, References
-from persona_tune.history import History
+from persona_tune.history import BaselineConfig, History
 from persona_tune.runfolder import HISTORY, ITEMS, METRICS, PREDICTIONS, RunFolder, atomic_write_json, atomic_write_parquet
 from persona_tune.stage import add_config_arguments, config_from_args, validate
 
@@ -36,14 +36,6 @@ log = logging.getLogger(__name__)
 
 BASIC = ("global_mean", "user_mean", "item_mean", "bias")
 PREDICTORS = (*BASIC, *REFERENCES)
-
-
-@dataclass
-class BaselineConfig:
-    lambda_item: float = 25.0
-    lambda_user: float = 10.0
-    seed: int = field(default=0, metadata={
-        "help": "seed of the MF references (validation users' sample, SGD) and of the bootstrap"})
 
 
 @dataclass

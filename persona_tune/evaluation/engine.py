@@ -12,14 +12,26 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from persona_tune.prompts import FitToLength
 from persona_tune.errors import ConfigError
 from persona_tune.prompts import PromptParts, render_messages
+from persona_tune.runfolder import PROB_COLUMNS
 
 RATING_VALUES = np.arange(1, 6, dtype=float)
-PROB_COLUMNS = [f"p{r}" for r in range(1, 6)]
+
+
+def scored_frame(probs: np.ndarray, mass: np.ndarray) -> pd.DataFrame:
+    """The scoring mode's columns of rows whose five rating tokens have the probabilities ``probs`` [n, 5]
+    (renormalised over the five) and together ``mass`` of all next-token mass: p1..p5, rating_mass,
+    expected_rating (the expectation) and argmax_rating. Every scorer (local, trunk, served) makes them here."""
+    out = pd.DataFrame(probs, columns=PROB_COLUMNS)
+    out["rating_mass"] = mass
+    out["expected_rating"] = probs @ RATING_VALUES
+    out["argmax_rating"] = probs.argmax(1) + 1.0
+    return out
 
 
 # ---------------------------------------------------------------- tokens

@@ -40,7 +40,7 @@ from persona_tune.configgen import (
     write_variant_config,
 )
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
-from persona_tune.names import MEMORY_MODES, MEMORY_TAGS, TAG_OF
+from persona_tune.names import MEMORY_MODES
 from persona_tune.resources import template_dir
 from persona_tune.runfolder import (
     ASSIGNMENTS,
@@ -53,11 +53,13 @@ from persona_tune.runfolder import (
     TRUNK_SUMMARY,
     RunFolder,
     atomic_write_json,
-    atomic_write_parquet,
     atomic_write_text,
     check_name,
+    write_predictions,
 )
-from persona_tune.stage import add_config_arguments, config_from_args, parse_overrides, require, validate
+from persona_tune.overrides import parse_overrides
+from persona_tune.stage import add_config_arguments, config_from_args, require, validate
+from persona_tune.variants import PER_PERSONA, Variant, trunk_prefix
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +71,11 @@ EVAL_PREFIX = "eval."  # `-- eval.KEY=VALUE`: a key of the evaluation (the stock
 
 def grid_cells(personas: list[int]) -> tuple[list[str], list[str]]:
     """(training variants, eval variants) of the matrix for these persona ids."""
-    train, evals = [], [f"prompted-{TAG_OF[m]}" for m in PROMPTED_MEMORIES]
+    train, evals = [], [Variant.of("prompted", m).name for m in PROMPTED_MEMORIES]
     for memory in TRAINED_MEMORIES:
-        tag = TAG_OF[memory]
-        train += [f"persona_{k}-{tag}" for k in personas] + [f"single_min-{tag}", f"single_max-{tag}"]
-        evals += [f"single_min-{tag}", f"single_max-{tag}", f"persona-{tag}"]
+        train += [Variant.of(PER_PERSONA, memory).for_persona(k).name for k in personas]
+        train += [Variant.of(b, memory).name for b in ("single_min", "single_max")]
+        evals += [Variant.of(b, memory).name for b in ("single_min", "single_max", "persona")]
     return train, evals
 
 
@@ -86,12 +88,11 @@ def select_cells(personas: list[int], cells: list[str] | None) -> tuple[list[str
     if unknown:
         raise ConfigError(f"unknown grid cell(s) {', '.join(unknown)}; the cells are: {', '.join(evals)}")
     needed = []
-    for cell in cells:
-        base, tag = cell.rsplit("-", 1)
-        if base == "persona":
-            needed += [f"persona_{k}-{tag}" for k in personas]
-        elif base != "prompted":
-            needed.append(cell)
+    for cell in map(Variant.parse, cells):
+        if cell.per_persona:
+            needed += [cell.for_persona(k).name for k in personas]
+        elif not cell.base_model:
+            needed.append(cell.name)
     return [t for t in train if t in needed], [e for e in evals if e in cells]
 
 
@@ -103,7 +104,7 @@ def write_grid_configs(run: RunFolder, family: str, overrides: list[str] = ()) -
     names = []
     for memory in TRAINED_MEMORIES:
         for name, spec in variants.items():
-            variant = f"{name}-{TAG_OF[memory]}"
+            variant = Variant.of(name, memory).name
             names.append(variant)
             if run.config_file(variant).exists():
                 continue
@@ -117,19 +118,15 @@ def write_grid_configs(run: RunFolder, family: str, overrides: list[str] = ()) -
 UNTRAINED = {"epochs": 0, "head.init": "none", "head.prior": "none"}
 
 
-def trunk_prefix(label: str | None) -> str:
-    return f"trunk-{label}-" if label else "trunk-"
-
-
-def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: str, overrides: list[str],
+def write_trunk_configs(run: RunFolder, family: str, names: list[str], label: str | None, overrides: list[str],
                         train_rows: str | None = None) -> list[str]:
-    """RUN/configs/<prefix><variant>-<tag>.yaml for the frozen-trunk recipe; `prompted-<tag>` is the
-    base model (no training, no head). ``train_rows``: "all" (every training row of the variant's
-    users) or N (N rows drawn over all users: persona_k trains on its users' share of those N rows,
-    θ_single(max) on all N, θ_single(min) on as many as the smallest persona's share, drawn over all
-    users); None: the paper's sizes. A config whose text changed is rewritten and its adapter's
+    """RUN/configs/trunk[-LABEL]-<variant>-<tag>.yaml for the frozen-trunk recipe; `prompted-<tag>` is the base model (no training, no head). ``train_rows``: "all" (every
+    training row of the variant's users) or N (N rows drawn over all users: persona_k trains on its
+    users' share of those N rows, θ_single(max) on all N, θ_single(min) on as many as the smallest
+    persona's share, drawn over all users); None: the paper's sizes. A config whose text changed is rewritten and its adapter's
     train_summary.json removed, so `train` redoes it."""
     templates = template_dir(family, "trunk")
+    prefix = trunk_prefix(label)
     parsed = parse_overrides(list(overrides))
     sizes = persona_sizes(run)
     variants = plan_variants(sizes)
@@ -146,16 +143,17 @@ def write_trunk_configs(run: RunFolder, family: str, names: list[str], prefix: s
             spec.update(subsample=int(train_rows), n_train_rows=share)
     written = []
     for name in names:
-        base, tag = name.rsplit("-", 1)
+        cell = Variant.parse(name)
+        base = cell.base
         spec = {"persona": None, "subsample": None, "n_train_rows": 0} if base == "prompted" else variants[base]
         template = templates / (f"{base}.yaml" if (templates / f"{base}.yaml").is_file() else "persona_0.yaml")
-        variant = f"{prefix}{name}"
+        variant = cell.with_prefix(prefix).name
         untrained, cell_overrides = {}, parsed
         if base == "prompted":
             fixed = {key.split(".")[0] for key in UNTRAINED}
             untrained = UNTRAINED
             cell_overrides = [o for o in parsed if o.lstrip("~").partition("=")[0].split(".")[0] not in fixed]
-        text = variant_config_text(run, variant, template, spec, MEMORY_TAGS[tag], cell_overrides, untrained)
+        text = variant_config_text(run, variant, template, spec, cell.memory, cell_overrides, untrained)
         header = (f"# {variant}: written by `persona-tune grid --path trunk` from {family}_trunk/{template.stem}"
                   f" ({spec['n_train_rows']} training rows).\n# Run: tune run lora_frozen_trunk --config "
                   f"{run.config_file(variant)}\n")
@@ -173,7 +171,7 @@ def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: i
     """RUN/eval/<cell>/predictions.parquet and metrics.json from the cell's trained variants."""
     from omegaconf import OmegaConf
 
-    from persona_tune.evaluation.metrics import train_rows_per_persona, variant_metrics
+    from persona_tune.evaluation.metrics import metrics_info, train_rows_per_persona, variant_metrics
 
     files = [run.adapter_dir(v) / PREDICTIONS for v in variants]
     missing = [f for f in files if not f.is_file()]
@@ -182,24 +180,22 @@ def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: i
     predictions = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     cfg = OmegaConf.load(run.adapter_dir(variants[0]) / TORCHTUNE_CONFIG)
     summaries = {v: run.adapter_dir(v) / TRUNK_SUMMARY for v in variants}
-    info = {"variant": cell, "memory": cfg.memory, "adapter_dir": str(run.adapter_dir(variants[0])),
-            "model_component": cfg.model._component_, "model_dir": str(cfg.model_dir),
-            "per_persona_adapter": len(variants) > 1, "path": "trunk",
-            "trunk": {"adapted_layers": int(cfg.adapted_layers), "objective": cfg.objective,
-                      "head_init": cfg.head.init, "prompt_template": cfg.prompt_template,
-                      "state_numbers": bool(cfg.state_numbers), "epochs": int(cfg.epochs),
-                      "collab_memories": int(cfg.get("collab_memories", 0) or 0),
-                      "head_prior": cfg.head.get("prior", "none"),
-                      "lora_attn_modules": list(cfg.model.lora_attn_modules),
-                      "variants": {v: json.loads(p.read_text()) for v, p in summaries.items()
-                                   if p.is_file()}}}
+    info = metrics_info(cfg, cell, str(run.adapter_dir(variants[0])), len(variants) > 1, path="trunk",
+                        trunk={"adapted_layers": int(cfg.adapted_layers), "objective": cfg.objective,
+                               "head_init": cfg.head.init, "prompt_template": cfg.prompt_template,
+                               "state_numbers": bool(cfg.state_numbers), "epochs": int(cfg.epochs),
+                               "collab_memories": int(cfg.get("collab_memories", 0) or 0),
+                               "head_prior": cfg.head.get("prior", "none"),
+                               "lora_attn_modules": list(cfg.model.lora_attn_modules),
+                               "variants": {v: json.loads(p.read_text()) for v, p in summaries.items()
+                                            if p.is_file()}})
     profiles = run.read_profiles(missing_ok=True)
     personas = sorted(predictions["persona"].unique().tolist())
     metrics = variant_metrics(predictions, info, profiles=profiles,
                               train_rows_per_persona=train_rows_per_persona(run, personas), n_boot=n_boot)
     inputs_file = run.eval_variant_dir(cell) / EVAL_INPUTS  # written last: the cell is complete and current
     inputs_file.unlink(missing_ok=True)
-    atomic_write_parquet(predictions, run.eval_predictions(cell))
+    write_predictions(predictions, run.eval_predictions(cell))
     atomic_write_json(run.eval_metrics(cell), metrics)
     atomic_write_json(inputs_file, {"config": "trunk cell", "adapters": run.checksums(
         *(str(f.relative_to(run.root)) for f in files))})
@@ -213,19 +209,18 @@ def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: lis
     from persona_tune.train import TRUNK_RECIPE, TrainConfig
 
     prefix = trunk_prefix(label)
-    names = list(train_names) + [c for c in eval_names if c.startswith("prompted-")]
-    variants = write_trunk_configs(run, family, names, prefix, train_overrides, train_rows)
+    names = list(train_names) + [c for c in eval_names if Variant.parse(c).base == "prompted"]
+    variants = write_trunk_configs(run, family, names, label, train_overrides, train_rows)
     results = train.run(run, TrainConfig(personas=",".join(variants), parallel=parallel, recipe=TRUNK_RECIPE)) \
         if variants else []
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
     statuses = {}
-    for cell in eval_names:
-        base, tag = cell.rsplit("-", 1)
-        members = [f"{prefix}persona_{k}-{tag}" for k in personas] if base == "persona" else [f"{prefix}{cell}"]
-        collect_trunk_cell(run, f"{prefix}{cell}", members, n_boot)
-        statuses[f"{prefix}{cell}"] = "done"
+    for cell in (Variant.parse(c).with_prefix(prefix) for c in eval_names):
+        members = [cell.for_persona(k).name for k in personas] if cell.per_persona else [cell.name]
+        collect_trunk_cell(run, cell.name, members, n_boot)
+        statuses[cell.name] = "done"
     return results, statuses
 
 
@@ -301,7 +296,7 @@ def run(run: RunFolder, cfg: GridConfig) -> dict:
     run.require(RATINGS_TRAIN, RATINGS_TEST, ASSIGNMENTS)
     personas = sorted(persona_sizes(run)["persona"].tolist())
     train_names, eval_names = select_cells(personas, cfg.cell_list())
-    run.record_stage(f"grid/{trunk_prefix(label)[:-1]}" if path == "trunk" else "grid",
+    run.record_stage(f"grid/{trunk_prefix(label)}" if path == "trunk" else "grid",
                      {"family": family, "max_steps": cfg.max_steps, "mode": mode, "cells": eval_names, "path": path,
                       "label": label, "eval_overrides": eval_overrides, "train_overrides": train_overrides})
     steps = [f"max_steps_per_epoch={cfg.max_steps}"] if cfg.max_steps else []

@@ -3,9 +3,9 @@
 The logits of the five rating tokens "1".."5" get a learned linear correction ``W h + b`` on top of
 the tied output layer (``h``: the final normed state at the answer position); all other tokens keep
 the base model's logits. ``init: closed_form`` fits ``W, b`` before training by multinomial logistic
-regression of the rating on the frozen features (the L2 weight chosen on held-out users), so training
-starts from the best linear read-out rather than from the marginal; ``zero`` starts at the base model;
-``none`` has no head (the paper's model).
+regression of the rating on the frozen features (the L2 weights chosen by cross-validation over
+users), so training starts from the best linear read-out rather than from the marginal; ``zero``
+starts at the base model; ``none`` has no head (the paper's model).
 
 It is trained by the frozen-trunk recipe (persona_tune/trunk.py has the training pieces) and read
 by the evaluation engine (persona_tune/evaluation/loading.py puts a saved head on the model as
@@ -126,25 +126,40 @@ def load_rating_head(path: str | Path, dim: int) -> RatingHead:
     return head
 
 
+def user_folds(users: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """Each row's fold, 0..k-1 with k = min(folds, distinct users): all of a user's rows in one fold,
+    the users dealt round-robin to the folds in a seeded random order."""
+    unique, inverse = np.unique(np.asarray(users), return_inverse=True)
+    k = max(1, min(int(folds), len(unique)))
+    fold_of_user = np.empty(len(unique), dtype=int)
+    fold_of_user[np.random.default_rng(seed).permutation(len(unique))] = np.arange(len(unique)) % k
+    return fold_of_user[inverse]
+
+
 def fit_head_closed_form(head: RatingHead, output_weight: torch.Tensor, features: np.ndarray, ratings: np.ndarray,
                          base: np.ndarray, users: np.ndarray, l2_grid: Sequence[float] = (1.0, 100.0, 10000.0),
                          digit_mass: float = 0.9, seed: int = 0, priors: np.ndarray | None = None,
-                         prior_scale: float = 10.0) -> dict:
+                         prior_l2_grid: Sequence[float] = (0.01, 1.0, 100.0), folds: int = 5) -> dict:
     """Set the head so that the rating tokens' logits equal a multinomial logistic regression of the
     rating on the features (and the stated numbers, for a head that reads them), shifted so the five
     carry about ``digit_mass`` of the next-token mass.
 
-    Features are standardized; the stated numbers are scaled up by ``prior_scale`` after that, so
-    their L2 penalty is ``prior_scale``² times weaker than the features' (two well-known numbers
-    against hundreds of weak directions). The L2 weight (sklearn's C = 1 / l2) is chosen by the RMSE
-    of the expected rating on a fifth of the users held out; the final fit uses every row.
+    Features and numbers are standardized, and each block has its own L2 weight (sklearn's C = 1 / l2
+    with the block's columns scaled to match): ``l2`` on the features from ``l2_grid``, ``prior_l2`` on
+    the numbers from ``prior_l2_grid``. For a head that reads numbers the features' grid also holds
+    infinity: the features off, i.e. the numbers-only read-out, so hundreds of weak feature directions
+    can be switched off when they only add noise. The pair is chosen by the RMSE of the expected
+    rating pooled over ``folds`` folds of users (each user's rows in one fold; on ties the stronger
+    feature penalty); the final fit uses every row. The returned info says which pair won (``l2``:
+    None when the features are off), the folds and every pair's cross-validated RMSE.
     ``base``: features_and_logits' [n, 6] logits of the base model.
     """
     from sklearn.linear_model import LogisticRegression
 
     ratings = ratings.astype(int)
+    dim, n_prior = features.shape[1], head.n_prior
     columns = [features.astype(np.float64)]
-    if head.n_prior:
+    if n_prior:
         fill = np.nanmean(priors, axis=0)
         priors = np.where(np.isnan(priors), fill, priors)
         columns.append(priors)
@@ -152,46 +167,72 @@ def fit_head_closed_form(head: RatingHead, output_weight: torch.Tensor, features
             head.prior_fill.copy_(torch.from_numpy(fill))
     z = np.hstack(columns)
     mean, scale = z.mean(0), z.std(0) + 1e-8
-    if head.n_prior:
-        scale[-head.n_prior:] /= prior_scale
     x = (z - mean) / scale
-    rng = np.random.default_rng(seed)
-    unique = np.unique(users)
-    held = np.isin(users, rng.choice(unique, size=max(1, len(unique) // 5), replace=False)) if len(unique) > 4 \
-        else np.zeros(len(users), dtype=bool)
+    grid = [(float(lf), float(lp)) for lf in (*l2_grid, math.inf) for lp in prior_l2_grid] if n_prior \
+        else [(float(lf), None) for lf in l2_grid]
 
-    def fit(c: float, mask: np.ndarray) -> LogisticRegression:
-        return LogisticRegression(C=c, max_iter=500).fit(x[mask], ratings[mask])
+    def design(lf: float, lp: float | None) -> tuple[np.ndarray, float]:
+        """(per-column factor, C): C = 1 / lp with the features scaled by sqrt(lp / lf) puts L2 weight lf
+        on the features' coefficients and lp on the numbers'; factor 0 drops a column."""
+        if lp is None:
+            return np.ones(dim), 1.0 / lf
+        return np.r_[np.full(dim, 0.0 if math.isinf(lf) else math.sqrt(lp / lf)), np.ones(n_prior)], 1.0 / lp
 
-    def rmse(model: LogisticRegression, mask: np.ndarray) -> float:
-        expected = model.predict_proba(x[mask]) @ model.classes_.astype(float)
-        return float(np.sqrt(np.mean((expected - ratings[mask]) ** 2)))
+    def fit(lf: float, lp: float | None, mask: np.ndarray) -> LogisticRegression:
+        factor, c = design(lf, lp)
+        keep = factor > 0
+        return LogisticRegression(C=c, max_iter=500).fit(x[mask][:, keep] * factor[keep], ratings[mask])
 
-    scores = {}
-    if held.any() and len(np.unique(ratings[~held])) > 1:
-        scores = {l2: rmse(fit(1.0 / l2, ~held), held) for l2 in l2_grid}
-    l2 = min(scores, key=scores.get) if scores else l2_grid[len(l2_grid) // 2]
+    def expected(model: LogisticRegression, lf: float, lp: float | None, mask: np.ndarray) -> np.ndarray:
+        factor, _ = design(lf, lp)
+        keep = factor > 0
+        return model.predict_proba(x[mask][:, keep] * factor[keep]) @ model.classes_.astype(float)
+
+    fold = user_folds(users, folds, seed)
+    k = int(fold.max()) + 1 if len(fold) else 0
+    scores = []
+    for lf, lp in grid if k > 1 else ():
+        out = np.full(len(ratings), np.nan)
+        for f in range(k):
+            held = fold == f
+            if len(np.unique(ratings[~held])) > 1:
+                out[held] = expected(fit(lf, lp, ~held), lf, lp, held)
+        scored = ~np.isnan(out)
+        if scored.any():
+            scores.append({"l2": None if math.isinf(lf) else lf, "prior_l2": lp,
+                           "rmse": float(np.sqrt(np.mean((out[scored] - ratings[scored]) ** 2)))})
+    if scores:  # the lowest RMSE; on a tie the later pair in the grid (the stronger feature penalty)
+        best = min(range(len(scores)), key=lambda i: (scores[i]["rmse"], -i))
+        lf = math.inf if scores[best]["l2"] is None else scores[best]["l2"]
+        lp = scores[best]["prior_l2"]
+    else:
+        lf = float(l2_grid[len(l2_grid) // 2])
+        lp = float(prior_l2_grid[len(prior_l2_grid) // 2]) if n_prior else None
+    info = {"l2": None if math.isinf(lf) else lf, "prior_l2": lp, "folds": k, "validation_rmse": scores}
     if len(np.unique(ratings)) < 2:
-        return {"l2": l2, "validation_rmse": scores, "skipped": "fewer than two distinct ratings"}
-    model = fit(1.0 / l2, np.ones(len(ratings), dtype=bool))
+        return {**info, "skipped": "fewer than two distinct ratings"}
+    everything = np.ones(len(ratings), dtype=bool)
+    model = fit(lf, lp, everything)
+    factor, _ = design(lf, lp)
+    keep = np.flatnonzero(factor > 0)
     coef = np.full((5, x.shape[1]), 0.0)
     intercept = np.full(5, -30.0)  # a rating never seen in training gets ~0 probability
-    for k, cls in enumerate(model.classes_):
+    for j, cls in enumerate(model.classes_):
         if len(model.classes_) == 2:  # sklearn's binary case has one row: logit of the second class
-            coef[cls - 1] = model.coef_[0] * (k * 2 - 1) / 2
-            intercept[cls - 1] = model.intercept_[0] * (k * 2 - 1) / 2
+            coef[cls - 1, keep] = model.coef_[0] * factor[keep] * (j * 2 - 1) / 2
+            intercept[cls - 1] = model.intercept_[0] * (j * 2 - 1) / 2
         else:
-            coef[cls - 1], intercept[cls - 1] = model.coef_[k], model.intercept_[k]
+            coef[cls - 1, keep], intercept[cls - 1] = model.coef_[j] * factor[keep], model.intercept_[j]
     weight = coef / scale  # on raw features and numbers
     bias = intercept - weight @ mean
     target = z @ weight.T + bias  # [n, 5]
     lse_target = np.logaddexp.reduce(target, axis=1)
     shift = float(np.median(base[:, 5] - lse_target) + math.log(digit_mass / (1 - digit_mass)))
-    dim = features.shape[1]
     rating_rows = output_weight[head.rating_ids].double().numpy()
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(weight[:, :dim] - rating_rows).to(head.weight.dtype))
         head.bias.copy_(torch.from_numpy(bias + shift).to(head.bias.dtype))
-        if head.n_prior:
+        if n_prior:
             head.prior_weight.copy_(torch.from_numpy(weight[:, dim:]).to(head.prior_weight.dtype))
-    return {"l2": l2, "validation_rmse": scores, "train_rmse": rmse(model, np.ones(len(ratings), dtype=bool))}
+    train_rmse = float(np.sqrt(np.mean((expected(model, lf, lp, everything) - ratings) ** 2)))
+    return {**info, "train_rmse": train_rmse}

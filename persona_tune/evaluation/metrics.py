@@ -173,6 +173,18 @@ def paired_rmse_diff(df: pd.DataFrame, pred_col: str, base_col: str, *, n_boot: 
     return {"diff": diff, "lo": lo, "hi": hi, "n": int(total[2])}
 
 
+def metrics_info(cfg, variant: str, adapter_dir: str | None, per_persona_adapter: bool, *,
+                 backend: str | None = None, **extra) -> dict:
+    """What a variant's metrics.json says was evaluated (variant_metrics' ``info``): the variant, its memory,
+    adapter and model (``cfg``: the eval config, or the frozen-trunk recipe's config), then ``extra``."""
+    info = {"variant": variant, "memory": cfg.memory, "adapter_dir": adapter_dir}
+    if backend is not None:
+        info["backend"] = backend
+    info |= {"model_component": cfg.model._component_, "model_dir": str(cfg.model_dir),
+             "per_persona_adapter": per_persona_adapter}
+    return info | extra
+
+
 def variant_metrics(predictions: pd.DataFrame, info: dict, *, profiles: pd.DataFrame | None,
                     train_rows_per_persona: dict | None = None, unparsable: str = "exclude",
                     fill_value: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict:

@@ -51,6 +51,7 @@ from persona_tune.evaluation.engine import (  # noqa: F401 (the engine's public 
     prefill_prefix,
     row_generator,
     run_suffixes,
+    scored_frame,
     shared_prefix_len,
     top_p_filter,
 )
@@ -154,11 +155,7 @@ class RatingPredictor:
             return step
 
         self._run(prompts, groups, step_for, 1, "scoring")
-        out = pd.DataFrame(probs, columns=PROB_COLUMNS)
-        out["rating_mass"] = mass
-        out["expected_rating"] = probs @ RATING_VALUES
-        out["argmax_rating"] = probs.argmax(1) + 1.0
-        return out
+        return scored_frame(probs, mass)
 
     # -- generation mode
     def generate(
@@ -202,10 +199,24 @@ class RatingPredictor:
 
 # ---------------------------------------------------------------- rows in, predictions out
 
-PREDICTION_COLUMNS = [
-    "mode", "raw_text", "parsed_rating", "expected_rating", "argmax_rating", *PROB_COLUMNS,
-    "rating_mass", "prediction",
-]
+def prediction_block(rows: pd.DataFrame, mode: str, outputs: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` (their own columns) with one mode's ``outputs`` (scoring: scored_frame's columns;
+    paper: raw_text, parsed_rating, ...), the other mode's columns empty, ``prediction`` (the mode's
+    rating: expected_rating, or parsed_rating, NaN if none) and ``mode``: the rows of a predictions.parquet
+    (runfolder.PREDICTIONS_LAYOUT has the columns it keeps)."""
+    block = rows.copy()
+    for col in outputs.columns:
+        block[col] = outputs[col].to_numpy()
+    if mode == "scoring":
+        block["raw_text"] = ""
+        block["parsed_rating"] = np.nan
+        block["prediction"] = block["expected_rating"]
+    else:
+        for col in ("expected_rating", "argmax_rating", "rating_mass", *PROB_COLUMNS):
+            block[col] = np.nan
+        block["prediction"] = block["parsed_rating"]
+    block["mode"] = mode
+    return block
 
 
 def predict_rows(predictor: RatingPredictor, rows: pd.DataFrame, modes: Sequence[str], gen: GenerationConfig) -> pd.DataFrame:
@@ -226,22 +237,10 @@ def predict_rows(predictor: RatingPredictor, rows: pd.DataFrame, modes: Sequence
     base["n_prompt_tokens"] = [len(p) for p in prompts]
     blocks = []
     for mode in modes:
-        block = base.copy()
         if mode == "scoring":
-            scored = predictor.score(prompts, groups)
-            for col in scored.columns:
-                block[col] = scored[col].to_numpy()
-            block["raw_text"] = ""
-            block["parsed_rating"] = np.nan
-            block["prediction"] = block["expected_rating"]
+            outputs = predictor.score(prompts, groups)
         else:
             keys = [f"{u}:{i}" for u, i in zip(rows["user_id"], rows["item_id"])]
-            generated = predictor.generate(prompts, groups, keys, gen)
-            for col in generated.columns:
-                block[col] = generated[col].to_numpy()
-            for col in ("expected_rating", "argmax_rating", "rating_mass", *PROB_COLUMNS):
-                block[col] = np.nan
-            block["prediction"] = block["parsed_rating"]
-        block["mode"] = mode
-        blocks.append(block)
+            outputs = predictor.generate(prompts, groups, keys, gen)
+        blocks.append(prediction_block(base, mode, outputs))
     return pd.concat(blocks, ignore_index=True)

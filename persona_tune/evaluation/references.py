@@ -92,7 +92,7 @@ def validation_split(rows: pd.DataFrame, train: pd.DataFrame, protocol: dict,
 
     ``rows``: every non-test rating (history.parquet); ``train``: the sampled users' train rows;
     ``protocol``: the manifest's (min_ratings, max_ratings, train_frac)."""
-    from persona_tune.data.prepare import split_chronological
+    from persona_tune.data.split import split_chronological
 
     key = ["user_id", "item_id"]
     sampled = set(train["user_id"].unique().tolist())

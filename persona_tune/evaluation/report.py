@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from persona_tune.runfolder import (
     atomic_write_text,
 )
 from persona_tune.stage import add_config_arguments, config_from_args, validate
+from persona_tune.variants import Variant
 
 # Thakur et al. 2024, Table 1 (their split of ML-1M, 200 users): base, adapter, memories, RMSE, MAE, URR %.
 PAPER_TABLE_1 = [
@@ -72,8 +74,8 @@ def base_model_name(component: str) -> str:
     return component.rsplit(".", 1)[-1]
 
 
-def adapter_name(variant: str, per_persona: bool) -> str:
-    base = variant.rsplit("-", 1)[0] if variant.rsplit("-", 1)[-1] in ("ms", "msml", "ml") else variant
+def adapter_name(variant: Variant, per_persona: bool) -> str:
+    base = variant.with_tag(None).name
     if per_persona or base == "persona":
         return "θ_persona"
     if base == "prompted":
@@ -86,14 +88,13 @@ def adapter_name(variant: str, per_persona: bool) -> str:
 def adapter_label(metrics: dict) -> str:
     """The adapter column: θ_persona / θ_single(min|max) / none, and for the frozen-trunk path its
     adapted layers and head, e.g. "θ_persona (top-4 LoRA + head)"."""
-    variant = metrics["variant"]
+    variant = Variant.parse(metrics["variant"])
     trunk = metrics.get("trunk") if metrics.get("path") == "trunk" else None
     if trunk is None:
         return adapter_name(variant, metrics.get("per_persona_adapter", False))
-    cell = variant.split("-")
-    base = next((c for c in cell if c in ("persona", "prompted", "single_min", "single_max")), variant)
-    name = adapter_name(base, metrics.get("per_persona_adapter", False))
-    if base == "prompted":
+    cell = Variant(variant.base) if variant.base in ("persona", "prompted", "single_min", "single_max") else variant
+    name = adapter_name(cell, metrics.get("per_persona_adapter", False))
+    if cell.base_model:
         return name
     parts = [f"top-{trunk['adapted_layers']} LoRA" if trunk.get("epochs", 1) else ""]
     if trunk.get("head_init") not in (None, "none"):
@@ -401,8 +402,6 @@ def learning_curve_points(run: RunFolder, cells: list[dict]) -> dict[str, list[t
     """Frozen-trunk cells in series by what they are, each point (training rows, paired cell), e.g.
     "single_max-ms" for trunk-n250-, trunk-n1000-, trunk-nall-... (the label's n<rows> or nall part names
     no series); the variants' training rows place the point."""
-    import re
-
     by_name = {c["name"]: c for c in cells if c["mode"] == "scoring"}
     series: dict[str, list[tuple[int, dict]]] = {}
     for path in sorted(run.eval_dir.glob("trunk*/metrics.json")):
@@ -412,8 +411,9 @@ def learning_curve_points(run: RunFolder, cells: list[dict]) -> dict[str, list[t
         rows = sum(v.get("train_rows", 0) for v in trunk.get("variants", {}).values())
         if name not in by_name or not rows:
             continue
-        key = re.sub(r"^trunk-(n(\d+|all)-)?", "", name)
-        key = re.sub(r"-?n(\d+|all)\b", "", key) or name
+        variant = Variant.parse(name)
+        series_label = [p for p in variant.label_parts if not re.fullmatch(r"n(\d+|all)", p)]
+        key = variant.with_prefix("-".join(series_label)).name if variant.trunk else name
         series.setdefault(key, []).append((rows, by_name[name]))
     return {k: sorted(v, key=lambda p: p[0]) for k, v in series.items()}
 

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from persona_tune.configgen import apply_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
-from persona_tune.names import FAMILIES, MEMORY_TAGS, TAG_OF
-from persona_tune.resources import die_with_parent, eval_template, tune_executable
+from persona_tune.evaluation.evalconfig import adapter_variants, build_eval_config, run_family
+from persona_tune.names import FAMILIES, TAG_OF
+from persona_tune.overrides import parse_overrides
+from persona_tune.resources import die_with_parent, tune_executable
 from persona_tune.runfolder import (
     ADAPTER_FILE,
     AGENT_INPUTS,
@@ -46,101 +47,12 @@ from persona_tune.runfolder import (
     check_name,
 )
 from persona_tune.serving.remote import REMOTE_FIELDS, TRANSPORT_FIELDS, RemoteOptions
-from persona_tune.stage import add_config_arguments, config_from_args, parse_overrides, validate
+from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
 
 # Keys that change how fast the recipe runs or what it prints, not its results.
 RUNTIME_KEYS = ("num_threads", "batching.progress", *(f"remote.{k}" for k in TRANSPORT_FIELDS))
-
-
-def split_variant(name: str) -> tuple[str, str | None]:
-    """'persona-ms' -> ('persona', 'ms'); 'single_max' -> ('single_max', None)."""
-    base, sep, tag = name.rpartition("-")
-    if sep and tag in MEMORY_TAGS:
-        return base, tag
-    return name, None
-
-
-def per_persona(base: str) -> bool:
-    """Whether a variant's base name stands for one adapter per persona, <base>_<k>: persona (the
-    stock path's θ_persona) or trunk[-LABEL]-persona (the frozen-trunk path's)."""
-    return base == "persona" or base.endswith("-persona")
-
-
-def run_family(run: RunFolder, family: str | None) -> str:
-    """--family, else the family `persona-tune configs` (or the grid) recorded in the manifest."""
-    if family:
-        return family
-    stages = run.read_manifest().get("stages", {})
-    for name in ("grid", *sorted(n for n in stages if n.startswith("grid/")), "configs"):
-        family = (stages.get(name) or {}).get("params", {}).get("family")
-        if family:
-            return family
-    if not run.configs_dir.is_dir():
-        raise StageMissingError(f"nothing to evaluate in {run.root} yet: run `persona-tune configs --run {run.root}` "
-                                f"and `persona-tune train --run {run.root}` first (or pass --family for `prompted`)")
-    raise ConfigError("cannot tell the model family from the manifest; pass --family phi3|smollm2|tiny")
-
-
-def build_eval_config(run: RunFolder, variant: str, family: str, memory: str, mode: str,
-                      overrides: list[str] = ()) -> DictConfig:
-    """The eval config of one variant (see the module docstring)."""
-    base, tag = split_variant(variant)
-    cfg = OmegaConf.load(eval_template(family))
-    cfg.run_dir = str(run.root)
-    cfg.variant = variant
-    cfg.mode = mode
-    suffix = f"-{tag}" if tag else ""
-    if base == "prompted":
-        cfg.adapter_dir = None
-        cfg.memory = MEMORY_TAGS[tag] if tag else memory
-        # The base model the run trains on: from any of its training configs (else the template's).
-        candidates = [run.config_file(f"persona_0{suffix}"), run.config_file("persona_0"),
-                      *sorted(run.configs_dir.glob("*.yaml"))]
-        train_file = next((p for p in candidates if p.is_file()), None)
-        if train_file is not None:
-            _copy_model(cfg, OmegaConf.load(train_file))
-    else:
-        train_name = f"{base}_0{suffix}" if per_persona(base) else variant
-        train_file = run.config_file(train_name)
-        if not train_file.is_file():
-            raise StageMissingError(f"{train_file} is missing: write it with `persona-tune configs` (or `grid`) and train it")
-        train_cfg = OmegaConf.load(train_file)
-        cfg.adapter_dir = str(run.adapters_dir / (f"{check_name(base)}_{{persona}}{suffix}" if per_persona(base)
-                                                  else check_name(variant)))
-        cfg.memory = train_cfg.memory
-        for key in ("prompt_template", "state_numbers", "collab_memories"):  # top level (trunk configs) or the dataset's
-            value = train_cfg.get(key, train_cfg.get("dataset", {}).get(key))
-            if value is not None:
-                cfg[key] = value
-        _copy_model(cfg, train_cfg)
-    cfg = apply_overrides(cfg, list(overrides), eval_template(family))
-    cfg.output_dir = str(run.eval_variant_dir(variant))
-    return cfg
-
-
-def _copy_model(cfg: DictConfig, train_cfg: DictConfig) -> None:
-    """An adapter fits only the model it was trained with: take model, tokenizer and weights from training."""
-    for key in ("model_dir", "tokenizer_path"):
-        if key in train_cfg:
-            cfg[key] = train_cfg[key]
-    cfg.model = OmegaConf.merge(train_cfg.model, {"lora_dropout": 0.0})
-    cfg.tokenizer = train_cfg.tokenizer
-    for key in ("checkpoint_dir", "checkpoint_files", "model_type"):
-        cfg.checkpointer[key] = train_cfg.checkpointer[key]
-
-
-def adapter_variants(run: RunFolder, variant: str) -> list[str]:
-    """The trained variants (RUN/adapters/<name>) that ``variant`` evaluates."""
-    base, tag = split_variant(variant)
-    suffix = f"-{tag}" if tag else ""
-    if base == "prompted":
-        return []
-    if per_persona(base):
-        personas = sorted(run.read_assignments(columns=["persona"])["persona"].unique())
-        return [f"{base}_{int(k)}{suffix}" for k in personas]
-    return [variant]
 
 
 def check_adapters(run: RunFolder, variants: list[str]) -> dict[str, dict[str, str]]:
@@ -297,7 +209,7 @@ def run(run: RunFolder, cfg: EvalConfig) -> dict[str, str]:
     if cfg.backend != "local":
         from persona_tune.net import redact
         from persona_tune.serving.remote import SECRET_URL_ENV, endpoint
-        from persona_tune.serving.stage import read_serving_spec
+        from persona_tune.serving.export import read_serving_spec
 
         url = endpoint(cfg)
         for v, eval_cfg in configs.items():

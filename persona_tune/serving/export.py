@@ -37,8 +37,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from persona_tune.errors import ConfigError, DataError
-from persona_tune.runfolder import atomic_path
+from persona_tune.errors import ConfigError, DataError, StageMissingError
+from persona_tune.runfolder import SERVING_SPEC, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -460,3 +460,16 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read serving bundle: {e}", path) from None
+
+
+def read_serving_spec(run, variant: str) -> dict:
+    """RUN/serving/<variant>/serving.json of an exported agent (``run``: a RunFolder), checked for its format."""
+    path = run.serving_variant_dir(variant) / SERVING_SPEC
+    if not path.is_file():
+        raise StageMissingError(f"{path} is missing: export the agent first "
+                                f"(`persona-tune serve-export --run {run.root} --variant {variant}`)")
+    spec = read_json(path)
+    if spec.get("format_version") != SERVING_FORMAT:
+        raise ConfigError(f"{path}: serving format {spec.get('format_version')!r}, this version reads "
+                          f"{SERVING_FORMAT}; re-run `persona-tune serve-export`")
+    return spec

@@ -178,7 +178,7 @@ class RemoteRater:
 
     def score(self, prompts: Sequence[Sequence[int]], groups: Sequence | None = None) -> pd.DataFrame:
         """p1..p5, rating_mass, expected_rating and argmax_rating per prompt, with the current persona."""
-        from persona_tune.evaluation.engine import PROB_COLUMNS, RATING_VALUES
+        from persona_tune.evaluation.engine import scored_frame
         from persona_tune.serving.export import head_terms
 
         if self.persona is None:
@@ -195,11 +195,7 @@ class RemoteRater:
         after = np.exp(z).sum(1)
         self.stats.rows += len(prompts)
         self.stats.prompt_tokens += sum(map(len, prompts))
-        out = pd.DataFrame(probs, columns=PROB_COLUMNS)
-        out["rating_mass"] = after / np.maximum(1.0 - before + after, 1e-300)
-        out["expected_rating"] = probs @ RATING_VALUES
-        out["argmax_rating"] = probs.argmax(1) + 1.0
-        return out
+        return scored_frame(probs, after / np.maximum(1.0 - before + after, 1e-300))
 
     # ---------------------------------------------------------------- requests
     def logprobs(self, groups: list[tuple[dict, list[list[int]]]]) -> list[np.ndarray]:
@@ -318,7 +314,7 @@ def remote_rater(eval_cfg, options: RemoteOptions, cache: str | Path | None = No
     from torchtune import config as tt_config
 
     from persona_tune.runfolder import RunFolder
-    from persona_tune.serving.stage import read_serving_spec
+    from persona_tune.serving.export import read_serving_spec
 
     options.validate_remote()
     spec = read_serving_spec(RunFolder(eval_cfg.run_dir), str(eval_cfg.variant))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from persona_tune.errors import ConfigError, StageMissingError
+from persona_tune.errors import ConfigError
 from persona_tune.names import FAMILIES, TAG_OF
 from persona_tune.runfolder import (
     SERVING_SPEC,
@@ -56,22 +56,6 @@ class ServeExportConfig:
     def validate(self) -> None:
         check_name(self.variant)
         require(self.gguf or self.peft, "nothing to export: keep --gguf or --peft")
-
-
-def serving_spec_path(run: RunFolder, variant: str) -> Path:
-    return run.serving_variant_dir(variant) / SERVING_SPEC
-
-
-def read_serving_spec(run: RunFolder, variant: str) -> dict:
-    path = serving_spec_path(run, variant)
-    if not path.is_file():
-        raise StageMissingError(f"{path} is missing: export the agent first "
-                                f"(`persona-tune serve-export --run {run.root} --variant {variant}`)")
-    spec = ex.read_json(path)
-    if spec.get("format_version") != ex.SERVING_FORMAT:
-        raise ConfigError(f"{path}: serving format {spec.get('format_version')!r}, this version reads "
-                          f"{ex.SERVING_FORMAT}; re-run `persona-tune serve-export`")
-    return spec
 
 
 def _personas(run: RunFolder, adapter_dir) -> list[int]:

@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from persona_tune.evaluation.baselines import BaselineConfig
-from persona_tune.history import Bias, History
+from persona_tune.history import BaselineConfig, Bias, History
 from persona_tune.simulate.fidelity import PROB_COLUMNS
 
 CUTS = np.array([1.5, 2.5, 3.5, 4.5])

@@ -33,8 +33,9 @@ import pandas as pd
 from scipy.stats import kendalltau, spearmanr, wasserstein_distance
 from sklearn.metrics import ndcg_score, roc_auc_score
 
+from persona_tune.runfolder import PROB_COLUMNS
+
 RATINGS = np.arange(1, 6, dtype=float)
-PROB_COLUMNS = [f"p{r}" for r in range(1, 6)]
 LIKE_AT = 4  # p_like = p(rating >= LIKE_AT)
 
 

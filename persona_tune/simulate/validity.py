@@ -45,6 +45,7 @@ from persona_tune.runfolder import RunFolder, atomic_write_json, atomic_write_pa
 from persona_tune.simulate.classical import BiasRater, rating_distribution
 from persona_tune.simulate.fidelity import LIKE_AT, PROB_COLUMNS, RATINGS, resample_weights
 from persona_tune.simulate.recommenders import VALIDITY, Interactions, score_matrices
+from persona_tune.simulate.scoring import make_probes, read_inputs, sample_users, score_with_agent
 
 log = logging.getLogger(__name__)
 
@@ -382,9 +383,7 @@ def validity_rows(train: pd.DataFrame, test: pd.DataFrame, item_ids: np.ndarray,
                   candidates: int, negatives: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(heldout, unrated): every held-out row of ``users`` (true_rating; ``watch``: among the seeded
     ``candidates`` of the user's watch check, all if 0) and ``negatives`` x candidates unrated items
-    per user (``slot`` in sampling order), as persona_tune.simulate.run.make_probes samples them."""
-    from persona_tune.simulate.run import make_probes
-
+    per user (``slot`` in sampling order), as persona_tune.simulate.scoring.make_probes samples them."""
     probes = make_probes(train, test, item_ids, users, candidates, negatives, seed)
     heldout = test[test["user_id"].isin(users)][["user_id", "item_id", "rating"]].rename(columns={"rating": "true_rating"})
     heldout = heldout.astype({"true_rating": float}).sort_values(["user_id", "item_id"]).reset_index(drop=True)
@@ -397,8 +396,6 @@ def validity_rows(train: pd.DataFrame, test: pd.DataFrame, item_ids: np.ndarray,
 
 def run(run_folder: RunFolder, cfg) -> ValiditySummary:
     """The protocol on ``run_folder`` with a validated SimulateConfig ``cfg`` (``cfg.validity``)."""
-    from persona_tune.simulate.run import read_inputs, sample_users, score_with_agent
-
     train, test, items, item_ids, train_users = read_inputs(run_folder)
     users = sample_users(test[test["user_id"].isin(train_users)], cfg.users, cfg.seed)
     heldout, unrated = validity_rows(train, test, item_ids, users, cfg.candidates, cfg.negatives, cfg.seed)
