@@ -143,7 +143,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, s
             target.add_argument(f.name, nargs="*", metavar=f.metadata.get("metavar"),
                                 **{k: v for k, v in kwargs.items() if k != "default"})  # argparse's default: []
             for alias, prefix in f.metadata.get("aliases", {}).items():
-                target.add_argument(alias, dest=_alias_dest(alias), action="append", default=[], metavar="KEY=VALUE",
+                target.add_argument(alias, dest=_alias_dest(alias), action="append", metavar="KEY=VALUE",
                                     help=f"deprecated alias of `-- {prefix}KEY=VALUE` (kept for one release)")
             continue
         if sequence and f.metadata.get("append"):  # a repeatable flag

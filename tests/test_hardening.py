@@ -953,3 +953,24 @@ def test_grid_overrides_split_into_training_and_eval_configs():
     assert trunk.split_overrides() == (list(items), [])
     with pytest.raises(ConfigError, match="invalid override 'max_rows'"):
         validate_config(GridConfig(family="tiny", overrides=("max_rows",)))
+
+
+@pytest.mark.parametrize("command, name, values", [
+    ("simulate", "SimulateConfig", dict(variant="trunk-demo-persona-ms", family="tiny", users=4, candidates=10,
+                                        n_boot=200, progress=False, topk=False, negatives=1,
+                                        overrides=("model_dir=/m", "eval.x=1"))),
+    ("grid", "GridConfig", dict(family="tiny", path="trunk", label="demo", train_rows="40", n_boot=200,
+                                cells="persona-ms", overrides=("head.prior=stated",))),
+    ("distill", "DistillConfig", dict(backend="offline", progress=False, users=3)),
+    ("configs", "ConfigsConfig", dict(family="tiny", force=True, overrides=("model_dir=/m",))),
+    ("train", "TrainConfig", dict(personas="0,single_max", parallel=True, overrides=("epochs=2",))),
+    ("personas", "PersonasConfig", dict(k=3, k_max=6, seed=1)),
+])
+def test_config_argv_is_the_command_line_of_a_config(command, name, values):
+    """What the demo prints for a stage it runs (stage.config_argv) is a command line that gives the same Config."""
+    from persona_tune.stage import config_argv, config_from_args
+
+    parser, module = cli.build_parser(command)
+    cfg = getattr(module, name)(**values)
+    assert config_argv(type(cfg)()) == []  # the defaults need no argument
+    assert config_from_args(type(cfg), parser.parse_args(["--run", "R", *config_argv(cfg)])) == cfg
