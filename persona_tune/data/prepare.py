@@ -205,7 +205,7 @@ class PrepareConfig:
     max_ratings: int = field(default=_D.max_ratings, metadata={"min": 1, "help": "... and at most this many"})
     n_users: int = field(default=_D.n_users, metadata={"min": 1, "help": "users to sample among the eligible ones"})
     seed: int = field(default=_D.seed, metadata={"help": "seed of the user sample"})
-    train_frac: float = field(default=_D.train_frac, metadata={"gt": 0, 
+    train_frac: float = field(default=_D.train_frac, metadata={"gt": 0, "lt": 1,
         "help": "share of each user's ratings (oldest first) for training"})
     duplicates: str = field(default="error", metadata={
         "choices": DUPLICATE_POLICIES,

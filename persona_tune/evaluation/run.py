@@ -186,7 +186,7 @@ class EvalConfig(RemoteOptions):
         "positional": True, "metavar": "KEY=VALUE", "help": "eval config overrides, after `--`"})
 
     def validate(self) -> None:
-        self.validate_remote()
+        super().validate()  # RemoteOptions: a served agent needs an endpoint
         parse_overrides(list(self.overrides))
         if self.backend != "local" and self.mode != "scoring":
             raise ConfigError("--backend openai rates in scoring mode only (the expected rating): use --mode scoring")

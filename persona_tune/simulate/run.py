@@ -91,7 +91,7 @@ class SimulateConfig(RemoteOptions):
         "positional": True, "metavar": "KEY=VALUE", "help": "eval config overrides, after `--`"})
 
     def validate(self) -> None:
-        self.validate_remote()
+        super().validate()  # RemoteOptions: a served agent needs an endpoint
         # The numbers' ranges are in the fields' metadata (persona_tune.stage.validate checks them first).
         require(bool(self.recs) or self.reference or self.validity,
                 "nothing to simulate: give --recs FILE or keep --reference")
