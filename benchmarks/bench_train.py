@@ -109,15 +109,17 @@ def worker(config: Path, overrides: list[str], distributed: bool, result_path: P
 
 
 def build_run(base: Path) -> Path:
-    from persona_tune import cli
+    from persona_tune import personas
+    from persona_tune.distill import run as distill
+    from persona_tune.memory import stage as embed
+    from persona_tune.runfolder import RunFolder
     from tests.fixtures_runs import make_prepared_run
 
     run = make_prepared_run(base, n_users=12, seed=0)
-    for argv in (["distill", "--backend", "offline"], ["embed", "--backend", "hash"], ["personas", "--k", "2"]):
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the results table
-            code = cli.main([argv[0], "--run", str(run), *argv[1:]])
-        if code != 0:
-            raise SystemExit(f"persona-tune {argv[0]} failed")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the results table
+        distill.run(RunFolder(run), distill.DistillConfig(backend="offline"))
+        embed.run(RunFolder(run), embed.EmbedConfig(backend="hash"))
+        personas.run(RunFolder(run), personas.PersonasConfig(k=2))
     return run
 
 
