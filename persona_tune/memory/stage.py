@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from persona_tune.errors import ConfigError, DataError
+from persona_tune.errors import DataError
 from persona_tune.memory.embeddings import (
     BACKENDS,
     DEFAULT_BATCH_SIZES,
