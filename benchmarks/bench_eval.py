@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from persona_tune.cli import main as cli_main
 from persona_tune.evaluation.predict import GenerationConfig, RatingPredictor
 from persona_tune.prompts import load_prompt_rows
 
@@ -37,12 +36,14 @@ from benchmarks.naive_loop import naive_generate  # noqa: E402 (the paper's loop
 
 
 def make_run(root: Path, n_users: int, seed: int) -> Path:
+    from persona_tune.distill import run as distill
+    from persona_tune.memory import stage as embed
+    from persona_tune.runfolder import RunFolder
     from tests.fixtures_runs import make_prepared_run
 
     run = make_prepared_run(root, n_users=n_users, seed=seed)
-    for argv in (["distill", "--run", str(run), "--backend", "offline"],
-                 ["embed", "--run", str(run), "--backend", "hash"]):
-        assert cli_main(argv) == 0, argv
+    distill.run(RunFolder(run), distill.DistillConfig(backend="offline"))
+    embed.run(RunFolder(run), embed.EmbedConfig(backend="hash"))
     return run
 
 

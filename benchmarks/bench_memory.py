@@ -65,13 +65,15 @@ def bench_build(run: Path, tok, tmp: Path, sample: int | None, seed: int = 0) ->
     from torchtune.datasets import chat_dataset
 
     from persona_tune.datasets import persona_dataset
-    from persona_tune.memory.stage import run_embed
+    from persona_tune.memory.stage import EmbedConfig
+    from persona_tune.memory.stage import run as embed
     from persona_tune.prompts import load_prompt_rows, render_messages
     from persona_tune.runfolder import RunFolder
 
     meta = RunFolder(run).read_embeddings_meta()
     t0 = time.perf_counter()
-    run_embed(run, backend=meta["backend"], model=meta["model"], k=meta["k"], delta=meta["delta"], query=meta["query"])
+    embed(RunFolder(run), EmbedConfig(backend=meta["backend"], model=meta["model"], k=meta["k"], delta=meta["delta"],
+                                      query=meta["query"]))
     t_retrieve = time.perf_counter() - t0
     datasets = [persona_dataset(tok, run_dir=str(run), split=s) for s in ("train", "test")]
     t_construct = time.perf_counter() - t0

@@ -95,7 +95,7 @@ def stage_commands(run: Path, users: int) -> dict[str, list[str]]:
         "personas": [*cli, "personas", "--run", str(run), "--k", "auto"],
         "train": [*cli, "grid", "--run", str(run), "--family", "tiny", "--path", "trunk", "--label", LABEL,
                   "--cells", "single_max-ms", "--train-rows", "200", "--n-boot", "100",
-                  *[a for s in ("eval.max_rows=50", "num_threads=1", *tiny) for a in ("--train-set", s)]],
+                  "--", "eval.max_rows=50", "num_threads=1", *tiny],
         "simulate": [*cli, "simulate", "--run", str(run), "--variant", AGENT, "--family", "tiny",
                      "--k", "10", "--candidates", "10", "--negatives", "1", "--n-boot", "100", "--num-threads", "1",
                      "--no-progress", "--", *tiny],

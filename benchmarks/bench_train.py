@@ -109,20 +109,24 @@ def worker(config: Path, overrides: list[str], distributed: bool, result_path: P
 
 
 def build_run(base: Path) -> Path:
-    from persona_tune import cli
+    from persona_tune import personas
+    from persona_tune.distill import run as distill
+    from persona_tune.memory import stage as embed
+    from persona_tune.runfolder import RunFolder
     from tests.fixtures_runs import make_prepared_run
 
     run = make_prepared_run(base, n_users=12, seed=0)
-    for argv in (["distill", "--backend", "offline"], ["embed", "--backend", "hash"], ["personas", "--k", "2"]):
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the results table
-            code = cli.main([argv[0], "--run", str(run), *argv[1:]])
-        if code != 0:
-            raise SystemExit(f"persona-tune {argv[0]} failed")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the results table
+        distill.run(RunFolder(run), distill.DistillConfig(backend="offline"))
+        embed.run(RunFolder(run), embed.EmbedConfig(backend="hash"))
+        personas.run(RunFolder(run), personas.PersonasConfig(k=2))
     return run
 
 
 def family_config(run: Path, family: str, base: Path) -> Path:
-    from persona_tune.configgen import generate_configs
+    from persona_tune import configgen
+    from persona_tune.configgen import ConfigsConfig
+    from persona_tune.runfolder import RunFolder
 
     if family == "tiny":
         from persona_tune.models.tiny import write_tiny_phi3
@@ -136,7 +140,7 @@ def family_config(run: Path, family: str, base: Path) -> Path:
     out.mkdir()
     # a copy of the run per family, so configs/ holds that family's files
     shutil.copytree(run, out / "run")
-    targets = generate_configs(out / "run", family=family, overrides=[f"model_dir={model_dir}"])
+    targets = configgen.run(RunFolder(out / "run"), ConfigsConfig(family=family, overrides=[f"model_dir={model_dir}"]))
     return targets["single_max"]
 
 

@@ -72,8 +72,8 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages; show tracebacks")
     module.add_arguments(parser)
-    # Range rules: a Config's options carry their field's rule (persona_tune.stage); any other bare
-    # number option must be a finite number >= 0 (options with another rule say so: stage.ranged).
+    # Range rules: a Config's options are checked with their Config (stage.validate, in config_from_args);
+    # any other bare number option must be a finite number >= 0 (another rule: type=stage.ranged(...)).
     for action in parser._actions:
         if action.type in (int, float):
             action.type = ranged(action.type)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from persona_tune.errors import ConfigError, DataError
-from persona_tune.names import DEFAULT_MEMORY, FAMILIES, MEMORY_MODES, check_memory_mode
+from persona_tune.names import DEFAULT_MEMORY, FAMILIES, MEMORY_MODES
 from persona_tune.overrides import apply_overrides, parse_overrides
 from persona_tune.resources import template_dir
 from persona_tune.runfolder import ASSIGNMENTS, RATINGS_TRAIN, RunFolder, atomic_write_text, check_name
@@ -65,10 +65,10 @@ def persona_sizes(run: RunFolder):
 
 def plan_variants(sizes) -> dict[str, dict]:
     """variant name -> dataset settings (persona, subsample) and the training rows it stands for."""
-    variants = {
-        Variant(PER_PERSONA).for_persona(int(row.persona)).name: {"persona": int(row.persona), "subsample": None, "n_train_rows": int(row.n_train_rows)}
-        for row in sizes.itertuples()
-    }
+    variants = {}
+    for row in sizes.itertuples():
+        persona = Variant(PER_PERSONA).for_persona(int(row.persona)).name
+        variants[persona] = {"persona": int(row.persona), "subsample": None, "n_train_rows": int(row.n_train_rows)}
     smallest, largest = int(sizes["n_train_rows"].min()), int(sizes["n_train_rows"].max())
     variants["single_min"] = {"persona": None, "subsample": smallest, "n_train_rows": smallest}
     variants["single_max"] = {"persona": None, "subsample": largest, "n_train_rows": largest}
@@ -125,19 +125,31 @@ def write_variant_config(run: RunFolder, variant: str, template: Path, spec: dic
     return target
 
 
-def generate_configs(
-    run_dir: str | Path,
-    family: str = "phi3",
-    memory: str = "ms+ml",
-    overrides: list[str] | tuple[str, ...] = (),
-    force: bool = False,
-) -> dict[str, Path]:
-    """Write RUN/configs/<variant>.yaml for every persona and single_min/single_max; return name -> path."""
-    run = RunFolder(run_dir)
+@dataclass
+class ConfigsConfig:
+    """The `configs` stage's options (its CLI arguments are generated from them)."""
+
+    family: str = field(default="phi3", metadata={
+        "choices": FAMILIES, "help": "model family: phi3 (the paper's Phi-3-mini), smollm2 (CPU-sized), tiny (tests)"})
+    memory: str = field(default=DEFAULT_MEMORY, metadata={
+        "choices": (DEFAULT_MEMORY, *(m for m in MEMORY_MODES if m != DEFAULT_MEMORY)),  # the default first
+        "help": "prompt memory: profile (ms), profile + retrieved explanation (ms+ml), explanation (ml)"})
+    force: bool = field(default=False, metadata={"flag": "--force", "help": "overwrite existing configs"})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "positional": True, "metavar": "KEY=VALUE", "aliases": {"--set": ""},
+        "help": "config overrides for every generated file, after `--`: -- optimizer.lr=1e-4"})
+
+    def validate(self) -> None:
+        parse_overrides(list(self.overrides))
+
+
+def run(run: RunFolder, cfg: ConfigsConfig) -> dict[str, Path]:
+    """The `configs` stage: RUN/configs/<variant>.yaml for every persona and single_min/single_max;
+    returns name -> path."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     run.require(*CONFIG_INPUTS)
-    check_memory_mode(memory)
+    family, memory, overrides, force = cfg.family, cfg.memory, list(cfg.overrides), cfg.force
     templates = template_dir(family)
-    parse_overrides(list(overrides))
     variants = plan_variants(persona_sizes(run))
     params = {"family": family, "memory": memory, "overrides": list(overrides)}
     inputs = run.checksums(*CONFIG_INPUTS)
@@ -186,34 +198,18 @@ def generate_configs(
     return targets
 
 
-@dataclass
-class ConfigsConfig:
-    """The `configs` stage's options (its CLI arguments are generated from them)."""
-
-    family: str = field(default="phi3", metadata={
-        "choices": FAMILIES, "help": "model family: phi3 (the paper's Phi-3-mini), smollm2 (CPU-sized), tiny (tests)"})
-    memory: str = field(default=DEFAULT_MEMORY, metadata={
-        "choices": (DEFAULT_MEMORY, *(m for m in MEMORY_MODES if m != DEFAULT_MEMORY)),  # the default first
-        "help": "prompt memory: profile (ms), profile + retrieved explanation (ms+ml), explanation (ml)"})
-    force: bool = field(default=False, metadata={"flag": "--force", "help": "overwrite existing configs"})
-    overrides: tuple[str, ...] = field(default=(), metadata={
-        "flag": "--set", "append": True, "metavar": "KEY=VALUE",
-        "help": "override a config key in every generated file (repeatable), e.g. --set optimizer.lr=1e-4"})
-
-
-def run(run: RunFolder, cfg: ConfigsConfig) -> dict[str, Path]:
-    """The `configs` stage: RUN/configs/<variant>.yaml for every persona and single_min/single_max."""
-    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
-    return generate_configs(run.root, cfg.family, cfg.memory, list(cfg.overrides), cfg.force)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run folder (after `persona-tune personas`)")
     add_config_arguments(parser, ConfigsConfig)
 
 
-def main(args: argparse.Namespace) -> int:
-    targets = run(RunFolder(args.run), config_from_args(ConfigsConfig, args))
+def print_result(folder: RunFolder, cfg: ConfigsConfig, targets: dict[str, Path]) -> int:
+    """What `persona-tune configs` prints of ``run``'s result; the exit code."""
     for name, path in targets.items():
         print(f"{name:<12} {path}")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(ConfigsConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

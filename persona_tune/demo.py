@@ -27,7 +27,7 @@ from pathlib import Path
 from persona_tune import cli
 from persona_tune.errors import PersonaTuneError
 from persona_tune.runfolder import PLOTS, REPORT, RunFolder
-from persona_tune.stage import ranged
+from persona_tune.stage import config_argv, ranged
 from persona_tune.variants import Variant
 
 log = logging.getLogger(__name__)
@@ -47,40 +47,47 @@ def importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def find_dataset(args: argparse.Namespace) -> tuple[str, Path, list[str]]:
-    """(dataset, data_dir, extra prepare args): the one given, ML-1M in the cache, or synthetic."""
+def find_dataset(args: argparse.Namespace) -> tuple[str, Path, str | None]:
+    """(dataset, data_dir, ratings file for prepare): the one given, ML-1M in the cache, or synthetic."""
     if args.data_dir is not None:
         data_dir = Path(args.data_dir)
         dataset = args.dataset
         if dataset == "auto":
             dataset = "ml-100k" if (data_dir / "u.data").is_file() else "ml-1m"
-        return dataset, data_dir, ml1m_ratings_args(data_dir) if dataset == "ml-1m" else []
+        return dataset, data_dir, ml1m_ratings_file(data_dir) if dataset == "ml-1m" else None
     cached = default_cache() / "ml-1m"
     if args.dataset in ("auto", "ml-1m") and any(cached.glob("ratings*.dat")):
-        return "ml-1m", cached, ml1m_ratings_args(cached)
+        return "ml-1m", cached, ml1m_ratings_file(cached)
     if args.dataset not in ("auto", "synthetic"):
         raise PersonaTuneError(f"--dataset {args.dataset} needs --data-dir (or `persona-tune download`)")
     source = Path(args.run).expanduser().resolve().parent / f"{Path(args.run).name}-source"
     if not (source / "ratings.dat").is_file():
-        stage("synth", ["--out", str(source), "--seed", str(args.seed)])
-    return "synthetic", source, []
+        from persona_tune.data.synthetic import SynthConfig, write_synthetic
+
+        print(f"\n=== persona-tune synth --out {source} --seed {args.seed}", flush=True)
+        write_synthetic(source, SynthConfig(seed=args.seed))
+    return "synthetic", source, None
 
 
-def ml1m_ratings_args(data_dir: Path) -> list[str]:
+def ml1m_ratings_file(data_dir: Path) -> str | None:
     """``--ratings-file`` for an ML-1M folder without ratings.dat but one other ratings*.dat (a partial copy)."""
     if (data_dir / "ratings.dat").is_file():
-        return []
+        return None
     found = sorted(p.name for p in data_dir.glob("ratings*.dat"))
     if len(found) != 1:
         raise PersonaTuneError(f"{data_dir} has no ratings.dat" + (f" and several ratings files ({', '.join(found)}); "
                                "run `persona-tune prepare --ratings-file ...` yourself" if found else ""))
-    return ["--ratings-file", found[0]]
+    return found[0]
 
 
-def stage(command: str, argv: list[str]) -> None:
-    print(f"\n=== persona-tune {command} {' '.join(argv)}", flush=True)
+def stage(module, run: RunFolder, cfg) -> None:
+    """Run one stage, ``module.run(run, cfg)``, and print what its command prints (with the command line
+    that does the same by hand, and the time it took)."""
+    command = next(name for name, (mod, _) in cli.COMMANDS.items() if mod == module.__name__)
+    where = ["--out" if command == "prepare" else "--run", str(run.root)]
+    print(f"\n=== persona-tune {command} {' '.join(map(str, where + config_argv(cfg)))}", flush=True)
     started = time.perf_counter()
-    code = cli.main([command, *argv])
+    code = module.print_result(run, cfg, module.run(run, cfg))
     if code != 0:
         raise PersonaTuneError(f"`persona-tune {command}` failed (exit {code}); fix it and re-run: done stages are kept")
     print(f"=== {command}: {time.perf_counter() - started:.1f} s", flush=True)
@@ -102,16 +109,21 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run_demo(args: argparse.Namespace) -> Path:
+    from persona_tune import personas
+    from persona_tune.data import prepare
+    from persona_tune.distill import run as distill
+    from persona_tune.evaluation import report
+    from persona_tune.memory import stage as embed
+    from persona_tune.simulate import run as simulate
+
     run = RunFolder(args.run)
-    dataset, data_dir, extra = find_dataset(args)
+    dataset, data_dir, ratings_file = find_dataset(args)
     if not (run.exists() and run.stage_record("prepare")):
-        stage("prepare", [
-            "--dataset", dataset, "--data-dir", str(data_dir), "--out", str(run.root),
-            "--n-users", str(args.n_users), "--seed", str(args.seed), "--history", args.history, *extra,
-        ])
-    stage("distill", ["--run", str(run.root), "--backend", "offline", "--no-progress"])
-    stage("embed", ["--run", str(run.root), "--backend", args.embedder])
-    stage("personas", ["--run", str(run.root), "--k", str(args.k), "--k-max", str(args.k_max), "--seed", str(args.seed)])
+        stage(prepare, run, prepare.PrepareConfig(dataset=dataset, data_dir=data_dir, ratings_file=ratings_file,
+                                                  n_users=args.n_users, seed=args.seed, history=args.history))
+    stage(distill, run, distill.DistillConfig(backend="offline", progress=False))
+    stage(embed, run, embed.EmbedConfig(backend=args.embedder))
+    stage(personas, run, personas.PersonasConfig(k=args.k, k_max=args.k_max, seed=args.seed))
     models = model_overrides(args)
     if args.path == "trunk":
         agents = train_and_score_trunk(run, args, models)
@@ -119,37 +131,49 @@ def run_demo(args: argparse.Namespace) -> Path:
         agents = train_and_score_stock(run, args, models)
     # The trunk path's agents run all 30 SmolLM2 layers per slate row: rank held-out items only, 1:1 probes.
     trunk = args.path == "trunk"
-    quick = ["--no-topk", "--negatives", "1"] if trunk else []
-    users = args.sim_users or (4 if trunk else 6)
-    stage("simulate", ["--run", str(run.root), "--variant", agents, "--family", args.model, "--users", str(users),
-                       "--candidates", "10", "--n-boot", "200", "--no-progress", *quick, "--", *models])
-    stage("report", ["--run", str(run.root)])
+    quick = {"topk": False, "negatives": 1} if trunk else {}
+    stage(simulate, run, simulate.SimulateConfig(
+        variant=agents, family=args.model, users=args.sim_users or (4 if trunk else 6), candidates=10, n_boot=200,
+        progress=False, **quick, overrides=tuple(models)))
+    stage(report, run, report.ReportConfig())
     return run.root
 
 
 def train_and_score_stock(run: RunFolder, args: argparse.Namespace, models: list[str]) -> str:
     """The paper's path: torchtune's LoRA recipe per variant, eval in both modes; returns the agents' variant."""
+    from persona_tune import configgen, train
+    from persona_tune.evaluation import baselines
+    from persona_tune.evaluation import run as evaluate
+
     if not run.config_file("persona_0").is_file():
-        stage("configs", ["--run", str(run.root), "--family", args.model] + [a for o in models for a in ("--set", o)])
+        stage(configgen, run, configgen.ConfigsConfig(family=args.model, overrides=tuple(models)))
     collab = [f"dataset.collab_memories={args.collab_memories}"] if args.collab_memories else []
-    stage("train", ["--run", str(run.root), "--personas", "all", "--",
-                    f"max_steps_per_epoch={args.max_steps}", f"epochs={args.epochs or 1}", *collab])
-    stage("baselines", ["--run", str(run.root)])
-    stage("eval", ["--run", str(run.root), "--variants", "persona,single_min,single_max,prompted",
-                   "--mode", "both", "--family", args.model, "--", f"max_rows={args.eval_rows or 60}", *models])
+    stage(train, run, train.TrainConfig(personas="all", overrides=(
+        f"max_steps_per_epoch={args.max_steps}", f"epochs={args.epochs or 1}", *collab)))
+    stage(baselines, run, baselines.BaselinesConfig())
+    stage(evaluate, run, evaluate.EvalConfig(variants="persona,single_min,single_max,prompted", mode="both",
+                                             family=args.model, overrides=(f"max_rows={args.eval_rows or 60}", *models)))
     return "persona"
 
 
 def train_and_score_trunk(run: RunFolder, args: argparse.Namespace, models: list[str]) -> str:
     """The frozen-trunk path: every cell trained and scored by `grid --path trunk`; returns the agents' variant."""
+    from persona_tune.evaluation import grid
+
     prior = [f"collab_memories={args.collab_memories}", "head.prior=collab"] if args.collab_memories \
         else ["head.prior=stated"]
     settings = [*prior, f"eval.max_rows={args.eval_rows or 200}", *models,
                 *([f"epochs={args.epochs}"] if args.epochs else [])]
-    stage("grid", ["--run", str(run.root), "--family", args.model, "--path", "trunk", "--label", DEMO_LABEL,
-                   "--train-rows", str(args.train_rows), "--cells", "prompted-ms,persona-ms,single_min-ms,single_max-ms",
-                   "--n-boot", "200", *[a for s in settings for a in ("--train-set", s)]])
+    stage(grid, run, grid.GridConfig(family=args.model, path="trunk", label=DEMO_LABEL, train_rows=str(args.train_rows),
+                                     cells="prompted-ms,persona-ms,single_min-ms,single_max-ms", n_boot=200,
+                                     overrides=tuple(settings)))
     return Variant.of("persona", "ms", trunk=True, label=DEMO_LABEL).name
+
+
+def _k(value: str) -> int | str:
+    from persona_tune.personas import parse_k
+
+    return parse_k(value)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedder", choices=["local", "hash"], default=default_embedder(),
                         help="embedding backend (local = packaged all-MiniLM-L6-v2)")
     parser.add_argument("--n-users", type=ranged(int, min=1), default=24, help="users sampled by the protocol")
-    parser.add_argument("--k", default="auto", help="personas: a number or 'auto' (elbow)")
+    parser.add_argument("--k", default="auto", type=_k, help="personas: a number or 'auto' (elbow)")
     parser.add_argument("--k-max", type=ranged(int, min=1), default=6, help="largest K the elbow tries")
     parser.add_argument("--max-steps", type=ranged(int, min=1), default=60, help="(stock) optimizer steps per epoch per adapter")
     parser.add_argument("--train-rows", type=ranged(int, min=1), default=200,

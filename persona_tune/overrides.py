@@ -39,12 +39,16 @@ def check_key_ranges(cfg, source) -> None:
             raise ConfigError(f"{key} {problem} (in {source})")
 
 
-def parse_overrides(overrides: list[str]) -> list[str]:
-    """Check the syntax of torchtune's ``key=value`` / ``~key`` overrides before anything is written."""
+def parse_overrides(overrides, fixed: tuple[str, ...] = ()) -> list[str]:
+    """Check the syntax of torchtune's ``key=value`` / ``~key`` overrides (the words after ``--`` of every
+    command, docs/configuration.md) before anything is written; ``fixed``: keys the run folder's file
+    contract sets, refused. Returns them as a list."""
     for item in overrides:
         key, sep, _ = (item[1:], "=", "") if item.startswith("~") else item.partition("=")
         if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$", key):
             raise ConfigError(f"invalid override {item!r}: expected key=value (or ~key), e.g. optimizer.lr=1e-4")
+        if key in fixed:
+            raise ConfigError(f"{key} is fixed by the run folder (RUN/adapters/<variant>); it cannot be overridden")
     return list(overrides)
 
 

@@ -40,7 +40,7 @@ from persona_tune.runfolder import (
     atomic_write_parquet,
     atomic_write_text,
 )
-from persona_tune.stage import add_config_arguments, config_from_args, validate
+from persona_tune.stage import add_config_arguments, config_from_args, require, validate
 
 log = logging.getLogger(__name__)
 
@@ -151,42 +151,38 @@ def load_profile_vectors(run: RunFolder) -> tuple[np.ndarray, np.ndarray]:
     return ids, vectors
 
 
-def _k_arg(value: str) -> int | str:
+def parse_k(value: str) -> int | str:
+    """--k: 'auto' or a whole number."""
     if value == "auto":
         return value
     try:
-        k = int(value)
+        return int(value)  # its range: PersonasConfig's metadata (stage.validate)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--k must be 'auto' or an integer, got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"--k must be >= 1, got {k}")
-    return k
 
 
 @dataclass
 class PersonasConfig:
     """The `personas` stage's options (its CLI arguments are generated from them)."""
 
-    k: int | str = field(default="auto", metadata={"min": 1, "type": _k_arg, "help": "number of personas, or 'auto' for the elbow"})
+    k: int | str = field(default="auto", metadata={"min": 1, "type": parse_k, "help": "number of personas, or 'auto' for the elbow"})
     k_max: int = field(default=10, metadata={"min": 1, "help": "largest K tried by the elbow"})
     seed: int = field(default=0, metadata={"help": "KMeans seed"})
     n_init: int = field(default=10, metadata={"min": 1, "help": "KMeans restarts per K"})
     top_words: int = field(default=10, metadata={"min": 1, "help": "distinctive words listed per persona"})
 
+    def validate(self) -> None:
+        require(self.k == "auto" or (isinstance(self.k, int) and not isinstance(self.k, bool)),
+                f"--k must be 'auto' or an integer, got {self.k!r}")
+        require(self.k != "auto" or self.k_max >= 2, f"--k-max must be >= 2 with --k auto, got {self.k_max}")
+
 
 def run(run: RunFolder, cfg: PersonasConfig) -> dict:
     """The `personas` stage: cluster the profile vectors; returns summary.json's content."""
     validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
-    return run_personas(run.root, **asdict(cfg))
-
-
-def run_personas(
-    run_dir, k: int | str = "auto", k_max: int = 10, seed: int = 0, n_init: int = 10, top_words: int = 10
-) -> dict:
-    """The `personas` stage. Returns summary.json's content."""
-    run = RunFolder(run_dir)
     run.require(RATINGS_TRAIN, RATINGS_TEST, PROFILES)
-    params = {"k": k, "k_max": k_max, "seed": seed, "n_init": n_init, "top_words": top_words}
+    params = asdict(cfg)
+    k, seed, n_init = cfg.k, cfg.seed, cfg.n_init
     inputs = run.checksums(*INPUTS)
     record = run.stage_record("personas") or {}
     if record.get("params") == params and record.get("inputs") == inputs and run.path(PERSONAS_SUMMARY).is_file() \
@@ -204,9 +200,7 @@ def run_personas(
 
     elbow = None
     if k == "auto":
-        if k_max < 2:
-            raise ConfigError(f"--k-max must be >= 2, got {k_max}")
-        inertias = inertia_curve(vectors, k_max, seed, n_init)
+        inertias = inertia_curve(vectors, cfg.k_max, seed, n_init)
         chosen = elbow_k(inertias)
         elbow = {"inertia": {str(key): v for key, v in inertias.items()}, "chosen_k": chosen, "rule": ELBOW_RULE}
         atomic_write_json(run.path(ELBOW), elbow)
@@ -226,7 +220,7 @@ def run_personas(
 
     profiles = run.read_profiles(columns=["user_id", "profile"]).set_index("user_id")
     texts = profiles["profile"].reindex(user_ids).fillna("").tolist()
-    words = distinctive_words(texts, labels, top_words)
+    words = distinctive_words(texts, labels, cfg.top_words)
     train = run.read_ratings("train", columns=["user_id"])
     test = run.read_ratings("test", columns=["user_id"])
     persona_of = assignments.set_index("user_id")["persona"]
@@ -270,7 +264,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PersonasConfig, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    summary = run(RunFolder(args.run), config_from_args(PersonasConfig, args))
+def print_result(folder: RunFolder, cfg: PersonasConfig, summary: dict) -> int:
+    """What `persona-tune personas` prints of ``run``'s result; the exit code."""
     print(_summary_markdown(summary), end="")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(PersonasConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

@@ -22,27 +22,35 @@ More metadata, for a CLI that predates its Config: ``"group"`` (the argument gro
 False-by-default one set True), ``"parse"`` (the CLI
 value is a string that ``parse`` turns into the field's value; it raises ConfigError), ``"type"``
 (argparse's type callable, for a field of a union type such as ``int | str``), ``"metavar"``, ``"required"``, and for
-a tuple field ``"append"`` (a repeatable flag) or ``"positional"`` (the words after ``--``).
+a tuple field ``"append"`` (a repeatable flag) or ``"positional"`` (the words after ``--``; with
+``"aliases": {"--set": "", "--eval-set": "eval."}``, deprecated repeatable flags whose ``KEY=VALUE``
+stands for ``-- KEY=VALUE`` with that key prefix). Config-file overrides are one field named
+``overrides``, positional, in every command (docs/configuration.md).
 
 Range rules live in the metadata too, and ``validate(cfg)`` checks them for every Config, from the CLI
 (``config_from_args``) and from Python (each stage's ``run`` calls it first) alike:
 ``"min"`` (>=), ``"gt"`` (>), ``"max"`` (<=), ``"lt"`` (<), e.g. ``field(default=8, metadata={"min": 1})``.
 A number field without a rule must be >= 0 (counts, sizes, seeds); ``"signed": True`` allows any
-value. Every number must be finite, and an int field a whole number. The generated CLI option applies
-the same rule while parsing (``argument --k: must be >= 1, got 0``).
+value. Every number must be finite, and an int field a whole number; a field with ``"choices"`` must
+hold one of them. The generated CLI option only parses the number; ``config_from_args`` then runs the
+same ``validate``, so ``persona-tune simulate --n-boot 0`` and ``SimulateConfig(n_boot=0)`` fail alike,
+with one line naming the option: ``--n-boot must be >= 1, got 0``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 import math
 import types
 import typing
 from typing import Any
 
-from persona_tune.errors import ConfigError
+from persona_tune.errors import ConfigError, check_choice
 
+log = logging.getLogger(__name__)
 _SCALARS = (int, float, str, bool)
 
 
@@ -61,6 +69,16 @@ def _unwrap(tp) -> tuple[type, bool, bool]:
         inner = [a for a in typing.get_args(tp) if a is not Ellipsis]
         return (inner[0] if inner else str), optional, True
     return tp, optional, False
+
+
+def _number(kind: type):
+    """An argparse type that only parses the number: its range is checked by ``validate`` (through
+    ``config_from_args``), so the CLI and Python callers get the same one-line error."""
+    def parse(text: str):
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
 
 
 def _parse_scalar(kind: type, name: str):
@@ -118,12 +136,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, *, s
             else:
                 target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        kwargs["type"] = (kind if "type" in f.metadata else ranged(kind, range_rule(f.metadata))
-                          if kind in (int, float) else _parse_scalar(kind, flag))
+        kwargs["type"] = (kind if "type" in f.metadata else _number(kind) if kind in (int, float)
+                          else _parse_scalar(kind, flag))
         if sequence and f.metadata.get("positional"):  # `cmd ... -- a b c`
             kwargs.pop("dest")
             target.add_argument(f.name, nargs="*", metavar=f.metadata.get("metavar"),
                                 **{k: v for k, v in kwargs.items() if k != "default"})  # argparse's default: []
+            for alias, prefix in f.metadata.get("aliases", {}).items():
+                target.add_argument(alias, dest=_alias_dest(alias), action="append", metavar="KEY=VALUE",
+                                    help=f"deprecated alias of `-- {prefix}KEY=VALUE` (kept for one release)")
             continue
         if sequence and f.metadata.get("append"):  # a repeatable flag
             kwargs.update(action="append", default=list(default))
@@ -182,6 +203,11 @@ def check_fields(cfg) -> None:
     """Raise ConfigError for the first field of ``cfg`` whose value breaks its type or range rule."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        for item in (value if isinstance(value, (tuple, list)) else [value]) if choices is not None else ():
+            if item is not None:
+                check_choice(_option(f), item, choices)
         try:
             kind, _, sequence = _unwrap(hints[f.name])
         except TypeError:  # a union such as int | str: check numbers only
@@ -211,14 +237,32 @@ def _negated(name: str) -> str:
     return f"no_{name}"
 
 
+def _alias_dest(flag: str) -> str:
+    return "alias_" + flag.lstrip("-").replace("-", "_")
+
+
+def _aliased(args: argparse.Namespace, aliases: dict[str, str]) -> list[str]:
+    """The values of the deprecated alias flags, as the ``-- KEY=VALUE`` items they stand for."""
+    items = []
+    for alias, prefix in aliases.items():
+        for item in getattr(args, _alias_dest(alias), None) or []:
+            new = "~" + prefix + item[1:] if item.startswith("~") else prefix + item
+            log.warning("%s %s is deprecated (kept for one release): write `-- %s`", alias, item, new)
+            items.append(new)
+    return items
+
+
 def config_from_args(config_cls: type, args: argparse.Namespace, **extra: Any):
-    """The Config from parsed arguments (fields absent from ``args`` keep their defaults), validated."""
+    """The Config from parsed arguments (fields absent from ``args`` keep their defaults), validated.
+    A positional field's ``"aliases"`` (deprecated flags, e.g. ``{"--set": ""}``) come first in it."""
     values = {}
     for f in dataclasses.fields(config_cls):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
             if "parse" in f.metadata and values[f.name] is not None:
                 values[f.name] = f.metadata["parse"](values[f.name])
+            if f.metadata.get("aliases"):
+                values[f.name] = [*_aliased(args, f.metadata["aliases"]), *values[f.name]]
         elif hasattr(args, _negated(f.name)):
             values[f.name] = not getattr(args, _negated(f.name))
     hints = typing.get_type_hints(config_cls)
@@ -251,6 +295,29 @@ def require(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless ``condition``: the one-liner Config.validate methods use."""
     if not condition:
         raise ConfigError(message)
+
+
+def config_argv(cfg) -> list[str]:
+    """The command-line arguments that give ``cfg`` (its fields that differ from the defaults), as
+    ``add_config_arguments`` spells them: what an orchestrator logs for a stage it runs."""
+    defaults = type(cfg)()
+    argv, positional = [], []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not f.metadata.get("cli", True) or value == getattr(defaults, f.name):
+            continue
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if f.metadata.get("positional"):
+            positional += list(value)
+        elif isinstance(value, bool):
+            argv += [flag] if "flag" in f.metadata else [flag if value else "--no-" + f.name.replace("_", "-")]
+        elif isinstance(value, (tuple, list)):
+            argv += [a for item in value for a in (flag, str(item))] if f.metadata.get("append") \
+                else [flag, *map(str, value)]
+        else:
+            argv += [flag, value if isinstance(value, str) else json.dumps(value) if isinstance(value, dict)
+                     else str(value)]
+    return argv + (["--", *positional] if positional else [])
 
 
 def config_dict(cfg) -> dict:

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from persona_tune.overrides import apply_overrides
+from persona_tune.overrides import apply_overrides, parse_overrides
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.resources import die_with_parent, tune_executable
 from persona_tune.runfolder import (
@@ -120,13 +120,7 @@ def _natural_key(name: str):
 
 def check_overrides(overrides: list[str]) -> list[str]:
     """torchtune `key=value` / `~key` overrides; the keys the file contract fixes are refused."""
-    for item in overrides:
-        key = item[1:] if item.startswith("~") else item.partition("=")[0]
-        if not key or (not item.startswith("~") and "=" not in item):
-            raise ConfigError(f"invalid override {item!r}: expected key=value or ~key")
-        if key in _CONTRACT_KEYS:
-            raise ConfigError(f"{key} is fixed by the run folder (RUN/adapters/<variant>); it cannot be overridden")
-    return overrides
+    return parse_overrides(overrides, fixed=_CONTRACT_KEYS)
 
 
 def variant_inputs(run: RunFolder, variant: str, shared: dict[str, str] | None = None) -> dict[str, str]:
@@ -338,76 +332,6 @@ def device_slots(nproc: int, parallel: bool, n_jobs: int) -> list[dict]:
     return slots
 
 
-def train(run_dir: str | Path, personas: str = "all", nproc: int = 1, parallel: bool = False,
-          recipe: str | None = None, overrides: list[str] | tuple[str, ...] = (), echo: bool = False,
-          force: bool = False) -> list[VariantResult]:
-    """Train every selected variant (skipping finished ones unless ``force``); one result per variant."""
-    run = RunFolder(run_dir)
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-    recipe = recipe or (DISTRIBUTED_RECIPE if nproc > 1 else SINGLE_DEVICE_RECIPE)
-    overrides = check_overrides(list(overrides))
-    variants = select_variants(run, personas)
-    shared = run.checksums(*TRAIN_INPUTS)
-    todo = []
-    for v in variants:
-        if force or not run.train_summary(v).is_file():
-            todo.append(v)
-        elif changed := stale_inputs(run, v, shared):
-            log.warning("%s was trained on other inputs (%s changed): retraining it", v, ", ".join(changed))
-            todo.append(v)
-    results = {v: VariantResult(v, "skipped") for v in variants if v not in todo}
-    if overrides and results:
-        log.warning("%s already trained: skipped, so the overrides do not apply to them; `--force` retrains "
-                    "them with the overrides", ", ".join(results))
-    if not todo:  # all current: touch nothing, the manifest included
-        return [results[v] for v in variants]
-    for v in todo:
-        check_variant_config(run, v, overrides)
-    slots = device_slots(nproc, parallel, len(todo))
-    free = list(range(len(slots)))
-    lock = threading.Condition()
-
-    # A child's PR_SET_PDEATHSIG fires when the pool thread that started it ends, which is only after
-    # every job has finished.
-    def job(variant: str) -> VariantResult:
-        with lock:
-            lock.wait_for(lambda: free)
-            slot = free.pop()
-        try:
-            return train_variant(run, variant, recipe, nproc, overrides, slots[slot], echo and len(slots) == 1,
-                                 lock_fd, variant_inputs(run, variant, shared), force)
-        except PersonaTuneError as e:  # e.g. the PEFT export refused the adapter: the others still run
-            return VariantResult(variant, "failed", error=str(e))
-        finally:
-            with lock:
-                free.append(slot)
-                lock.notify()
-
-    from tqdm import tqdm
-
-    with file_lock(run.root / ".train.lock", f"training adapters in {run.adapters_dir}") as lock_fd, \
-            concurrent.futures.ThreadPoolExecutor(max_workers=len(slots)) as pool, \
-            tqdm(total=len(todo), desc="variants", unit="adapter", disable=not todo) as bar:
-        futures = {pool.submit(job, v): v for v in todo}
-        for future in concurrent.futures.as_completed(futures):
-            result = future.result()
-            results[result.variant] = result
-            bar.update(1)
-            if result.status == "failed":
-                log.error("%s failed (details at the end)", result.variant)
-
-    ordered = [results[v] for v in variants]
-    previous = (run.stage_record("train") or {}).get("variants", {})
-    done = {r.variant: r.summary for r in ordered if r.status == "trained"}
-    run.record_stage(
-        "train",
-        {"personas": personas, "nproc": nproc, "parallel": parallel, "recipe": recipe, "overrides": overrides},
-        variants={**previous, **done},
-    )
-    return ordered
-
-
 def summary_table(run: RunFolder, results: list[VariantResult]) -> str:
     rows = [("variant", "status", "steps", "first loss", "last loss", "seconds", "adapter")]
     for r in results:
@@ -443,12 +367,76 @@ class TrainConfig:
                                    "(e.g. with new `-- key=value` overrides)"})
     echo: bool = field(default=False, metadata={"cli": False})  # stream each `tune run`'s output
 
+    def validate(self) -> None:
+        check_overrides(list(self.overrides))
+
 
 def run(run: RunFolder, cfg: TrainConfig) -> list[VariantResult]:
-    """The `train` stage: train every selected variant (skipping finished ones); one result per variant."""
+    """The `train` stage: train every selected variant (skipping finished ones unless ``force``); one
+    result per variant."""
     validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
-    return train(run.root, cfg.personas, cfg.nproc, cfg.parallel, cfg.recipe, cfg.overrides, echo=cfg.echo,
-                 force=cfg.force)
+    personas, nproc, parallel, force = cfg.personas, cfg.nproc, cfg.parallel, cfg.force
+    recipe = cfg.recipe or (DISTRIBUTED_RECIPE if nproc > 1 else SINGLE_DEVICE_RECIPE)
+    overrides = list(cfg.overrides)
+    variants = select_variants(run, personas)
+    shared = run.checksums(*TRAIN_INPUTS)
+    todo = []
+    for v in variants:
+        if force or not run.train_summary(v).is_file():
+            todo.append(v)
+        elif changed := stale_inputs(run, v, shared):
+            log.warning("%s was trained on other inputs (%s changed): retraining it", v, ", ".join(changed))
+            todo.append(v)
+    results = {v: VariantResult(v, "skipped") for v in variants if v not in todo}
+    if overrides and results:
+        log.warning("%s already trained: skipped, so the overrides do not apply to them; `--force` retrains "
+                    "them with the overrides", ", ".join(results))
+    if not todo:  # all current: touch nothing, the manifest included
+        return [results[v] for v in variants]
+    for v in todo:
+        check_variant_config(run, v, overrides)
+    slots = device_slots(nproc, parallel, len(todo))
+    free = list(range(len(slots)))
+    lock = threading.Condition()
+
+    # A child's PR_SET_PDEATHSIG fires when the pool thread that started it ends, which is only after
+    # every job has finished.
+    def job(variant: str) -> VariantResult:
+        with lock:
+            lock.wait_for(lambda: free)
+            slot = free.pop()
+        try:
+            return train_variant(run, variant, recipe, nproc, overrides, slots[slot], cfg.echo and len(slots) == 1,
+                                 lock_fd, variant_inputs(run, variant, shared), force)
+        except PersonaTuneError as e:  # e.g. the PEFT export refused the adapter: the others still run
+            return VariantResult(variant, "failed", error=str(e))
+        finally:
+            with lock:
+                free.append(slot)
+                lock.notify()
+
+    from tqdm import tqdm
+
+    with file_lock(run.root / ".train.lock", f"training adapters in {run.adapters_dir}") as lock_fd, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=len(slots)) as pool, \
+            tqdm(total=len(todo), desc="variants", unit="adapter", disable=not todo) as bar:
+        futures = {pool.submit(job, v): v for v in todo}
+        for future in concurrent.futures.as_completed(futures):
+            result = future.result()
+            results[result.variant] = result
+            bar.update(1)
+            if result.status == "failed":
+                log.error("%s failed (details at the end)", result.variant)
+
+    ordered = [results[v] for v in variants]
+    previous = (run.stage_record("train") or {}).get("variants", {})
+    done = {r.variant: r.summary for r in ordered if r.status == "trained"}
+    run.record_stage(
+        "train",
+        {"personas": personas, "nproc": nproc, "parallel": parallel, "recipe": recipe, "overrides": overrides},
+        variants={**previous, **done},
+    )
+    return ordered
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -456,10 +444,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, TrainConfig, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    results = run(RunFolder(args.run), config_from_args(TrainConfig, args, echo=args.verbose))
-    print(summary_table(RunFolder(args.run), results))
+def print_result(folder: RunFolder, cfg: TrainConfig, results: list[VariantResult]) -> int:
+    """What `persona-tune train` prints of ``run``'s result; the exit code (1 when a variant failed)."""
+    print(summary_table(folder, results))
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         print(f"\n{r.variant}: {r.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(TrainConfig, args, echo=args.verbose)
+    return print_result(folder, cfg, run(folder, cfg))

@@ -54,7 +54,8 @@ from persona_tune.evaluation.predict import (
     scored_frame,
 )
 from persona_tune.prompts import load_prompt_rows, subsample_per_user
-from persona_tune.runfolder import HEAD_FILE, ITEMS, PREDICTIONS, RATINGS_TEST, RATINGS_TRAIN, TORCHTUNE_CONFIG, TRUNK_SUMMARY
+from persona_tune.runfolder import ADAPTER_FILE, HEAD_FILE, ITEMS, PREDICTIONS, RATINGS_TEST, RATINGS_TRAIN
+from persona_tune.runfolder import TORCHTUNE_CONFIG, TRUNK_SUMMARY
 from persona_tune.runfolder import PREDICTIONS_LAYOUT, RunFolder, atomic_path, atomic_write_json, file_sha256
 from persona_tune.runfolder import load_torch, read_or_discard, write_predictions
 from persona_tune.evaluation.head import (
@@ -80,7 +81,6 @@ from persona_tune.trunk import (
 log = utils.get_logger("INFO")
 
 STATE_FILE = "recipe_state.pt"
-ADAPTER_FILE = "adapter_model.pt"
 RUNTIME_KEYS = ("num_threads", "progress", "output_dir", "metric_logger", "save_every_n_steps")
 
 

@@ -70,11 +70,11 @@ def make_distilled_run(root, n_users: int = 12, seed: int = 0, history: str = "a
 
 
 def make_embedded_run(root, n_users: int = 12, seed: int = 0, **embed_kwargs):
-    """``make_distilled_run`` with hash embeddings and retrieval (``embed_kwargs``: run_embed's options)."""
-    from persona_tune.memory.stage import run_embed
+    """``make_distilled_run`` with hash embeddings and retrieval (``embed_kwargs``: EmbedConfig's fields)."""
+    from persona_tune.memory import stage as embed
 
     run = make_distilled_run(root, n_users, seed)
-    run_embed(run, **({"backend": "hash"} | embed_kwargs))
+    embed.run(RunFolder(run), embed.EmbedConfig(**({"backend": "hash"} | embed_kwargs)))
     return run
 
 
@@ -149,7 +149,7 @@ def build_eval_run(root: Path) -> tuple[Path, Path]:
 
     run = make_persona_run(root, n_users=8, seed=0, k=2)
     tiny = write_tiny_phi3(root / "tiny", seed=0)
-    assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--set", f"model_dir={tiny / 'model'}"]) == 0
+    assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--", f"model_dir={tiny / 'model'}"]) == 0
     model_cfg = OmegaConf.load(RunFolder(run).config_file("persona_0")).model  # what training would use
     for k in (0, 1):
         write_adapter(RunFolder(run).adapter_dir(f"persona_{k}") / "epoch_1", seed=k, model_cfg=model_cfg)
@@ -162,7 +162,8 @@ def build_ready_run(base: Path) -> tuple[Path, Path]:
     Built once under ``base``; later callers reuse it.
     """
     from persona_tune import cli
-    from persona_tune.configgen import generate_configs
+    from persona_tune import configgen
+    from persona_tune.configgen import ConfigsConfig
     from persona_tune.models.tiny import write_tiny_phi3
 
     run, tiny, done = base / "ready" / "run", base / "tiny", base / "ready.done"
@@ -172,6 +173,6 @@ def build_ready_run(base: Path) -> tuple[Path, Path]:
     for argv in (["distill", "--backend", "offline"], ["embed", "--backend", "hash"], ["personas", "--k", "2"]):
         assert cli.main([argv[0], "--run", str(run), *argv[1:]]) == 0, argv
     write_tiny_phi3(tiny, seed=0)
-    generate_configs(run, family="tiny", overrides=[f"model_dir={tiny / 'model'}"])
+    configgen.run(RunFolder(run), ConfigsConfig(family="tiny", overrides=[f"model_dir={tiny / 'model'}"]))
     done.touch()
     return run, tiny

@@ -48,7 +48,7 @@ def build_serving_run(root: Path, family: str = "tiny", scale: float = 0.3) -> t
     if family == "tiny":
         tiny = write_tiny_phi3(root / "tiny", seed=0)
         sets = [f"model_dir={tiny / 'model'}"]
-    assert cli_main(["configs", "--run", str(run), "--family", family, *(a for s in sets for a in ("--set", s))]) == 0
+    assert cli_main(["configs", "--run", str(run), "--family", family, "--", *sets]) == 0
     write_trunk_configs(folder, family, ["single_max-ms"], None, sets)
     model_cfg = OmegaConf.load(folder.config_file("persona_0")).model
     for k in (0, 1):

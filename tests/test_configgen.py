@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from persona_tune import cli
-from persona_tune.configgen import FAMILIES, generate_configs
+from persona_tune import cli, configgen
+from persona_tune.configgen import FAMILIES, ConfigsConfig
 from persona_tune.runfolder import check_name
 from persona_tune.errors import ConfigError, DataError, StageMissingError
 from persona_tune.runfolder import RunFolder, atomic_write_parquet
@@ -72,7 +72,7 @@ def test_templates_pass_torchtune_validation():
 
 def test_generate_fills_run_and_sizes(tmp_path):
     run = with_personas(tmp_path, n_personas=3)
-    targets = generate_configs(run, family="tiny", memory="ms", overrides=["optimizer.lr=0.002", "batch_size=3"])
+    targets = configgen.run(RunFolder(run), ConfigsConfig(family="tiny", memory="ms", overrides=["optimizer.lr=0.002", "batch_size=3"]))
     assert list(targets) == ["persona_0", "persona_1", "persona_2", "single_min", "single_max"]
     sizes = expected_sizes(run)
     for k in range(3):
@@ -92,7 +92,7 @@ def test_generate_fills_run_and_sizes(tmp_path):
 
 def test_more_personas_than_templates(tmp_path):
     run = with_personas(tmp_path, n_personas=6)
-    targets = generate_configs(run, family="phi3")
+    targets = configgen.run(RunFolder(run), ConfigsConfig(family="phi3"))
     cfg = OmegaConf.load(targets["persona_5"])
     assert cfg.persona == 5 and cfg.output_dir.endswith("adapters/persona_5")
     assert cfg.model.lora_rank == 256
@@ -100,10 +100,10 @@ def test_more_personas_than_templates(tmp_path):
 
 def test_no_overwrite_without_force(tmp_path):
     run = with_personas(tmp_path)
-    generate_configs(run, family="tiny")
+    configgen.run(RunFolder(run), ConfigsConfig(family="tiny"))
     with pytest.raises(ConfigError, match="--force"):
-        generate_configs(run, family="tiny", overrides=["epochs=5"])
-    generate_configs(run, family="tiny", overrides=["epochs=5"], force=True)
+        configgen.run(RunFolder(run), ConfigsConfig(family="tiny", overrides=["epochs=5"]))
+    configgen.run(RunFolder(run), ConfigsConfig(family="tiny", overrides=["epochs=5"], force=True))
     assert OmegaConf.load(run / "configs" / "persona_0.yaml").epochs == 5
 
 
@@ -111,7 +111,7 @@ def test_no_overwrite_without_force(tmp_path):
 def test_bad_overrides_are_refused(tmp_path, override):
     run = with_personas(tmp_path)
     with pytest.raises(ConfigError):
-        generate_configs(run, family="tiny", overrides=[override])
+        configgen.run(RunFolder(run), ConfigsConfig(family="tiny", overrides=[override]))
     assert not (run / "configs").exists()
 
 
@@ -124,7 +124,7 @@ def test_bad_persona_ids_name_the_file(tmp_path, bad):
     df.loc[3, "persona"] = bad
     atomic_write_parquet(df, path)
     with pytest.raises(DataError, match=r"assignments.parquet:4: persona"):
-        generate_configs(run, family="tiny")
+        configgen.run(RunFolder(run), ConfigsConfig(family="tiny"))
 
 
 def test_variant_names_are_checked():
@@ -138,7 +138,7 @@ def test_variant_names_are_checked():
 def test_missing_personas_stage(tmp_path):
     run = make_prepared_run(tmp_path)
     with pytest.raises(StageMissingError, match="persona-tune personas"):
-        generate_configs(run)
+        configgen.run(RunFolder(run), ConfigsConfig())
 
 
 def test_cli_writes_configs_that_tune_validates(tmp_path, capsys):

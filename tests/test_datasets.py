@@ -16,7 +16,9 @@ from persona_tune.cli import main as cli_main
 from persona_tune.datasets import persona_dataset
 from persona_tune.errors import ConfigError
 from persona_tune.models.tiny import tiny_phi3_tokenizer, write_tiny_phi3
-from persona_tune.personas import run_personas
+from persona_tune.personas import PersonasConfig
+from persona_tune import personas
+from persona_tune.runfolder import RunFolder
 from persona_tune.prompts import MEMORY_INTRO, PROFILE_INTRO, TASK, TERSE_TASK, load_prompt_rows, render_messages
 from tests.fixtures_runs import require_shared
 from tests.fixtures_runs import make_embedded_run
@@ -25,7 +27,7 @@ from tests.fixtures_runs import make_embedded_run
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run = make_embedded_run(tmp_path_factory.mktemp("ds"), n_users=12, k=2, delta=0.0)
-    run_personas(run, k=2, n_init=2)
+    personas.run(RunFolder(run), PersonasConfig(k=2, n_init=2))
     return run
 
 

@@ -172,7 +172,7 @@ def test_find_dataset_picks_a_lone_partial_ratings_file(shared_data, tmp_path):
     from persona_tune.demo import find_dataset
 
     args = argparse.Namespace(data_dir=str(shared_data / "ml-1m"), dataset="auto", run=str(tmp_path / "r"), seed=0)
-    assert find_dataset(args) == ("ml-1m", shared_data / "ml-1m", ["--ratings-file", "ratings.partial-users0001-2999.dat"])
+    assert find_dataset(args) == ("ml-1m", shared_data / "ml-1m", "ratings.partial-users0001-2999.dat")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(PersonaTuneError, match="has no ratings.dat"):

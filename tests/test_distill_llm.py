@@ -273,3 +273,36 @@ def test_fake_server_embeddings_are_deterministic_unit_vectors():
     a, b = (np.array(d.embedding) for d in first.data)
     assert a.shape == (32,) and np.isclose(np.linalg.norm(a), 1.0) and not np.allclose(a, b)
     assert np.allclose(a, again.data[0].embedding) and len(small.data[0].embedding) == 8
+
+
+def test_fake_server_hold_caps_admitted_requests_under_concurrency():
+    """hold_after=N lets exactly N of many concurrent requests through (the kill -9 test relies on it:
+    counting answers already sent let a request received just before the N-th answer through too)."""
+    import threading
+
+    import openai
+
+    with FakeOpenAIServer(faults=Faults(hold_after=3, latency=0.2)) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=10)
+        results = []
+
+        def ask(i):
+            try:
+                client.embeddings.create(model="m", input=f"text {i}")
+                results.append("ok")
+            except openai.APIError:
+                results.append("dropped")
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while server.stats()["outcomes"].get("held", 0) < 5:
+            assert time.monotonic() < deadline, server.stats()
+            time.sleep(0.02)
+        server.release()
+        for t in threads:
+            t.join(timeout=10)
+        stats = server.stats()
+    assert stats["answered"] == 3 and stats["outcomes"]["held"] == 5
+    assert sorted(results) == ["dropped"] * 5 + ["ok"] * 3

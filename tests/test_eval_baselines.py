@@ -10,7 +10,8 @@ import pytest
 from sklearn.metrics import mean_squared_error
 
 from persona_tune.cli import main as cli_main
-from persona_tune.evaluation.baselines import BASIC, PREDICTORS, BaselineConfig, predict_baselines, run_baselines
+from persona_tune.evaluation import baselines
+from persona_tune.evaluation.baselines import BASIC, PREDICTORS, BaselineConfig, BaselinesConfig, predict_baselines
 from persona_tune.runfolder import HISTORY, REFERENCE_PREDICTIONS, RunFolder
 from tests.fixtures_runs import make_prepared_run
 
@@ -47,7 +48,7 @@ def test_baselines_are_clipped():
 def test_a_run_without_history_leaves_the_references_out_with_a_warning(tmp_path, caplog):
     run = RunFolder(make_prepared_run(tmp_path, n_users=12))
     run.path(HISTORY).unlink()  # a run prepared before history.parquet existed
-    metrics = run_baselines(run.root, n_boot=20)
+    metrics = baselines.run(run, BaselinesConfig(n_boot=20))
     assert list(metrics["predictors"]) == list(BASIC)
     assert "no history.parquet" in metrics["references_missing"] and "no history.parquet" in caplog.text
     assert not run.path(REFERENCE_PREDICTIONS).exists()

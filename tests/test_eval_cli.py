@@ -111,8 +111,8 @@ def test_grid_cells_end_to_end(tmp_path, capsys, monkeypatch):
     run = make_persona_run(tmp_path, n_users=6, seed=1, k=2)
     tiny = write_tiny_phi3(tmp_path / "tiny", seed=0)
     argv = ["grid", "--run", str(run), "--family", "tiny", "--cells", "prompted-msml,single_max-ms",
-            "--max-steps", "1", "--n-boot", "20", "--train-set", f"model_dir={tiny / 'model'}",
-            "--eval-set", "max_rows=2", "--eval-set", "num_threads=1", "--eval-set", "batching.progress=False"]
+            "--max-steps", "1", "--n-boot", "20", "--", f"model_dir={tiny / 'model'}",
+            "eval.max_rows=2", "eval.num_threads=1", "eval.batching.progress=False"]
     assert cli_main(argv) == 0
     assert sorted(p.name for p in (run / "adapters").iterdir()) == ["single_max-ms"]
     assert sorted(p.parent.name for p in (run / "eval").glob("*/metrics.json")) == [

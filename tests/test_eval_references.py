@@ -166,7 +166,8 @@ def test_ml1m_references_beat_the_bias_baseline(tmp_path):
     200 sampled users, MF on one point of its grid; kNN and MF both below the bias baseline, paired
     over users on all 11,146 test rows (issue 24: the rows do hold signal beyond the bias baseline)."""
     data = require_shared("data/ml-1m")
-    from persona_tune.evaluation.baselines import run_baselines
+    from persona_tune.evaluation import baselines
+    from persona_tune.evaluation.baselines import BaselinesConfig
     from persona_tune.evaluation.metrics import paired_rmse_diff
 
     prepare(load_ratings("ml-1m", data, ratings_file="ratings.partial-users0001-2999.dat"), tmp_path / "run",
@@ -175,7 +176,7 @@ def test_ml1m_references_beat_the_bias_baseline(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(refs_mod, "MF_FACTORS", (16,))
         mp.setattr(refs_mod, "MF_REGS", (0.05,))
-        metrics = run_baselines(run.root, n_boot=200)
+        metrics = baselines.run(run, BaselinesConfig(n_boot=200))
     preds = pd.read_parquet(run.baseline_predictions)
     assert len(preds) == 11_146 and metrics["references"]["history"] == "all_time"
     assert metrics["references"]["mf_validation"].startswith("200 users not sampled")
@@ -187,11 +188,12 @@ def test_ml1m_references_beat_the_bias_baseline(tmp_path):
 def test_report_pairs_every_cell_with_the_references_even_for_old_baselines(tmp_path, one_point_grid):
     """Baselines written before the references (no knn, the old hand-written mf): the report takes both
     from references/ (fitted once, then cached), never the old mf column."""
-    from persona_tune.evaluation.baselines import run_baselines
+    from persona_tune.evaluation import baselines
+    from persona_tune.evaluation.baselines import BaselinesConfig
     from persona_tune.evaluation.report import paired_cells, references_note
 
     run = _prepared(tmp_path, history="all_time")
-    run_baselines(run.root, n_boot=20)
+    baselines.run(run, BaselinesConfig(n_boot=20))
     refs = pd.read_parquet(run.path(REFERENCE_PREDICTIONS))
     old = pd.read_parquet(run.baseline_predictions).drop(columns=["knn"]).assign(mf=3.0)
     old.to_parquet(run.baseline_predictions, index=False)
@@ -215,10 +217,11 @@ def test_references_table_script(tmp_path, one_point_grid, capsys):
     """benchmarks/references_table.py: RMSEs and paired differences from eval/baselines/, on all rows
     and on the rows of eval.max_rows N."""
     from benchmarks.references_table import main as table_main
-    from persona_tune.evaluation.baselines import run_baselines
+    from persona_tune.evaluation import baselines
+    from persona_tune.evaluation.baselines import BaselinesConfig
 
     run = _prepared(tmp_path, history="before_split")
-    run_baselines(run.root, n_boot=20)
+    baselines.run(run, BaselinesConfig(n_boot=20))
     out = tmp_path / "references.json"
     assert table_main([str(run.root), "--also-rows", "60", "--json", str(out)]) == 0
     [full, part] = json.loads(out.read_text())["references"]

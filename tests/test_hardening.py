@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from persona_tune import cli, train
-from persona_tune.configgen import generate_configs
+from persona_tune import cli, configgen, train
+from persona_tune.configgen import ConfigsConfig
 from persona_tune.overrides import apply_overrides
 from persona_tune.data.loaders import read_text
 from persona_tune.distill.run import DistillConfig, distill
@@ -62,7 +62,7 @@ def test_reclustering_makes_adapters_stale_and_configs_follow(tmp_path, monkeypa
     run_dir = with_personas(tmp_path, n_personas=3)
     run = RunFolder(run_dir)
     model = ["model_dir=" + str(tmp_path)]  # any existing folder: `tune` is faked
-    generate_configs(run_dir, family="tiny", overrides=model)
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=model))
     for variant in ("persona_0", "persona_1", "persona_2"):  # as if trained on these assignments
         (run.adapters_dir / variant / "epoch_0").mkdir(parents=True)
         (run.adapters_dir / variant / "epoch_0" / "adapter_model.pt").write_bytes(b"x")
@@ -77,25 +77,25 @@ def test_reclustering_makes_adapters_stale_and_configs_follow(tmp_path, monkeypa
     with pytest.raises(StageMissingError, match=r"persona_0 \(.*personas/assignments.parquet"):
         check_adapters(run, ["persona"])
     with pytest.raises(ConfigError, match="assignments.parquet changed.*--force"):
-        generate_configs(run_dir, family="tiny", overrides=model)
-    generate_configs(run_dir, family="tiny", overrides=model, force=True)
+        configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=model))
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=model, force=True))
     assert not (run.configs_dir / "persona_2.yaml").exists()  # the old K's config is gone
     assert train.select_variants(run, "all") == ["persona_0", "persona_1", "single_max", "single_min"]
 
     # train redoes the stale ones (here a fake `tune` that fails, so they end "failed", not "skipped").
     monkeypatch.setattr(train, "tune_executable", lambda: fake_tune(tmp_path, "exit 3\n"))
     with caplog.at_level(logging.WARNING):
-        results = train.train(run_dir, "0,1")
+        results = train.run(RunFolder(run_dir), train.TrainConfig(personas="0,1"))
     assert [r.status for r in results] == ["failed", "failed"]
     assert "persona_0 was trained on other inputs (configs/persona_0.yaml, personas/assignments.parquet changed)" in caplog.text
 
 
 def test_configs_rerun_is_skipped_untouched(tmp_path):
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny")
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny"))
     manifest = (run_dir / "manifest.json").read_bytes()
     mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "configs").iterdir()}
-    generate_configs(run_dir, family="tiny")  # no --force needed
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny"))  # no --force needed
     assert (run_dir / "manifest.json").read_bytes() == manifest
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "configs").iterdir()} == mtimes
 
@@ -114,9 +114,9 @@ def test_mixed_encodings_are_decoded_per_line(tmp_path, caplog):
 
 def test_misspelt_and_fixed_config_keys(tmp_path, capsys):
     run_dir = with_personas(tmp_path)
-    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--set", "optimzer.lr=5"]) == 2
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--", "optimzer.lr=5"]) == 2
     assert "unknown config key 'optimzer.lr'" in (line := error_line(capsys)) and "did you mean optimizer.lr?" in line
-    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--set", "output_dir=/tmp/x"]) == 2
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--", "output_dir=/tmp/x"]) == 2
     assert "output_dir is fixed by the run folder" in error_line(capsys)
     assert not (run_dir / "configs").exists()
     cfg = OmegaConf.create({"epochs": 1, "batch_size": 4, "optimizer": {"lr": 0.001}, "profiler": {"enabled": False}})
@@ -130,16 +130,20 @@ def test_misspelt_and_fixed_config_keys(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["personas", "--run", "R", "--top-words", "-1"], "argument --top-words: must be >= 1, got -1"),
-    (["personas", "--run", "R", "--k", "0"], "--k must be >= 1"),
-    (["distill", "--run", "R", "--timeout", "0"], "argument --timeout: must be > 0"),
-    (["distill", "--run", "R", "--temperature", "nan"], "must be a finite number"),
-    (["prepare", "--dataset", "synthetic", "--out", "R", "--seed", "-3"], "argument --seed: must be >= 0"),
+    (["personas", "--run", "R", "--top-words", "-1"], "--top-words must be >= 1, got -1"),
+    (["personas", "--run", "R", "--k", "0"], "--k must be >= 1, got 0"),
+    (["distill", "--run", "R", "--timeout", "0"], "--timeout must be > 0, got 0.0"),
+    (["distill", "--run", "R", "--temperature", "nan"], "--temperature must be a finite number, got nan"),
+    (["prepare", "--dataset", "synthetic", "--out", "R", "--seed", "-3"], "--seed must be >= 0, got -3"),
+    (["simulate", "--run", "R", "--n-boot", "0"], "--n-boot must be >= 1, got 0"),
 ])
-def test_numeric_options_are_range_checked(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(argv)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+def test_numeric_options_are_range_checked(argv, message, capsys, tmp_path, monkeypatch):
+    """The CLI checks through the Config's validate: exit 2 and one line naming the option, nothing read."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"persona-tune {argv[0]}: error: {message}\n"
+    assert not (tmp_path / "R").exists()
 
 
 # ---------------------------------------------------------------- tracebacks and misleading messages
@@ -170,7 +174,7 @@ def test_eval_before_training_says_train_first(tmp_path, capsys):
     run_dir = with_personas(tmp_path)
     assert cli.main(["eval", "--run", str(run_dir), "--variants", "persona"]) == 2
     assert "persona-tune configs" in (line := error_line(capsys)) and "train" in line
-    generate_configs(run_dir, family="tiny")
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny"))
     assert cli.main(["eval", "--run", str(run_dir), "--variants", "persona,single_max"]) == 2
     assert "no trained adapter for persona_0, persona_1, single_max" in (line := error_line(capsys))
     assert "persona-tune train" in line
@@ -178,7 +182,7 @@ def test_eval_before_training_says_train_first(tmp_path, capsys):
 
 def test_train_checks_before_tune_run(tmp_path, monkeypatch, capsys):
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path / "kit" / "model")])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path / "kit" / "model")]))
     started = tmp_path / "started"
     monkeypatch.setattr(train, "tune_executable", lambda: fake_tune(tmp_path, f"touch {started}\n"))
     assert cli.main(["train", "--run", str(run_dir), "--personas", "0", "--", "batch_size=abc"]) == 2
@@ -278,7 +282,8 @@ def test_unrecorded_prepare_output_is_not_an_output(tmp_path):
 
 
 def test_partial_distill_is_a_warning_downstream(tmp_path, caplog):
-    from persona_tune.memory.stage import run_embed
+    from persona_tune.memory.stage import EmbedConfig
+    from persona_tune.memory.stage import run as embed
 
     run = RunFolder(make_prepared_run(tmp_path, n_users=6))
     distill(run, DistillConfig())
@@ -288,13 +293,13 @@ def test_partial_distill_is_a_warning_downstream(tmp_path, caplog):
     atomic_write_parquet(memories[memories["user_id"].isin(profiles["user_id"].iloc[:4])],
                          run.path("distill/memories.parquet"))
     with caplog.at_level(logging.WARNING):
-        run_embed(run.root, backend="hash")
+        embed(run, EmbedConfig(backend="hash"))
     assert "covers 4 of the 6 users: 2 are missing" in caplog.text
 
 
 def test_a_live_writer_is_detected(tmp_path, capsys):
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     with file_lock(RunFolder(run_dir).root / ".train.lock", "training"):
         assert cli.main(["train", "--run", str(run_dir), "--personas", "single_min"]) == 2
     assert f"another process (pid {os.getpid()}) is training adapters" in error_line(capsys)
@@ -308,7 +313,7 @@ def test_tune_run_child_dies_with_its_parent(tmp_path, command):
     from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
 
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     if command == "eval":
         folder = _partial_adapter(RunFolder(run_dir), "single_max")
         atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
@@ -537,7 +542,7 @@ def test_partial_adapter_is_refused_by_eval_and_the_agent(tmp_path, capsys):
     from persona_tune.evaluation.loading import adapter_path
 
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     run = RunFolder(run_dir)
     folder = _partial_adapter(run, "single_max")  # kill -9 during `train`: epoch_0 of 2, no marker
     assert cli.main(["eval", "--run", str(run_dir), "--variants", "single_max"]) == 2
@@ -564,7 +569,7 @@ def test_failed_eval_leaves_no_numbers_for_report(tmp_path, monkeypatch, capsys)
     from persona_tune.runfolder import TRAIN_SUMMARY, adapter_files
 
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     run = RunFolder(run_dir)
     folder = _partial_adapter(run, "single_max")
     atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
@@ -623,13 +628,13 @@ def test_temp_files_of_dead_writers_are_cleaned(tmp_path):
 
 def test_train_force_retrains_with_new_overrides(tmp_path, monkeypatch, caplog):
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     run = RunFolder(run_dir)
     folder = _partial_adapter(run, "single_max")
     atomic_write_json(folder / train.SUMMARY, {"inputs": train.variant_inputs(run, "single_max")})
     monkeypatch.setattr(train, "tune_executable", lambda: fake_tune(tmp_path, "exit 3\n"))
     with caplog.at_level(logging.WARNING):
-        [result] = train.train(run_dir, "single_max", overrides=["epochs=2"])
+        [result] = train.run(RunFolder(run_dir), train.TrainConfig(personas="single_max", overrides=("epochs=2",)))
     assert result.status == "skipped" and "single_max already trained: skipped" in caplog.text
     [result] = train.run(run, train.TrainConfig(personas="single_max", overrides=("epochs=2",), force=True))
     assert result.status == "failed"  # it ran `tune run` (the fake one fails)
@@ -724,6 +729,9 @@ STAGE_CONFIGS = [  # (command, module, Config class name): the stages whose CLI 
 ]
 
 
+REQUIRED = {"prepare": ["--dataset", "synthetic", "--out", "R"], "grid": ["--run", "R", "--family", "tiny"]}
+
+
 def _bad_values(rule: dict) -> list:
     """Values just outside a range rule (persona_tune.stage)."""
     bad = [float("nan")]
@@ -740,7 +748,7 @@ def test_every_config_is_checked_alike_by_cli_and_python(command, module, name):
     import dataclasses
     import importlib
 
-    from persona_tune.stage import check_fields, range_rule, validate
+    from persona_tune.stage import check_fields, config_from_args, range_rule, validate
 
     config_cls = getattr(importlib.import_module(module), name)
     validate(config_cls())  # the defaults are valid
@@ -755,21 +763,30 @@ def test_every_config_is_checked_alike_by_cli_and_python(command, module, name):
         for bad in _bad_values(range_rule(f.metadata)):
             if kind is int and bad != bad:  # nan is no int
                 continue
-            with pytest.raises(ConfigError, match=f"--{f.name.replace('_', '-')} must be"):
+            with pytest.raises(ConfigError, match=f"--{f.name.replace('_', '-')} must be") as python:
                 check_fields(dataclasses.replace(config_cls(), **{f.name: kind(bad)}))
-            with pytest.raises(Exception) as e:  # argparse's ArgumentTypeError (or ConfigError for int|str)
-                flags[f.name].type(str(kind(bad)))
-            assert "must be" in str(e.value)
+            args = parser.parse_args([*REQUIRED.get(command, ["--run", "R"]), flags[f.name].option_strings[0],
+                                      str(kind(bad))])
+            with pytest.raises(ConfigError) as from_cli:  # the CLI: the same validate, the same line
+                config_from_args(config_cls, args)
+            assert str(from_cli.value) == str(python.value)
             checked += 1
     assert checked or command in ("eval", "report", "configs")
 
 
-def test_simulate_n_boot_zero_is_refused_by_python_too():
+def test_simulate_n_boot_zero_is_refused_by_python_too(tmp_path, capsys):
+    from persona_tune.simulate import run as simulate
     from persona_tune.simulate.run import SimulateConfig
     from persona_tune.stage import validate
 
-    with pytest.raises(ConfigError, match="--n-boot must be >= 1, got 0"):
+    with pytest.raises(ConfigError) as python:
         validate(SimulateConfig(n_boot=0))
+    with pytest.raises(ConfigError) as stage_run:  # the stage itself, before it reads anything
+        simulate.run(RunFolder(tmp_path / "missing"), SimulateConfig(n_boot=0))
+    assert cli.main(["simulate", "--run", str(tmp_path / "missing"), "--n-boot", "0"]) == 2
+    cli_line = error_line(capsys)
+    assert str(python.value) == str(stage_run.value) == "--n-boot must be >= 1, got 0"
+    assert cli_line == f"persona-tune simulate: error: {python.value}"
     with pytest.raises(ConfigError, match="--k must be a whole number, got 2.5"):
         validate(SimulateConfig(k=2.5))
     assert not hasattr(cli, "AT_LEAST_ONE") and not hasattr(cli, "POSITIVE")  # no by-name lists left
@@ -792,11 +809,10 @@ def test_stage_run_validates_python_callers(tmp_path):
 def test_bad_config_values_are_refused_before_anything_is_deleted(tmp_path, capsys, override, message):
     run_dir = with_personas(tmp_path, n_personas=3)
     model = "model_dir=" + str(tmp_path)
-    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--set", model]) == 0
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--", model]) == 0
     configs = {p.name: p.read_bytes() for p in (run_dir / "configs").iterdir()}
     capsys.readouterr()
-    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--force", "--set", model,
-                     "--set", override]) == 2
+    assert cli.main(["configs", "--run", str(run_dir), "--family", "tiny", "--force", "--", model, override]) == 2
     assert message in error_line(capsys)
     assert {p.name: p.read_bytes() for p in (run_dir / "configs").iterdir()} == configs  # untouched
     run = RunFolder(run_dir)  # a trained variant: `train --force` with a bad override keeps it
@@ -853,7 +869,7 @@ def test_user_agent_refuses_a_partial_adapter_before_loading_the_model(tmp_path)
     from persona_tune.agent import UserAgent
 
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path / "no-model")])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path / "no-model")]))
     folder = _partial_adapter(RunFolder(run_dir), "single_max")
     with pytest.raises(StageMissingError, match=rf"{folder}: its training did not finish"):
         UserAgent.from_run(run_dir, variant="single_max", family="tiny")  # the model folder does not even exist
@@ -868,7 +884,7 @@ def test_a_remote_eval_writes_no_password(tmp_path, monkeypatch):
     from persona_tune.serving.remote import SECRET_URL_ENV, RemoteOptions, endpoint
 
     run_dir = with_personas(tmp_path)
-    generate_configs(run_dir, family="tiny", overrides=["model_dir=" + str(tmp_path)])
+    configgen.run(RunFolder(run_dir), ConfigsConfig(family="tiny", overrides=["model_dir=" + str(tmp_path)]))
     folder = _partial_adapter(RunFolder(run_dir), "single_max")
     atomic_write_json(folder / TRAIN_SUMMARY, {"files": adapter_files(folder / "epoch_0" / "adapter_model.pt")})
     seen = {}
@@ -876,7 +892,8 @@ def test_a_remote_eval_writes_no_password(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_run, "evaluate_variant", lambda run, v, cfg, force, adapters, env: seen.update(
         cfg=cfg, env=env) or "done")
     secret = "http://user:s3cret@127.0.0.1:9/v1"
-    eval_run.evaluate(run_dir, ["single_max"], "tiny", remote=eval_run.EvalConfig(backend="openai", base_url=secret))
+    eval_run.run(RunFolder(run_dir), eval_run.EvalConfig(variants="single_max", family="tiny", backend="openai",
+                                                         base_url=secret))
     assert seen["cfg"].remote.base_url == "http://***@127.0.0.1:9/v1" and "s3cret" not in str(seen["cfg"])
     assert seen["env"][SECRET_URL_ENV] == secret
     monkeypatch.setenv(SECRET_URL_ENV, secret)  # in the child
@@ -896,3 +913,64 @@ def test_report_refuses_results_of_changed_data(tmp_path):
     profiles.loc[0, "profile"] = "another profile"  # `distill` ran again since
     atomic_write_parquet(profiles, run.path("distill/profiles.parquet"))
     assert stale_results(run) == ["prompted"]
+
+
+# ---------------------------------------------------------------- issue 27: one override syntax
+
+
+@pytest.mark.parametrize("command, required, old, new", [
+    ("configs", ["--run", "R"], ["--set", "epochs=2", "--set", "~profiler"], ["--", "epochs=2", "~profiler"]),
+    ("grid", ["--run", "R", "--family", "tiny"],
+     ["--train-set", "epochs=2", "--eval-set", "max_rows=5", "--eval-set", "~metrics.n_boot"],
+     ["--", "epochs=2", "eval.max_rows=5", "~eval.metrics.n_boot"]),
+])
+def test_old_override_flags_are_aliases_of_the_one_syntax(command, required, old, new, caplog):
+    """`-- KEY=VALUE` in every command; `configs --set` and `grid --train-set/--eval-set` still work for one
+    release (a warning names the new spelling) and give the same Config."""
+    import importlib
+
+    from persona_tune.stage import config_from_args
+
+    parser, module = cli.build_parser(command)
+    config_cls = {"configs": "ConfigsConfig", "grid": "GridConfig"}[command]
+    config_cls = getattr(importlib.import_module(module.__name__), config_cls)
+    with caplog.at_level(logging.WARNING):
+        aliased = config_from_args(config_cls, parser.parse_args([*required, *old]))
+    assert aliased == config_from_args(config_cls, parser.parse_args([*required, *new]))
+    assert aliased.overrides == tuple(new[1:])
+    assert f"{old[0]} {old[1]} is deprecated" in caplog.text and f"write `-- {new[1]}`" in caplog.text
+    assert "deprecated alias of `-- " in parser.format_help()
+
+
+def test_grid_overrides_split_into_training_and_eval_configs():
+    from persona_tune.evaluation.grid import GridConfig
+    from persona_tune.stage import validate as validate_config
+
+    items = ("epochs=2", "eval.max_rows=5", "~eval.metrics.n_boot", "~profiler")
+    stock = GridConfig(family="tiny", overrides=items)
+    assert stock.split_overrides() == (["epochs=2", "~profiler"], ["max_rows=5", "~metrics.n_boot"])
+    trunk = GridConfig(family="tiny", path="trunk", overrides=items)  # its training config has the eval section
+    assert trunk.split_overrides() == (list(items), [])
+    with pytest.raises(ConfigError, match="invalid override 'max_rows'"):
+        validate_config(GridConfig(family="tiny", overrides=("max_rows",)))
+
+
+@pytest.mark.parametrize("command, name, values", [
+    ("simulate", "SimulateConfig", dict(variant="trunk-demo-persona-ms", family="tiny", users=4, candidates=10,
+                                        n_boot=200, progress=False, topk=False, negatives=1,
+                                        overrides=("model_dir=/m", "eval.x=1"))),
+    ("grid", "GridConfig", dict(family="tiny", path="trunk", label="demo", train_rows="40", n_boot=200,
+                                cells="persona-ms", overrides=("head.prior=stated",))),
+    ("distill", "DistillConfig", dict(backend="offline", progress=False, users=3)),
+    ("configs", "ConfigsConfig", dict(family="tiny", force=True, overrides=("model_dir=/m",))),
+    ("train", "TrainConfig", dict(personas="0,single_max", parallel=True, overrides=("epochs=2",))),
+    ("personas", "PersonasConfig", dict(k=3, k_max=6, seed=1)),
+])
+def test_config_argv_is_the_command_line_of_a_config(command, name, values):
+    """What the demo prints for a stage it runs (stage.config_argv) is a command line that gives the same Config."""
+    from persona_tune.stage import config_argv, config_from_args
+
+    parser, module = cli.build_parser(command)
+    cfg = getattr(module, name)(**values)
+    assert config_argv(type(cfg)()) == []  # the defaults need no argument
+    assert config_from_args(type(cfg), parser.parse_args(["--run", "R", *config_argv(cfg)])) == cfg

@@ -13,7 +13,8 @@ from persona_tune.memory.embeddings import (
     build_embedder,
     embed_texts,
 )
-from persona_tune.memory.stage import run_embed
+from persona_tune.memory.stage import EmbedConfig
+from persona_tune.memory.stage import run as embed
 from persona_tune.runfolder import RunFolder
 from persona_tune.testing.fake_openai_server import FakeOpenAIServer, embed_text
 from tests.fixtures_runs import make_distilled_run
@@ -102,11 +103,11 @@ def test_openai_stage_caches_and_never_writes_the_key(server, tmp_path, monkeypa
     secret = "sk-never-write-me-0123456789"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     run = make_distilled_run(tmp_path, n_users=4)
-    kwargs = {"backend": "openai", "model": "fake-embed", "batch_size": 50, "embedder_kwargs": {"base_url": server.url}}
-    summary = run_embed(run, **kwargs)
+    kwargs = {"backend": "openai", "model": "fake-embed", "batch_size": 50, "base_url": server.url}
+    summary = embed(RunFolder(run), EmbedConfig(**kwargs))
     first = server.stats()["requests"]
     assert first >= summary["n_memories"] / 50 and secret in server.auth_seen
-    run_embed(run, force=True, **kwargs)  # recompute: every vector comes from the SQLite cache
+    embed(RunFolder(run), EmbedConfig(force=True, **kwargs))  # recompute: every vector comes from the SQLite cache
     assert server.stats()["requests"] == first
     for path in RunFolder(run).root.rglob("*"):
         if path.is_file():

@@ -12,7 +12,8 @@ from persona_tune.cli import main as cli_main
 from persona_tune.errors import ConfigError, DataError, StageMissingError
 from persona_tune.memory.embeddings import l2_normalise
 from persona_tune.memory.retrieval import RETRIEVED_COLUMNS, retrieve
-from persona_tune.memory.stage import run_embed
+from persona_tune.memory.stage import EmbedConfig
+from persona_tune.memory.stage import run as embed
 from persona_tune.runfolder import RunFolder
 from tests.fixtures_runs import make_distilled_run, make_embedded_run, make_prepared_run
 
@@ -112,11 +113,11 @@ def test_user_plus_item_query_uses_the_profile():
 
 
 def test_delta_filters_low_scores(run):
-    summary = run_embed(run, backend="hash", k=1, delta=0.99)
+    summary = embed(RunFolder(run), EmbedConfig(backend="hash", k=1, delta=0.99))
     retrieved = RunFolder(run).read_table("memory/retrieved.parquet")
     assert (retrieved.score >= 0.99).all()
     assert summary["n_retrieved"] == len(retrieved) < summary["n_rows"]
-    run_embed(run, backend="hash", k=3, delta=0.0)  # restore the module fixture's state
+    embed(RunFolder(run), EmbedConfig(backend="hash", k=3, delta=0.0))  # restore the module fixture's state
 
 
 def test_vectors_are_reused_unless_forced_or_inputs_change(tmp_path):
@@ -141,13 +142,13 @@ def test_memory_of_a_test_row_is_rejected(tmp_path):
     leak = memories.iloc[[0]].assign(user_id=test_row.user_id, item_id=test_row.item_id)
     pd.concat([memories, leak], ignore_index=True).to_parquet(r.path("distill/memories.parquet"), index=False)
     with pytest.raises(DataError, match=rf"memories.parquet:{len(memories) + 1}: .*not a train row"):
-        run_embed(run, backend="hash")
+        embed(RunFolder(run), EmbedConfig(backend="hash"))
 
 
 def test_missing_inputs_and_bad_options(tmp_path):
     run = make_prepared_run(tmp_path, n_users=4)
     with pytest.raises(StageMissingError, match="persona-tune distill"):
-        run_embed(run, backend="hash")
+        embed(RunFolder(run), EmbedConfig(backend="hash"))
     with pytest.raises(ConfigError, match="delta"):
-        run_embed(run, backend="hash", delta=2.0)
+        embed(RunFolder(run), EmbedConfig(backend="hash", delta=2.0))
     assert cli_main(["embed", "--run", str(tmp_path / "nope"), "--backend", "hash"]) == 2

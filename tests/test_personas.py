@@ -10,7 +10,8 @@ import pytest
 
 from persona_tune.cli import main as cli_main
 from persona_tune.errors import ConfigError
-from persona_tune.personas import distinctive_words, elbow_k, inertia_curve, relabel_by_size, run_personas
+from persona_tune.personas import PersonasConfig, distinctive_words, elbow_k, inertia_curve, relabel_by_size
+from persona_tune import personas
 from persona_tune.runfolder import RunFolder
 from tests.fixtures_runs import make_embedded_run
 
@@ -73,12 +74,12 @@ def test_personas_stage_writes_the_contract(tmp_path):
     assert "| persona | users |" in (out / "summary.md").read_text()
     assert r.stage_record("personas")["chosen_k"] == k
 
-    fixed = run_personas(run, k=3, seed=1, n_init=2)
+    fixed = personas.run(RunFolder(run), PersonasConfig(k=3, seed=1, n_init=2))
     assert fixed["k"] == 3 and fixed["k_rule"] == "fixed" and not (out / "elbow.json").exists()
     sizes = [p["size"] for p in fixed["personas"]]
     assert sizes == sorted(sizes, reverse=True)
     again = pd.read_parquet(out / "assignments.parquet")
-    run_personas(run, k=3, seed=1, n_init=2)
+    personas.run(RunFolder(run), PersonasConfig(k=3, seed=1, n_init=2))
     pd.testing.assert_frame_equal(again, pd.read_parquet(out / "assignments.parquet"))  # seeded: same personas
     with pytest.raises(ConfigError, match="between 1 and the number of users"):
-        run_personas(run, k=99)
+        personas.run(RunFolder(run), PersonasConfig(k=99))

@@ -82,7 +82,7 @@ def test_empty_and_malformed_files(tmp_path):
 def sim_run(tmp_path_factory, tiny):
     """A synthetic run (offline distill, hash embeddings, 2 personas) with the tiny family's configs."""
     run = make_persona_run(tmp_path_factory.mktemp("sim"), n_users=6, seed=0, k=2)
-    assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--set", f"model_dir={tiny / 'model'}"]) == 0
+    assert cli_main(["configs", "--run", str(run), "--family", "tiny", "--", f"model_dir={tiny / 'model'}"]) == 0
     return run
 
 

@@ -24,7 +24,7 @@ def prepare_tiny_run(run, tiny) -> None:
                  ["distill", "--run", str(run), "--backend", "offline", "--no-progress"],
                  ["embed", "--run", str(run), "--backend", "hash"],
                  ["personas", "--run", str(run), "--k", "1"],
-                 ["configs", "--run", str(run), "--family", "tiny", "--set", f"model_dir={tiny / 'model'}"]):
+                 ["configs", "--run", str(run), "--family", "tiny", "--", f"model_dir={tiny / 'model'}"]):
         assert cli_main(argv) == 0, argv
 
 

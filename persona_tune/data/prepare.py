@@ -205,7 +205,7 @@ class PrepareConfig:
     max_ratings: int = field(default=_D.max_ratings, metadata={"min": 1, "help": "... and at most this many"})
     n_users: int = field(default=_D.n_users, metadata={"min": 1, "help": "users to sample among the eligible ones"})
     seed: int = field(default=_D.seed, metadata={"help": "seed of the user sample"})
-    train_frac: float = field(default=_D.train_frac, metadata={"gt": 0, 
+    train_frac: float = field(default=_D.train_frac, metadata={"gt": 0, "lt": 1,
         "help": "share of each user's ratings (oldest first) for training"})
     duplicates: str = field(default="error", metadata={
         "choices": DUPLICATE_POLICIES,
@@ -254,9 +254,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, PrepareConfig, skip=_INPUT_FIELDS, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    folder = RunFolder(args.out)
-    c = run(folder, config_from_args(PrepareConfig, args))
+def print_result(folder: RunFolder, cfg: PrepareConfig, c: dict) -> int:
+    """What `persona-tune prepare` prints of ``run``'s result; the exit code."""
     print(f"{folder.root}: {c['users']} users ({c['eligible_users']} eligible), "
           f"{c['train_rows']} train / {c['test_rows']} test rows, {c['items']} items")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.out), config_from_args(PrepareConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

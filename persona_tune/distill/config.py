@@ -79,11 +79,7 @@ class DistillConfig:
         "group": BATCH, "help": "requests per Batch input file at most"})
 
     def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.response_format not in RESPONSE_FORMATS:
-            raise ConfigError(f"--response-format must be one of {', '.join(RESPONSE_FORMATS)}")
-        # The numbers' ranges are in the fields' metadata (persona_tune.stage.validate checks them first).
+        # Each field's choices and range are in its metadata (persona_tune.stage.validate checks them first).
         if (self.batch_out or self.batch_in) and self.backend != "openai":
             raise ConfigError("--batch-out and --batch-in need --backend openai")
 

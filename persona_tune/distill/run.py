@@ -184,7 +184,8 @@ def main(args: argparse.Namespace) -> int:
     if not args.verbose:
         for noisy in ("httpx", "httpx2", "openai"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    summary = distill(RunFolder(args.run), cfg, dry_run=args.dry_run, price_per_1k=price)
+    folder = RunFolder(args.run)
+    summary = distill(folder, cfg, dry_run=args.dry_run, price_per_1k=price)
     if args.dry_run:
         line = (f"dry run: {summary['users']} users, {summary['calls']} calls, ~{summary['prompt_tokens']:,} prompt + "
                 f"~{summary['completion_tokens']:,} completion tokens (estimate: 4 characters per token)")
@@ -192,6 +193,11 @@ def main(args: argparse.Namespace) -> int:
             line += f", ~{summary['cost']:.2f} at the given price"
         print(line + f"; through Batch files: {summary['batch_rounds']} rounds (the longest user's steps)")
         return 0
+    return print_result(folder, cfg, summary)
+
+
+def print_result(folder: RunFolder, cfg: DistillConfig, summary: dict) -> int:
+    """What `persona-tune distill` prints of ``run``'s result; the exit code (1 when a user failed)."""
     if summary.get("waiting"):
         print("distill: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k != "waiting"))
         where = (f"round {summary['batch_round']}: {summary['requests_waiting']} request(s) written to "
@@ -202,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print("distill: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     if summary["users_failed"]:
-        failures = RunFolder(args.run).path(DISTILL_FAILURES)
+        failures = folder.path(DISTILL_FAILURES)
         first = json.loads(failures.read_text(encoding="utf-8").splitlines()[0])
         print(f"distill: {summary['users_failed']} user(s) failed (first, user {first['user_id']}: {first['reason']}); "
               f"all in {failures}; re-run to retry them (answered calls are not repeated)", file=sys.stderr)

@@ -104,15 +104,16 @@ def predict_baselines(
     return out
 
 
-def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Predict every baseline for RUN's test rows; write eval/baselines/predictions.parquet + metrics.json."""
-    cfg = cfg or BaselineConfig()
-    run = RunFolder(run_dir)
+def run(run: RunFolder, cfg: BaselinesConfig) -> dict:
+    """The `baselines` stage: every classical baseline on the run's test rows
+    (eval/baselines/predictions.parquet + metrics.json); returns metrics.json's content."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
+    fit = cfg.fit()
     train = run.read_ratings("train")
     test = run.read_ratings("test")
     items = run.read_items(columns=["item_id", "hist_avg", "hist_count"])
     history = History.load(run)
-    preds = predict_baselines(train, test, items, cfg, history)
+    preds = predict_baselines(train, test, items, fit, history)
     names, missing, fitted = list(PREDICTORS), None, None
     if run.path(HISTORY).is_file():
         references = References(run, cfg.seed)
@@ -136,22 +137,16 @@ def run_baselines(run_dir, cfg: BaselineConfig | None = None, n_boot: int = 1000
         "kind": "baselines",
         "global_mean_rating": global_mean(items),
         "history": history.mode,
-        "fit": {k: v for k, v in asdict(cfg).items()},
+        "fit": asdict(fit),
         "references": fitted,
         "references_missing": missing,
         "predictors": {
-            name: grouped_metrics(preds, name, profiles=profiles, n_boot=n_boot, seed=seed) for name in names
+            name: grouped_metrics(preds, name, profiles=profiles, n_boot=cfg.n_boot, seed=cfg.seed) for name in names
         },
     }
     atomic_write_json(out_dir / METRICS, metrics)
-    run.record_stage("baselines", {**asdict(cfg), "n_boot": n_boot, "seed": seed})
+    run.record_stage("baselines", {**asdict(fit), "n_boot": cfg.n_boot, "seed": cfg.seed})
     return metrics
-
-
-def run(run: RunFolder, cfg: BaselinesConfig) -> dict:
-    """The `baselines` stage: every classical baseline on the run's test rows; returns metrics.json's content."""
-    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
-    return run_baselines(run.root, cfg.fit(), n_boot=cfg.n_boot, seed=cfg.seed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,7 +155,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    metrics = run(RunFolder(args.run), config_from_args(BaselinesConfig, args))
+    folder, cfg = RunFolder(args.run), config_from_args(BaselinesConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))
+
+
+def print_result(folder: RunFolder, cfg: BaselinesConfig, metrics: dict) -> int:
+    """What `persona-tune baselines` prints of ``run``'s result; the exit code."""
     for name, block in metrics["predictors"].items():
         m = block["overall"]
         print(f"{name:<12} RMSE {m['rmse']:.3f} [{m['ci']['rmse'][0]:.3f}, {m['ci']['rmse'][1]:.3f}]  "

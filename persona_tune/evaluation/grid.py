@@ -10,13 +10,15 @@ RUN/adapters/<variant>-<ms|msml>/; evaluation runs `tune run persona_eval` per c
 (`persona-tune eval`); then `persona-tune baselines` (if missing) and `persona-tune report`.
 Every step skips finished work: existing configs, trained adapters (train_summary.json), current
 eval results. `--max-steps N` caps optimizer steps per epoch (a quick CPU pass); `--cells` runs part
-of the matrix (only the adapters those cells need are trained), e.g. on a CPU.
+of the matrix (only the adapters those cells need are trained), e.g. on a CPU. Arguments after `--`
+override config keys: `KEY=VALUE` of every training config, `eval.KEY=VALUE` of every eval config
+(`--train-set KEY=VALUE` / `--eval-set KEY=VALUE`: the old spelling, kept for one release).
 
 `--path trunk` runs the same cells on the frozen-trunk recipe (`lora_frozen_trunk`, from the
 family's <family>_trunk templates): configs RUN/configs/trunk[-LABEL]-<variant>-<tag>.yaml, adapters
 RUN/adapters/trunk[-LABEL]-<variant>-<tag>/, and the cells RUN/eval/trunk[-LABEL]-<cell>/ gathered
 from the predictions each training run writes (one trunk pass over the test rows serves every
-cell). `--label` names a set of `--train-set` overrides (e.g. a learning-curve point) so that
+cell). `--label` names a set of `-- KEY=VALUE` overrides (e.g. a learning-curve point) so that
 several sets live side by side. A config whose settings changed is rewritten and its adapter
 retrained; the recipe itself resumes a stopped training run.
 """
@@ -31,7 +33,6 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from persona_tune.configgen import (
-    parse_overrides,
     persona_sizes,
     plan_variants,
     variant_config_text,
@@ -39,7 +40,6 @@ from persona_tune.configgen import (
     write_variant_config,
 )
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
-from persona_tune.evaluation.run import evaluate
 from persona_tune.names import MEMORY_MODES
 from persona_tune.resources import template_dir
 from persona_tune.runfolder import (
@@ -57,7 +57,8 @@ from persona_tune.runfolder import (
     check_name,
     write_predictions,
 )
-from persona_tune.stage import add_config_arguments, config_from_args, validate
+from persona_tune.overrides import parse_overrides
+from persona_tune.stage import add_config_arguments, config_from_args, require, validate
 from persona_tune.variants import PER_PERSONA, Variant, trunk_prefix
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ log = logging.getLogger(__name__)
 PATHS = ("stock", "trunk")
 TRAINED_MEMORIES = ("ms", "ms+ml")
 PROMPTED_MEMORIES = MEMORY_MODES
+EVAL_PREFIX = "eval."  # `-- eval.KEY=VALUE`: a key of the evaluation (the stock path's eval configs)
 
 
 def grid_cells(personas: list[int]) -> tuple[list[str], list[str]]:
@@ -203,12 +205,14 @@ def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: lis
               label: str | None, train_overrides: list[str], n_boot: int, parallel: bool,
               train_rows: str | None = None) -> tuple[list, dict]:
     """Train the trunk variants the cells need, then gather each cell's predictions."""
-    from persona_tune.train import TRUNK_RECIPE, train
+    from persona_tune import train
+    from persona_tune.train import TRUNK_RECIPE, TrainConfig
 
     prefix = trunk_prefix(label)
     names = list(train_names) + [c for c in eval_names if Variant.parse(c).base == "prompted"]
     variants = write_trunk_configs(run, family, names, label, train_overrides, train_rows)
-    results = train(run.root, ",".join(variants), parallel=parallel, recipe=TRUNK_RECIPE) if variants else []
+    results = train.run(run, TrainConfig(personas=",".join(variants), parallel=parallel, recipe=TRUNK_RECIPE)) \
+        if variants else []
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
@@ -218,47 +222,6 @@ def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: lis
         collect_trunk_cell(run, cell.name, members, n_boot)
         statuses[cell.name] = "done"
     return results, statuses
-
-
-def run_grid(run_dir, family: str, max_steps: int | None = None, mode: str = "scoring",
-             eval_overrides: list[str] = (), train_overrides: list[str] = (), n_boot: int = 1000,
-             cells: list[str] | None = None, parallel: bool = False, path: str = "stock",
-             label: str | None = None, train_rows: str | None = None) -> dict:
-    from persona_tune.evaluation.baselines import run_baselines
-    from persona_tune.evaluation.report import write_report
-    from persona_tune.train import train
-
-    if path not in PATHS:
-        raise ConfigError(f"--path must be one of {', '.join(PATHS)}, got {path!r}")
-    if train_rows is not None and (path != "trunk" or not (train_rows == "all" or str(train_rows).isdigit())):
-        raise ConfigError(f"--train-rows takes a number of rows or 'all' with --path trunk, got {train_rows!r}")
-    if label is not None:
-        check_name(label, "--label")
-    run = RunFolder(run_dir)
-    run.require(RATINGS_TRAIN, RATINGS_TEST, ASSIGNMENTS)
-    personas = sorted(persona_sizes(run)["persona"].tolist())
-    train_names, eval_names = select_cells(personas, cells)
-    run.record_stage(f"grid/{trunk_prefix(label)}" if path == "trunk" else "grid",
-                     {"family": family, "max_steps": max_steps, "mode": mode, "cells": eval_names, "path": path,
-                      "label": label, "eval_overrides": list(eval_overrides), "train_overrides": list(train_overrides)})
-    steps = [f"max_steps_per_epoch={max_steps}"] if max_steps else []
-    if path == "trunk":
-        if mode != "scoring":
-            raise ConfigError("--path trunk evaluates in scoring mode only; use the stock path for paper mode")
-        results, statuses = run_trunk(run, family, personas, train_names, eval_names, label,
-                                      [*train_overrides, *steps], n_boot, parallel, train_rows)
-    else:
-        write_grid_configs(run, family, train_overrides)
-        results = train(run.root, ",".join(train_names), parallel=parallel, overrides=steps) if train_names else []
-        failed = [r for r in results if r.status == "failed"]
-        if failed:
-            raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
-        statuses = evaluate(run.root, eval_names, family=family, mode=mode,
-                            overrides=[*eval_overrides, f"metrics.n_boot={n_boot}"])
-    if not (run.baselines_dir / METRICS).is_file():
-        run_baselines(run.root, n_boot=n_boot)
-    table = write_report(run.root)
-    return {"trained": {r.variant: r.status for r in results}, "evaluated": statuses, "table": table}
 
 
 @dataclass
@@ -277,18 +240,42 @@ class GridConfig:
         "choices": PATHS, "help": "stock: torchtune's LoRA recipes + persona_eval; trunk: lora_frozen_trunk (top layers "
                                   "on cached lower-layer outputs, a rating head; scoring mode)"})
     label: str | None = field(default=None, metadata={
-        "help": "(--path trunk) name for this set of --train-set overrides: cells become trunk-LABEL-<cell>"})
+        "help": "(--path trunk) name for this set of `-- KEY=VALUE` overrides: cells become trunk-LABEL-<cell>"})
     train_rows: str | None = field(default=None, metadata={
         "metavar": "N|all", "help": "(--path trunk) training rows: N drawn over all users (each persona: its users' "
                                     "share of them; single_max: all N; single_min: the smallest persona's share), "
                                     "or all; default: the paper's sizes"})
     n_boot: int = field(default=1000, metadata={"min": 1, "help": "bootstrap resamples for the CIs"})
-    train_overrides: tuple[str, ...] = field(default=(), metadata={
-        "flag": "--train-set", "append": True, "metavar": "KEY=VALUE",
-        "help": "override a key of every training config (repeatable)"})
-    eval_overrides: tuple[str, ...] = field(default=(), metadata={
-        "flag": "--eval-set", "append": True, "metavar": "KEY=VALUE",
-        "help": "override a key of every eval config (repeatable), e.g. --eval-set max_rows=50"})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "positional": True, "metavar": "KEY=VALUE", "aliases": {"--train-set": "", "--eval-set": EVAL_PREFIX},
+        "help": "config overrides, after `--`: KEY=VALUE sets a key of every training config, eval.KEY=VALUE one "
+                "of the evaluation (stock path: every eval config; trunk path: the training config's eval "
+                "section), e.g. -- epochs=2 eval.max_rows=50"})
+
+    def validate(self) -> None:
+        train_rows = self.train_rows
+        require(train_rows is None or (self.path == "trunk" and (train_rows == "all" or str(train_rows).isdigit())),
+                f"--train-rows takes a number of rows or 'all' with --path trunk, got {train_rows!r}")
+        if self.label is not None:
+            check_name(self.label, "--label")
+        require(self.path != "trunk" or self.mode == "scoring",
+                "--path trunk evaluates in scoring mode only; use the stock path for paper mode")
+        parse_overrides(self.overrides)
+
+    def split_overrides(self) -> tuple[list[str], list[str]]:
+        """(training config overrides, eval config overrides): on the stock path the ``eval.KEY`` ones
+        go to the eval configs as ``KEY``; on the trunk path every override is the training config's."""
+        if self.path == "trunk":
+            return list(self.overrides), []
+        train, evals = [], []
+        for item in self.overrides:
+            delete = item.startswith("~")
+            key = item[1:] if delete else item
+            if key.startswith(EVAL_PREFIX):
+                evals.append(("~" if delete else "") + key[len(EVAL_PREFIX):])
+            else:
+                train.append(item)
+        return train, evals
 
     def cell_list(self) -> list[str] | None:
         return [c.strip() for c in self.cells.split(",") if c.strip()] if self.cells else None
@@ -296,9 +283,40 @@ class GridConfig:
 
 def run(run: RunFolder, cfg: GridConfig) -> dict:
     """The `grid` stage: configs, training and eval of every cell, then the report; returns what ran and the table."""
+    from persona_tune import train
+    from persona_tune.evaluation import baselines, report
+    from persona_tune.evaluation import run as eval_stage
+    from persona_tune.evaluation.baselines import BaselinesConfig
+    from persona_tune.evaluation.report import ReportConfig
+    from persona_tune.train import TrainConfig
+
     validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
-    return run_grid(run.root, cfg.family, cfg.max_steps, cfg.mode, list(cfg.eval_overrides), list(cfg.train_overrides),
-                    cfg.n_boot, cfg.cell_list(), cfg.parallel, cfg.path, cfg.label, cfg.train_rows)
+    family, mode, path, label = cfg.family, cfg.mode, cfg.path, cfg.label
+    train_overrides, eval_overrides = cfg.split_overrides()
+    run.require(RATINGS_TRAIN, RATINGS_TEST, ASSIGNMENTS)
+    personas = sorted(persona_sizes(run)["persona"].tolist())
+    train_names, eval_names = select_cells(personas, cfg.cell_list())
+    run.record_stage(f"grid/{trunk_prefix(label)}" if path == "trunk" else "grid",
+                     {"family": family, "max_steps": cfg.max_steps, "mode": mode, "cells": eval_names, "path": path,
+                      "label": label, "eval_overrides": eval_overrides, "train_overrides": train_overrides})
+    steps = [f"max_steps_per_epoch={cfg.max_steps}"] if cfg.max_steps else []
+    if path == "trunk":
+        results, statuses = run_trunk(run, family, personas, train_names, eval_names, label,
+                                      [*train_overrides, *steps], cfg.n_boot, cfg.parallel, cfg.train_rows)
+    else:
+        write_grid_configs(run, family, train_overrides)
+        results = train.run(run, TrainConfig(personas=",".join(train_names), parallel=cfg.parallel,
+                                             overrides=tuple(steps))) if train_names else []
+        failed = [r for r in results if r.status == "failed"]
+        if failed:
+            raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
+        statuses = eval_stage.run(run, eval_stage.EvalConfig(
+            variants=",".join(eval_names), family=family, mode=mode,
+            overrides=(*eval_overrides, f"metrics.n_boot={cfg.n_boot}")))
+    if not (run.baselines_dir / METRICS).is_file():
+        baselines.run(run, BaselinesConfig(n_boot=cfg.n_boot))
+    table = report.run(run, ReportConfig())
+    return {"trained": {r.variant: r.status for r in results}, "evaluated": statuses, "table": table}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,7 +325,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    out = run(RunFolder(args.run), config_from_args(GridConfig, args))
+    folder, cfg = RunFolder(args.run), config_from_args(GridConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))
+
+
+def print_result(folder: RunFolder, cfg: GridConfig, out: dict) -> int:
+    """What `persona-tune grid` prints of ``run``'s result; the exit code."""
     for variant, status in out["trained"].items():
         print(f"train {variant}: {status}")
     for variant, status in out["evaluated"].items():

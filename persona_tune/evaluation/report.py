@@ -548,10 +548,22 @@ def copy_elbow(run: RunFolder, out: Path) -> Path | None:
     return out / src.name
 
 
-def write_report(run_dir, json_out: str | Path | None = None, compare: list[str] = ()) -> str:
-    """Write report.md, results.json and plots/ (and a copy of results.json to ``json_out``); return
-    the markdown table. ``compare``: "A:B" pairs of cells compared on their common rows."""
-    run = RunFolder(run_dir)
+@dataclass
+class ReportConfig:
+    """The `report` stage's options (its CLI arguments are generated from them)."""
+
+    json_out: str | None = field(default=None, metadata={
+        "help": "also write results.json here (e.g. docs/results/ml1m-smollm2.json)"})
+    compare: tuple[str, ...] = field(default=(), metadata={
+        "flag": "--compare", "append": True, "metavar": "CELL_A:CELL_B",
+        "help": "also compare two eval cells on the rows both scored, paired over users (repeatable)"})
+
+
+def run(run: RunFolder, cfg: ReportConfig) -> str:
+    """The `report` stage: report.md, results.json and plots/ from RUN/eval (and a copy of results.json
+    to ``json_out``); returns the markdown table. ``compare``: "A:B" pairs of cells compared on their
+    common rows."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
     if not run.eval_dir.is_dir() or not run.eval_metric_files():
         raise StageMissingError(f"no results in {run.eval_dir}: run `persona-tune eval --run {run.root}` "
                                 f"and/or `persona-tune baselines --run {run.root}` first")
@@ -564,7 +576,7 @@ def write_report(run_dir, json_out: str | Path | None = None, compare: list[str]
     if stale := stale_results(run):  # never publish numbers of adapters or data that changed since
         raise StageMissingError(f"the results of {', '.join(stale)} in {run.eval_dir} come from adapters or data "
                                 f"that changed since: re-run `persona-tune eval --run {run.root} --variants {','.join(stale)}`")
-    comparisons = cell_comparisons(run, list(compare))  # bad pairs fail before anything is written
+    comparisons = cell_comparisons(run, list(cfg.compare))  # bad pairs fail before anything is written
     results = collect(run)
     plots_dir = run.path(PLOTS)
     plots = {name: fn(run, plots_dir) for name, fn in
@@ -607,27 +619,10 @@ def write_report(run_dir, json_out: str | Path | None = None, compare: list[str]
         **results, "cells": paired, "comparisons": comparisons, "plots": plots, "diagnostics": signal,
         "paper_table_1": [dict(zip(("base_model", "adapter", "memories", "rmse", "mae", "urr_percent"), r))
                           for r in PAPER_TABLE_1]})
-    if json_out is not None:
-        atomic_write_text(json_out, run.path(RESULTS).read_text(encoding="utf-8"))
+    if cfg.json_out is not None:
+        atomic_write_text(cfg.json_out, run.path(RESULTS).read_text(encoding="utf-8"))
     run.record_stage("report", {}, outputs=[REPORT, RESULTS, *[str((run.eval_dir / p).relative_to(run.root)) for p in plots.values()]])
     return table
-
-
-@dataclass
-class ReportConfig:
-    """The `report` stage's options (its CLI arguments are generated from them)."""
-
-    json_out: str | None = field(default=None, metadata={
-        "help": "also write results.json here (e.g. docs/results/ml1m-smollm2.json)"})
-    compare: tuple[str, ...] = field(default=(), metadata={
-        "flag": "--compare", "append": True, "metavar": "CELL_A:CELL_B",
-        "help": "also compare two eval cells on the rows both scored, paired over users (repeatable)"})
-
-
-def run(run: RunFolder, cfg: ReportConfig) -> str:
-    """The `report` stage: report.md, results.json and plots/ from RUN/eval; returns the markdown table."""
-    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
-    return write_report(run.root, cfg.json_out, list(cfg.compare))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -635,7 +630,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, ReportConfig, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    print(run(RunFolder(args.run), config_from_args(ReportConfig, args)))
-    print(f"\nwrote {RunFolder(args.run).path(REPORT)} and {RunFolder(args.run).path(RESULTS).name}")
+def print_result(folder: RunFolder, cfg: ReportConfig, table: str) -> int:
+    """What `persona-tune report` prints of ``run``'s result; the exit code."""
+    print(table)
+    print(f"\nwrote {folder.path(REPORT)} and {folder.path(RESULTS).name}")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(ReportConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

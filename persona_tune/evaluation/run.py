@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from persona_tune.errors import ConfigError, PersonaTuneError, StageMissingError
 from persona_tune.evaluation.evalconfig import adapter_variants, build_eval_config, run_family
-from persona_tune.names import FAMILIES, TAG_OF, check_modes
+from persona_tune.names import FAMILIES, TAG_OF
+from persona_tune.overrides import parse_overrides
 from persona_tune.resources import die_with_parent, tune_executable
 from persona_tune.runfolder import (
     ADAPTER_FILE,
@@ -165,34 +166,6 @@ def _finished_adapter(run: RunFolder, rel: str) -> bool:
         return False
 
 
-def evaluate(run_dir, variants: list[str], family: str | None = None, memory: str = "ms+ml", mode: str = "scoring",
-             overrides: list[str] = (), force: bool = False, remote=None) -> dict[str, str]:
-    """``remote``: a persona_tune.serving.remote.RemoteOptions; with backend openai the recipe rates
-    through the server that serves each variant's `persona-tune serve-export` bundle."""
-    run = RunFolder(run_dir)
-    run.require(RATINGS_TEST)
-    variants = [check_name(v) for v in variants]
-    check_modes(mode)
-    family = run_family(run, family)
-    adapters = check_adapters(run, variants)
-    configs = {v: build_eval_config(run, v, family, memory, mode, overrides) for v in variants}
-    env = None
-    if remote is not None and remote.backend != "local":
-        from persona_tune.net import redact
-        from persona_tune.serving.remote import SECRET_URL_ENV, endpoint
-        from persona_tune.serving.export import read_serving_spec
-
-        url = endpoint(remote)
-        for v, cfg in configs.items():
-            read_serving_spec(run, v)  # exported? (names the command if not)
-            cfg.backend = remote.backend
-            cfg.remote = {k: remote.remote_dict()[k] for k in REMOTE_FIELDS if k != "backend"}
-            if url and redact(url) != url:  # a password in the URL: never in eval_config.yaml or eval_inputs.json
-                cfg.remote.base_url = redact(url)
-                env = {**os.environ, SECRET_URL_ENV: url}
-    return {v: evaluate_variant(run, v, cfg, force, adapters[v], env) for v, cfg in configs.items()}
-
-
 @dataclass
 class EvalConfig(RemoteOptions):
     """The `eval` stage's options (its CLI arguments are generated from them); --backend openai rates
@@ -213,7 +186,8 @@ class EvalConfig(RemoteOptions):
         "positional": True, "metavar": "KEY=VALUE", "help": "eval config overrides, after `--`"})
 
     def validate(self) -> None:
-        self.validate_remote()
+        super().validate()  # RemoteOptions: a served agent needs an endpoint
+        parse_overrides(list(self.overrides))
         if self.backend != "local" and self.mode != "scoring":
             raise ConfigError("--backend openai rates in scoring mode only (the expected rating): use --mode scoring")
 
@@ -222,10 +196,30 @@ class EvalConfig(RemoteOptions):
 
 
 def run(run: RunFolder, cfg: EvalConfig) -> dict[str, str]:
-    """The `eval` stage: `tune run persona_eval` per variant unless current; variant -> 'done' or 'skipped'."""
+    """The `eval` stage: `tune run persona_eval` per variant unless current; variant -> 'done' or 'skipped'.
+    With ``cfg.backend`` openai the recipe rates through the server that serves each variant's
+    `persona-tune serve-export` bundle."""
     validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
-    return evaluate(run.root, cfg.variant_list(), cfg.family, cfg.memory, cfg.mode, list(cfg.overrides), cfg.force,
-                    remote=cfg)
+    run.require(RATINGS_TEST)
+    variants = [check_name(v) for v in cfg.variant_list()]
+    family = run_family(run, cfg.family)
+    adapters = check_adapters(run, variants)
+    configs = {v: build_eval_config(run, v, family, cfg.memory, cfg.mode, list(cfg.overrides)) for v in variants}
+    env = None
+    if cfg.backend != "local":
+        from persona_tune.net import redact
+        from persona_tune.serving.remote import SECRET_URL_ENV, endpoint
+        from persona_tune.serving.export import read_serving_spec
+
+        url = endpoint(cfg)
+        for v, eval_cfg in configs.items():
+            read_serving_spec(run, v)  # exported? (names the command if not)
+            eval_cfg.backend = cfg.backend
+            eval_cfg.remote = {k: cfg.remote_dict()[k] for k in REMOTE_FIELDS if k != "backend"}
+            if url and redact(url) != url:  # a password in the URL: never in eval_config.yaml or eval_inputs.json
+                eval_cfg.remote.base_url = redact(url)
+                env = {**os.environ, SECRET_URL_ENV: url}
+    return {v: evaluate_variant(run, v, eval_cfg, cfg.force, adapters[v], env) for v, eval_cfg in configs.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,8 +227,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, EvalConfig, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    results = run(RunFolder(args.run), config_from_args(EvalConfig, args))
+def print_result(folder: RunFolder, cfg: EvalConfig, results: dict[str, str]) -> int:
+    """What `persona-tune eval` prints of ``run``'s result; the exit code."""
     for variant, status in results.items():
-        print(f"{variant:<16} {status:<8} {RunFolder(args.run).eval_metrics(variant)}")
+        print(f"{variant:<16} {status:<8} {folder.eval_metrics(variant)}")
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(EvalConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

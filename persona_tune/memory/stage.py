@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from persona_tune.errors import ConfigError, DataError
+from persona_tune.errors import DataError
 from persona_tune.memory.embeddings import (
     BACKENDS,
     DEFAULT_BATCH_SIZES,
@@ -153,31 +153,39 @@ def query_rows(run: RunFolder) -> pd.DataFrame:
     return pd.concat([train, test], ignore_index=True)[["split", "user_id", "item_id"]]
 
 
-def run_embed(
-    run_dir,
-    backend: str = "local",
-    model: str | None = None,
-    k: int = 1,
-    delta: float = DEFAULT_DELTA,
-    query: str = "user+item",
-    batch_size: int | None = None,
-    force: bool = False,
-    embedder_kwargs: dict | None = None,
-) -> dict:
-    """The `embed` stage. Returns the summary recorded in the manifest."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
-    if query not in QUERY_FORMS:
-        raise ConfigError(f"query must be one of {', '.join(QUERY_FORMS)}, got {query!r}")
-    if not -1.0 <= delta <= 1.0:
-        raise ConfigError(f"delta is a cosine similarity threshold in [-1, 1], got {delta}")
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    model = model or DEFAULT_MODELS[backend]
-    batch_size = batch_size or DEFAULT_BATCH_SIZES[backend]
-    run = RunFolder(run_dir)
+@dataclass
+class EmbedConfig:
+    """The `embed` stage's options (its CLI arguments are generated from them)."""
+
+    backend: str = field(default="local", metadata={"choices": BACKENDS, "help": "embedding backend"})
+    model: str | None = field(default=None, metadata={"help": f"embedding model (defaults: {DEFAULT_MODELS})"})
+    k: int = field(default=1, metadata={"min": 1, "help": "memories retrieved per row (top-k)"})
+    delta: float = field(default=DEFAULT_DELTA, metadata={"min": -1.0, "max": 1.0, "help": "minimum cosine similarity"})
+    query: str = field(default="user+item", metadata={"choices": QUERY_FORMS, "help": "what the query embeds"})
+    batch_size: int | None = field(default=None, metadata={"min": 1, 
+        "help": f"texts per request (defaults: {DEFAULT_BATCH_SIZES})"})
+    base_url: str | None = field(default=None, metadata={
+        "help": "openai backend: endpoint (default $OPENAI_BASE_URL)"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "openai backend: environment variable holding the key"})
+    timeout: float = field(default=120.0, metadata={"gt": 0, 
+        "help": "openai backend: seconds per request in total (connect and whole answer)"})
+    device: str = field(default="cpu", metadata={"help": "local backend: torch device"})
+    force: bool = field(default=False, metadata={"flag": "--force", "help": "recompute vectors even if current ones exist"})
+
+    def embedder_kwargs(self) -> dict:
+        """The backend's own settings (the API key read from ``api_key_env``)."""
+        if self.backend == "openai":
+            return {"base_url": self.base_url, "api_key": os.environ.get(self.api_key_env), "timeout": self.timeout}
+        return {"device": self.device} if self.backend == "local" else {}
+
+
+def run(run: RunFolder, cfg: EmbedConfig) -> dict:
+    """The `embed` stage: vectors and retrieved memories; returns the summary recorded in the manifest."""
+    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
+    backend, k, delta, query, force = cfg.backend, cfg.k, cfg.delta, cfg.query, cfg.force
+    model = cfg.model or DEFAULT_MODELS[backend]
+    batch_size = cfg.batch_size or DEFAULT_BATCH_SIZES[backend]
     run.require(RATINGS_TRAIN, RATINGS_TEST, ITEMS, PROFILES, MEMORIES)
     params = {"backend": backend, "model": model, "query": query, "k": k, "delta": delta, "batch_size": batch_size}
     inputs = run.checksums(RATINGS_TRAIN, RATINGS_TEST, *INPUTS)
@@ -194,7 +202,7 @@ def run_embed(
     else:
         # embeddings.json marks a complete set of vectors: drop it before any vector changes.
         run.path(EMBEDDINGS_META).unlink(missing_ok=True)
-        embedder = build_embedder(backend, model, **(embedder_kwargs or {}))
+        embedder = build_embedder(backend, model, **cfg.embedder_kwargs())
         cache = EmbeddingCache(run.path(EMBEDDINGS_CACHE)) if backend != "hash" else None
         try:
             vectors = compute_vectors(run, embedder, batch_size, cache)
@@ -241,46 +249,17 @@ def run_embed(
     return summary
 
 
-@dataclass
-class EmbedConfig:
-    """The `embed` stage's options (its CLI arguments are generated from them)."""
-
-    backend: str = field(default="local", metadata={"choices": BACKENDS, "help": "embedding backend"})
-    model: str | None = field(default=None, metadata={"help": f"embedding model (defaults: {DEFAULT_MODELS})"})
-    k: int = field(default=1, metadata={"min": 1, "help": "memories retrieved per row (top-k)"})
-    delta: float = field(default=DEFAULT_DELTA, metadata={"signed": True, "help": "minimum cosine similarity"})
-    query: str = field(default="user+item", metadata={"choices": QUERY_FORMS, "help": "what the query embeds"})
-    batch_size: int | None = field(default=None, metadata={"min": 1, 
-        "help": f"texts per request (defaults: {DEFAULT_BATCH_SIZES})"})
-    base_url: str | None = field(default=None, metadata={
-        "help": "openai backend: endpoint (default $OPENAI_BASE_URL)"})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
-        "help": "openai backend: environment variable holding the key"})
-    timeout: float = field(default=120.0, metadata={"gt": 0, 
-        "help": "openai backend: seconds per request in total (connect and whole answer)"})
-    device: str = field(default="cpu", metadata={"help": "local backend: torch device"})
-    force: bool = field(default=False, metadata={"flag": "--force", "help": "recompute vectors even if current ones exist"})
-
-    def embedder_kwargs(self) -> dict:
-        """The backend's own settings (the API key read from ``api_key_env``)."""
-        if self.backend == "openai":
-            return {"base_url": self.base_url, "api_key": os.environ.get(self.api_key_env), "timeout": self.timeout}
-        return {"device": self.device} if self.backend == "local" else {}
-
-
-def run(run: RunFolder, cfg: EmbedConfig) -> dict:
-    """The `embed` stage: vectors and retrieved memories; returns the summary recorded in the manifest."""
-    validate(cfg)  # the one check of the Config (persona_tune/stage.py), before anything is read
-    return run_embed(run.root, backend=cfg.backend, model=cfg.model, k=cfg.k, delta=cfg.delta, query=cfg.query,
-                     batch_size=cfg.batch_size, force=cfg.force, embedder_kwargs=cfg.embedder_kwargs())
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder")
     add_config_arguments(parser, EmbedConfig, type_metavars=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    summary = run(RunFolder(args.run), config_from_args(EmbedConfig, args))
+def print_result(folder: RunFolder, cfg: EmbedConfig, summary: dict) -> int:
+    """What `persona-tune embed` prints of ``run``'s result; the exit code."""
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    folder, cfg = RunFolder(args.run), config_from_args(EmbedConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))

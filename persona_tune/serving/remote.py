@@ -64,13 +64,11 @@ class RemoteOptions:
     top_logprobs: int = field(default=20, metadata={
         "min": 1, "group": REMOTE_GROUP, "help": "log-probabilities asked per request (vLLM's default limit is 20)"})
 
-    def validate_remote(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+    def validate(self) -> None:
+        """The rule that ties fields together (persona_tune.stage.validate checks each field's choices and
+        range first): a served agent needs an endpoint."""
         if self.backend == "openai" and not endpoint(self):
             raise ConfigError("--backend openai needs --base-url (or $OPENAI_BASE_URL)")
-        if self.concurrency < 1 or self.top_logprobs < 1 or self.max_retries < 0 or self.timeout <= 0:
-            raise ConfigError("--concurrency and --top-logprobs must be >= 1, --max-retries >= 0, --timeout > 0")
 
     def remote_dict(self) -> dict:
         return {f: getattr(self, f) for f in REMOTE_FIELDS}
@@ -316,7 +314,9 @@ def remote_rater(eval_cfg, options: RemoteOptions, cache: str | Path | None = No
     from persona_tune.runfolder import RunFolder
     from persona_tune.serving.export import read_serving_spec
 
-    options.validate_remote()
+    from persona_tune.stage import validate
+
+    validate(options)
     spec = read_serving_spec(RunFolder(eval_cfg.run_dir), str(eval_cfg.variant))
     now = {"memory": str(eval_cfg.memory), "template": str(eval_cfg.get("prompt_template", "paper")),
            "state_numbers": bool(eval_cfg.get("state_numbers", False)),

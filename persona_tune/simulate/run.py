@@ -41,6 +41,7 @@ from persona_tune.simulate.fidelity import PROB_COLUMNS
 from persona_tune.simulate.recommenders import HELDOUT_SUFFIX, REFERENCE, reference_recs
 from persona_tune.simulate.recs import load_recs
 from persona_tune.simulate.scoring import make_probes, read_inputs, sample_users, score_with_agent
+from persona_tune.overrides import parse_overrides
 from persona_tune.stage import add_config_arguments, config_dict, config_from_args, require, validate
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,11 @@ class SimulateConfig(RemoteOptions):
                                           "(e.g. an eval predictions.parquet of every test row)"})
     agent: bool = field(default=True, metadata={
         "help": "--validity: rate with the --variant agent (--no-agent: only --predictions, classical and the nulls)"})
-    overrides: tuple[str, ...] = field(default=(), metadata={"cli": False})
+    overrides: tuple[str, ...] = field(default=(), metadata={
+        "positional": True, "metavar": "KEY=VALUE", "help": "eval config overrides, after `--`"})
 
     def validate(self) -> None:
-        self.validate_remote()
+        super().validate()  # RemoteOptions: a served agent needs an endpoint
         # The numbers' ranges are in the fields' metadata (persona_tune.stage.validate checks them first).
         require(bool(self.recs) or self.reference or self.validity,
                 "nothing to simulate: give --recs FILE or keep --reference")
@@ -101,8 +103,7 @@ class SimulateConfig(RemoteOptions):
             require(bool(spec.rpartition("=")[2]), f"--predictions takes [NAME=]FILE, got {spec!r}")
         require(self.name is None or (self.name and "/" not in self.name and not self.name.startswith(".")),
                 f"--name must be a plain folder name, got {self.name!r}")
-        for o in self.overrides:
-            require("=" in o, f"config overrides are KEY=VALUE, got {o!r}")
+        parse_overrides(self.overrides)
 
     @property
     def out_name(self) -> str:
@@ -217,7 +218,6 @@ def fidelity_metrics(probe_rows: pd.DataFrame, ranked_rows: pd.DataFrame, cfg: S
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (after `persona-tune train`, or configs for prompted)")
     add_config_arguments(parser, SimulateConfig)
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="eval config overrides, after `--`")
 
 
 def _fmt(m: dict) -> str:
@@ -235,8 +235,12 @@ def summary_lines(metrics: dict) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(SimulateConfig, args, overrides=tuple(args.overrides))
-    summary = run(RunFolder(args.run), cfg)
+    folder, cfg = RunFolder(args.run), config_from_args(SimulateConfig, args)
+    return print_result(folder, cfg, run(folder, cfg))
+
+
+def print_result(folder: RunFolder, cfg: SimulateConfig, summary) -> int:
+    """What `persona-tune simulate` prints of ``run``'s result; the exit code."""
     if cfg.validity:
         from persona_tune.simulate.validity import summary_lines as validity_lines
 

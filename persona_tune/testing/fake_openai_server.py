@@ -13,8 +13,9 @@ Speaks ``POST /v1/chat/completions``, ``POST /v1/embeddings`` and ``GET /v1/mode
   empty output.
 * Counting: per request key (sha256 of the canonical JSON body) the number of times it was received
   and answered, so tests can assert that no answered call was repeated.
-* ``hold_after=N``: after N answers, requests block until ``release()`` and are then dropped
-  unanswered; a test can kill a client at a known point.
+* ``hold_after=N``: once N requests have been let through to an answer, later ones block until
+  ``release()`` and are then dropped unanswered; a test can kill a client at a known point. The cap
+  counts requests admitted, not answers sent, so concurrent requests cannot overshoot it.
 
 Run it standalone: ``python -m persona_tune.testing.fake_openai_server --port 8765 --rate-429 0.1``.
 """
@@ -148,6 +149,7 @@ class FakeOpenAIServer:
         self.received: Counter[str] = Counter()  # request key -> times received
         self.answered: Counter[str] = Counter()  # request key -> times answered with HTTP 200
         self.outcomes: Counter[str] = Counter()
+        self.admitted = 0  # requests let through to an answer (what hold_after caps)
         self.auth_seen: set[str] = set()
         self._lock = threading.Lock()
         self._release = threading.Event()
@@ -278,9 +280,11 @@ class FakeOpenAIServer:
                         server.auth_seen.add(auth[len("Bearer "):])
                     occurrence = server.received[key]
                     server.received[key] += 1
-                    hold = server.faults.hold_after is not None and sum(server.answered.values()) >= server.faults.hold_after
+                    hold = server.faults.hold_after is not None and server.admitted >= server.faults.hold_after
                     outcome = "held" if hold else server._decide(key, occurrence, chat)
                     server.outcomes[outcome] += 1
+                    if outcome not in ("held", "timeout", "429", "500"):
+                        server.admitted += 1
                 if outcome == "held":
                     while not server._release.wait(0.05):
                         pass
