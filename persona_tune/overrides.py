@@ -75,11 +75,9 @@ def apply_overrides(cfg, overrides: list[str], source) -> "DictConfig":  # noqa:
 
     cfg = cfg.copy()
     known = _leaf_keys(cfg)
-    for item in parse_overrides(overrides):
+    for item in parse_overrides(overrides, FIXED_KEYS):
         delete = item.startswith("~")
         key, _, text = (item[1:], "", "") if delete else item.partition("=")
-        if key in FIXED_KEYS:
-            raise ConfigError(f"{key} is fixed by the run folder (RUN/adapters/<variant>); it cannot be overridden")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else ""

@@ -73,7 +73,8 @@ def _unwrap(tp) -> tuple[type, bool, bool]:
 
 def _number(kind: type):
     """An argparse type that only parses the number: its range is checked by ``validate`` (through
-    ``config_from_args``), so the CLI and Python callers get the same one-line error."""
+    ``config_from_args``), so the CLI and Python callers get the same one-line error. Not ``kind`` itself:
+    cli.build_parser gives every bare int/float option the >= 0 rule while parsing."""
     def parse(text: str):
         return kind(text)
 
@@ -212,7 +213,6 @@ def check_fields(cfg) -> None:
             kind, _, sequence = _unwrap(hints[f.name])
         except TypeError:  # a union such as int | str: check numbers only
             kind, sequence = None, False
-        value = getattr(cfg, f.name)
         if kind not in (int, float, None) or kind is bool:
             continue
         if kind is None and not isinstance(value, (int, float)):
