@@ -46,7 +46,7 @@ from persona_tune.runfolder import (
     check_adapter,
     check_name,
 )
-from persona_tune.serving.remote import REMOTE_FIELDS, TRANSPORT_FIELDS, RemoteOptions
+from persona_tune.serving.remote import TRANSPORT_FIELDS, RemoteOptions
 from persona_tune.stage import add_config_arguments, config_from_args, validate
 
 log = logging.getLogger(__name__)
@@ -212,10 +212,11 @@ def run(run: RunFolder, cfg: EvalConfig) -> dict[str, str]:
         from persona_tune.serving.export import read_serving_spec
 
         url = endpoint(cfg)
+        remote = {k: v for k, v in cfg.remote_dict().items() if k != "backend"}
         for v, eval_cfg in configs.items():
             read_serving_spec(run, v)  # exported? (names the command if not)
             eval_cfg.backend = cfg.backend
-            eval_cfg.remote = {k: cfg.remote_dict()[k] for k in REMOTE_FIELDS if k != "backend"}
+            eval_cfg.remote = remote
             if url and redact(url) != url:  # a password in the URL: never in eval_config.yaml or eval_inputs.json
                 eval_cfg.remote.base_url = redact(url)
                 env = {**os.environ, SECRET_URL_ENV: url}

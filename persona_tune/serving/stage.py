@@ -111,7 +111,6 @@ def run(run: RunFolder, cfg: ServeExportConfig) -> dict:
     from persona_tune.evaluation.head import load_rating_head
     from persona_tune.runfolder import HEAD_FILE
 
-    cfg.validate()
     family = run_family(run, cfg.family)
     eval_cfg = build_eval_config(run, cfg.variant, family, cfg.memory, "scoring")
     adapters = check_adapters(run, [cfg.variant])[cfg.variant] if eval_cfg.adapter_dir else {}
