@@ -59,8 +59,10 @@ from persona_tune.runfolder import TORCHTUNE_CONFIG, TRUNK_SUMMARY
 from persona_tune.runfolder import PREDICTIONS_LAYOUT, RunFolder, atomic_path, atomic_write_json, file_sha256
 from persona_tune.runfolder import load_torch, read_or_discard, write_predictions
 from persona_tune.evaluation.head import (
+    FOLDS,
     HEAD_INITS,
     HEAD_PRIORS,
+    PRIOR_L2_GRID,
     HeadedOutput,
     RatingHead,
     fit_head_closed_form,
@@ -204,8 +206,8 @@ class FrozenTrunkRecipe:
             else self.model.output.weight
         info = fit_head_closed_form(self.head, output_weight.detach(), features, train["rating"].to_numpy(),
                                     base, train["user_id"].to_numpy(), l2_grid=tuple(self.cfg.head.l2_grid),
-                                    prior_l2_grid=tuple(self.cfg.head.get("prior_l2_grid", (0.01, 1.0, 100.0))),
-                                    folds=int(self.cfg.head.get("folds", 5)), seed=self.cfg.seed,
+                                    prior_l2_grid=tuple(self.cfg.head.get("prior_l2_grid", PRIOR_L2_GRID)),
+                                    folds=int(self.cfg.head.get("folds", FOLDS)), seed=self.cfg.seed,
                                     priors=self.priors(train))
         info["seconds"] = round(time.perf_counter() - start, 2)
         log.info(f"rating head fitted in closed form: {info}")

@@ -28,6 +28,9 @@ from persona_tune.runfolder import load_torch
 
 HEAD_INITS = ("closed_form", "zero", "none")
 HEAD_PRIORS = ("none", "stated", "collab")
+# fit_head_closed_form's defaults of the numbers' L2 grid and of the folds (a config's head.prior_l2_grid, head.folds).
+PRIOR_L2_GRID = (0.01, 1.0, 100.0)
+FOLDS = 5
 # How many numbers per row each head.prior reads (prior_features).
 PRIOR_FEATURES = {"none": 0, "stated": 2, "collab": 3}
 COLLAB_SHRINK = 1.0  # the kNN residual shrunk by weight / (weight + COLLAB_SHRINK): a third collab number
@@ -139,7 +142,7 @@ def user_folds(users: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
 def fit_head_closed_form(head: RatingHead, output_weight: torch.Tensor, features: np.ndarray, ratings: np.ndarray,
                          base: np.ndarray, users: np.ndarray, l2_grid: Sequence[float] = (1.0, 100.0, 10000.0),
                          digit_mass: float = 0.9, seed: int = 0, priors: np.ndarray | None = None,
-                         prior_l2_grid: Sequence[float] = (0.01, 1.0, 100.0), folds: int = 5) -> dict:
+                         prior_l2_grid: Sequence[float] = PRIOR_L2_GRID, folds: int = FOLDS) -> dict:
     """Set the head so that the rating tokens' logits equal a multinomial logistic regression of the
     rating on the features (and the stated numbers, for a head that reads them), shifted so the five
     carry about ``digit_mass`` of the next-token mass.
@@ -178,15 +181,18 @@ def fit_head_closed_form(head: RatingHead, output_weight: torch.Tensor, features
             return np.ones(dim), 1.0 / lf
         return np.r_[np.full(dim, 0.0 if math.isinf(lf) else math.sqrt(lp / lf)), np.ones(n_prior)], 1.0 / lp
 
-    def fit(lf: float, lp: float | None, mask: np.ndarray) -> LogisticRegression:
+    def inputs(lf: float, lp: float | None, mask: np.ndarray) -> tuple[np.ndarray, float]:
+        """(the regression's inputs of the rows in ``mask``: the kept columns, scaled; C)."""
         factor, c = design(lf, lp)
         keep = factor > 0
-        return LogisticRegression(C=c, max_iter=500).fit(x[mask][:, keep] * factor[keep], ratings[mask])
+        return x[mask][:, keep] * factor[keep], c
+
+    def fit(lf: float, lp: float | None, mask: np.ndarray) -> LogisticRegression:
+        rows, c = inputs(lf, lp, mask)
+        return LogisticRegression(C=c, max_iter=500).fit(rows, ratings[mask])
 
     def expected(model: LogisticRegression, lf: float, lp: float | None, mask: np.ndarray) -> np.ndarray:
-        factor, _ = design(lf, lp)
-        keep = factor > 0
-        return model.predict_proba(x[mask][:, keep] * factor[keep]) @ model.classes_.astype(float)
+        return model.predict_proba(inputs(lf, lp, mask)[0]) @ model.classes_.astype(float)
 
     fold = user_folds(users, folds, seed)
     k = int(fold.max()) + 1 if len(fold) else 0
