@@ -201,6 +201,13 @@ def collect_trunk_cell(run: RunFolder, cell: str, variants: list[str], n_boot: i
         *(str(f.relative_to(run.root)) for f in files))})
 
 
+def require_trained(results: list) -> None:
+    """PersonaTuneError naming the variants whose training failed (``results``: train.run's), if any."""
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
+
+
 def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: list[str], eval_names: list[str],
               label: str | None, train_overrides: list[str], n_boot: int, parallel: bool,
               train_rows: str | None = None) -> tuple[list, dict]:
@@ -213,9 +220,7 @@ def run_trunk(run: RunFolder, family: str, personas: list[int], train_names: lis
     variants = write_trunk_configs(run, family, names, label, train_overrides, train_rows)
     results = train.run(run, TrainConfig(personas=",".join(variants), parallel=parallel, recipe=TRUNK_RECIPE)) \
         if variants else []
-    failed = [r for r in results if r.status == "failed"]
-    if failed:
-        raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
+    require_trained(results)
     statuses = {}
     for cell in (Variant.parse(c).with_prefix(prefix) for c in eval_names):
         members = [cell.for_persona(k).name for k in personas] if cell.per_persona else [cell.name]
@@ -307,9 +312,7 @@ def run(run: RunFolder, cfg: GridConfig) -> dict:
         write_grid_configs(run, family, train_overrides)
         results = train.run(run, TrainConfig(personas=",".join(train_names), parallel=cfg.parallel,
                                              overrides=tuple(steps))) if train_names else []
-        failed = [r for r in results if r.status == "failed"]
-        if failed:
-            raise PersonaTuneError(f"training failed for {', '.join(r.variant for r in failed)}: {failed[0].error}")
+        require_trained(results)
         statuses = eval_stage.run(run, eval_stage.EvalConfig(
             variants=",".join(eval_names), family=family, mode=mode,
             overrides=(*eval_overrides, f"metrics.n_boot={cfg.n_boot}")))
