@@ -4,7 +4,7 @@ For every persona k in RUN/personas/assignments.parquet this writes RUN/configs/
 LoRA on that persona's users), plus single_min.yaml and single_max.yaml: one LoRA on all users with
 the training data subsampled to the size of the smallest / largest persona's training set, as the
 paper does. Each is the chosen family's template (configs/<family>_persona/) with run_dir, persona,
-subsample, memory and output_dir (RUN/adapters/<variant>) filled in; `--set key=value` changes any
+subsample, memory and output_dir (RUN/adapters/<variant>) filled in; `-- key=value` changes any
 other key. The files run as they are:
 `tune run lora_finetune_single_device --config RUN/configs/persona_0.yaml`.
 """
