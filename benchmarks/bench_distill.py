@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from persona_tune.distill.client import ChatClient, ClientSettings  # noqa: E402
 from persona_tune.distill.reflect import BatchItem, load_prompts, step_messages, step_schema  # noqa: E402
-from persona_tune.distill.run import DistillConfig, distill, estimate_plan, load_inputs, plan_batches  # noqa: E402
+from persona_tune.distill.llm import estimate_plan, plan_batches  # noqa: E402
+from persona_tune.distill.run import DistillConfig, distill, load_inputs  # noqa: E402
 from persona_tune.distill.store import Answer, RequestStore, request_key  # noqa: E402
 from persona_tune.runfolder import PROFILES, RunFolder  # noqa: E402
 

@@ -16,7 +16,6 @@ the first type's). Requests are not cached, so the timings are the server's.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time

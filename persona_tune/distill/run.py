@@ -23,7 +23,6 @@ import pandas as pd
 from persona_tune.distill import batch, llm, offline
 from persona_tune.distill.config import LLM, TRANSPORT_KEYS, DistillConfig
 from persona_tune.distill.llm import MEMORY_FIELDS, PROFILE_FIELDS
-from persona_tune.distill.llm import estimate_plan, plan_batches  # noqa: F401 (their old home)
 from persona_tune.distill.traits import compute_traits
 from persona_tune.history import History
 from persona_tune.errors import ConfigError, DataError

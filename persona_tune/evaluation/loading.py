@@ -18,7 +18,7 @@ from torchtune import config, training
 from torchtune.modules.peft import LoRALinear, get_adapter_params
 
 from persona_tune.errors import ConfigError
-from persona_tune.runfolder import ADAPTER_FILE, check_adapter, load_torch  # noqa: F401 (ADAPTER_FILE: its old home)
+from persona_tune.runfolder import check_adapter, load_torch
 
 
 class ModelLoader:

@@ -31,7 +31,6 @@ from persona_tune.runfolder import (
     HISTORY,
     METRICS,
     PLOTS,
-    PREDICTIONS,
     REPORT,
     RESULTS,
     TRAIN_SUMMARY,
