@@ -16,8 +16,9 @@ The start-up hook (:mod:`persona_tune._hook`) applies :func:`patch_init_process_
 script in torchtune's or persona-tune's recipes folder) on a torch without NCCL. The wrapped
 ``init_process_group`` maps an NCCL backend string to its gloo part and then patches the two
 torchtune memory helpers: on CPU, memory stats report the process's peak resident set size, and the
-cache clean-up is a ``gc.collect()``. ``destroy_process_group`` of a group that fell back to gloo
-waits at a barrier first, so all ranks tear down together. Where NCCL exists nothing is touched.
+cache clean-up is a ``gc.collect()``. The same patch makes ``destroy_process_group`` of the default
+gloo group wait at a barrier first, so all ranks tear down together. Where NCCL exists nothing is
+touched.
 Set ``PERSONA_TUNE_CPU_DISTRIBUTED=1`` to treat any process as a recipe process (e.g. a recipe
 copied out with ``tune cp``), or ``PERSONA_TUNE_NO_TUNE_HOOK=1`` to switch the hook off.
 """
