@@ -80,21 +80,20 @@ run() {
   # A .pth runs only from site-packages: start the hook that registers our configs and recipes with
   # torchtune (persona_tune/_hook) from a sitecustomize on the path instead.
   cp persona_tune/_hook/persona_tune_tune_hook.pth "$site/sitecustomize.py"
-  local gpu=(--train-set device=cuda --train-set dtype=bf16)
+  local gpu=(device=cuda dtype=bf16)
   time_left() { [ $(( SECONDS - start )) -lt "$1" ]; }
   if time_left 60; then
-    $pt grid --run "$run" --family smollm2 --cells persona-msml,single_max-msml "${gpu[@]}" \
-      --train-set max_steps_per_epoch=null --train-set batch_size=16 \
-      --eval-set device=cuda --eval-set dtype=bf16 >> "$OUT/run.log" 2>&1 || left "stock path (failed: see run.log)"
+    $pt grid --run "$run" --family smollm2 --cells persona-msml,single_max-msml -- "${gpu[@]}" \
+      max_steps_per_epoch=null batch_size=16 eval.device=cuda eval.dtype=bf16 >> "$OUT/run.log" 2>&1 || left "stock path (failed: see run.log)"
   else left "stock path"; fi
   if time_left $(( BUDGET_S - 150 )); then
     $pt grid --run "$run" --family smollm2 --path trunk --label gpu-prior --train-rows all \
-      --cells single_max-ms,persona-ms --train-set head.prior=stated "${gpu[@]}" >> "$OUT/run.log" 2>&1 \
+      --cells single_max-ms,persona-ms -- head.prior=stated "${gpu[@]}" >> "$OUT/run.log" 2>&1 \
       || left "trunk path with the stated numbers (failed)"
   else left "trunk path with the stated numbers"; fi
   if time_left $(( BUDGET_S - 100 )); then
     $pt grid --run "$run" --family smollm2 --path trunk --label gpu --train-rows all --cells single_max-ms \
-      "${gpu[@]}" >> "$OUT/run.log" 2>&1 || left "trunk path, the LM alone (failed)"
+      -- "${gpu[@]}" >> "$OUT/run.log" 2>&1 || left "trunk path, the LM alone (failed)"
   else left "trunk path, the LM alone"; fi
   if time_left $(( BUDGET_S - 60 )); then
     $pt eval --run "$run" --variants persona-msml --mode paper --force -- max_rows=125 device=cuda dtype=bf16 \

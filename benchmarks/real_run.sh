@@ -18,14 +18,14 @@ persona-tune baselines --run "$RUN"
 # CPU budget: 24 optimizer steps x 4 rows = 96 training rows per adapter, lr 1e-3 (3 warm-up steps,
 # cosine), two adapters at a time with one thread each. Eval: 50 test rows per persona (200 rows,
 # the same rows for every cell).
-TRAIN=(--max-steps 24 --parallel --train-set epochs=1 --train-set batch_size=4
-       --train-set optimizer.lr=1e-3 --train-set lr_scheduler.num_warmup_steps=3)
+TRAIN=(--max-steps 24 --parallel)
+SET=(epochs=1 batch_size=4 optimizer.lr=1e-3 lr_scheduler.num_warmup_steps=3)
 # The prompted model and theta_persona in both modes (paper: 4 sampled tokens; scoring: expected rating) ...
 persona-tune grid --run "$RUN" --family smollm2 --cells prompted-msml,persona-msml \
-    --mode both "${TRAIN[@]}" --eval-set max_rows=50
+    --mode both "${TRAIN[@]}" -- "${SET[@]}" eval.max_rows=50
 # ... theta_single(max) and the memory ablation (theta_single(max) with M_s only) in scoring mode.
 persona-tune grid --run "$RUN" --family smollm2 --cells single_max-msml,single_max-ms \
-    --mode scoring "${TRAIN[@]}" --eval-set max_rows=50
+    --mode scoring "${TRAIN[@]}" -- "${SET[@]}" eval.max_rows=50
 persona-tune report   --run "$RUN"
 python benchmarks/prompt_numbers.py "$RUN"                                        # the prompt's own numbers
 python benchmarks/prompt_numbers.py "$RUN" --rows eval/persona-msml/predictions.parquet

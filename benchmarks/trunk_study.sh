@@ -20,72 +20,69 @@ main)
   # (the head reads the final features), and the head that also reads the stated numbers; each with
   # LoRA training (2 epochs), and its closed-form start alone (0 epochs).
   "${GRID[@]}" --label n1000 --train-rows 1000 --cells single_max-ms
-  "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_max-ms,persona-ms \
-      --train-set head.prior=stated --train-set eval.paper_rows=200
-  "${GRID[@]}" --label n1000-probe --train-rows 1000 --cells single_max-ms --train-set epochs=0
-  "${GRID[@]}" --label n1000-prior-probe --train-rows 1000 --cells single_max-ms --train-set epochs=0 \
-      --train-set head.prior=stated
+  "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_max-ms,persona-ms -- head.prior=stated \
+      eval.paper_rows=200
+  "${GRID[@]}" --label n1000-probe --train-rows 1000 --cells single_max-ms -- epochs=0
+  "${GRID[@]}" --label n1000-prior-probe --train-rows 1000 --cells single_max-ms -- epochs=0 head.prior=stated
   # The learning curve below and above: 250 and 4,000 rows.
   "${GRID[@]}" --label n250 --train-rows 250 --cells single_max-ms
-  "${GRID[@]}" --label n250-prior --train-rows 250 --cells single_max-ms --train-set head.prior=stated
+  "${GRID[@]}" --label n250-prior --train-rows 250 --cells single_max-ms -- head.prior=stated
   ;;
 ablations)
   # At 1,000 rows, the LM alone: the paper's objective, the paper's model (no head, cross-entropy),
   # and a head that starts at zero.
-  "${GRID[@]}" --label n1000-ce --train-rows 1000 --cells single_max-ms --train-set objective=ce
-  "${GRID[@]}" --label n1000-nohead-ce --train-rows 1000 --cells single_max-ms --train-set head.init=none \
-      --train-set objective=ce
-  "${GRID[@]}" --label n1000-zerohead --train-rows 1000 --cells single_max-ms --train-set head.init=zero
+  "${GRID[@]}" --label n1000-ce --train-rows 1000 --cells single_max-ms -- objective=ce
+  "${GRID[@]}" --label n1000-nohead-ce --train-rows 1000 --cells single_max-ms -- head.init=none objective=ce
+  "${GRID[@]}" --label n1000-zerohead --train-rows 1000 --cells single_max-ms -- head.init=zero
   ;;
 single_min)
   # Persona vs single: theta_single(min) (the smallest persona's share of the 1,000 rows), prior head.
-  "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_min-ms --train-set head.prior=stated
+  "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_min-ms -- head.prior=stated
   ;;
 template)
   # The paper's prompt template (Appendix C's wording, about twice the tokens): the prior head and the LM
   # alone (one trunk pass over the template's rows serves both: the cache keeps each template's rows).
-  "${GRID[@]}" --label n1000-prior-paper --train-rows 1000 --cells single_max-ms --train-set head.prior=stated \
-      --train-set prompt_template=paper
-  "${GRID[@]}" --label n1000-paper --train-rows 1000 --cells single_max-ms --train-set prompt_template=paper
+  "${GRID[@]}" --label n1000-prior-paper --train-rows 1000 --cells single_max-ms -- head.prior=stated \
+      prompt_template=paper
+  "${GRID[@]}" --label n1000-paper --train-rows 1000 --cells single_max-ms -- prompt_template=paper
   ;;
 memory)
   # Memory: M_s + the top-4 retrieved explanations M_l, at 1,000 rows: the prior head and the LM alone.
-  "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_max-msml --train-set head.prior=stated
+  "${GRID[@]}" --label n1000-prior --train-rows 1000 --cells single_max-msml -- head.prior=stated
   "${GRID[@]}" --label n1000 --train-rows 1000 --cells single_max-msml
   ;;
 layers)
   # Adapted layers: the top 8 of 30 (the cache splits at layer 22: a cache folder of its own). One
   # training process per run folder: to run this beside the other stages, use a copy of the run folder
   # and copy RUN/eval/trunk-n1000-prior-l8-single_max-ms back before `report`.
-  "${GRID[@]}" --label n1000-prior-l8 --train-rows 1000 --cells single_max-ms --train-set head.prior=stated \
-      --train-set adapted_layers=8
+  "${GRID[@]}" --label n1000-prior-l8 --train-rows 1000 --cells single_max-ms -- head.prior=stated \
+      adapted_layers=8
   ;;
 more)
   # The learning curve at 4,000 rows: the closed-form heads first (cheap once the cache holds the rows),
   # then LoRA training.
-  "${GRID[@]}" --label n4000-prior-probe --train-rows 4000 --cells single_max-ms --train-set epochs=0 \
-      --train-set head.prior=stated
-  "${GRID[@]}" --label n4000-probe --train-rows 4000 --cells single_max-ms --train-set epochs=0
-  "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells single_max-ms --train-set head.prior=stated
+  "${GRID[@]}" --label n4000-prior-probe --train-rows 4000 --cells single_max-ms -- epochs=0 head.prior=stated
+  "${GRID[@]}" --label n4000-probe --train-rows 4000 --cells single_max-ms -- epochs=0
+  "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells single_max-ms -- head.prior=stated
   "${GRID[@]}" --label n4000 --train-rows 4000 --cells single_max-ms
-  "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells persona-ms --train-set head.prior=stated
+  "${GRID[@]}" --label n4000-prior --train-rows 4000 --cells persona-ms -- head.prior=stated
   ;;
 curve)
   # The learning curve of the closed-form heads (0 epochs) for θ_single(max) and θ_persona at 250,
   # 1,000, 4,000 and every training row (16,521; a trunk pass over ~12,500 more rows), and θ_persona
   # with training at 250 rows (1,000 is in main) and at every row.
   for n in 250 1000 4000 all; do
-    "${GRID[@]}" --label n$n-prior-probe --train-rows $n --cells single_max-ms,persona-ms --train-set epochs=0 \
-        --train-set head.prior=stated
+    "${GRID[@]}" --label n$n-prior-probe --train-rows $n --cells single_max-ms,persona-ms -- epochs=0 \
+        head.prior=stated
   done
-  "${GRID[@]}" --label n250-probe --train-rows 250 --cells single_max-ms --train-set epochs=0
+  "${GRID[@]}" --label n250-probe --train-rows 250 --cells single_max-ms -- epochs=0
   for n in 250 1000 4000; do
-    "${GRID[@]}" --label n$n-probe --train-rows $n --cells persona-ms --train-set epochs=0
+    "${GRID[@]}" --label n$n-probe --train-rows $n --cells persona-ms -- epochs=0
   done
-  "${GRID[@]}" --label nall-probe --train-rows all --cells single_max-ms,persona-ms --train-set epochs=0
-  "${GRID[@]}" --label n250-prior --train-rows 250 --cells persona-ms --train-set head.prior=stated
+  "${GRID[@]}" --label nall-probe --train-rows all --cells single_max-ms,persona-ms -- epochs=0
+  "${GRID[@]}" --label n250-prior --train-rows 250 --cells persona-ms -- head.prior=stated
   # Two LoRA epochs on every training row, on the closed-form head (with the stated numbers, and alone).
-  "${GRID[@]}" --label nall-prior --train-rows all --cells single_max-ms,persona-ms --train-set head.prior=stated
+  "${GRID[@]}" --label nall-prior --train-rows all --cells single_max-ms,persona-ms -- head.prior=stated
   "${GRID[@]}" --label nall --train-rows all --cells single_max-ms
   ;;
 collab)
@@ -99,30 +96,40 @@ collab)
   # numbers' L2 weights chosen by 5-fold cross-validation over users), then on the same cached rows
   # the LM alone (its head reads the final state only) and θ_persona; then 4,000 training rows (about
   # 3,000 more rows through the trunk), then LoRA (collab_lora).
-  C=(--train-set collab_memories=1 --train-set state_numbers=False --train-set eval.max_rows=2000)
-  "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells single_max-ms "${C[@]}" \
-      --train-set epochs=0 --train-set head.prior=collab
-  "${GRID[@]}" --label n1000-collab-lm-probe --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set epochs=0
-  "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells persona-ms "${C[@]}" \
-      --train-set epochs=0 --train-set head.prior=collab
-  "${GRID[@]}" --label n4000-collab-probe --train-rows 4000 --cells single_max-ms,persona-ms "${C[@]}" \
-      --train-set epochs=0 --train-set head.prior=collab
+  C=(collab_memories=1 state_numbers=False eval.max_rows=2000)
+  "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells single_max-ms -- "${C[@]}" epochs=0 \
+      head.prior=collab
+  "${GRID[@]}" --label n1000-collab-lm-probe --train-rows 1000 --cells single_max-ms -- "${C[@]}" epochs=0
+  "${GRID[@]}" --label n1000-collab-probe --train-rows 1000 --cells persona-ms -- "${C[@]}" epochs=0 \
+      head.prior=collab
+  "${GRID[@]}" --label n4000-collab-probe --train-rows 4000 --cells single_max-ms,persona-ms -- "${C[@]}" \
+      epochs=0 head.prior=collab
+  # The base model reading the same prompts (no training, no head): its rating-token distribution.
+  "${GRID[@]}" --label collab --cells prompted-ms -- "${C[@]}"
   ;;
 collab_lora)
-  C=(--train-set collab_memories=1 --train-set state_numbers=False --train-set eval.max_rows=2000)
-  "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells single_max-ms "${C[@]}" --train-set head.prior=collab
-  "${GRID[@]}" --label n1000-collab-lm --train-rows 1000 --cells single_max-ms "${C[@]}"
-  "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells persona-ms "${C[@]}" --train-set head.prior=collab
+  # One training process per run folder: to run these beside `collab`, use a copy of the run folder and
+  # copy its RUN/eval/trunk-*collab* cells back before `collab_report`.
+  C=(collab_memories=1 state_numbers=False eval.max_rows=2000)
+  "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells single_max-ms -- "${C[@]}" head.prior=collab
+  "${GRID[@]}" --label n1000-collab-lm --train-rows 1000 --cells single_max-ms -- "${C[@]}"
+  "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells persona-ms -- "${C[@]}" head.prior=collab
+  # 4,000 rows: θ_single(max), 2 LoRA epochs on its CV head (about 4x the 1,000-row cell's time).
+  "${GRID[@]}" --label n4000-collab --train-rows 4000 --cells single_max-ms -- "${C[@]}" head.prior=collab
   ;;
 collab_report)
   # Every cell against the bias baseline and the classical references (paired.bias, paired.knn,
   # paired.mf), and each step against the one before it on the same rows (the pairs whose cells ran).
-  P1=trunk-n1000-collab-probe P4=trunk-n4000-collab-probe T1=trunk-n1000-collab
+  P1=trunk-n1000-collab-probe P4=trunk-n4000-collab-probe T1=trunk-n1000-collab T4=trunk-n4000-collab
+  LM1=trunk-n1000-collab-lm
   PAIRS=($P1-single_max-ms:trunk-n1000-collab-probe-oldhead-single_max-ms
          $P4-single_max-ms:$P1-single_max-ms $P1-persona-ms:$P1-single_max-ms $P4-persona-ms:$P4-single_max-ms
-         $P1-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms $T1-single_max-ms:$P1-single_max-ms
-         $T1-persona-ms:$T1-single_max-ms
-         trunk-n1000-collab-lm-single_max-ms:trunk-n1000-collab-lm-probe-single_max-ms)
+         $P4-persona-ms:$P1-persona-ms
+         $P1-single_max-ms:$LM1-probe-single_max-ms $T1-single_max-ms:$P1-single_max-ms
+         $T1-persona-ms:$T1-single_max-ms $T1-persona-ms:$P1-persona-ms
+         $LM1-single_max-ms:$LM1-probe-single_max-ms $T1-single_max-ms:$LM1-single_max-ms
+         $LM1-single_max-ms:trunk-collab-prompted-ms
+         $T4-single_max-ms:$P4-single_max-ms $T4-single_max-ms:$T1-single_max-ms)
   COMPARE=()
   for pair in "${PAIRS[@]}"; do
     [ -f "$RUN/eval/${pair%%:*}/metrics.json" ] && [ -f "$RUN/eval/${pair##*:}/metrics.json" ] \
@@ -139,7 +146,7 @@ collab_report)
 middle)
   # Adaptation from a middle layer: the LM alone with LoRA on the top 14 of 30 layers (the cache splits
   # at layer 16, where the stated numbers are most readable), 1,000 rows.
-  "${GRID[@]}" --label n1000-l14 --train-rows 1000 --cells single_max-ms --train-set adapted_layers=14
+  "${GRID[@]}" --label n1000-l14 --train-rows 1000 --cells single_max-ms -- adapted_layers=14
   ;;
 report)
   # Each ablation against its reference on the same rows, paired over users (A:B, A minus B).

@@ -84,20 +84,21 @@ def test_a_stopped_training_run_resumes_to_the_same_adapter(tiny, tmp_path, capl
         torch.testing.assert_close(again_weights[name], value, rtol=0, atol=0)
 
 
-def grid(run, tiny, *args) -> subprocess.CompletedProcess:
+def grid(run, tiny, *args, overrides=()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONA_TUNE_")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "persona_tune.cli", "grid", "--run", str(run), "--family", "tiny", "--path", "trunk",
-           "--n-boot", "50", "--max-steps", "2", "--train-set", f"model_dir={tiny / 'model'}",
-           "--train-set", "progress=False", *args]
+           "--n-boot", "50", "--max-steps", "2", *args, "--", f"model_dir={tiny / 'model'}", "progress=False",
+           *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "deprecated" not in proc.stderr  # the one override syntax
     return proc
 
 
 def test_grid_trunk_trains_with_tune_run_evaluates_and_invalidates(tiny, tmp_path):
     run = make_persona_run(tmp_path, n_users=6, k=2)
-    out = grid(run, tiny, "--cells", "prompted-ms,single_max-ms", "--train-set", "eval.paper_rows=4")
+    out = grid(run, tiny, "--cells", "prompted-ms,single_max-ms", overrides=["eval.paper_rows=4"])
     assert "train trunk-single_max-ms: trained" in out.stdout and "eval  trunk-single_max-ms: done" in out.stdout
     adapter = run / "adapters" / "trunk-single_max-ms"
     assert {p.name for p in (adapter / "epoch_1").iterdir()} == {"adapter_model.pt", "rating_head.pt"}
@@ -120,13 +121,12 @@ def test_grid_trunk_trains_with_tune_run_evaluates_and_invalidates(tiny, tmp_pat
         assert set(cell["paired"]) == {"global_mean", "user_mean", "item_mean", "bias", "knn", "mf"}
         assert all(p["lo"] <= p["diff"] <= p["hi"] for p in cell["paired"].values())
     # The same command again: nothing is retrained and the test rows' trunk outputs are reused.
-    again = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "eval.paper_rows=4")
+    again = grid(run, tiny, "--cells", "single_max-ms", overrides=["eval.paper_rows=4"])
     assert "train trunk-single_max-ms: skipped" in again.stdout
     # Another prompt (the paper template, with collaborative memories and a head that reads their
     # numbers) changes the config: it is retrained, on newly computed trunk outputs.
-    changed = grid(run, tiny, "--cells", "single_max-ms", "--train-set", "eval.paper_rows=4",
-                   "--train-set", "prompt_template=paper", "--train-set", "collab_memories=3",
-                   "--train-set", "head.prior=collab")
+    changed = grid(run, tiny, "--cells", "single_max-ms", overrides=[
+        "eval.paper_rows=4", "prompt_template=paper", "collab_memories=3", "head.prior=collab"])
     assert "train trunk-single_max-ms: trained" in changed.stdout
     summary = json.loads((adapter / "trunk_summary.json").read_text())
     assert summary["cache"]["train"]["rows_computed"] >= summary["train_rows"] > 0
