@@ -114,8 +114,9 @@ collab_lora)
   "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells single_max-ms -- "${C[@]}" head.prior=collab
   "${GRID[@]}" --label n1000-collab-lm --train-rows 1000 --cells single_max-ms -- "${C[@]}"
   "${GRID[@]}" --label n1000-collab --train-rows 1000 --cells persona-ms -- "${C[@]}" head.prior=collab
-  # 4,000 rows: θ_single(max), 2 LoRA epochs on its CV head (about 4x the 1,000-row cell's time).
-  "${GRID[@]}" --label n4000-collab --train-rows 4000 --cells single_max-ms -- "${C[@]}" head.prior=collab
+  # 4,000 rows: 2 LoRA epochs on the CV heads (about 4x the 1,000-row cells' time each).
+  "${GRID[@]}" --label n4000-collab --train-rows 4000 --cells single_max-ms,persona-ms -- "${C[@]}" \
+      head.prior=collab
   ;;
 collab_report)
   # Every cell against the bias baseline and the classical references (paired.bias, paired.knn,
@@ -129,7 +130,8 @@ collab_report)
          $T1-persona-ms:$T1-single_max-ms $T1-persona-ms:$P1-persona-ms
          $LM1-single_max-ms:$LM1-probe-single_max-ms $T1-single_max-ms:$LM1-single_max-ms
          $LM1-single_max-ms:trunk-collab-prompted-ms
-         $T4-single_max-ms:$P4-single_max-ms $T4-single_max-ms:$T1-single_max-ms)
+         $T4-single_max-ms:$P4-single_max-ms $T4-single_max-ms:$T1-single_max-ms
+         $T4-persona-ms:$T4-single_max-ms $T4-persona-ms:$P4-persona-ms)
   COMPARE=()
   for pair in "${PAIRS[@]}"; do
     [ -f "$RUN/eval/${pair%%:*}/metrics.json" ] && [ -f "$RUN/eval/${pair##*:}/metrics.json" ] \
