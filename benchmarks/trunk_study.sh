@@ -138,9 +138,14 @@ collab_report)
       && COMPARE+=(--compare "$pair")
   done
   persona-tune report --run "$RUN" --json-out docs/results/ml1m-beyond-bias.json "${COMPARE[@]}"
-  sed 's|!\[elbow\](plots/elbow.png)||; s|(plots/calibration.png)|(results-ml1m-beyond-bias-calibration.png)|' \
+  sed 's|!\[elbow\](plots/elbow.png)||; s|(plots/calibration.png)|(results-ml1m-beyond-bias-calibration.png)|
+       s|(plots/paired.png)|(results-ml1m-beyond-bias-paired.png)|
+       s|(plots/learning_curve.png)|(results-ml1m-beyond-bias-learning-curve.png)|
+       s|!\[[a-z_]*\](plots/[a-z_]*.png)||' \
       "$RUN/eval/report.md" > docs/results-ml1m-beyond-bias.md
-  cp "$RUN/eval/plots/calibration.png" docs/results-ml1m-beyond-bias-calibration.png
+  for plot in calibration paired learning_curve; do  # the learning curve needs two training sizes
+    [ -f "$RUN/eval/plots/$plot.png" ] && cp "$RUN/eval/plots/$plot.png" "docs/results-ml1m-beyond-bias-${plot//_/-}.png"
+  done
   # The numbers alone through the head's closed form, on the cells' 2,000 test rows.
   python benchmarks/collab_numbers.py "$RUN" --test-rows 2000 --train-rows 1000 4000 \
       --into docs/results/ml1m-beyond-bias.json

@@ -58,7 +58,7 @@ def test_eval_baselines_report(capsys, monkeypatch, eval_run):
     report = (run / "eval" / "report.md").read_text()
     assert "θ_persona" in report and "user+item bias baseline" in report and "1.171" in report  # the paper's row 10
     assert "| RMSE (↓)" in printed
-    for name in ("training_size", "calibration"):
+    for name in ("training_size", "calibration", "paired"):
         assert (run / "eval" / results["plots"][name]).stat().st_size > 1000
     for row in results["agents"]:
         lo, hi = row["rmse_ci"]

@@ -13,6 +13,7 @@ from persona_tune.evaluation.report import (
     comparisons_table,
     learning_curve_points,
     plot_learning_curve,
+    plot_paired,
 )
 from persona_tune.runfolder import RunFolder
 
@@ -84,3 +85,22 @@ def test_calibration_draws_a_readable_spread_of_cells():
     drawn = calibration_cells(many, lines=6)
     assert len(drawn) == 6 and drawn[0] == "cell0" and drawn[-1] == "cell33"  # best and worst kept
     assert [many[c] for c in drawn] == sorted(many[c] for c in drawn)
+
+
+def test_paired_plot_draws_each_cell_against_the_strongest_references(tmp_path):
+    from PIL import Image
+
+    def cell(name, mode, diffs):
+        return {"name": name, "mode": mode, "rows": 100, "rmse": 1.0,
+                "paired": {b: {"diff": d, "lo": d - 0.01, "hi": d + 0.01} for b, d in diffs.items()}}
+
+    cells = [cell("a", "scoring", {"user_mean": -0.1, "bias": -0.02, "knn": 0.0}),
+             cell("b", "scoring", {"user_mean": -0.1, "bias": 0.05, "knn": 0.07}),
+             cell("b", "paper", {"user_mean": -0.1, "bias": 0.09})]
+    path = plot_paired(tmp_path, cells)
+    assert path == tmp_path / "paired.png"
+    small = Image.open(path).size
+    many = plot_paired(tmp_path / "many", cells * 10)
+    assert Image.open(many).size[1] > small[1]  # one row per cell: the figure grows with the cells
+    # Only weaker baselines (no bias, kNN or MF): nothing to draw.
+    assert plot_paired(tmp_path / "none", [cell("c", "scoring", {"user_mean": -0.1})]) is None

@@ -449,6 +449,44 @@ def plot_learning_curve(run: RunFolder, out: Path, cells: list[dict]) -> Path | 
     return out / "learning_curve.png"
 
 
+PAIRED_PLOT_AGAINST = ("bias", "knn", "mf")  # the strongest baselines: the ones an agent must beat
+
+
+def plot_paired(out: Path, cells: list[dict]) -> Path | None:
+    """RMSE(agent) − RMSE(reference) with its paired 95% CI, per cell and mode, against the bias
+    baseline and the kNN and MF references (a forest plot: left of 0, the agent is better). Cells
+    sorted by their difference from the bias baseline."""
+    against = [b for b in PAIRED_PLOT_AGAINST if any(b in c["paired"] for c in cells)]
+    if not against:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = against[0]
+    ranked = sorted(cells, key=lambda c: c["paired"].get(first, {}).get("diff", np.inf), reverse=True)
+    fig, ax = plt.subplots(figsize=(9.5, 1.2 + 0.32 * len(ranked)))
+    offsets = np.linspace(-0.22, 0.22, len(against)) if len(against) > 1 else [0.0]
+    for name, offset, marker in zip(against, offsets, "osD"):
+        pts = [(y + offset, c["paired"][name]) for y, c in enumerate(ranked) if name in c["paired"]]
+        diff = np.array([d["diff"] for _, d in pts])
+        err = np.array([[d["diff"] - d["lo"] for _, d in pts], [d["hi"] - d["diff"] for _, d in pts]])
+        ax.errorbar(diff, [y for y, _ in pts], xerr=err, fmt=marker, markersize=4, capsize=2, linewidth=1,
+                    label=f"− {SHORT_NAMES[name]}")
+    ax.axvline(0, color="black", linewidth=1)
+    modes = {c["mode"] for c in ranked}
+    ax.set_yticks(range(len(ranked)), [c["name"] + (f" [{c['mode']}]" if len(modes) > 1 else "") for c in ranked],
+               fontsize=7)
+    ax.set_xlabel("RMSE(agent) − RMSE(reference), paired 95% CI over users (left of 0: the agent is better)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Agents against the bias baseline and the classical references, on each cell's rows")
+    _savefig(fig, out / "paired.png")
+    plt.close(fig)
+    return out / "paired.png"
+
+
 CALIBRATION_LINES = 6
 
 
@@ -583,6 +621,7 @@ def run(run: RunFolder, cfg: ReportConfig) -> str:
               ("training_curves", plot_training_curves))}
     paired = paired_cells(run)
     plots["learning_curve"] = plot_learning_curve(run, plots_dir, paired)
+    plots["paired"] = plot_paired(plots_dir, paired)
     plots = {k: str(v.relative_to(run.eval_dir)) for k, v in plots.items() if v is not None}
     table = markdown_table(results)
     signal = diagnostics(run)
