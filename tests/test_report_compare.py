@@ -87,7 +87,7 @@ def test_calibration_draws_a_readable_spread_of_cells():
     assert [many[c] for c in drawn] == sorted(many[c] for c in drawn)
 
 
-def test_paired_plot_draws_each_cell_against_the_strongest_references(tmp_path):
+def test_paired_plot_draws_each_cell_against_the_strongest_references(tmp_path, monkeypatch):
     from PIL import Image
 
     def cell(name, mode, diffs):
@@ -102,5 +102,16 @@ def test_paired_plot_draws_each_cell_against_the_strongest_references(tmp_path):
     small = Image.open(path).size
     many = plot_paired(tmp_path / "many", cells * 10)
     assert Image.open(many).size[1] > small[1]  # one row per cell: the figure grows with the cells
+    # A cell far behind is drawn at the right edge with its value; the axis stays near 0.
+    import matplotlib.pyplot as plt
+
+    far = cells + [cell("prompted", "scoring", {"bias": 1.3, "knn": 1.4})]
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)  # keep the figure to look at its axis
+    plot_paired(tmp_path / "far", far)
+    monkeypatch.undo()
+    ax = kept[0].axes[0]
+    assert ax.get_xlim()[1] < 0.3 and {t.get_text() for t in ax.texts} == {"+1.30 →", "+1.40 →"}
+    plt.close(kept[0])
     # Only weaker baselines (no bias, kNN or MF): nothing to draw.
     assert plot_paired(tmp_path / "none", [cell("c", "scoring", {"user_mean": -0.1})]) is None

@@ -450,12 +450,14 @@ def plot_learning_curve(run: RunFolder, out: Path, cells: list[dict]) -> Path | 
 
 
 PAIRED_PLOT_AGAINST = ("bias", "knn", "mf")  # the strongest baselines: the ones an agent must beat
+PAIRED_PLOT_RIGHT = 0.25  # RMSE: a cell further behind is drawn at the edge with its value (keeps 0 readable)
 
 
 def plot_paired(out: Path, cells: list[dict]) -> Path | None:
     """RMSE(agent) − RMSE(reference) with its paired 95% CI, per cell and mode, against the bias
     baseline and the kNN and MF references (a forest plot: left of 0, the agent is better). Cells
-    sorted by their difference from the bias baseline."""
+    sorted by their difference from the bias baseline. A cell more than PAIRED_PLOT_RIGHT behind is drawn
+    at that edge, labelled with its difference, so the differences near 0 stay readable."""
     against = [b for b in PAIRED_PLOT_AGAINST if any(b in c["paired"] for c in cells)]
     if not against:
         return None
@@ -472,8 +474,16 @@ def plot_paired(out: Path, cells: list[dict]) -> Path | None:
         pts = [(y + offset, c["paired"][name]) for y, c in enumerate(ranked) if name in c["paired"]]
         diff = np.array([d["diff"] for _, d in pts])
         err = np.array([[d["diff"] - d["lo"] for _, d in pts], [d["hi"] - d["diff"] for _, d in pts]])
-        ax.errorbar(diff, [y for y, _ in pts], xerr=err, fmt=marker, markersize=4, capsize=2, linewidth=1,
-                    label=f"− {SHORT_NAMES[name]}")
+        line = ax.errorbar(diff, [y for y, _ in pts], xerr=err, fmt=marker, markersize=4, capsize=2, linewidth=1,
+                           label=f"− {SHORT_NAMES[name]}")
+        for y, d in pts:
+            if d["diff"] > PAIRED_PLOT_RIGHT:
+                ax.annotate(f"{d['diff']:+.2f} →", (PAIRED_PLOT_RIGHT, y), ha="right", va="center", fontsize=6,
+                            color=line[0].get_color())
+    lows = [d["lo"] for c in ranked for b, d in c["paired"].items() if b in against]
+    his = [d["hi"] for c in ranked for b, d in c["paired"].items() if b in against]
+    margin = 0.05 * (min(max(his), PAIRED_PLOT_RIGHT) - min(min(lows), 0))
+    ax.set_xlim(min(min(lows), 0) - margin, min(max(his), PAIRED_PLOT_RIGHT) + margin)
     ax.axvline(0, color="black", linewidth=1)
     modes = {c["mode"] for c in ranked}
     ax.set_yticks(range(len(ranked)), [c["name"] + (f" [{c['mode']}]" if len(modes) > 1 else "") for c in ranked],
