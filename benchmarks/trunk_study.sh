@@ -118,11 +118,18 @@ collab_lora)
   "${GRID[@]}" --label n4000-collab --train-rows 4000 --cells single_max-ms,persona-ms -- "${C[@]}" \
       head.prior=collab
   ;;
+collab_all)
+  # Every training row (16,521; about 12,500 more rows through the trunk, some 80 minutes on one thread
+  # here, resumable: the cache keeps finished users), closed-form heads.
+  C=(collab_memories=1 state_numbers=False eval.max_rows=2000)
+  "${GRID[@]}" --label nall-collab-probe --train-rows all --cells persona-ms,single_max-ms -- "${C[@]}" \
+      epochs=0 head.prior=collab
+  ;;
 collab_report)
   # Every cell against the bias baseline and the classical references (paired.bias, paired.knn,
   # paired.mf), and each step against the one before it on the same rows (the pairs whose cells ran).
   P1=trunk-n1000-collab-probe P4=trunk-n4000-collab-probe T1=trunk-n1000-collab T4=trunk-n4000-collab
-  LM1=trunk-n1000-collab-lm
+  LM1=trunk-n1000-collab-lm PA=trunk-nall-collab-probe
   PAIRS=($P1-single_max-ms:trunk-n1000-collab-probe-oldhead-single_max-ms
          $P4-single_max-ms:$P1-single_max-ms $P1-persona-ms:$P1-single_max-ms $P4-persona-ms:$P4-single_max-ms
          $P4-persona-ms:$P1-persona-ms
@@ -131,7 +138,8 @@ collab_report)
          $LM1-single_max-ms:$LM1-probe-single_max-ms $T1-single_max-ms:$LM1-single_max-ms
          $LM1-single_max-ms:trunk-collab-prompted-ms
          $T4-single_max-ms:$P4-single_max-ms $T4-single_max-ms:$T1-single_max-ms
-         $T4-persona-ms:$T4-single_max-ms $T4-persona-ms:$P4-persona-ms)
+         $T4-persona-ms:$T4-single_max-ms $T4-persona-ms:$P4-persona-ms
+         $PA-single_max-ms:$P4-single_max-ms $PA-persona-ms:$P4-persona-ms $PA-persona-ms:$PA-single_max-ms)
   COMPARE=()
   for pair in "${PAIRS[@]}"; do
     [ -f "$RUN/eval/${pair%%:*}/metrics.json" ] && [ -f "$RUN/eval/${pair##*:}/metrics.json" ] \
