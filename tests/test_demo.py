@@ -18,43 +18,22 @@ pytestmark = pytest.mark.slow
 # Each predictions file of the demo below, as the code wrote it before the stage and run-folder refactor
 # (issue 15): a refactor must not change a prediction. Re-recorded with the libraries of versions.json,
 # on which the first recording's sha256 of CSV renderings no longer matched, the same for the code before
-# and after the change that re-recorded them. Texts and ids exactly, numbers to 1e-6.
+# and after the change that re-recorded them. Texts and ids exactly, numbers to 1e-6. simulate/persona was
+# re-recorded when the slates became the same on every x86 CPU (float64 ALS, stable sorts), its other
+# recommenders' rows unchanged.
 REFERENCE = Path(__file__).parent / "data" / "demo_reference"
 REFERENCE_FILES = ("eval/baselines", "eval/persona", "eval/prompted", "eval/single_max", "eval/single_min",
                    "simulate/persona")
 
 
-# implicit's ALS runs on the CPU's BLAS kernels, whose last bits differ between CPUs (AVX2 vs AVX-512
-# OpenBLAS kernels): near-tied items can swap places in those slates. Their rows are compared as the
-# agent's ratings of every (user, item) both runs rated, and as mostly the same slates.
-BLAS_RECOMMENDERS = ("als-", "pop-als-blend")
-RATING_COLUMNS = ["expected_rating", "p_like", "p1", "p2", "p3", "p4", "p5"]
-
-
 def assert_same_predictions(run: Path) -> None:
+    """The same rows, texts and ids exactly, numbers to 1e-6: on any x86 CPU (torch's AVX2 and AVX-512
+    kernels differ in the last bits of a float32 rating; the simulate slates are the same on both, see
+    persona_tune.simulate.recommenders)."""
     for rel in REFERENCE_FILES:
         expected = pd.read_parquet(REFERENCE / f"{rel.replace('/', '_')}.parquet")
         actual = pd.read_parquet(run / rel / "predictions.parquet")
-        if "recommender" in expected:
-            assert_same_slates(actual, expected, rel)
-            blas = lambda df: df["recommender"].str.startswith(BLAS_RECOMMENDERS)
-            actual = actual[~blas(actual)].reset_index(drop=True)
-            expected = expected[~blas(expected)].reset_index(drop=True)
         pd.testing.assert_frame_equal(actual, expected, check_exact=False, rtol=1e-6, atol=1e-6, obj=rel)
-
-
-def assert_same_slates(actual: pd.DataFrame, expected: pd.DataFrame, rel: str) -> None:
-    key = ["simulator", "user_id", "item_id"]
-    both = actual.drop_duplicates(key).merge(expected.drop_duplicates(key), on=key, suffixes=("", "_ref"))
-    assert len(both) >= 0.9 * expected.drop_duplicates(key).shape[0], rel
-    for col in RATING_COLUMNS:
-        diff = (both[col] - both[f"{col}_ref"]).abs().max()
-        assert diff <= 1e-6, f"{rel}: {col} differs by {diff} on a (user, item) both runs rated"
-    for name, ref in expected.groupby("recommender"):
-        got = actual[actual["recommender"] == name]
-        ref_pairs = set(zip(ref.user_id, ref.item_id))
-        shared = len(set(zip(got.user_id, got.item_id)) & ref_pairs)
-        assert len(got) == len(ref) and shared >= 0.9 * len(ref_pairs), f"{rel}: slates of {name}"
 
 
 def train_table(stdout: str) -> dict[str, str]:

@@ -187,3 +187,49 @@ def test_config_arguments_come_from_the_dataclass():
         parser.parse_args(["--hidden", "x"])
     with pytest.raises(ConfigError, match="rows must be"):
         config_from_args(_Cfg, parser.parse_args(["--rows", "0"]))
+
+
+# The environment of an x86 CPU without AVX-512, for numpy's sorts, OpenBLAS, torch and oneDNN.
+AVX2_ONLY = {"NPY_DISABLE_CPU_FEATURES": "AVX512_ICL AVX512_SPR X86_V4", "OPENBLAS_CORETYPE": "Haswell",
+             "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+SLATES = """
+import sys
+import numpy as np, pandas as pd
+from persona_tune.simulate.recommenders import VALIDITY, reference_recs
+rng = np.random.default_rng(0)
+rows = [(u, i, 4) for u in range(40) for i in rng.choice(300, int(rng.integers(5, 60)), replace=False)]
+train = pd.DataFrame(rows, columns=["user_id", "item_id", "rating"])
+heldout = pd.DataFrame([(u, i) for u in range(40) for i in range(300, 310)], columns=["user_id", "item_id"])
+reference_recs(train, np.arange(320), heldout, names=VALIDITY).to_parquet(sys.argv[1])
+"""
+
+
+def test_reference_slates_are_the_same_without_avx512(tmp_path):
+    """Every recommender's slates and held-out orders, here and on an emulated AVX2-only CPU: the same
+    items in the same order (float32 ALS and numpy's default sort of popularity ties made them differ)."""
+    import os
+    import subprocess
+    import sys
+
+    runs = {}
+    for name, env in (("here", {}), ("avx2", AVX2_ONLY)):
+        out = tmp_path / f"{name}.parquet"
+        done = subprocess.run([sys.executable, "-c", SLATES, str(out)], env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                              capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = pd.read_parquet(out)
+    here, avx2 = runs["here"], runs["avx2"]
+    assert len(here) == 16 * (40 * 10 + 40 * 10) and here["recommender"].nunique() == 32
+    pd.testing.assert_frame_equal(here.drop(columns="score"), avx2.drop(columns="score"))
+    pd.testing.assert_series_equal(here["score"], avx2["score"], rtol=1e-6, atol=1e-9)  # float32 item-kNN, BPR
+
+
+def test_blend_percentiles_break_ties_by_item_order():
+    from scipy.stats import rankdata
+
+    from persona_tune.simulate.recommenders import _percentile_rows
+
+    assert _percentile_rows(np.array([[2.0, 1.0, 2.0, 1.0, 2.0]])).tolist() == [[0.5, 0.0, 0.75, 0.25, 1.0]]
+    counts = np.random.default_rng(0).integers(0, 5, size=(3, 500)).astype(float)  # popularity-like ties
+    ordinal = (rankdata(counts, method="ordinal", axis=1) - 1) / 499  # ties in order of appearance
+    np.testing.assert_array_equal(_percentile_rows(counts), ordinal)
