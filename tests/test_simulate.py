@@ -1,10 +1,14 @@
 """`persona-tune simulate`: recs validation, the stage end to end on a synthetic run with the tiny
-model, resuming, UserAgent.rate_slate, and the Config -> argparse helper."""
+model, resuming, UserAgent.rate_slate, the Config -> argparse helper, and the reference slates being the
+same on every x86 CPU."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,10 +211,6 @@ reference_recs(train, np.arange(320), heldout, names=VALIDITY).to_parquet(sys.ar
 def test_reference_slates_are_the_same_without_avx512(tmp_path):
     """Every recommender's slates and held-out orders, here and on an emulated AVX2-only CPU: the same
     items in the same order (float32 ALS and numpy's default sort of popularity ties made them differ)."""
-    import os
-    import subprocess
-    import sys
-
     runs = {}
     for name, env in (("here", {}), ("avx2", AVX2_ONLY)):
         out = tmp_path / f"{name}.parquet"
